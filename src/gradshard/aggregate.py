@@ -1,0 +1,167 @@
+"""The aggregation driver: validate a round, run a topology's plan on an executor, publish the aggregate.
+
+The output object is opened as an upload before the functions run; each function writes its byte range; the
+driver writes the header (with every chunk's checksum, which the functions return) and completes the upload
+only when every invocation succeeded. So no partial aggregate is ever visible. A function that finds a bad
+update (checksum, non-finite values) fails with the client's name; under policy ``skip`` the driver rejects
+that client and runs the plan again without it, under ``fail`` the round fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradshard import checksum
+from gradshard.errors import InvocationError, RoundError
+from gradshard.reduce import fedavg_weights
+from gradshard.round import (
+    Policy,
+    RoundManifest,
+    aggregate_key,
+    check_enough,
+    manifest_key,
+    prepare_round,
+    reports_key,
+    write_manifest,
+)
+from gradshard.runtime.executor import Executor, ProgressCallback
+from gradshard.runtime.report import InvocationReport
+from gradshard.store import Store
+from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sharded_plan
+from gradshard.topology.common import DEFAULT_WINDOW_BYTES
+from gradshard.update import UpdateMeta, encode_header
+
+log = logging.getLogger(__name__)
+
+
+class AggregateConfig(BaseModel):
+    """How to aggregate a round (maps one to one onto ``gradshard aggregate`` options and a TOML table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topology: Literal["sharded", "flat"] = "sharded"
+    shards: int = Field(default=4, ge=1)
+    window_bytes: int = Field(default=DEFAULT_WINDOW_BYTES, ge=1)
+    accumulate: Literal["float32", "float64"] = "float32"
+    weighting: Literal["examples", "uniform"] = "examples"
+    policy: Policy = "skip"
+
+    def reduce_options(self) -> ReduceOptions:
+        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting)
+
+
+@dataclass
+class AggregateResult:
+    """The published aggregate and everything measured on the way."""
+
+    round: int
+    output_key: str
+    manifest: RoundManifest
+    plan: Plan
+    reports: list[InvocationReport]
+    runs: int
+    wall_s: float
+    all_reports: list[InvocationReport] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        peaks = [r.peak_rss_bytes for r in self.reports if r.peak_rss_bytes is not None]
+        return {"round": self.round, "output": self.output_key, "topology": self.plan.topology,
+                "invocations": len(self.reports), "runs": self.runs, "clients": len(self.manifest.clients),
+                "rejected": dict(self.manifest.rejected), "wall_s": self.wall_s,
+                "max_peak_rss_bytes": max(peaks) if peaks else None,
+                "bytes_read": sum(r.bytes_read for r in self.reports),
+                "bytes_written": sum(r.bytes_written for r in self.reports),
+                "gets": sum(r.gets for r in self.reports), "puts": sum(r.puts for r in self.reports)}
+
+
+def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
+    """Metadata of the aggregate: what was averaged and how — never which topology (outputs must be identical)."""
+    spec = manifest.spec
+    clients = [c.client for c in manifest.clients]
+    weights = fedavg_weights([c.examples for c in manifest.clients], config.weighting)
+    return UpdateMeta(client="aggregate", round=manifest.round, kind="aggregate",
+                      examples=sum(c.examples for c in manifest.clients),
+                      layout_digest=spec.model_layout().digest(), chunk_elems=spec.chunk_elems,
+                      base_model=spec.base_model,
+                      extra={"clients": ",".join(clients), "weights": json.dumps(weights),
+                             "weighting": config.weighting, "accumulate": config.accumulate})
+
+
+def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: OutputTarget) -> Plan:
+    options = config.reduce_options()
+    if config.topology == "flat":
+        return flat_plan(manifest, manifest_sha256, output, options)
+    return sharded_plan(manifest, manifest_sha256, output, options, config.shards)
+
+
+def _describe_failures(failed: list[InvocationReport]) -> str:
+    lines = [f"{r.invocation} ({r.function}, {r.attempts} attempt(s)): {r.error_type}: {r.error}" for r in failed]
+    return "; ".join(lines)
+
+
+def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, executor: Executor,
+              on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
+    """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
+    layout = manifest.spec.model_layout()
+    sha = write_manifest(store, manifest)
+    meta = output_meta(manifest, config)
+    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
+    header_len = len(encode_header(layout, meta.with_checksums(["0" * checksum.HEX_WIDTH] * grid.count)
+                                   .to_metadata()))
+    key = aggregate_key(manifest.round)
+    upload_id = store.begin_upload(key, header_len + layout.nbytes)
+    plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id, header_len))
+    try:
+        reports = executor.run(plan, store, on_done)
+        bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
+        if bad:
+            if config.policy == "fail":
+                raise RoundError(f"round {manifest.round} failed on bad updates: {bad}")
+            for client, reason in bad.items():
+                log.warning("rejecting client %s: %s", client, reason)
+                manifest.reject(client, reason)
+            check_enough(manifest)
+            store.abort_upload(key, upload_id)
+            return plan, reports, False
+        failed = [r for r in reports if not r.ok]
+        if failed or len(reports) != len(plan.invocations):
+            raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
+        sums: dict[int, str] = {}
+        for r in reports:
+            sums.update({int(i): h for i, h in r.result["checksums"].items()})
+        if sorted(sums) != list(range(grid.count)):
+            raise InvocationError(f"functions returned checksums for {len(sums)} of {grid.count} output chunks")
+        header = encode_header(layout, meta.with_checksums([sums[i] for i in range(grid.count)]).to_metadata())
+        store.write_at(key, upload_id, 0, header)
+        store.complete_upload(key, upload_id)
+        return plan, reports, True
+    except BaseException:
+        store.abort_upload(key, upload_id)
+        raise
+
+
+def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
+                    on_done: ProgressCallback | None = None) -> AggregateResult:
+    """Aggregate round ``r`` and publish ``rounds/<r>/aggregate.safetensors``; reports go to ``reports.json``."""
+    config = config or AggregateConfig()
+    started = time.perf_counter()
+    manifest = prepare_round(store, r, config.policy)
+    history: list[InvocationReport] = []
+    for run in range(1, len(manifest.clients) + 2):
+        plan, reports, published = _run_once(store, manifest, config, executor, on_done)
+        history.extend(reports)
+        if published:
+            result = AggregateResult(r, aggregate_key(r), manifest, plan, reports, run,
+                                     time.perf_counter() - started, history)
+            write_manifest(store, manifest)
+            store.put(reports_key(r), json.dumps(
+                {"summary": result.summary(), "plan": {"topology": plan.topology, **plan.params},
+                 "reports": [rep.model_dump(mode="json") for rep in reports]}, indent=1).encode())
+            return result
+    raise RoundError(f"round {r} kept finding bad updates; rejected: {manifest.rejected}")

@@ -1,0 +1,51 @@
+"""The error hierarchy: every failure gradshard raises is a :class:`GradshardError`."""
+
+from __future__ import annotations
+
+
+class GradshardError(Exception):
+    """Base of every error gradshard raises on purpose."""
+
+
+class LayoutError(GradshardError, ValueError):
+    """A model layout, state dict or flat vector does not fit together."""
+
+
+class PlanError(GradshardError, ValueError):
+    """A shard plan or topology cannot be built from the given parameters."""
+
+
+class StoreError(GradshardError):
+    """An object store operation failed."""
+
+
+class ObjectNotFoundError(StoreError, KeyError):
+    """The named object does not exist in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class UpdateError(GradshardError, ValueError):
+    """A client update is invalid. ``client`` names whose update it is; ``reason`` says what is wrong."""
+
+    def __init__(self, client: str, reason: str) -> None:
+        super().__init__(f"update of client {client!r} rejected: {reason}")
+        self.client = client
+        self.reason = reason
+
+
+class RoundError(GradshardError):
+    """A round cannot be aggregated (too few valid updates, policy 'fail' met a bad update, ...)."""
+
+
+class InvocationError(GradshardError):
+    """A function invocation failed; the message names the invocation and the cause."""
+
+
+class MemoryLimitError(InvocationError):
+    """An invocation used more memory than its cap."""
+
+
+class InvocationTimeoutError(InvocationError):
+    """An invocation ran longer than its timeout."""

@@ -1,0 +1,100 @@
+"""Pure aggregation kernels: no I/O, preallocated buffers, in-place arithmetic.
+
+FedAvg over a window of elements is ``acc = w_0·x_0; acc += w_i·x_i`` for the clients in canonical order (sorted
+id), with ``w_i = n_i / Σ n`` computed in float64 and rounded once to the accumulation dtype. Every step is an
+element-wise IEEE operation, so the result for an element does not depend on which window, shard or process
+computed it: that is what makes GradsSharding bit-identical to a flat reduction. Summing in another client order
+or as partial sums (trees) changes rounding and agrees only to float tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gradshard.errors import GradshardError
+
+ACCUMULATE_DTYPES = ("float32", "float64")
+WEIGHTINGS = ("examples", "uniform")
+
+
+def fedavg_weights(examples: Sequence[int], weighting: str = "examples") -> list[float]:
+    """Normalised client weights (float64): by number of examples, or uniform."""
+    if weighting not in WEIGHTINGS:
+        raise GradshardError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not examples:
+        raise GradshardError("cannot average zero clients")
+    if any(n < 1 for n in examples):
+        raise GradshardError(f"every client needs at least one example, got {list(examples)}")
+    counts = [1] * len(examples) if weighting == "uniform" else list(examples)
+    total = float(sum(counts))
+    return [c / total for c in counts]
+
+
+class WeightedSum:
+    """Running weighted sum over one window, reusing its buffers for every window of a shard.
+
+    ``add`` must be called with clients in canonical order; the first call of a window overwrites, so no zeroing
+    pass is needed. ``x`` may be scaled in place (it is the caller's read buffer).
+    """
+
+    def __init__(self, capacity: int, accumulate: str = "float32", input_dtype: str = "float32") -> None:
+        if accumulate not in ACCUMULATE_DTYPES:
+            raise GradshardError(f"accumulation dtype must be one of {ACCUMULATE_DTYPES}, got {accumulate!r}")
+        self.dtype = np.dtype(accumulate)
+        self._acc = np.empty(capacity, dtype=self.dtype)
+        self._tmp = None if np.dtype(input_dtype) == self.dtype else np.empty(capacity, dtype=self.dtype)
+        self._n = 0
+        self._count = 0
+
+    def start(self, n: int) -> None:
+        """Begin a window of ``n`` elements."""
+        if n > len(self._acc):
+            raise GradshardError(f"window of {n} elements exceeds the buffer of {len(self._acc)}")
+        self._n, self._count = n, 0
+
+    def add(self, x: npt.NDArray[Any], weight: float) -> None:
+        """Fold in ``weight · x`` (``len(x)`` must equal the window)."""
+        if len(x) != self._n:
+            raise GradshardError(f"got {len(x)} elements for a window of {self._n}")
+        acc = self._acc[: self._n]
+        w = self.dtype.type(weight)
+        if self._count == 0:
+            np.multiply(x, w, out=acc)
+        elif self._tmp is None:
+            np.multiply(x, w, out=x)
+            np.add(acc, x, out=acc)
+        else:
+            tmp = self._tmp[: self._n]
+            np.multiply(x, w, out=tmp)
+            np.add(acc, tmp, out=acc)
+        self._count += 1
+
+    @property
+    def value(self) -> npt.NDArray[Any]:
+        """The current window's sum (a view of the internal buffer)."""
+        if self._count == 0:
+            raise GradshardError("no client was added to this window")
+        return self._acc[: self._n]
+
+
+def all_finite(x: npt.NDArray[Any]) -> bool:
+    """Whether every element is finite. Fast path: one sum (NaN and ±inf propagate into it)."""
+    if np.isfinite(np.sum(x)):
+        return True
+    return bool(np.isfinite(x).all())  # the sum may overflow for large finite values
+
+
+def fedavg(vectors: Sequence[npt.NDArray[Any]], weights: Sequence[float], accumulate: str = "float32",
+           ) -> npt.NDArray[Any]:
+    """Reference FedAvg of whole vectors in the given order (the flat, single-aggregator computation)."""
+    if len(vectors) != len(weights) or not vectors:
+        raise GradshardError("need one weight per vector and at least one vector")
+    acc = WeightedSum(len(vectors[0]), accumulate, str(vectors[0].dtype))
+    acc.start(len(vectors[0]))
+    for x, w in zip(vectors, weights, strict=True):
+        acc.add(np.array(x, copy=True), w)
+    return acc.value.copy()

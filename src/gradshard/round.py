@@ -1,0 +1,213 @@
+"""A round as data in the store: its spec, its client updates and the validated manifest.
+
+Keys (``<r>`` is the zero-padded round number)::
+
+    rounds/<r>/round.json                    RoundSpec: expected layout, chunk size, base model, cohort
+    rounds/<r>/updates/<client>.safetensors  one update per client
+    rounds/<r>/manifest.json                 the validated, canonically ordered clients (and the rejected ones)
+    rounds/<r>/aggregate.safetensors         the aggregated update (same format as an update)
+    rounds/<r>/reports.json                  the invocation reports of the aggregation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gradshard import checksum
+from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.layout import ModelLayout
+from gradshard.store import Store
+from gradshard.update import UpdateMeta, check_client_id, open_update
+
+log = logging.getLogger(__name__)
+Policy = Literal["skip", "fail"]
+UPDATE_SUFFIX = ".safetensors"
+
+
+def round_prefix(r: int) -> str:
+    return f"rounds/{r:06d}"
+
+
+def spec_key(r: int) -> str:
+    return f"{round_prefix(r)}/round.json"
+
+
+def update_key(r: int, client: str) -> str:
+    return f"{round_prefix(r)}/updates/{check_client_id(client)}{UPDATE_SUFFIX}"
+
+
+def manifest_key(r: int) -> str:
+    return f"{round_prefix(r)}/manifest.json"
+
+
+def aggregate_key(r: int) -> str:
+    return f"{round_prefix(r)}/aggregate.safetensors"
+
+
+def reports_key(r: int) -> str:
+    return f"{round_prefix(r)}/reports.json"
+
+
+class RoundSpec(BaseModel):
+    """What the server expects of a round's updates. ``layout`` is the aggregated layout (one floating dtype)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=0)
+    layout: list[list[Any]]
+    chunk_elems: int = Field(ge=1)
+    base_model: str = ""
+    cohort: list[str] | None = None
+    min_clients: int = Field(default=1, ge=1)
+
+    @classmethod
+    def create(cls, r: int, layout: ModelLayout, *, chunk_elems: int | None = None, base_model: str = "",
+               cohort: list[str] | None = None, min_clients: int = 1) -> RoundSpec:
+        layout.flat_dtype  # noqa: B018 - raises unless the layout has one dtype
+        return cls(round=r, layout=layout.to_json(), base_model=base_model, cohort=cohort, min_clients=min_clients,
+                   chunk_elems=chunk_elems or checksum.default_chunk_elems(layout.numel))
+
+    def model_layout(self) -> ModelLayout:
+        return ModelLayout.from_json(self.layout)
+
+
+class ClientEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client: str
+    key: str
+    examples: int
+    header_sha256: str
+    size: int
+
+
+class RoundManifest(BaseModel):
+    """The validated inputs of one aggregation: accepted clients sorted by id, rejected ones with reasons."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int
+    spec: RoundSpec
+    clients: list[ClientEntry]
+    rejected: dict[str, str] = Field(default_factory=dict)
+
+    def reject(self, client: str, reason: str) -> None:
+        self.clients = [c for c in self.clients if c.client != client]
+        self.rejected[client] = reason
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+
+
+def _load_json_model(store: Store, key: str, model: type[RoundSpec] | type[RoundManifest]) -> Any:
+    raw = store.get(key)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise GradshardError(f"{key} is not a valid {model.__name__}: {exc}") from None
+
+
+def open_round(store: Store, spec: RoundSpec) -> None:
+    """Write the round spec (clients may upload after this)."""
+    store.put(spec_key(spec.round), spec.model_dump_json(indent=1).encode())
+
+
+def load_spec(store: Store, r: int) -> RoundSpec:
+    if not store.exists(spec_key(r)):
+        raise RoundError(f"round {r} has no {spec_key(r)}; open it with gradshard.round.open_round first")
+    spec: RoundSpec = _load_json_model(store, spec_key(r), RoundSpec)
+    if spec.round != r:
+        raise RoundError(f"{spec_key(r)} describes round {spec.round}, not {r}")
+    return spec
+
+
+def load_manifest(store: Store, key: str, sha256: str | None = None) -> RoundManifest:
+    """Read a manifest; with ``sha256`` refuse one that changed since the driver wrote it."""
+    raw = store.get(key)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise RoundError(f"{key} changed since the plan was made (sha256 mismatch)")
+    try:
+        return RoundManifest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RoundError(f"{key} is not a valid manifest: {exc}") from None
+
+
+def write_manifest(store: Store, manifest: RoundManifest) -> str:
+    """Store the manifest atomically; returns its sha256 (functions check it)."""
+    blob = manifest.to_bytes()
+    store.put(manifest_key(manifest.round), blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMeta) -> None:
+    if meta.kind != "update":
+        raise UpdateError(client, f"object is a {meta.kind!r}, not an update")
+    if meta.round != spec.round:
+        raise UpdateError(client, f"update is for round {meta.round}, this is round {spec.round}")
+    if spec.base_model and meta.base_model != spec.base_model:
+        raise UpdateError(client, f"update was trained from base model {meta.base_model[:12] or '(none)'}, "
+                                  f"the round's base model is {spec.base_model[:12]}")
+    if meta.layout_digest != layout_digest:
+        raise UpdateError(client, "metadata layout digest differs from the round's layout")
+    if meta.chunk_elems != spec.chunk_elems:
+        raise UpdateError(client, f"chunk size {meta.chunk_elems} differs from the round's {spec.chunk_elems}")
+
+
+def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifest:
+    """Validate every update's header, metadata and layout (reading headers only) and build the manifest.
+
+    Bad updates are rejected with a reason naming the client; with ``policy='fail'`` the first one raises.
+    Data-level faults (checksums, non-finite values) are found later by the functions that read the data.
+    """
+    spec = load_spec(store, r)
+    layout = spec.model_layout()
+    digest = layout.digest()
+    prefix = f"{round_prefix(r)}/updates/"
+    accepted: dict[str, ClientEntry] = {}
+    rejected: dict[str, str] = {}
+    claims: dict[str, list[str]] = {}
+    for key in store.list(prefix):
+        name = key[len(prefix) :]
+        if not name.endswith(UPDATE_SUFFIX) or "/" in name:
+            log.warning("ignoring %s: not an update object", key)
+            continue
+        client = name.removesuffix(UPDATE_SUFFIX)
+        try:
+            check_client_id(client)
+            with open_update(store, key, client, layout) as upd:
+                meta = upd.meta
+                claims.setdefault(meta.client, []).append(client)
+                if meta.client != client:
+                    raise UpdateError(client, f"object is filed as client {client!r} but its metadata names "
+                                              f"{meta.client!r}")
+                if spec.cohort is not None and client not in spec.cohort:
+                    raise UpdateError(client, "unknown client: not in this round's cohort")
+                _check_meta(spec, digest, client, meta)
+                accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
+                                               header_sha256=upd.header.sha256, size=upd.header.object_size)
+        except UpdateError as exc:
+            if policy == "fail":
+                raise RoundError(str(exc)) from exc
+            log.warning("%s", exc)
+            rejected[exc.client] = exc.reason
+    for claimed, filers in claims.items():
+        if len(filers) > 1 and claimed in accepted:
+            reason = f"duplicate: {len(filers)} objects claim client {claimed!r} ({', '.join(sorted(filers))})"
+            if policy == "fail":
+                raise RoundError(f"update of client {claimed!r} rejected: {reason}")
+            del accepted[claimed]
+            rejected[claimed] = reason
+    manifest = RoundManifest(round=r, spec=spec, clients=[accepted[c] for c in sorted(accepted)], rejected=rejected)
+    check_enough(manifest)
+    return manifest
+
+
+def check_enough(manifest: RoundManifest) -> None:
+    if len(manifest.clients) < manifest.spec.min_clients:
+        raise RoundError(f"round {manifest.round} has {len(manifest.clients)} valid updates, needs at least "
+                         f"{manifest.spec.min_clients}; rejected: {manifest.rejected}")

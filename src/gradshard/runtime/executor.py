@@ -1,0 +1,67 @@
+"""Executors run a plan's invocations stage by stage, with bounded concurrency and retries.
+
+Concrete executors only implement :meth:`Executor.attempt` (one try of one invocation). Failures that would
+fail again with the same input (a bad update, a memory cap breach) are not retried; anything else (a crash, a
+timeout, a store error) is retried up to ``retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from gradshard.errors import GradshardError
+from gradshard.runtime.report import InvocationReport
+from gradshard.store import Store
+from gradshard.topology.base import Invocation, Plan
+
+log = logging.getLogger(__name__)
+ProgressCallback = Callable[[InvocationReport], None]
+
+
+class Executor(ABC):
+    """Runs plans. ``workers`` invocations at once; ``retries`` extra attempts for retryable failures."""
+
+    def __init__(self, *, workers: int = 2, retries: int = 2, memory_cap_bytes: int | None = None,
+                 timeout_s: float = 900.0) -> None:
+        if workers < 1:
+            raise GradshardError(f"workers must be at least 1, got {workers}")
+        if retries < 0:
+            raise GradshardError(f"retries must be non-negative, got {retries}")
+        self.workers = workers
+        self.retries = retries
+        self.memory_cap_bytes = memory_cap_bytes
+        self.timeout_s = timeout_s
+
+    @abstractmethod
+    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+        """Run one invocation once and report; never raises for a failure of the function itself."""
+
+    def run_one(self, invocation: Invocation, store: Store) -> InvocationReport:
+        """Run an invocation, retrying retryable failures."""
+        for attempt in range(1, self.retries + 2):
+            report = self.attempt(invocation, store)
+            report.attempts = attempt
+            report.predicted_bytes = invocation.memory_bytes
+            if report.ok or not report.retryable or attempt == self.retries + 1:
+                return report
+            log.warning("invocation %s failed (%s: %s); retrying (%d/%d)", invocation.id, report.error_type,
+                        report.error, attempt, self.retries)
+        raise AssertionError("unreachable")
+
+    def run(self, plan: Plan, store: Store, on_done: ProgressCallback | None = None) -> list[InvocationReport]:
+        """Run every stage of ``plan``; a stage starts when the previous one succeeded. Reports in plan order."""
+        reports: dict[str, InvocationReport] = {}
+        for stage in plan.stages():
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(stage))) as pool:
+                futures = [pool.submit(self.run_one, inv, store) for inv in stage]
+                for future in futures:
+                    report = future.result()
+                    reports[report.invocation] = report
+                    if on_done is not None:
+                        on_done(report)
+            if not all(reports[inv.id].ok for inv in stage):
+                break
+        return [reports[inv.id] for inv in plan.invocations if inv.id in reports]

@@ -1,0 +1,211 @@
+"""The aggregation functions, as run inside an invocation: ``function(args, store) -> result``.
+
+Each is stateless and idempotent: it reads the round manifest and its inputs from the store and writes its byte
+range of the output upload; running it twice writes the same bytes. Arguments and results are JSON-able so any
+executor (process, Ray task, Lambda) can carry them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+from gradshard import checksum
+from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.layout import ModelLayout
+from gradshard.reduce import WeightedSum, all_finite, fedavg_weights
+from gradshard.round import ClientEntry, RoundManifest, load_manifest
+from gradshard.store import Store
+from gradshard.topology.common import window_elems
+from gradshard.update import UpdateMeta, UpdateReader, open_update
+
+_WRITE_PIECE_ELEMS = 16 << 20
+
+
+class ReduceArgs(BaseModel):
+    """Arguments of ``shard_reduce`` and ``flat_reduce`` (flat ignores ``start``/``stop``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_key: str
+    manifest_sha256: str
+    output_key: str
+    upload_id: str
+    data_start: int
+    window_bytes: int
+    accumulate: str
+    weighting: str
+    start: int = 0
+    stop: int = -1
+
+
+def _open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
+    readers: list[UpdateReader] = []
+    try:
+        for entry in manifest.clients:
+            reader = open_update(store, entry.key, entry.client, layout)
+            readers.append(reader)
+            if reader.header.sha256 != entry.header_sha256:
+                raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return readers
+
+
+def _nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[Any]], start: int,
+                       stop: int) -> GradshardError:
+    """Find which client put NaN/inf into a window (re-reading it); else the sum itself overflowed."""
+    for i, client in enumerate(clients):
+        if not np.isfinite(load(i)).all():
+            return UpdateError(client, f"non-finite values (NaN or inf) in elements [{start}, {stop})")
+    return RoundError(f"the weighted sum overflowed to inf in elements [{start}, {stop}); "
+                      "use --accumulate float64")
+
+
+class _OutputWriter:
+    """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk."""
+
+    def __init__(self, store: Store, args: ReduceArgs, layout: ModelLayout, chunk_elems: int, capacity: int,
+                 accumulate: str) -> None:
+        self.store, self.args = store, args
+        self.dtype = np.dtype(layout.flat_dtype)
+        self.grid = checksum.ChunkGrid(layout.numel, chunk_elems)
+        self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
+        self.checksums: dict[str, str] = {}
+
+    def write(self, start: int, values: npt.NDArray[Any]) -> None:
+        """Write elements ``[start, start + len(values))``; ``start`` and the end are chunk-aligned."""
+        out = values
+        if self.cast is not None:
+            out = self.cast[: len(values)]
+            np.copyto(out, values, casting="same_kind")
+        stop = start + len(values)
+        for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
+            piece = out[lo : lo + _WRITE_PIECE_ELEMS]
+            self.store.write_at(self.args.output_key, self.args.upload_id,
+                                self.args.data_start + (start + lo) * self.dtype.itemsize, piece)
+        for i in self.grid.covering(start, stop):
+            a, b = self.grid.bounds(i)
+            self.checksums[str(i)] = checksum.checksum(out[a - start : b - start])
+
+
+def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
+
+    Memory: one read buffer and one accumulator of ``window`` elements, whatever N and the shard length.
+    """
+    args = ReduceArgs.model_validate(raw_args)
+    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    layout = manifest.spec.model_layout()
+    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
+    if grid.extent(args.start, args.stop) != (args.start, args.stop):
+        raise GradshardError(f"shard [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
+    weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
+    in_dtype = np.dtype(layout.flat_dtype)
+    windows = grid.windows(args.start, args.stop, window_elems(args.window_bytes, in_dtype.itemsize,
+                                                               grid.chunk_elems))
+    capacity = max(b - a for a, b in windows)
+    buf = np.empty(capacity, dtype=in_dtype)
+    acc = WeightedSum(capacity, args.accumulate, in_dtype.name)
+    writer = _OutputWriter(store, args, layout, grid.chunk_elems, capacity, args.accumulate)
+    readers = _open_clients(store, manifest, layout)
+    try:
+        for a, b in windows:
+            acc.start(b - a)
+            for reader, weight in zip(readers, weights, strict=True):
+                x = buf[: b - a]
+                reader.read_verified(a, b, x)
+                acc.add(x, weight)
+            if not all_finite(acc.value):
+                def reread(i: int, a: int = a, b: int = b) -> npt.NDArray[Any]:
+                    readers[i].read_verified(a, b, buf[: b - a])
+                    return buf[: b - a]
+                raise _nonfinite_culprit([r.client for r in readers], reread, a, b)
+            writer.write(a, acc.value)
+    finally:
+        for reader in readers:
+            reader.close()
+    return {"checksums": writer.checksums, "clients": len(readers), "windows": len(windows),
+            "window_elems": capacity}
+
+
+def _load_whole(store: Store, entry: ClientEntry, layout: ModelLayout, chunk_elems: int) -> npt.NDArray[Any]:
+    """Read a whole update with the safetensors library (an independent parser) and verify it."""
+    from safetensors.numpy import load
+
+    blob = store.get(entry.key)
+    (n,) = struct.unpack("<Q", blob[:8])
+    if hashlib.sha256(blob[8 : 8 + n]).hexdigest() != entry.header_sha256:
+        raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
+    meta = UpdateMeta.from_metadata(entry.client, json.loads(blob[8 : 8 + n]).get("__metadata__", {}))
+    try:
+        tensors = load(blob)
+    except Exception as exc:  # the library raises its own SafetensorError
+        raise UpdateError(entry.client, f"safetensors cannot parse the object: {exc}") from None
+    del blob
+    flat = layout.flatten(tensors)
+    grid = checksum.ChunkGrid(layout.numel, chunk_elems)
+    expected = checksum.unpack(meta.checksums, grid.count)
+    for i in range(grid.count):
+        a, b = grid.bounds(i)
+        if checksum.checksum(flat[a:b]) != expected[i]:
+            raise UpdateError(entry.client, f"checksum mismatch in chunk {i} (elements [{a}, {b})): "
+                                            "the object is corrupted")
+    return flat
+
+
+def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """The single-aggregator reference: load each whole update in canonical order and average."""
+    args = ReduceArgs.model_validate(raw_args)
+    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    layout = manifest.spec.model_layout()
+    chunk = manifest.spec.chunk_elems
+    weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
+    acc = WeightedSum(layout.numel, args.accumulate, layout.flat_dtype)
+    acc.start(layout.numel)
+    for entry, weight in zip(manifest.clients, weights, strict=True):
+        acc.add(_load_whole(store, entry, layout, chunk), weight)
+    if not all_finite(acc.value):
+        raise _nonfinite_culprit([c.client for c in manifest.clients],
+                                 lambda i: _load_whole(store, manifest.clients[i], layout, chunk), 0, layout.numel)
+    writer = _OutputWriter(store, args, layout, chunk, layout.numel, args.accumulate)
+    writer.write(0, acc.value)
+    return {"checksums": writer.checksums, "clients": len(manifest.clients), "windows": 1,
+            "window_elems": layout.numel}
+
+
+def noop(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Does nothing; its report measures the interpreter baseline of a function."""
+    return {}
+
+
+def allocate(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Touches ``bytes`` of memory; used to check that memory caps are enforced."""
+    block = np.ones(int(raw_args["bytes"]), dtype=np.uint8)
+    return {"sum": int(block[:: 4096].sum())}
+
+
+FUNCTIONS: dict[str, Callable[[dict[str, Any], Store], dict[str, Any]]] = {
+    "shard_reduce": shard_reduce,
+    "flat_reduce": flat_reduce,
+    "noop": noop,
+    "allocate": allocate,
+}
+
+
+def call(function: str, args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Run a registered function by name."""
+    try:
+        fn = FUNCTIONS[function]
+    except KeyError:
+        raise GradshardError(f"unknown function {function!r}; known: {sorted(FUNCTIONS)}") from None
+    return fn(args, store)

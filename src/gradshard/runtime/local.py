@@ -1,0 +1,105 @@
+"""Local executor: every invocation is a fresh worker process with a memory cap, a timeout and measurements.
+
+Workers are forked from a zygote process that has preloaded numpy and gradshard (like a warm function runtime).
+The parent samples the worker's resident set every few milliseconds and kills it the moment it passes the cap;
+the worker reports its own peak (``ru_maxrss``) at the end, so a spike between samples still fails the
+invocation. Either way the report says ``MemoryLimitError`` with the peak and the cap — a cap is never ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+
+from gradshard.runtime.executor import Executor
+from gradshard.runtime.report import InvocationReport
+from gradshard.runtime.zygote import Zygote
+from gradshard.store import Store
+from gradshard.topology.base import MIB, Invocation
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class LocalExecutor(Executor):
+    """Runs invocations as memory-capped worker processes on this machine. Call :meth:`close` when done."""
+
+    def __init__(self, *, workers: int = 2, retries: int = 2, memory_cap_bytes: int | None = None,
+                 timeout_s: float = 900.0, poll_s: float = 0.005) -> None:
+        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
+        self.poll_s = poll_s
+        self._zygote = Zygote()
+
+    def close(self) -> None:
+        """Stop the zygote process (it also stops by itself when this process exits)."""
+        self._zygote.close()
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+        started = time.perf_counter()
+        child = self._zygote.invoke(invocation.function, invocation.args, store.spec())
+        cap = self.memory_cap_bytes
+        peak, payload, failure = 0, None, None
+        try:
+            while True:
+                line = child.read_line(self.poll_s)
+                if line is not None:
+                    payload = json.loads(line)
+                    break
+                if child.eof:
+                    break
+                peak = max(peak, _rss(child.pid))
+                if cap is not None and peak > cap:
+                    failure = ("MemoryLimitError", f"invocation {invocation.id} exceeded its memory cap: resident "
+                               f"{peak / MIB:.1f} MiB > cap {cap / MIB:.1f} MiB (killed)")
+                    break
+                if time.perf_counter() - started > self.timeout_s:
+                    failure = ("InvocationTimeoutError", f"invocation {invocation.id} ran past its timeout of "
+                               f"{self.timeout_s:.0f} s (killed)")
+                    break
+        finally:
+            if payload is None:
+                _kill(child.pid)
+            child.close()
+        return self._report(invocation, payload, failure, peak, time.perf_counter() - started)
+
+    def _report(self, invocation: Invocation, payload: dict[str, Any] | None, failure: tuple[str, str] | None,
+                peak: int, wall: float) -> InvocationReport:
+        cap = self.memory_cap_bytes
+        fields: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function,
+                                  "memory_cap_bytes": cap, "duration_s": wall, "wall_s": wall,
+                                  "ok": False}
+        if failure is not None:
+            fields.update(error_type=failure[0], error=failure[1], peak_rss_bytes=peak)
+        elif payload is None:
+            fields.update(error_type="WorkerCrash", peak_rss_bytes=peak,
+                          error=f"worker of invocation {invocation.id} died without a result")
+        else:
+            io = payload.pop("io", {})
+            peak = max(peak, int(payload.pop("peak_rss_bytes", 0)))
+            fields.update(payload, **io, peak_rss_bytes=peak)
+            if fields["ok"] and cap is not None and peak > cap:
+                fields.update(ok=False, error_type="MemoryLimitError",
+                              error=f"invocation {invocation.id} exceeded its memory cap: peak resident "
+                                    f"{peak / MIB:.1f} MiB > cap {cap / MIB:.1f} MiB")
+        return InvocationReport.model_validate(fields)

@@ -1,0 +1,51 @@
+"""What one invocation did: the measured side of every plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+# Errors that will fail again on retry with the same input: reported at once, never retried.
+DETERMINISTIC_ERRORS = frozenset({"UpdateError", "MemoryLimitError", "RoundError", "PlanError", "LayoutError",
+                                  "ValidationError"})
+
+
+class InvocationReport(BaseModel):
+    """Measured duration, peak memory and I/O of one invocation (its last attempt), and its outcome."""
+
+    invocation: str
+    function: str
+    ok: bool
+    attempts: int = 1
+    duration_s: float = 0.0  # the function's own run time (what a serverless platform bills)
+    wall_s: float = 0.0  # including process start and hand-back
+    peak_rss_bytes: int | None = None
+    memory_cap_bytes: int | None = None
+    predicted_bytes: int | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    gets: int = 0
+    puts: int = 0
+    error_type: str | None = None
+    error: str | None = None
+    client: str | None = None
+    reason: str | None = None
+    result: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        return not self.ok and self.error_type not in DETERMINISTIC_ERRORS
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """The report fields describing an exception (client and reason for a bad update)."""
+    fields: dict[str, Any] = {"error_type": type(exc).__name__, "error": str(exc) or repr(exc)}
+    if isinstance(exc, MemoryError) and type(exc).__name__ != "MemoryLimitError":
+        fields["error_type"] = "MemoryLimitError"
+        fields["error"] = f"out of memory: {exc}"
+    client = getattr(exc, "client", None)
+    if client is not None:
+        fields["client"] = client
+        fields["reason"] = getattr(exc, "reason", None)
+    return fields

@@ -1,0 +1,152 @@
+"""A zygote: a single-threaded process with numpy and gradshard loaded that forks one child per invocation.
+
+This is how a warm serverless runtime starts a function: the child begins with the libraries mapped (shared
+with the zygote) and nothing else, so its measured memory is the interpreter baseline plus the function's own
+use. Unlike ``multiprocessing``'s fork server it never re-imports the caller's ``__main__`` module.
+
+Protocol over a Unix socket, one connection per invocation, newline-delimited JSON:
+client sends ``{"function", "args", "store"}``; the child answers ``{"pid": n}`` at once, then the report payload.
+The zygote exits when its stdin closes, so it never outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gradshard.errors import GradshardError
+
+
+def _child(conn: socket.socket) -> None:
+    from gradshard.runtime import worker
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    with conn, conn.makefile("rwb") as f:
+        request = json.loads(f.readline())
+        f.write(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        f.flush()
+        payload = worker.execute(request["function"], request["args"], request["store"])
+        f.write(json.dumps(payload).encode() + b"\n")
+        f.flush()
+
+
+def serve(path: str) -> None:
+    """Accept connections on ``path`` and fork a child for each until stdin closes."""
+    import safetensors.numpy  # noqa: F401
+
+    import gradshard.runtime.worker  # noqa: F401 - preload for the children
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, "accept")
+    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    while True:
+        for key, _ in sel.select():
+            if key.data == "stdin":
+                if not sys.stdin.readline():
+                    return
+                continue
+            conn, _ = listener.accept()
+            if os.fork() == 0:
+                code = 0
+                try:
+                    listener.close()
+                    _child(conn)
+                except BaseException:
+                    code = 1
+                finally:
+                    os._exit(code)
+            conn.close()
+
+
+class Invocation:
+    """A running child: its pid and the socket its payload arrives on."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid = 0
+        self._buf = bytearray()
+        self.eof = False
+
+    def read_line(self, timeout: float) -> bytes | None:
+        """The next line, or None if none is complete within ``timeout`` (or the child closed the socket)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if self.eof or remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                self.eof = True
+                return None
+            self._buf += data
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return line
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Zygote:
+    """Client side: starts the zygote process lazily and opens invocations on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.path = ""
+
+    def _ensure(self) -> str:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return self.path
+            self._dir = tempfile.TemporaryDirectory(prefix="gradshard-zygote-")
+            self.path = str(Path(self._dir.name) / "sock")
+            code = f"from gradshard.runtime.zygote import serve; serve({self.path!r})"
+            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE)
+            assert self._proc.stdout is not None
+            if self._proc.stdout.readline().strip() != b"ready":
+                raise GradshardError("the function zygote process failed to start")
+            return self.path
+
+    def invoke(self, function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> Invocation:
+        """Start an invocation in a fresh child; returns a handle to wait for its payload."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._ensure())
+        sock.sendall(json.dumps({"function": function, "args": args, "store": store_spec}).encode() + b"\n")
+        handle = Invocation(sock)
+        line = handle.read_line(timeout=60.0)
+        if line is None:
+            handle.close()
+            raise GradshardError(f"the function zygote did not start an invocation of {function!r}")
+        handle.pid = int(json.loads(line)["pid"])
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+                self._proc = None
+            if self._dir is not None:
+                self._dir.cleanup()
+                self._dir = None

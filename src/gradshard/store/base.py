@@ -1,0 +1,143 @@
+"""The object store contract every backend implements.
+
+Objects are immutable byte strings under ``/``-separated keys. Writes become visible atomically: ``put`` for
+small objects, and *uploads* for large ones, which many writers fill at byte offsets (each shard function writes
+its own range of the output) and which appear only when completed. Reads can be ranged, so a shard function
+reads only its slice of every client's update.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gradshard.errors import StoreError
+
+BytesLike = bytes | bytearray | memoryview | npt.NDArray[Any]  # numpy arrays must be C-contiguous
+_KEY = re.compile(r"^[A-Za-z0-9_.=+-]+(/[A-Za-z0-9_.=+-]+)*$")
+
+
+def as_bytes(data: BytesLike) -> memoryview:
+    """A flat byte view of any bytes-like object or contiguous numpy array (no copy)."""
+    view = data.data if isinstance(data, np.ndarray) else memoryview(data)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape a directory or collide with temporaries (``..``, leading dot, odd chars)."""
+    if not _KEY.match(key) or any(part in (".", "..") or part.startswith(".") for part in key.split("/")):
+        raise StoreError(f"invalid object key {key!r}: use letters, digits and _.=+- separated by '/'")
+    return key
+
+
+class ObjectReader(ABC):
+    """An open object for ranged reads; ``read_into`` fills a buffer from a byte offset."""
+
+    size: int
+
+    @abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with bytes ``[offset, offset + len(buf))``; raises if the object is shorter."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the handle."""
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class IOCounters:
+    """What a store did on behalf of one invocation."""
+
+    gets: int = 0
+    puts: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"gets": self.gets, "puts": self.puts, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written}
+
+
+class Store(ABC):
+    """An object store. Implementations count their requests in ``self.io``."""
+
+    def __init__(self) -> None:
+        self.io = IOCounters()
+
+    # --- whole objects -------------------------------------------------------------------------------------
+    @abstractmethod
+    def put(self, key: str, data: BytesLike) -> None:
+        """Write a whole object atomically (readers see the old object or the new one, never a mix)."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Length of an object in bytes; :class:`ObjectNotFoundError` if it does not exist."""
+
+    @abstractmethod
+    def open_reader(self, key: str) -> ObjectReader:
+        """Open an object for ranged reads."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys that start with ``prefix``, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing a missing object is not an error."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key: str) -> bytes:
+        return self.get_range(key, 0, self.size(key))
+
+    def get_range(self, key: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of an object."""
+        buf = bytearray(stop - start)
+        with self.open_reader(key) as reader:
+            reader.read_into(start, memoryview(buf))
+        return bytes(buf)
+
+    # --- uploads: large objects written in parts at offsets, visible on completion --------------------------
+    @abstractmethod
+    def begin_upload(self, key: str, size: int) -> str:
+        """Start an upload of an object of exactly ``size`` bytes; returns its upload id."""
+
+    @abstractmethod
+    def write_at(self, key: str, upload_id: str, offset: int, data: BytesLike) -> None:
+        """Write ``data`` at byte ``offset`` of an upload. Any process may write any disjoint range."""
+
+    @abstractmethod
+    def complete_upload(self, key: str, upload_id: str) -> None:
+        """Make the upload visible under ``key`` atomically."""
+
+    @abstractmethod
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Discard an upload; nothing becomes visible."""
+
+    # --- identity across processes ----------------------------------------------------------------------------
+    @abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description from which :func:`gradshard.store.open_store` reopens this store elsewhere."""
+
+
+@dataclass
+class StoreSpec:
+    """Parsed form of :meth:`Store.spec` (kind plus backend options)."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,97 @@
+"""In-memory store for tests and single-process use (not visible to other processes)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+from gradshard.errors import ObjectNotFoundError, StoreError
+from gradshard.store.base import BytesLike, ObjectReader, Store, as_bytes, check_key
+
+
+class MemoryObjectReader(ObjectReader):
+    def __init__(self, store: MemoryStore, key: str, data: bytes) -> None:
+        self._store, self._key, self._data = store, key, data
+        self.size = len(data)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if offset < 0 or offset + len(buf) > self.size:
+            raise StoreError(f"read of bytes [{offset}, {offset + len(buf)}) is outside object {self._key!r} "
+                             f"of {self.size} bytes")
+        buf[:] = self._data[offset : offset + len(buf)]
+        self._store.io.gets += 1
+        self._store.io.bytes_read += len(buf)
+
+
+class MemoryStore(Store):
+    """A dict of immutable ``bytes``; uploads are ``bytearray`` until completed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._objects: dict[str, bytes] = {}
+        self._uploads: dict[str, tuple[str, bytearray]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: BytesLike) -> None:
+        blob = bytes(as_bytes(data))
+        with self._lock:
+            self._objects[check_key(key)] = blob
+        self.io.puts += 1
+        self.io.bytes_written += len(blob)
+
+    def _get_object(self, key: str) -> bytes:
+        try:
+            return self._objects[key]
+        except KeyError:
+            raise ObjectNotFoundError(f"object {key!r} does not exist in the memory store") from None
+
+    def size(self, key: str) -> int:
+        return len(self._get_object(key))
+
+    def open_reader(self, key: str) -> ObjectReader:
+        return MemoryObjectReader(self, key, self._get_object(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def begin_upload(self, key: str, size: int) -> str:
+        upload_id = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[upload_id] = (check_key(key), bytearray(size))
+        return upload_id
+
+    def _upload(self, key: str, upload_id: str) -> bytearray:
+        entry = self._uploads.get(upload_id)
+        if entry is None or entry[0] != key:
+            raise StoreError(f"upload {upload_id} of {key!r} does not exist (aborted or completed?)")
+        return entry[1]
+
+    def write_at(self, key: str, upload_id: str, offset: int, data: BytesLike) -> None:
+        buf = self._upload(key, upload_id)
+        view = as_bytes(data)
+        if offset < 0 or offset + len(view) > len(buf):
+            raise StoreError(f"write of bytes [{offset}, {offset + len(view)}) is outside upload of {key!r} "
+                             f"({len(buf)} bytes)")
+        buf[offset : offset + len(view)] = view
+        self.io.puts += 1
+        self.io.bytes_written += len(view)
+
+    def complete_upload(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            buf = self._upload(key, upload_id)
+            self._objects[key] = bytes(buf)
+            del self._uploads[upload_id]
+        self.io.puts += 1
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            self._uploads.pop(upload_id, None)
+
+    def spec(self) -> dict[str, Any]:
+        raise StoreError("the memory store lives in one process; use a local or S3 store with process executors")

@@ -1,0 +1,77 @@
+"""Plans: the small DAG of function invocations a topology turns a round into.
+
+A plan is data. Each :class:`Invocation` names its function, its JSON-able arguments (object keys, element
+ranges, weights, where to write), the memory it needs and what it depends on. Any executor runs any plan; cost,
+memory and latency are computed from the same plan (predicted) and from its reports (measured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradshard.errors import PlanError
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One function call: ``function(args)`` needing ``memory_bytes`` above the interpreter's baseline."""
+
+    id: str
+    function: str
+    args: dict[str, Any]
+    memory_bytes: int
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A topology's invocations for one round, in dependency order."""
+
+    topology: str
+    invocations: tuple[Invocation, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for inv in self.invocations:
+            if inv.id in seen:
+                raise PlanError(f"plan {self.topology!r} has two invocations named {inv.id!r}")
+            missing = [d for d in inv.depends_on if d not in seen]
+            if missing:
+                raise PlanError(f"invocation {inv.id!r} depends on {missing}, which do not come before it")
+            seen.add(inv.id)
+
+    def stages(self) -> list[list[Invocation]]:
+        """Invocations grouped into levels; every invocation's dependencies are in earlier levels."""
+        level: dict[str, int] = {}
+        for inv in self.invocations:
+            level[inv.id] = 1 + max((level[d] for d in inv.depends_on), default=-1)
+        out: list[list[Invocation]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+        for inv in self.invocations:
+            out[level[inv.id]].append(inv)
+        return out
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The largest memory any one invocation of the plan needs."""
+        return max((inv.memory_bytes for inv in self.invocations), default=0)
+
+
+def check_fits(plan: Plan, memory_limit_bytes: int | None, baseline_bytes: int = 0) -> None:
+    """Raise :class:`PlanError` if an invocation's need plus the baseline exceeds the per-function limit."""
+    if memory_limit_bytes is None:
+        return
+    worst = max(plan.invocations, key=lambda inv: inv.memory_bytes, default=None)
+    if worst is not None and worst.memory_bytes + baseline_bytes > memory_limit_bytes:
+        raise PlanError(
+            f"topology {plan.topology!r} is infeasible under a {memory_limit_bytes / MIB:.0f} MiB function limit: "
+            f"invocation {worst.id!r} needs {worst.memory_bytes / MIB:.0f} MiB + {baseline_bytes / MIB:.0f} MiB "
+            "baseline")
+
+
+def by_id(invocations: Sequence[Invocation]) -> dict[str, Invocation]:
+    return {inv.id: inv for inv in invocations}

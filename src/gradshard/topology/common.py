@@ -1,0 +1,63 @@
+"""Options and output targets shared by every aggregation topology."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradshard.errors import PlanError
+from gradshard.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
+
+DEFAULT_WINDOW_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    """How to reduce: window size (bytes of one client's input), accumulation dtype, weighting."""
+
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    accumulate: str = "float32"
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.accumulate not in ACCUMULATE_DTYPES:
+            raise PlanError(f"accumulate must be one of {ACCUMULATE_DTYPES}, got {self.accumulate!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise PlanError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.window_bytes < 1:
+            raise PlanError(f"window must be at least 1 byte, got {self.window_bytes}")
+
+    def window_elems(self, itemsize: int, chunk_elems: int) -> int:
+        """Window in elements: a whole number of checksum chunks, at least one."""
+        return window_elems(self.window_bytes, itemsize, chunk_elems)
+
+    def args(self) -> dict[str, Any]:
+        return {"window_bytes": self.window_bytes, "accumulate": self.accumulate, "weighting": self.weighting}
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where functions write: an open upload of the output object and the byte offset of its data section."""
+
+    manifest_key: str
+    key: str
+    upload_id: str
+    data_start: int
+
+    def args(self) -> dict[str, Any]:
+        return {"output_key": self.key, "upload_id": self.upload_id, "data_start": self.data_start}
+
+
+def window_elems(window_bytes: int, itemsize: int, chunk_elems: int) -> int:
+    """``window_bytes`` of input as a whole number of checksum chunks (at least one)."""
+    elems = max(1, window_bytes // itemsize)
+    return max(chunk_elems, elems // chunk_elems * chunk_elems)
+
+
+def window_memory(window_elems: int, itemsize: int, accumulate: str) -> int:
+    """Bytes a streaming reducer holds: read buffer + accumulator (+ cast buffers when dtypes differ)."""
+    acc = np.dtype(accumulate).itemsize
+    extra = 0 if acc == itemsize else window_elems * (acc + itemsize)  # tmp in acc dtype + output cast
+    return window_elems * (itemsize + acc) + extra

@@ -1,0 +1,21 @@
+"""Flat: one aggregator that loads every whole update — the reference every topology is checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradshard.round import RoundManifest
+from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.common import OutputTarget, ReduceOptions
+
+
+def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> Plan:
+    """A single ``flat_reduce`` invocation; it holds the accumulator and one whole update (twice, parsed)."""
+    layout = manifest.spec.model_layout()
+    numel = layout.numel
+    itemsize = np.dtype(layout.flat_dtype).itemsize
+    acc = np.dtype(options.accumulate).itemsize
+    memory = numel * (acc + 3 * itemsize)  # accumulator + raw object + parsed tensors + flat copy
+    args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, **output.args(),
+            **options.args()}
+    return Plan("flat", (Invocation("flat-0000", "flat_reduce", args, memory),), {"m": 1})

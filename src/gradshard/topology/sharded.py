@@ -1,0 +1,39 @@
+"""GradsSharding: M independent shard functions, each averaging one contiguous range across all clients."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradshard.round import RoundManifest
+from gradshard.shards import ShardPlan
+from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
+
+
+def shard_plan_for(manifest: RoundManifest, m: int) -> ShardPlan:
+    """The paper's partition, with inner boundaries on checksum chunks so each shard checksums its output."""
+    spec = manifest.spec
+    return ShardPlan.contiguous(spec.model_layout().numel, m, align=spec.chunk_elems)
+
+
+def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
+                 m: int) -> Plan:
+    """One ``shard_reduce`` invocation per shard; each needs memory for its window, not the model."""
+    shards = shard_plan_for(manifest, m)
+    layout = manifest.spec.model_layout()
+    itemsize = np.dtype(layout.flat_dtype).itemsize
+    invocations = []
+    for s, (start, stop) in enumerate(shards.ranges):
+        window = min(options.window_elems(itemsize, manifest.spec.chunk_elems), stop - start)
+        args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, "start": start,
+                "stop": stop, **output.args(), **options.args()}
+        memory = window_memory(window, itemsize, options.accumulate) + manifest_header_bytes(manifest)
+        invocations.append(Invocation(f"shard-{s:04d}", "shard_reduce", args, memory))
+    return Plan("sharded", tuple(invocations), {"m": m, "shards": shards.manifest()})
+
+
+def manifest_header_bytes(manifest: RoundManifest) -> int:
+    """Memory a function spends on the clients' parsed headers (checksums dominate)."""
+    per_client = 16 * -(-manifest.spec.model_layout().numel // manifest.spec.chunk_elems) + 64 * len(
+        manifest.spec.layout)
+    return 3 * per_client * len(manifest.clients)
