@@ -20,8 +20,9 @@ from gradshard.errors import GradshardError
 
 ALGORITHM = "xxh3_64"
 HEX_WIDTH = 16
-MIN_CHUNK_ELEMS = 4096
-TARGET_CHUNKS = 4096
+MIN_CHUNK_ELEMS = 16384  # 64 KiB of float32: per-chunk Python overhead stays small next to hashing
+TARGET_CHUNKS = 4096  # keeps the checksum list in a header under ~64 KiB
+MIN_CHUNKS = 64  # small models still get enough chunks to be cut into many shards
 
 
 def checksum(data: bytes | bytearray | memoryview | npt.NDArray[Any]) -> str:
@@ -30,10 +31,11 @@ def checksum(data: bytes | bytearray | memoryview | npt.NDArray[Any]) -> str:
 
 
 def default_chunk_elems(numel: int) -> int:
-    """A power of two giving at most about 4096 chunks (at least 4096 elements), so headers stay small."""
-    if numel <= MIN_CHUNK_ELEMS * TARGET_CHUNKS:
-        return MIN_CHUNK_ELEMS
-    return 1 << math.ceil(math.log2(numel / TARGET_CHUNKS))
+    """A power of two giving at most ~4096 chunks of at least 16384 elements, but at least 64 chunks if possible."""
+    chunk = max(MIN_CHUNK_ELEMS, 1 << max(0, math.ceil(math.log2(max(1.0, numel / TARGET_CHUNKS)))))
+    while chunk > 1 and numel // chunk < MIN_CHUNKS:
+        chunk //= 2
+    return chunk
 
 
 class ChunkGrid:
@@ -61,15 +63,43 @@ class ChunkGrid:
         idx = self.covering(start, stop)
         return self.bounds(idx.start)[0], self.bounds(idx.stop - 1)[1]
 
-    def windows(self, start: int, stop: int, window_elems: int) -> list[tuple[int, int]]:
-        """Chunk-aligned windows of at most ``max(window_elems, one chunk)`` elements covering ``[start, stop)``."""
-        per = max(1, window_elems // self.chunk_elems)
-        idx = self.covering(start, stop)
-        out = []
-        for first in range(idx.start, idx.stop, per):
-            last = min(first + per, idx.stop) - 1
-            out.append((self.bounds(first)[0], self.bounds(last)[1]))
-        return out
+    def is_aligned(self, start: int, stop: int) -> bool:
+        """Whether ``[start, stop)`` begins and ends on chunk boundaries (or the end of the vector)."""
+        return start < stop and self.extent(start, stop) == (start, stop)
+
+
+class ChunkStream:
+    """Checksums chunks of a range fed sequentially in pieces of any size (windows need not align with chunks).
+
+    ``feed`` returns the ``(chunk index, checksum)`` of every chunk the piece completed.
+    """
+
+    def __init__(self, grid: ChunkGrid, start: int) -> None:
+        if start % grid.chunk_elems:
+            raise GradshardError(f"a chunk stream must start on a chunk boundary, got element {start}")
+        self.grid = grid
+        self.pos = start
+        self._hasher = xxhash.xxh3_64()
+
+    def feed(self, values: npt.NDArray[Any]) -> list[tuple[int, str]]:
+        done = []
+        off, n, size = 0, len(values), self.grid.chunk_elems
+        while off < n:
+            index = self.pos // size
+            chunk_start = index * size
+            chunk_end = min(chunk_start + size, self.grid.numel)
+            take = min(n - off, chunk_end - self.pos)
+            piece = values[off : off + take].data
+            if self.pos == chunk_start and take == chunk_end - chunk_start:  # a whole chunk in one piece
+                done.append((index, xxhash.xxh3_64_hexdigest(piece)))
+            else:
+                self._hasher.update(piece)
+                if self.pos + take == chunk_end:
+                    done.append((index, self._hasher.hexdigest()))
+                    self._hasher.reset()
+            off += take
+            self.pos += take
+        return done
 
 
 def pack(hexes: list[str]) -> str:

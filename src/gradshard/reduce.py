@@ -38,15 +38,16 @@ class WeightedSum:
     """Running weighted sum over one window, reusing its buffers for every window of a shard.
 
     ``add`` must be called with clients in canonical order; the first call of a window overwrites, so no zeroing
-    pass is needed. ``x`` may be scaled in place (it is the caller's read buffer).
+    pass is needed. A writeable ``x`` may be scaled in place (it is the caller's read buffer); a read-only one
+    (a zero-copy view of the page cache) is scaled into a scratch buffer instead.
     """
 
-    def __init__(self, capacity: int, accumulate: str = "float32", input_dtype: str = "float32") -> None:
+    def __init__(self, capacity: int, accumulate: str = "float32") -> None:
         if accumulate not in ACCUMULATE_DTYPES:
             raise GradshardError(f"accumulation dtype must be one of {ACCUMULATE_DTYPES}, got {accumulate!r}")
         self.dtype = np.dtype(accumulate)
         self._acc = np.empty(capacity, dtype=self.dtype)
-        self._tmp = None if np.dtype(input_dtype) == self.dtype else np.empty(capacity, dtype=self.dtype)
+        self._tmp: npt.NDArray[Any] | None = None
         self._n = 0
         self._count = 0
 
@@ -64,10 +65,12 @@ class WeightedSum:
         w = self.dtype.type(weight)
         if self._count == 0:
             np.multiply(x, w, out=acc)
-        elif self._tmp is None:
+        elif x.dtype == self.dtype and x.flags.writeable:
             np.multiply(x, w, out=x)
             np.add(acc, x, out=acc)
         else:
+            if self._tmp is None:
+                self._tmp = np.empty(len(self._acc), dtype=self.dtype)
             tmp = self._tmp[: self._n]
             np.multiply(x, w, out=tmp)
             np.add(acc, tmp, out=acc)
@@ -93,7 +96,7 @@ def fedavg(vectors: Sequence[npt.NDArray[Any]], weights: Sequence[float], accumu
     """Reference FedAvg of whole vectors in the given order (the flat, single-aggregator computation)."""
     if len(vectors) != len(weights) or not vectors:
         raise GradshardError("need one weight per vector and at least one vector")
-    acc = WeightedSum(len(vectors[0]), accumulate, str(vectors[0].dtype))
+    acc = WeightedSum(len(vectors[0]), accumulate)
     acc.start(len(vectors[0]))
     for x, w in zip(vectors, weights, strict=True):
         acc.add(np.array(x, copy=True), w)

@@ -15,6 +15,7 @@ flat vector, 16 hex digits each, concatenated). :func:`update_metadata` computes
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from gradshard import checksum
 from gradshard.errors import GradshardError, StoreError, UpdateError
@@ -134,7 +134,7 @@ class UpdateWriter:
         self.upload_id = store.begin_upload(key, self._header_len + layout.nbytes)
         self._written = 0  # elements
         self._hashes: list[str] = []
-        self._hasher = xxhash.xxh3_64()
+        self._stream = checksum.ChunkStream(self.grid, 0)
         self._done = False
 
     def write(self, values: npt.NDArray[Any]) -> None:
@@ -143,21 +143,13 @@ class UpdateWriter:
             raise GradshardError(f"expected a 1-D {self.dtype} array, got {values.ndim}-D {values.dtype}")
         if self._written + len(values) > self.layout.numel:
             raise GradshardError(f"writing {len(values)} more elements overflows the layout's {self.layout.numel}")
-        pos = 0
-        while pos < len(values):
-            chunk_end = (self._written // self.grid.chunk_elems + 1) * self.grid.chunk_elems
-            take = min(len(values) - pos, chunk_end - self._written)
-            piece = values[pos : pos + take]
-            self._hasher.update(piece.data)
-            offset = self._header_len + self._written * self.dtype.itemsize
-            for lo in range(0, take, _WRITE_PIECE // self.dtype.itemsize):
-                part = piece[lo : lo + _WRITE_PIECE // self.dtype.itemsize]
-                self.store.write_at(self.key, self.upload_id, offset + lo * self.dtype.itemsize, part)
-            self._written += take
-            pos += take
-            if self._written % self.grid.chunk_elems == 0 or self._written == self.layout.numel:
-                self._hashes.append(self._hasher.hexdigest())
-                self._hasher.reset()
+        offset = self._header_len + self._written * self.dtype.itemsize
+        step = _WRITE_PIECE // self.dtype.itemsize
+        for lo in range(0, len(values), step):
+            piece = values[lo : lo + step]
+            self.store.write_at(self.key, self.upload_id, offset + lo * self.dtype.itemsize, piece)
+            self._hashes.extend(h for _, h in self._stream.feed(piece))
+        self._written += len(values)
 
     def commit(self) -> UpdateMeta:
         """Write the header and publish the object; returns the metadata with its checksums."""
@@ -320,6 +312,7 @@ class UpdateReader:
             elif slot.stop > slot.start:
                 runs.append([slot.start, slot.stop, offset])
         self._runs = runs
+        self._run_starts = [r[0] for r in runs]
 
     @property
     def contiguous(self) -> bool:
@@ -330,24 +323,26 @@ class UpdateReader:
         """Fill ``out`` (length ``stop - start``) with elements ``[start, stop)``; no checksum check."""
         view = as_bytes(out)
         size = self.dtype.itemsize
-        for lo, hi, offset in self._runs:
-            a, b = max(start, lo), min(stop, hi)
-            if a < b:
-                try:
+        try:
+            for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
+                lo, hi, offset = self._runs[i]
+                if lo >= stop:
+                    break
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
                     self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
-                except StoreError as exc:
-                    raise UpdateError(self.client, f"read failed: {exc}") from exc
+        except StoreError as exc:
+            raise UpdateError(self.client, f"read failed: {exc}") from exc
+
+    def stream(self, start: int, stop: int) -> VerifiedStream:
+        """Sequential reads of ``[start, stop)`` (chunk-aligned), each chunk's checksum checked when complete."""
+        if not self.grid.is_aligned(start, stop):
+            raise GradshardError(f"verified reads must be chunk-aligned, got [{start}, {stop})")
+        return VerifiedStream(self, start, stop)
 
     def read_verified(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
         """:meth:`read` a chunk-aligned range and check every chunk's checksum."""
-        if self.grid.extent(start, stop) != (start, stop):
-            raise GradshardError(f"verified reads must be chunk-aligned, got [{start}, {stop})")
-        self.read(start, stop, out)
-        for i in self.grid.covering(start, stop):
-            a, b = self.grid.bounds(i)
-            if checksum.checksum(out[a - start : b - start]) != self.checksums[i]:
-                raise UpdateError(self.client, f"checksum mismatch in chunk {i} (elements [{a}, {b})): "
-                                               "the object is corrupted")
+        self.stream(start, stop).read_next(out)
 
     def close(self) -> None:
         self.reader.close()
@@ -357,6 +352,38 @@ class UpdateReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class VerifiedStream:
+    """Reads a chunk-aligned range window by window; a chunk's checksum is checked as soon as it is complete.
+
+    A corrupted chunk raises :class:`UpdateError` at the window that completes it, after earlier windows of that
+    chunk were already used: callers must treat their output as void on error (the aggregation driver aborts the
+    output upload, so unverified data never becomes visible).
+    """
+
+    def __init__(self, update: UpdateReader, start: int, stop: int) -> None:
+        self.update, self.stop = update, stop
+        self.pos = start
+        self._chunks = checksum.ChunkStream(update.grid, start)
+
+    def read_next(self, out: npt.NDArray[Any]) -> None:
+        """Fill ``out`` with the next ``len(out)`` elements."""
+        self._check_room(len(out))
+        self.update.read(self.pos, self.pos + len(out), out)
+        self._advance(out)
+
+    def _check_room(self, n: int) -> None:
+        if self.pos + n > self.stop:
+            raise GradshardError(f"read past the end of the stream at element {self.stop}")
+
+    def _advance(self, out: npt.NDArray[Any]) -> None:
+        self.pos += len(out)
+        for index, digest in self._chunks.feed(out):
+            if digest != self.update.checksums[index]:
+                a, b = self.update.grid.bounds(index)
+                raise UpdateError(self.update.client, f"checksum mismatch in chunk {index} (elements [{a}, {b})): "
+                                                      "the object is corrupted")
 
 
 def open_update(store: Store, key: str, client: str, layout: ModelLayout) -> UpdateReader:

@@ -78,24 +78,23 @@ class _OutputWriter:
                  accumulate: str) -> None:
         self.store, self.args = store, args
         self.dtype = np.dtype(layout.flat_dtype)
-        self.grid = checksum.ChunkGrid(layout.numel, chunk_elems)
         self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
+        self.pos = args.start
+        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), args.start)
         self.checksums: dict[str, str] = {}
 
-    def write(self, start: int, values: npt.NDArray[Any]) -> None:
-        """Write elements ``[start, start + len(values))``; ``start`` and the end are chunk-aligned."""
+    def write(self, values: npt.NDArray[Any]) -> None:
+        """Write the next ``len(values)`` elements of this function's range."""
         out = values
         if self.cast is not None:
             out = self.cast[: len(values)]
             np.copyto(out, values, casting="same_kind")
-        stop = start + len(values)
         for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
             piece = out[lo : lo + _WRITE_PIECE_ELEMS]
             self.store.write_at(self.args.output_key, self.args.upload_id,
-                                self.args.data_start + (start + lo) * self.dtype.itemsize, piece)
-        for i in self.grid.covering(start, stop):
-            a, b = self.grid.bounds(i)
-            self.checksums[str(i)] = checksum.checksum(out[a - start : b - start])
+                                self.args.data_start + (self.pos + lo) * self.dtype.itemsize, piece)
+        self.pos += len(out)
+        self.checksums.update((str(i), h) for i, h in self._chunks.feed(out))
 
 
 def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
@@ -107,35 +106,34 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
     layout = manifest.spec.model_layout()
     grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
-    if grid.extent(args.start, args.stop) != (args.start, args.stop):
+    if not grid.is_aligned(args.start, args.stop):
         raise GradshardError(f"shard [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
     weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
     in_dtype = np.dtype(layout.flat_dtype)
-    windows = grid.windows(args.start, args.stop, window_elems(args.window_bytes, in_dtype.itemsize,
-                                                               grid.chunk_elems))
-    capacity = max(b - a for a, b in windows)
-    buf = np.empty(capacity, dtype=in_dtype)
-    acc = WeightedSum(capacity, args.accumulate, in_dtype.name)
-    writer = _OutputWriter(store, args, layout, grid.chunk_elems, capacity, args.accumulate)
+    window = min(window_elems(args.window_bytes, in_dtype.itemsize), args.stop - args.start)
+    buf = np.empty(window, dtype=in_dtype)
+    acc = WeightedSum(window, args.accumulate)
+    writer = _OutputWriter(store, args, layout, grid.chunk_elems, window, args.accumulate)
     readers = _open_clients(store, manifest, layout)
+    streams = [r.stream(args.start, args.stop) for r in readers]
     try:
-        for a, b in windows:
+        for a in range(args.start, args.stop, window):
+            b = min(a + window, args.stop)
             acc.start(b - a)
-            for reader, weight in zip(readers, weights, strict=True):
-                x = buf[: b - a]
-                reader.read_verified(a, b, x)
+            x = buf[: b - a]
+            for stream, weight in zip(streams, weights, strict=True):
+                stream.read_next(x)
                 acc.add(x, weight)
             if not all_finite(acc.value):
                 def reread(i: int, a: int = a, b: int = b) -> npt.NDArray[Any]:
-                    readers[i].read_verified(a, b, buf[: b - a])
+                    readers[i].read(a, b, buf[: b - a])
                     return buf[: b - a]
                 raise _nonfinite_culprit([r.client for r in readers], reread, a, b)
-            writer.write(a, acc.value)
+            writer.write(acc.value)
     finally:
         for reader in readers:
             reader.close()
-    return {"checksums": writer.checksums, "clients": len(readers), "windows": len(windows),
-            "window_elems": capacity}
+    return {"checksums": writer.checksums, "clients": len(readers), "window_elems": window}
 
 
 def _load_whole(store: Store, entry: ClientEntry, layout: ModelLayout, chunk_elems: int) -> npt.NDArray[Any]:
@@ -170,17 +168,17 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     layout = manifest.spec.model_layout()
     chunk = manifest.spec.chunk_elems
     weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
-    acc = WeightedSum(layout.numel, args.accumulate, layout.flat_dtype)
+    acc = WeightedSum(layout.numel, args.accumulate)
     acc.start(layout.numel)
     for entry, weight in zip(manifest.clients, weights, strict=True):
         acc.add(_load_whole(store, entry, layout, chunk), weight)
     if not all_finite(acc.value):
         raise _nonfinite_culprit([c.client for c in manifest.clients],
                                  lambda i: _load_whole(store, manifest.clients[i], layout, chunk), 0, layout.numel)
-    writer = _OutputWriter(store, args, layout, chunk, layout.numel, args.accumulate)
-    writer.write(0, acc.value)
-    return {"checksums": writer.checksums, "clients": len(manifest.clients), "windows": 1,
-            "window_elems": layout.numel}
+    writer = _OutputWriter(store, args.model_copy(update={"start": 0}), layout, chunk, layout.numel,
+                           args.accumulate)
+    writer.write(acc.value)
+    return {"checksums": writer.checksums, "clients": len(manifest.clients), "window_elems": layout.numel}
 
 
 def noop(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:

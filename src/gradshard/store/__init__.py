@@ -19,7 +19,7 @@ def open_store(spec: dict[str, Any] | str) -> Store:
         return MemoryStore() if spec == "memory:" else LocalStore(spec)
     kind = spec.get("kind")
     if kind == "local":
-        return LocalStore(spec["root"])
+        return LocalStore(spec["root"], fsync=bool(spec.get("fsync", True)))
     if kind == "memory":
         return MemoryStore()
     raise StoreError(f"unknown store kind {kind!r}; known: local, memory")

@@ -51,10 +51,15 @@ class LocalObjectReader(ObjectReader):
 
 
 class LocalStore(Store):
-    """Objects as files under ``root`` (created if missing)."""
+    """Objects as files under ``root`` (created if missing).
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    ``fsync=True`` (default) makes every published object durable before it becomes visible; ``False`` keeps
+    atomic visibility but leaves flushing to the OS (for scratch stores and benchmarks).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         super().__init__()
+        self.fsync = fsync
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -140,7 +145,8 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise StoreError(f"upload {upload_id} of {key!r} does not exist (aborted or completed?)") from None
         try:
-            os.fsync(fd)
+            if self.fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -151,4 +157,4 @@ class LocalStore(Store):
         self._upload_path(upload_id).unlink(missing_ok=True)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "local", "root": str(self.root)}
+        return {"kind": "local", "root": str(self.root), "fsync": self.fsync}

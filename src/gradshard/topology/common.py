@@ -10,7 +10,9 @@ import numpy as np
 from gradshard.errors import PlanError
 from gradshard.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 
-DEFAULT_WINDOW_BYTES = 8 << 20
+# A window of each client's input small enough that the read buffer and the accumulator stay in the CPU cache:
+# measured here (pread + xxh3 + multiply + add), 256-512 KiB windows ~5.5 GB/s per core, 4 MiB ~3.9 GB/s.
+DEFAULT_WINDOW_BYTES = 512 << 10
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,8 @@ class ReduceOptions:
         if self.window_bytes < 1:
             raise PlanError(f"window must be at least 1 byte, got {self.window_bytes}")
 
-    def window_elems(self, itemsize: int, chunk_elems: int) -> int:
-        """Window in elements: a whole number of checksum chunks, at least one."""
-        return window_elems(self.window_bytes, itemsize, chunk_elems)
+    def window_elems(self, itemsize: int) -> int:
+        return window_elems(self.window_bytes, itemsize)
 
     def args(self) -> dict[str, Any]:
         return {"window_bytes": self.window_bytes, "accumulate": self.accumulate, "weighting": self.weighting}
@@ -50,10 +51,9 @@ class OutputTarget:
         return {"output_key": self.key, "upload_id": self.upload_id, "data_start": self.data_start}
 
 
-def window_elems(window_bytes: int, itemsize: int, chunk_elems: int) -> int:
-    """``window_bytes`` of input as a whole number of checksum chunks (at least one)."""
-    elems = max(1, window_bytes // itemsize)
-    return max(chunk_elems, elems // chunk_elems * chunk_elems)
+def window_elems(window_bytes: int, itemsize: int) -> int:
+    """``window_bytes`` of one client's input, in elements (at least one)."""
+    return max(1, window_bytes // itemsize)
 
 
 def window_memory(window_elems: int, itemsize: int, accumulate: str) -> int:

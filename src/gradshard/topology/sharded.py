@@ -24,7 +24,7 @@ def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTa
     itemsize = np.dtype(layout.flat_dtype).itemsize
     invocations = []
     for s, (start, stop) in enumerate(shards.ranges):
-        window = min(options.window_elems(itemsize, manifest.spec.chunk_elems), stop - start)
+        window = min(options.window_elems(itemsize), stop - start)
         args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, "start": start,
                 "stop": stop, **output.args(), **options.args()}
         memory = window_memory(window, itemsize, options.accumulate) + manifest_header_bytes(manifest)
