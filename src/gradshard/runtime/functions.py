@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,11 +194,24 @@ def allocate(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     return {"sum": int(block[:: 4096].sum())}
 
 
+def sleep(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Sleeps ``seconds``; used to test timeouts (and concurrency)."""
+    time.sleep(float(raw_args["seconds"]))
+    return {}
+
+
+def crash(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Exits the process at once with status 3, without a report; used to test crash handling."""
+    os._exit(3)
+
+
 FUNCTIONS: dict[str, Callable[[dict[str, Any], Store], dict[str, Any]]] = {
     "shard_reduce": shard_reduce,
     "flat_reduce": flat_reduce,
     "noop": noop,
     "allocate": allocate,
+    "sleep": sleep,
+    "crash": crash,
 }
 
 
