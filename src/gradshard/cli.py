@@ -97,7 +97,7 @@ def _config(kw: dict[str, Any]) -> AggregateConfig:
 
 
 @main.command()
-@click.option("--store", "store_dir", type=click.Path(file_okay=False), required=True,
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, exists=True), required=True,
               help="Local store directory holding rounds/<r>/...")
 @click.option("--round", "round_", type=click.IntRange(min=0), required=True)
 @click.option("--reports", type=click.Path(dir_okay=False), default=None,

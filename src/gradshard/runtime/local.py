@@ -75,7 +75,7 @@ class LocalExecutor(Executor):
                     break
                 if time.perf_counter() - started > self.timeout_s:
                     failure = ("InvocationTimeoutError", f"invocation {invocation.id} ran past its timeout of "
-                               f"{self.timeout_s:.0f} s (killed)")
+                               f"{self.timeout_s:g} s (killed)")
                     break
         finally:
             if payload is None:

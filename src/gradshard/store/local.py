@@ -72,9 +72,10 @@ class LocalStore(Store):
         return self.root / _UPLOADS / upload_id
 
     def put(self, key: str, data: BytesLike) -> None:
-        upload_id = self.begin_upload(key, len(data))
+        view = as_bytes(data)  # len() of a numpy array counts elements, not bytes
+        upload_id = self.begin_upload(key, len(view))
         try:
-            self.write_at(key, upload_id, 0, data)
+            self.write_at(key, upload_id, 0, view)
             self.complete_upload(key, upload_id)
         except BaseException:
             self.abort_upload(key, upload_id)

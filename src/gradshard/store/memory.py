@@ -42,7 +42,7 @@ class MemoryStore(Store):
 
     def _get_object(self, key: str) -> bytes:
         try:
-            return self._objects[key]
+            return self._objects[check_key(key)]
         except KeyError:
             raise ObjectNotFoundError(f"object {key!r} does not exist in the memory store") from None
 
@@ -58,9 +58,11 @@ class MemoryStore(Store):
 
     def delete(self, key: str) -> None:
         with self._lock:
-            self._objects.pop(key, None)
+            self._objects.pop(check_key(key), None)
 
     def begin_upload(self, key: str, size: int) -> str:
+        if size < 0:
+            raise StoreError(f"upload of {key!r} needs a non-negative size, got {size}")
         upload_id = uuid.uuid4().hex
         with self._lock:
             self._uploads[upload_id] = (check_key(key), bytearray(size))

@@ -1,0 +1,260 @@
+"""Tests of the LocalExecutor: measured memory, memory caps, timeouts, crashes, concurrency and I/O counters.
+
+Every invocation here runs in a worker process forked from the executor's zygote, so all tests are integration
+tests. Executors are created through the ``make_executor`` fixture, which closes them at teardown.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.round import RoundSpec, open_round, update_key
+from gradshard.runtime import InvocationReport, LocalExecutor
+from gradshard.store import LocalStore
+from gradshard.topology.base import MIB, Invocation, Plan
+from gradshard.update import UpdateMeta, write_update
+from gradshard.zoo import synthetic
+
+pytestmark = pytest.mark.integration
+
+MakeExecutor = Callable[..., LocalExecutor]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store", fsync=False)
+
+
+@pytest.fixture
+def make_executor() -> Iterator[MakeExecutor]:
+    """Builds LocalExecutors with the given options; every one is closed when the test ends."""
+    made: list[LocalExecutor] = []
+
+    def make(**options: Any) -> LocalExecutor:
+        executor = LocalExecutor(**options)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.close()
+
+
+@pytest.fixture(scope="module")
+def baseline_rss(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Peak RSS of a function that does nothing (the interpreter baseline), the largest of three runs."""
+    scratch = LocalStore(tmp_path_factory.mktemp("baseline"), fsync=False)
+    with LocalExecutor(workers=1, retries=0) as executor:
+        peaks = [run_single(executor, scratch, "noop").peak_rss_bytes for _ in range(3)]
+    assert all(p is not None for p in peaks)
+    return max(p for p in peaks if p is not None)
+
+
+def run_single(executor: LocalExecutor, store: LocalStore, function: str,
+               args: dict[str, Any] | None = None) -> InvocationReport:
+    """Run one ad-hoc invocation of ``function`` and return its report."""
+    plan = Plan("adhoc", (Invocation("only", function, args or {}, 0),))
+    (report,) = executor.run(plan, store)
+    return report
+
+
+def test_noop_reports_ok_with_duration_and_a_baseline_peak(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0)
+
+    # Execute
+    report = run_single(executor, store, "noop")
+
+    # Assert
+    assert report.ok, report.error
+    assert report.function == "noop"
+    assert report.attempts == 1
+    assert report.error_type is None
+    assert report.duration_s > 0
+    assert report.wall_s >= report.duration_s
+    assert report.peak_rss_bytes is not None
+    assert 10 * MIB <= report.peak_rss_bytes <= 300 * MIB, f"baseline {report.peak_rss_bytes / MIB:.1f} MiB"
+    print(f"baseline peak RSS of a noop function: {report.peak_rss_bytes / MIB:.1f} MiB")
+
+
+def test_allocation_over_the_cap_fails_with_memory_limit_error_and_is_not_retried(
+        make_executor: MakeExecutor, store: LocalStore, baseline_rss: int) -> None:
+    # Prepare
+    cap = baseline_rss + 120 * MIB
+    executor = make_executor(workers=1, retries=2, memory_cap_bytes=cap)
+
+    # Execute
+    report = run_single(executor, store, "allocate", {"bytes": 200 * MIB})
+
+    # Assert
+    assert not report.ok
+    assert report.error_type == "MemoryLimitError"
+    assert report.attempts == 1  # deterministic failure: never retried
+    assert report.memory_cap_bytes == cap
+    assert report.error is not None
+    assert "memory cap" in report.error
+    figures = re.search(r"resident (\d+\.\d) MiB > cap (\d+\.\d) MiB", report.error)
+    assert figures is not None, report.error
+    assert figures.group(2) == f"{cap / MIB:.1f}"
+    assert float(figures.group(1)) > cap / MIB
+    assert report.peak_rss_bytes is not None and report.peak_rss_bytes > cap
+
+
+def test_allocation_without_a_cap_succeeds_and_the_peak_grows_by_the_allocation(
+        make_executor: MakeExecutor, store: LocalStore, baseline_rss: int) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0)
+
+    # Execute
+    report = run_single(executor, store, "allocate", {"bytes": 200 * MIB})
+
+    # Assert
+    assert report.ok, report.error
+    assert report.memory_cap_bytes is None
+    assert report.result == {"sum": -(-200 * MIB // 4096)}  # every 4096th byte of a block of ones
+    assert report.peak_rss_bytes is not None
+    growth = report.peak_rss_bytes - baseline_rss
+    assert 195 * MIB <= growth <= 240 * MIB, f"peak grew by {growth / MIB:.1f} MiB for a 200 MiB allocation"
+
+
+def test_timeout_kills_the_invocation_and_is_retried(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=1, timeout_s=0.4)
+    run_single(executor, store, "noop")  # start the zygote, so that only the sleep counts against the timeout
+
+    # Execute
+    started = time.perf_counter()
+    report = run_single(executor, store, "sleep", {"seconds": 30})
+    elapsed = time.perf_counter() - started
+
+    # Assert
+    assert not report.ok
+    assert report.error_type == "InvocationTimeoutError"
+    assert report.error == "invocation only ran past its timeout of 0.4 s (killed)"
+    assert report.retryable
+    assert report.attempts == executor.retries + 1
+    assert 0.4 <= report.wall_s < 2.0
+    assert elapsed < 5.0  # both attempts were killed, not waited for
+
+
+def test_a_sleep_shorter_than_the_timeout_succeeds(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0, timeout_s=5.0)
+
+    # Execute
+    report = run_single(executor, store, "sleep", {"seconds": 0.2})
+
+    # Assert
+    assert report.ok, report.error
+    assert report.duration_s >= 0.2
+
+
+def test_a_crashing_worker_reports_worker_crash_and_is_retried(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=2)
+
+    # Execute
+    report = run_single(executor, store, "crash")
+
+    # Assert
+    assert not report.ok
+    assert report.error_type == "WorkerCrash"
+    assert report.error == "worker of invocation only died without a result"
+    assert report.attempts == 3
+    # the zygote survives its children's crashes: the executor still runs functions
+    assert run_single(executor, store, "noop").ok
+
+
+def test_an_unknown_function_fails_with_its_name_and_the_known_ones(make_executor: MakeExecutor,
+                                                                     store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0)
+
+    # Execute
+    report = run_single(executor, store, "no_such_function")
+
+    # Assert
+    assert not report.ok
+    assert report.error_type == "GradshardError"
+    assert report.error is not None
+    assert "unknown function 'no_such_function'" in report.error
+    assert "'noop'" in report.error
+
+
+def test_two_workers_run_four_sleeps_two_at_a_time(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=2, retries=0)
+    run_single(executor, store, "noop")  # warm the zygote
+    plan = Plan("adhoc", tuple(Invocation(f"sleep-{i}", "sleep", {"seconds": 0.5}, 0) for i in range(4)))
+
+    # Execute
+    started = time.perf_counter()
+    reports = executor.run(plan, store)
+    wall = time.perf_counter() - started
+
+    # Assert
+    assert [r.invocation for r in reports] == ["sleep-0", "sleep-1", "sleep-2", "sleep-3"]
+    assert all(r.ok for r in reports), [r.error for r in reports]
+    assert sum(r.duration_s for r in reports) >= 2.0
+    assert 1.0 <= wall < 1.7, f"4 x 0.5 s on 2 workers took {wall:.2f} s"
+
+
+def test_a_later_stage_does_not_start_when_an_earlier_one_failed(make_executor: MakeExecutor,
+                                                                  store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=2, retries=0)
+    plan = Plan("adhoc", (Invocation("first", "crash", {}, 0),
+                          Invocation("second", "noop", {}, 0, depends_on=("first",))))
+
+    # Execute
+    reports = executor.run(plan, store)
+
+    # Assert
+    assert [(r.invocation, r.ok, r.error_type) for r in reports] == [("first", False, "WorkerCrash")]
+
+
+def _write_round(store: LocalStore, numel: int, clients: int, chunk_elems: int) -> None:
+    layout = synthetic(numel, tensor_elems=numel // 3)
+    spec = RoundSpec.create(0, layout, chunk_elems=chunk_elems)
+    open_round(store, spec)
+    rng = np.random.default_rng(7)
+    for i in range(clients):
+        client = f"c{i}"
+        write_update(store, update_key(0, client), layout, rng.standard_normal(numel, dtype=np.float32),
+                     UpdateMeta(client=client, round=0, examples=10 + i, layout_digest=layout.digest(),
+                                chunk_elems=chunk_elems))
+
+
+def test_reports_carry_the_io_of_the_worker_store(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    numel, clients, chunk, window_bytes = 1 << 16, 3, 4096, 32 << 10  # 2 shards of 8 windows of 8192 elements
+    _write_round(store, numel, clients, chunk)
+    executor = make_executor(workers=2, retries=0)
+    driver_reads_before = store.io.bytes_read
+
+    # Execute
+    result = aggregate_round(store, 0, executor, AggregateConfig(shards=2, window_bytes=window_bytes))
+
+    # Assert
+    assert [r.invocation for r in result.reports] == ["shard-0000", "shard-0001"]
+    for report, inv in zip(result.reports, result.plan.invocations, strict=True):
+        assert report.ok, report.error
+        length = inv.args["stop"] - inv.args["start"]
+        windows = -(-length // (window_bytes // 4))
+        data = clients * length * 4
+        assert report.bytes_written == length * 4  # its own byte range of the output, nothing else
+        assert report.puts >= windows
+        assert data < report.bytes_read < data + 256 * 1024  # inputs, plus manifest and headers
+        assert report.gets >= clients * windows + 1
+    assert sum(r.bytes_written for r in result.reports) == numel * 4
+    assert result.summary()["bytes_read"] == sum(r.bytes_read for r in result.reports)
+    # the workers read through their own store: the driver's store only read headers
+    assert store.io.bytes_read - driver_reads_before < clients * numel * 4 // 4
