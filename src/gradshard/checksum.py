@@ -20,7 +20,7 @@ from gradshard.errors import GradshardError
 
 ALGORITHM = "xxh3_64"
 HEX_WIDTH = 16
-MIN_CHUNK_ELEMS = 16384  # 64 KiB of float32: per-chunk Python overhead stays small next to hashing
+MIN_CHUNK_ELEMS = 65536  # 256 KiB of float32: per-chunk Python overhead stays small next to hashing
 TARGET_CHUNKS = 4096  # keeps the checksum list in a header under ~64 KiB
 MIN_CHUNKS = 64  # small models still get enough chunks to be cut into many shards
 
@@ -31,7 +31,7 @@ def checksum(data: bytes | bytearray | memoryview | npt.NDArray[Any]) -> str:
 
 
 def default_chunk_elems(numel: int) -> int:
-    """A power of two giving at most ~4096 chunks of at least 16384 elements, but at least 64 chunks if possible."""
+    """A power of two giving at most ~4096 chunks of at least 65536 elements, but at least 64 chunks if possible."""
     chunk = max(MIN_CHUNK_ELEMS, 1 << max(0, math.ceil(math.log2(max(1.0, numel / TARGET_CHUNKS)))))
     while chunk > 1 and numel // chunk < MIN_CHUNKS:
         chunk //= 2
@@ -82,24 +82,32 @@ class ChunkStream:
         self._hasher = xxhash.xxh3_64()
 
     def feed(self, values: npt.NDArray[Any]) -> list[tuple[int, str]]:
-        done = []
-        off, n, size = 0, len(values), self.grid.chunk_elems
-        while off < n:
-            index = self.pos // size
-            chunk_start = index * size
-            chunk_end = min(chunk_start + size, self.grid.numel)
-            take = min(n - off, chunk_end - self.pos)
-            piece = values[off : off + take].data
-            if self.pos == chunk_start and take == chunk_end - chunk_start:  # a whole chunk in one piece
-                done.append((index, xxhash.xxh3_64_hexdigest(piece)))
-            else:
-                self._hasher.update(piece)
-                if self.pos + take == chunk_end:
-                    done.append((index, self._hasher.hexdigest()))
-                    self._hasher.reset()
-            off += take
-            self.pos += take
+        done: list[tuple[int, str]] = []
+        size, n = self.grid.chunk_elems, len(values)
+        off = 0
+        if self.pos % size:  # finish the chunk a previous piece started
+            off = self._partial(values, min(n, size - self.pos % size), done)
+        whole = (min(n - off, self.grid.numel - self.pos)) // size
+        if whole:
+            first = self.pos // size
+            data = values.data
+            done.extend((first + k, xxhash.xxh3_64_hexdigest(data[off + k * size : off + (k + 1) * size]))
+                        for k in range(whole))
+            off += whole * size
+            self.pos += whole * size
+        if off < n:  # the start of a chunk, or the vector's short last chunk
+            self._partial(values, n - off, done, off)
         return done
+
+    def _partial(self, values: npt.NDArray[Any], take: int, done: list[tuple[int, str]], off: int = 0) -> int:
+        """Feed ``take`` elements from ``off`` into the running hash; close the chunk if they complete it."""
+        index = self.pos // self.grid.chunk_elems
+        self._hasher.update(values[off : off + take].data)
+        self.pos += take
+        if self.pos == self.grid.bounds(index)[1]:
+            done.append((index, self._hasher.hexdigest()))
+            self._hasher.reset()
+        return off + take
 
 
 def pack(hexes: list[str]) -> str:
