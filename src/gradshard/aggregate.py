@@ -116,8 +116,9 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
                                    .to_metadata()))
     key = aggregate_key(manifest.round)
     upload_id = store.begin_upload(key, header_len + layout.nbytes)
-    plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id, header_len))
     try:
+        plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id,
+                                                              header_len))
         reports = executor.run(plan, store, on_done)
         bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
         if bad:
@@ -161,7 +162,7 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
                                      time.perf_counter() - started, history)
             write_manifest(store, manifest)
             store.put(reports_key(r), json.dumps(
-                {"summary": result.summary(), "plan": {"topology": plan.topology, **plan.params},
+                {"summary": result.summary(), "plan": plan.to_dict(),
                  "reports": [rep.model_dump(mode="json") for rep in reports]}, indent=1).encode())
             return result
     raise RoundError(f"round {r} kept finding bad updates; rejected: {manifest.rejected}")

@@ -195,6 +195,12 @@ class ModelLayout:
         kept = {t.name: state[t.name] for t in self.tensors if not t.is_floating}
         return floating, kept
 
+    def assemble(self, floating: Mapping[str, Any], kept: Mapping[str, Any]) -> dict[str, Any]:
+        """The full state in layout order from averaged floating tensors and the server's kept buffers."""
+        merged = {**kept, **floating}
+        self.check_arrays(merged)
+        return {t.name: merged[t.name] for t in self.tensors}
+
     # --- flat vector ---------------------------------------------------------------------------------------
     @property
     def flat_dtype(self) -> str:

@@ -55,6 +55,12 @@ class Plan:
             out[level[inv.id]].append(inv)
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-able data (what every invocation runs, on what, needing how much memory)."""
+        return {"topology": self.topology, "params": self.params,
+                "invocations": [{"id": i.id, "function": i.function, "args": i.args, "memory_bytes": i.memory_bytes,
+                                 "depends_on": list(i.depends_on)} for i in self.invocations]}
+
     @property
     def peak_memory_bytes(self) -> int:
         """The largest memory any one invocation of the plan needs."""

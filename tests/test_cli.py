@@ -1,0 +1,67 @@
+"""The gradshard command: demo and aggregate, through click's runner (real worker processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gradshard.cli import main
+from gradshard.store import LocalStore
+from gradshard.synthetic import make_round
+from gradshard.zoo import get_layout
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_reports_bit_identical_sharded_and_flat(tmp_path: Path) -> None:
+    runner = CliRunner()
+
+    result = runner.invoke(main, ["demo", "--layout", "mlp", "--clients", "3", "--shards", "3",
+                                  "--store", str(tmp_path / "store"), "--reports", str(tmp_path / "r.json")])
+
+    assert result.exit_code == 0, result.output
+    assert "bit-identical" in result.output
+    reports = json.loads((tmp_path / "r.json").read_text())
+    assert [r["invocation"] for r in reports["sharded"]] == ["shard-0000", "shard-0001", "shard-0002"]
+    assert all(r["ok"] and r["peak_rss_bytes"] > 0 for r in reports["sharded"] + reports["flat"])
+
+
+def test_aggregate_prints_table_and_writes_reports_json(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    make_round(store, 3, get_layout("synthetic-200000"), 4, seed=1)
+    runner = CliRunner()
+
+    result = runner.invoke(main, ["aggregate", "--store", str(store.root), "--round", "3", "--shards", "2",
+                                  "--memory-mb", "512", "--reports", str(tmp_path / "reports.json")])
+
+    assert result.exit_code == 0, result.output
+    assert "shard-0001" in result.output
+    assert "published rounds/000003/aggregate.safetensors from 4 clients" in result.output
+    data = json.loads((tmp_path / "reports.json").read_text())
+    assert data["summary"]["clients"] == 4
+    assert len(data["reports"]) == 2
+    assert store.exists("rounds/000003/reports.json")
+
+
+def test_aggregate_of_a_round_that_was_never_opened_fails_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(tmp_path / "store"), "--round", "0"])
+
+    assert result.exit_code != 0
+    assert "round 0 has no rounds/000000/round.json" in str(result.exception)
+
+
+def test_too_many_shards_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    make_round(store, 0, get_layout("mlp"), 2)
+
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(store.root), "--round", "0", "--shards", "1000"])
+
+    assert result.exit_code != 0
+    assert "M = 1000 shards is more than" in str(result.exception)
+    assert not store.exists("rounds/000000/aggregate.safetensors")
+    assert not any((store.root / ".uploads").iterdir())
