@@ -267,9 +267,13 @@ def test_default_chunk_elems_is_a_power_of_two_giving_enough_but_not_too_many_ch
     assert numel // chunk >= checksum.MIN_CHUNKS or chunk == 1
 
 
+_MIN = checksum.MIN_CHUNK_ELEMS
+
+
 @pytest.mark.parametrize(
     ("numel", "expected"),
-    [(1, 1), (63, 1), (64, 1), (128, 2), (64 * 16384, 16384), (4096 * 16384, 16384), (4096 * 16384 + 1, 32768)],
+    [(1, 1), (63, 1), (64, 1), (128, 2), (64 * _MIN - 1, _MIN // 2), (64 * _MIN, _MIN), (4096 * _MIN, _MIN),
+     (4096 * _MIN + 1, 2 * _MIN)],
 )
 def test_default_chunk_elems_examples(numel: int, expected: int) -> None:
     # Execute / Assert

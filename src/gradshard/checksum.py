@@ -104,7 +104,7 @@ class ChunkStream:
         index = self.pos // self.grid.chunk_elems
         self._hasher.update(values[off : off + take].data)
         self.pos += take
-        if self.pos == self.grid.bounds(index)[1]:
+        if take and self.pos == self.grid.bounds(index)[1]:  # an empty piece completes nothing
             done.append((index, self._hasher.hexdigest()))
             self._hasher.reset()
         return off + take

@@ -195,13 +195,12 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifes
                 raise RoundError(str(exc)) from exc
             log.warning("%s", exc)
             rejected[exc.client] = exc.reason
+    # Under policy 'fail' the misfiled object already raised; under 'skip' its rightful owner is suspect too.
     for claimed, filers in claims.items():
         if len(filers) > 1 and claimed in accepted:
-            reason = f"duplicate: {len(filers)} objects claim client {claimed!r} ({', '.join(sorted(filers))})"
-            if policy == "fail":
-                raise RoundError(f"update of client {claimed!r} rejected: {reason}")
             del accepted[claimed]
-            rejected[claimed] = reason
+            others = ", ".join(sorted(filers))
+            rejected[claimed] = f"duplicate: {len(filers)} objects claim client {claimed!r} ({others})"
     manifest = RoundManifest(round=r, spec=spec, clients=[accepted[c] for c in sorted(accepted)], rejected=rejected)
     check_enough(manifest)
     return manifest

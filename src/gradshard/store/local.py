@@ -7,6 +7,7 @@ temporary files under ``<root>/.uploads/`` that any process may ``pwrite`` into.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -16,6 +17,10 @@ from gradshard.errors import ObjectNotFoundError, StoreError
 from gradshard.store.base import BytesLike, ObjectReader, Store, as_bytes, check_key
 
 _UPLOADS = ".uploads"
+
+
+def _key_tag(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 class LocalObjectReader(ObjectReader):
@@ -66,9 +71,10 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _upload_path(self, upload_id: str) -> Path:
-        if not upload_id.isalnum():
-            raise StoreError(f"invalid upload id {upload_id!r}")
+    def _upload_path(self, key: str, upload_id: str) -> Path:
+        """The temporary file of an upload; the id ends with a digest of its key, so ids cannot be mixed up."""
+        if not upload_id.isalnum() or not upload_id.endswith(_key_tag(key)):
+            raise StoreError(f"upload id {upload_id!r} is not an upload of {key!r}")
         return self.root / _UPLOADS / upload_id
 
     def put(self, key: str, data: BytesLike) -> None:
@@ -83,10 +89,10 @@ class LocalStore(Store):
         self.io.puts -= 1  # begin/complete counted one put; write_at counted the bytes
 
     def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise ObjectNotFoundError(f"object {key!r} does not exist in {self.root}") from None
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFoundError(f"object {key!r} does not exist in {self.root}")
+        return path.stat().st_size
 
     def open_reader(self, key: str) -> ObjectReader:
         return LocalObjectReader(self, key, self._path(key))
@@ -111,15 +117,15 @@ class LocalStore(Store):
         check_key(key)
         if size < 0:
             raise StoreError(f"upload of {key!r} needs a non-negative size, got {size}")
-        upload_id = uuid.uuid4().hex
-        path = self._upload_path(upload_id)
+        upload_id = uuid.uuid4().hex + _key_tag(key)
+        path = self._upload_path(key, upload_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.truncate(size)
         return upload_id
 
     def write_at(self, key: str, upload_id: str, offset: int, data: BytesLike) -> None:
-        path = self._upload_path(upload_id)
+        path = self._upload_path(key, upload_id)
         view = as_bytes(data)
         try:
             fd = os.open(path, os.O_WRONLY)
@@ -139,7 +145,7 @@ class LocalStore(Store):
         self.io.bytes_written += len(view)
 
     def complete_upload(self, key: str, upload_id: str) -> None:
-        src = self._upload_path(upload_id)
+        src = self._upload_path(key, upload_id)
         dst = self._path(key)
         try:
             fd = os.open(src, os.O_RDONLY)
@@ -155,7 +161,7 @@ class LocalStore(Store):
         self.io.puts += 1
 
     def abort_upload(self, key: str, upload_id: str) -> None:
-        self._upload_path(upload_id).unlink(missing_ok=True)
+        self._upload_path(key, upload_id).unlink(missing_ok=True)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "local", "root": str(self.root), "fsync": self.fsync}
