@@ -65,3 +65,24 @@ def test_too_many_shards_is_refused_before_anything_runs(tmp_path: Path) -> None
     assert "M = 1000 shards is more than" in str(result.exception)
     assert not store.exists("rounds/000000/aggregate.safetensors")
     assert not any((store.root / ".uploads").iterdir())
+
+
+def test_inspect_verifies_a_file_completely_and_names_corruption(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    make_round(store, 0, get_layout("mlp"), 2)
+    path = store.root / "rounds/000000/updates/client-0001.safetensors"
+    runner = CliRunner()
+
+    good = runner.invoke(main, ["inspect", str(path), "--json"])
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    bad = runner.invoke(main, ["inspect", str(path)])
+
+    assert good.exit_code == 0, good.output
+    info = json.loads(good.output)
+    assert (info["client"], info["kind"], info["elements"], info["non_finite_values"]) == ("client-0001", "update",
+                                                                                            9610, 0)
+    assert info["chunks_verified"] > 1
+    assert bad.exit_code != 0
+    assert "checksum mismatch" in str(bad.exception)

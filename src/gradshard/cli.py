@@ -22,6 +22,7 @@ from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.synthetic import make_round
+from gradshard.update import inspect_update
 from gradshard.zoo import LAYOUTS, get_layout
 
 MIB = 1 << 20
@@ -121,6 +122,23 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
     if reports:
         _write_json(Path(reports), {"summary": summary,
                                     "reports": [r.model_dump(mode="json") for r in result.reports]})
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(path: str, as_json: bool) -> None:
+    """Validate an update or aggregate file completely (header, metadata, every checksum, finite values)."""
+    file = Path(path).resolve()
+    info = inspect_update(LocalStore(file.parent), file.name)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for name, value in info.items():
+        console.print(f"[bold]{name}[/]: {value}")
+    if info["non_finite_values"]:
+        console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
+        sys.exit(1)
 
 
 def _sha256(store: LocalStore, key: str) -> str:

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from gradshard import checksum
 from gradshard.errors import GradshardError, StoreError, UpdateError
-from gradshard.layout import ModelLayout, numpy_dtype, safetensors_dtype
+from gradshard.layout import ModelLayout, TensorSpec, numpy_dtype, safetensors_dtype
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
@@ -408,3 +408,38 @@ def read_flat(store: Store, key: str, layout: ModelLayout, client: str = "?") ->
         return out
     finally:
         upd.close()
+
+
+def infer_layout(header: UpdateHeader) -> ModelLayout:
+    """The layout of an object's tensors in file order (our writer's order is the layout order)."""
+    ordered = sorted(header.tensors.items(), key=lambda item: item[1].begin)
+    return ModelLayout(TensorSpec(name, entry.shape, entry.dtype) for name, entry in ordered)
+
+
+def inspect_update(store: Store, key: str, layout: ModelLayout | None = None,
+                   window_elems: int = 4 << 20) -> dict[str, Any]:
+    """Validate one update or aggregate completely (every chunk, every value) and describe it.
+
+    Without ``layout`` the file order is taken as the layout order and confirmed against the layout digest in
+    the metadata (files from other writers may order tensors differently: then pass the round's layout).
+    """
+    client = key.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    with store.open_reader(key) as reader:
+        header = read_header(reader, key, client)
+    meta = UpdateMeta.from_metadata(client, header.metadata)
+    layout = layout or infer_layout(header)
+    if layout.digest() != meta.layout_digest:
+        raise UpdateError(client, "the layout does not match the metadata's layout digest; pass the round's layout")
+    nonfinite = 0
+    with open_update(store, key, client, layout) as upd:
+        stream = upd.stream(0, layout.numel)
+        buf = np.empty(min(window_elems, layout.numel), dtype=upd.dtype)
+        for start in range(0, layout.numel, len(buf)):
+            values = buf[: min(len(buf), layout.numel - start)]
+            stream.read_next(values)
+            nonfinite += int(np.count_nonzero(~np.isfinite(values)))
+    return {"key": key, "kind": meta.kind, "client": meta.client, "round": meta.round, "examples": meta.examples,
+            "base_model": meta.base_model, "tensors": len(layout), "elements": layout.numel,
+            "dtype": layout.flat_dtype, "bytes": header.object_size, "chunk_elems": meta.chunk_elems,
+            "chunks_verified": upd.grid.count, "non_finite_values": nonfinite, "layout_digest": meta.layout_digest,
+            "extra": dict(meta.extra)}
