@@ -13,6 +13,9 @@ from gradshard.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 # A window of each client's input small enough that the read buffer and the accumulator stay in the CPU cache:
 # measured here (pread + xxh3 + multiply + add), 256-512 KiB windows ~5.5 GB/s per core, 4 MiB ~3.9 GB/s.
 DEFAULT_WINDOW_BYTES = 512 << 10
+# What a reducing function holds besides its buffers (parsed manifest and headers, pydantic models, allocator
+# slack): measured 6.2-6.4 MiB above the no-op baseline for a 44.7 MB ResNet-18 round with N = 16 (bench/aggregate.py).
+FUNCTION_OVERHEAD_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -60,4 +63,4 @@ def window_memory(window_elems: int, itemsize: int, accumulate: str) -> int:
     """Bytes a streaming reducer holds: read buffer + accumulator (+ cast buffers when dtypes differ)."""
     acc = np.dtype(accumulate).itemsize
     extra = 0 if acc == itemsize else window_elems * (acc + itemsize)  # tmp in acc dtype + output cast
-    return window_elems * (itemsize + acc) + extra
+    return window_elems * (itemsize + acc) + extra + FUNCTION_OVERHEAD_BYTES

@@ -6,7 +6,7 @@ import numpy as np
 
 from gradshard.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import OutputTarget, ReduceOptions
+from gradshard.topology.common import FUNCTION_OVERHEAD_BYTES, OutputTarget, ReduceOptions
 
 
 def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> Plan:
@@ -15,7 +15,7 @@ def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     numel = layout.numel
     itemsize = np.dtype(layout.flat_dtype).itemsize
     acc = np.dtype(options.accumulate).itemsize
-    memory = numel * (acc + 3 * itemsize)  # accumulator + raw object + parsed tensors + flat copy
+    memory = numel * (acc + 3 * itemsize) + FUNCTION_OVERHEAD_BYTES  # accumulator, raw object, tensors, flat copy
     args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, **output.args(),
             **options.args()}
     return Plan("flat", (Invocation("flat-0000", "flat_reduce", args, memory),), {"m": 1})
