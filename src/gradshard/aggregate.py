@@ -9,6 +9,7 @@ that client and runs the plan again without it, under ``fail`` the round fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard import checksum
-from gradshard.errors import InvocationError, RoundError
+from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.reduce import fedavg_weights
 from gradshard.round import (
     Policy,
@@ -28,6 +29,7 @@ from gradshard.round import (
     manifest_key,
     prepare_round,
     reports_key,
+    round_prefix,
     write_manifest,
 )
 from gradshard.runtime.executor import Executor, ProgressCallback
@@ -35,6 +37,8 @@ from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
 from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sharded_plan
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
+from gradshard.topology.hierarchical import lifl_plan, node_memory
+from gradshard.topology.tree import lambda_fl_plan
 from gradshard.update import UpdateMeta, encode_header
 
 log = logging.getLogger(__name__)
@@ -45,8 +49,12 @@ class AggregateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topology: Literal["sharded", "flat"] = "sharded"
+    topology: Literal["sharded", "flat", "lambda-fl", "lifl"] = "sharded"
     shards: int = Field(default=4, ge=1)
+    group_size: int | None = Field(default=None, ge=1, description="λ-FL clients per leaf (default ⌈√N⌉)")
+    branching: int | None = Field(default=None, ge=2, description="LIFL branching (default max(2, ⌈N^(1/3)⌉))")
+    nodes: int = Field(default=2, ge=1, description="LIFL nodes to place aggregators on")
+    wait_s: float = Field(default=0.0, ge=0, description="LIFL leaves wait this long for late updates")
     window_bytes: int = Field(default=DEFAULT_WINDOW_BYTES, ge=1)
     accumulate: Literal["float32", "float64"] = "float32"
     weighting: Literal["examples", "uniform"] = "examples"
@@ -93,11 +101,26 @@ def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
                              "weighting": config.weighting, "accumulate": config.accumulate})
 
 
-def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: OutputTarget) -> Plan:
+def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: OutputTarget,
+               node_stores: list[dict[str, Any]] | None = None) -> Plan:
+    """The plan of ``config.topology``; LIFL needs one shared-memory store spec per node."""
     options = config.reduce_options()
     if config.topology == "flat":
         return flat_plan(manifest, manifest_sha256, output, options)
+    if config.topology == "lambda-fl":
+        return lambda_fl_plan(manifest, manifest_sha256, output, options, config.group_size)
+    if config.topology == "lifl":
+        if node_stores is None:
+            raise PlanError("a LIFL plan needs the nodes' shared-memory stores")
+        return lifl_plan(manifest, manifest_sha256, output, options, node_stores=node_stores,
+                         branching=config.branching, wait_s=config.wait_s)
     return sharded_plan(manifest, manifest_sha256, output, options, config.shards)
+
+
+def _remove_partials(store: Store, r: int, upload_id: str) -> None:
+    """Intermediate partials of tree topologies are scratch: remove them once the run is over."""
+    for key in store.list(f"{round_prefix(r)}/partials/{upload_id[:12]}/"):
+        store.delete(key)
 
 
 def _describe_failures(failed: list[InvocationReport]) -> str:
@@ -117,9 +140,11 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
     key = aggregate_key(manifest.round)
     upload_id = store.begin_upload(key, header_len + layout.nbytes)
     try:
-        plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id,
-                                                              header_len))
-        reports = executor.run(plan, store, on_done)
+        with contextlib.ExitStack() as stack:
+            node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
+            plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id,
+                                                                  header_len), node_stores)
+            reports = executor.run(plan, store, on_done)
         bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
         if bad:
             if config.policy == "fail":
@@ -135,7 +160,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
         sums: dict[int, str] = {}
         for r in reports:
-            sums.update({int(i): h for i, h in r.result["checksums"].items()})
+            sums.update({int(i): h for i, h in r.result.get("checksums", {}).items()})
         if sorted(sums) != list(range(grid.count)):
             raise InvocationError(f"functions returned checksums for {len(sums)} of {grid.count} output chunks")
         header = encode_header(layout, meta.with_checksums([sums[i] for i in range(grid.count)]).to_metadata())
@@ -145,6 +170,8 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
     except BaseException:
         store.abort_upload(key, upload_id)
         raise
+    finally:
+        _remove_partials(store, manifest.round, upload_id)
 
 
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,

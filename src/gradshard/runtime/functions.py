@@ -48,7 +48,7 @@ class ReduceArgs(BaseModel):
     stop: int = -1
 
 
-def _open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
+def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
     readers: list[UpdateReader] = []
     try:
         for entry in manifest.clients:
@@ -63,7 +63,7 @@ def _open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) ->
     return readers
 
 
-def _nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[Any]], start: int,
+def nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[Any]], start: int,
                        stop: int) -> GradshardError:
     """Find which client put NaN/inf into a window (re-reading it); else the sum itself overflowed."""
     for i, client in enumerate(clients):
@@ -73,16 +73,16 @@ def _nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray
                       "use --accumulate float64")
 
 
-class _OutputWriter:
+class OutputWriter:
     """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk."""
 
-    def __init__(self, store: Store, args: ReduceArgs, layout: ModelLayout, chunk_elems: int, capacity: int,
-                 accumulate: str) -> None:
-        self.store, self.args = store, args
+    def __init__(self, store: Store, key: str, upload_id: str, data_start: int, start: int, layout: ModelLayout,
+                 chunk_elems: int, capacity: int, accumulate: str) -> None:
+        self.store, self.key, self.upload_id, self.data_start = store, key, upload_id, data_start
         self.dtype = np.dtype(layout.flat_dtype)
         self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
-        self.pos = args.start
-        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), args.start)
+        self.pos = start
+        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start)
         self.checksums: dict[str, str] = {}
 
     def write(self, values: npt.NDArray[Any]) -> None:
@@ -93,8 +93,8 @@ class _OutputWriter:
             np.copyto(out, values, casting="same_kind")
         for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
             piece = out[lo : lo + _WRITE_PIECE_ELEMS]
-            self.store.write_at(self.args.output_key, self.args.upload_id,
-                                self.args.data_start + (self.pos + lo) * self.dtype.itemsize, piece)
+            self.store.write_at(self.key, self.upload_id, self.data_start + (self.pos + lo) * self.dtype.itemsize,
+                                piece)
         self.pos += len(out)
         self.checksums.update((str(i), h) for i, h in self._chunks.feed(out))
 
@@ -115,8 +115,9 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     window = min(window_elems(args.window_bytes, in_dtype.itemsize), args.stop - args.start)
     buf = np.empty(window, dtype=in_dtype)
     acc = WeightedSum(window, args.accumulate)
-    writer = _OutputWriter(store, args, layout, grid.chunk_elems, window, args.accumulate)
-    readers = _open_clients(store, manifest, layout)
+    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, args.start, layout,
+                          grid.chunk_elems, window, args.accumulate)
+    readers = open_clients(store, manifest, layout)
     streams = [r.stream(args.start, args.stop) for r in readers]
     try:
         for a in range(args.start, args.stop, window):
@@ -130,7 +131,7 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
                 def reread(i: int, a: int = a, b: int = b) -> npt.NDArray[Any]:
                     readers[i].read(a, b, buf[: b - a])
                     return buf[: b - a]
-                raise _nonfinite_culprit([r.client for r in readers], reread, a, b)
+                raise nonfinite_culprit([r.client for r in readers], reread, a, b)
             writer.write(acc.value)
     finally:
         for reader in readers:
@@ -138,7 +139,7 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     return {"checksums": writer.checksums, "clients": len(readers), "window_elems": window}
 
 
-def _load_whole(store: Store, entry: ClientEntry, layout: ModelLayout, chunk_elems: int) -> npt.NDArray[Any]:
+def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout, chunk_elems: int) -> npt.NDArray[Any]:
     """Read a whole update with the safetensors library (an independent parser) and verify it."""
     from safetensors.numpy import load
 
@@ -173,12 +174,13 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     acc = WeightedSum(layout.numel, args.accumulate)
     acc.start(layout.numel)
     for entry, weight in zip(manifest.clients, weights, strict=True):
-        acc.add(_load_whole(store, entry, layout, chunk), weight)
+        acc.add(load_whole_update(store, entry, layout, chunk), weight)
     if not all_finite(acc.value):
-        raise _nonfinite_culprit([c.client for c in manifest.clients],
-                                 lambda i: _load_whole(store, manifest.clients[i], layout, chunk), 0, layout.numel)
-    writer = _OutputWriter(store, args.model_copy(update={"start": 0}), layout, chunk, layout.numel,
-                           args.accumulate)
+        raise nonfinite_culprit([c.client for c in manifest.clients],
+                                lambda i: load_whole_update(store, manifest.clients[i], layout, chunk), 0,
+                                layout.numel)
+    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
+                          args.accumulate)
     writer.write(acc.value)
     return {"checksums": writer.checksums, "clients": len(manifest.clients), "window_elems": layout.numel}
 
@@ -203,22 +205,3 @@ def sleep(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
 def crash(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     """Exits the process at once with status 3, without a report; used to test crash handling."""
     os._exit(3)
-
-
-FUNCTIONS: dict[str, Callable[[dict[str, Any], Store], dict[str, Any]]] = {
-    "shard_reduce": shard_reduce,
-    "flat_reduce": flat_reduce,
-    "noop": noop,
-    "allocate": allocate,
-    "sleep": sleep,
-    "crash": crash,
-}
-
-
-def call(function: str, args: dict[str, Any], store: Store) -> dict[str, Any]:
-    """Run a registered function by name."""
-    try:
-        fn = FUNCTIONS[function]
-    except KeyError:
-        raise GradshardError(f"unknown function {function!r}; known: {sorted(FUNCTIONS)}") from None
-    return fn(args, store)

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from gradshard.runtime import functions
+from gradshard.runtime import registry
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport, error_fields
 from gradshard.store import IOCounters, Store
@@ -30,7 +30,7 @@ class InlineExecutor(Executor):
             fields: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function, "ok": False}
             started = time.perf_counter()
             try:
-                fields["result"] = functions.call(invocation.function, invocation.args, store)
+                fields["result"] = registry.call(invocation.function, invocation.args, store)
                 fields["ok"] = True
             except Exception as exc:
                 fields.update(error_fields(exc))

@@ -11,7 +11,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from gradshard.runtime import functions
+from gradshard.runtime import registry
 from gradshard.runtime.report import error_fields
 from gradshard.store import open_store
 
@@ -23,7 +23,7 @@ def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> 
     store = None
     try:
         store = open_store(store_spec)
-        payload["result"] = functions.call(function, args, store)
+        payload["result"] = registry.call(function, args, store)
         payload["ok"] = True
     except BaseException as exc:  # report every failure, including MemoryError and KeyboardInterrupt
         payload.update(error_fields(exc))

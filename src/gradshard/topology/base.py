@@ -18,13 +18,19 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class Invocation:
-    """One function call: ``function(args)`` needing ``memory_bytes`` above the interpreter's baseline."""
+    """One function call: ``function(args)`` needing ``memory_bytes`` above the interpreter's baseline.
+
+    ``node`` places it (LIFL's locality; every other topology uses node 0); invocations with the same
+    ``warm_key`` may reuse one warm worker across rounds on executors that keep workers.
+    """
 
     id: str
     function: str
     args: dict[str, Any]
     memory_bytes: int
     depends_on: tuple[str, ...] = ()
+    node: int = 0
+    warm_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,12 @@ class Plan:
         """The plan as JSON-able data (what every invocation runs, on what, needing how much memory)."""
         return {"topology": self.topology, "params": self.params,
                 "invocations": [{"id": i.id, "function": i.function, "args": i.args, "memory_bytes": i.memory_bytes,
-                                 "depends_on": list(i.depends_on)} for i in self.invocations]}
+                                 "depends_on": list(i.depends_on), "node": i.node, "warm_key": i.warm_key}
+                                for i in self.invocations]}
+
+    @property
+    def levels(self) -> int:
+        return len(self.stages())
 
     @property
     def peak_memory_bytes(self) -> int:

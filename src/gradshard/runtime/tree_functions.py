@@ -1,0 +1,136 @@
+"""Tree aggregators (λ-FL and LIFL nodes): fold whole client updates and children's partials, hold the full model.
+
+A node computes the *weighted partial* ``(S, W) = (Σ nᵢ·xᵢ, Σ nᵢ)`` over its clients and its children's partials;
+the root divides ``S / W``. Passing unnormalised sums is what makes the tree FedAvg; averaging the children's means
+("mean of means", the published LIFL reimplementation) is not, when groups differ in size or weight.
+
+Partials are update-format objects of kind ``partial`` in the accumulation dtype, with ``examples = W``. They go to
+the object store or, for LIFL hand-offs between aggregators on the same node, to that node's shared-memory store.
+Every tree node holds full-size vectors — the memory ceiling GradsSharding removes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+from gradshard.errors import RoundError, UpdateError
+from gradshard.layout import ModelLayout
+from gradshard.reduce import WeightedSum, all_finite
+from gradshard.round import ClientEntry, load_manifest
+from gradshard.runtime.functions import OutputWriter, load_whole_update, nonfinite_culprit
+from gradshard.store import Store, open_store
+from gradshard.update import UpdateMeta, open_update, write_update
+
+Via = Literal["store", "shm"]
+
+
+class PartialRef(BaseModel):
+    """A child's partial: its key and whether it sits in the object store or this node's shared memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    via: Via = "store"
+
+
+class TreeArgs(BaseModel):
+    """Arguments of ``tree_reduce``. ``output`` is a partial to produce, or the final aggregate (the root)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_key: str
+    manifest_sha256: str
+    accumulate: str
+    weighting: str
+    clients: list[str] = []
+    partials: list[PartialRef] = []
+    output: PartialRef | None = None  # None: this is the root and writes the aggregate
+    output_key: str = ""
+    upload_id: str = ""
+    data_start: int = 0
+    node_store: dict[str, Any] | None = None
+    wait_s: float = 0.0
+
+
+def partial_layout(layout: ModelLayout, accumulate: str) -> ModelLayout:
+    """A partial sum has the model's tensors in the accumulation dtype."""
+    return layout.aggregated(accumulate)
+
+
+def read_partial(store: Store, key: str, layout: ModelLayout, r: int) -> tuple[npt.NDArray[Any], int]:
+    """A child's verified partial sum and its weight."""
+    name = f"partial {key}"
+    with open_update(store, key, name, layout) as upd:
+        if upd.meta.kind != "partial" or upd.meta.round != r:
+            raise UpdateError(name, f"expected a partial of round {r}, found a {upd.meta.kind} of round "
+                                    f"{upd.meta.round}")
+        values = np.empty(layout.numel, dtype=upd.dtype)
+        upd.read_verified(0, layout.numel, values)
+        return values, upd.meta.examples
+
+
+def _wait_for(store: Store, entries: list[ClientEntry], wait_s: float) -> list[ClientEntry]:
+    """Eager order: clients whose objects exist now first, then each late one as it appears (up to ``wait_s``)."""
+    pending = list(entries)
+    ordered: list[ClientEntry] = []
+    deadline = time.monotonic() + wait_s
+    while pending:
+        ready = [e for e in pending if store.exists(e.key)]
+        if not ready:
+            if time.monotonic() >= deadline:
+                missing = ", ".join(e.client for e in pending)
+                raise RoundError(f"updates of {missing} did not arrive within {wait_s:g} s")
+            time.sleep(0.05)
+            continue
+        ordered.extend(ready)
+        pending = [e for e in pending if e not in ready]
+    return ordered
+
+
+def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+    """Fold this node's clients and children into a weighted partial, or (root) into the aggregate."""
+    args = TreeArgs.model_validate(raw_args)
+    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    layout = manifest.spec.model_layout()
+    chunk = manifest.spec.chunk_elems
+    shm = open_store(args.node_store) if args.node_store is not None else None
+    by_id = {c.client: c for c in manifest.clients}
+    entries = _wait_for(store, [by_id[c] for c in args.clients], args.wait_s)
+    acc = WeightedSum(layout.numel, args.accumulate)
+    acc.start(layout.numel)
+    total = 0
+    for entry in entries:  # each update is folded in as soon as it is loaded: one whole update in memory at a time
+        count = entry.examples if args.weighting == "examples" else 1
+        acc.add(load_whole_update(store, entry, layout, chunk), float(count))
+        total += count
+    if entries and not all_finite(acc.value):
+        raise nonfinite_culprit([e.client for e in entries],
+                                lambda i: load_whole_update(store, entries[i], layout, chunk), 0, layout.numel)
+    sums = partial_layout(layout, args.accumulate)
+    for ref in args.partials:
+        source = shm if ref.via == "shm" and shm is not None else store
+        values, weight = read_partial(source, ref.key, sums, manifest.round)
+        acc.add(values, 1.0)
+        total += weight
+    result: dict[str, Any] = {"clients": len(entries), "partials": len(args.partials), "weight": total,
+                              "shm": shm.io.as_dict() if shm is not None else {}}
+    if args.output is not None:
+        target = shm if args.output.via == "shm" and shm is not None else store
+        meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
+                          round=manifest.round, examples=total, layout_digest=sums.digest(), chunk_elems=chunk,
+                          kind="partial")
+        write_update(target, args.output.key, sums, acc.value, meta)
+        result["shm"] = shm.io.as_dict() if shm is not None else {}
+        return result
+    mean = acc.value
+    np.divide(mean, mean.dtype.type(total), out=mean)
+    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
+                          args.accumulate)
+    writer.write(mean)
+    result["checksums"] = writer.checksums
+    return result

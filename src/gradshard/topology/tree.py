@@ -1,0 +1,79 @@
+"""λ-FL: a tree of aggregators. Leaves fold k client updates each into weighted partials, the root divides.
+
+The paper's reimplementation: two levels, ``k = ⌈√N⌉`` clients per leaf, ``⌈N/k⌉`` leaves and one root. With a
+smaller k, intermediate levels combine k partials each until at most k remain for the root. Every aggregator
+holds full-size vectors, so each needs memory for the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradshard.errors import PlanError
+from gradshard.round import RoundManifest, round_prefix
+from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.common import FUNCTION_OVERHEAD_BYTES, OutputTarget, ReduceOptions
+
+
+def tree_node_memory(manifest: RoundManifest, options: ReduceOptions, has_clients: bool) -> int:
+    """A tree node holds the accumulator, and either one whole update (raw, parsed, flat) or one partial."""
+    layout = manifest.spec.model_layout()
+    acc = np.dtype(options.accumulate).itemsize
+    itemsize = np.dtype(layout.flat_dtype).itemsize
+    held = 3 * itemsize if has_clients else 2 * acc  # a partial is read, then scaled into a scratch buffer
+    return layout.numel * (acc + held) + FUNCTION_OVERHEAD_BYTES
+
+
+def groups(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def common_args(manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> dict[str, Any]:
+    return {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256,
+            "accumulate": options.accumulate, "weighting": options.weighting}
+
+
+def root_args(output: OutputTarget) -> dict[str, Any]:
+    return {"output": None, "output_key": output.key, "upload_id": output.upload_id,
+            "data_start": output.data_start}
+
+
+def partial_key(manifest: RoundManifest, upload_id: str, name: str) -> str:
+    """Partials live under the round, per run (the upload id), so a rerun never reads a stale partial."""
+    return f"{round_prefix(manifest.round)}/partials/{upload_id[:12]}/{name}.safetensors"
+
+
+def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
+                   k: int | None = None) -> Plan:
+    """Leaves of ``k`` clients (default ⌈√N⌉), combining levels of ``k`` partials, one root."""
+    clients = [c.client for c in manifest.clients]
+    k = k or max(1, math.ceil(math.sqrt(len(clients))))
+    if k < 2 and len(clients) > 1:
+        raise PlanError(f"a λ-FL group size k = {k} cannot reduce {len(clients)} clients; use k >= 2")
+    base = common_args(manifest_sha256, output, options)
+    invocations: list[Invocation] = []
+    level: list[str] = []  # ids of the previous level's invocations
+    for g, members in enumerate(groups(clients, k)):
+        name = f"leaf-{g:04d}"
+        invocations.append(Invocation(name, "tree_reduce", {**base, "clients": members, "partials": [],
+                                      "output": {"key": partial_key(manifest, output.upload_id, name)}},
+                                      tree_node_memory(manifest, options, True)))
+        level.append(name)
+    depth = 1
+    while len(level) > k:
+        nxt = []
+        for g, children in enumerate(groups(level, k)):
+            name = f"l{depth}-{g:04d}"
+            refs = [{"key": partial_key(manifest, output.upload_id, c)} for c in children]
+            invocations.append(Invocation(name, "tree_reduce", {**base, "partials": refs,
+                                          "output": {"key": partial_key(manifest, output.upload_id, name)}},
+                                          tree_node_memory(manifest, options, False), tuple(children)))
+            nxt.append(name)
+        level, depth = nxt, depth + 1
+    refs = [{"key": partial_key(manifest, output.upload_id, c)} for c in level]
+    invocations.append(Invocation("root", "tree_reduce", {**base, "partials": refs, **root_args(output)},
+                                  tree_node_memory(manifest, options, False), tuple(level)))
+    return Plan("lambda-fl", tuple(invocations), {"k": k, "leaves": len(groups(clients, k))})
