@@ -1,9 +1,12 @@
 """Local executor: every invocation is a fresh worker process with a memory cap, a timeout and measurements.
 
 Workers are forked from a zygote process that has preloaded numpy and gradshard (like a warm function runtime).
+With ``warm=True`` a worker stays alive after an invocation that has a ``warm_key`` and runs that key's next
+invocation (LIFL's warm aggregators reused across rounds); its peak memory is measured per invocation.
 The parent samples the worker's resident set every few milliseconds and kills it the moment it passes the cap;
-the worker reports its own peak (``ru_maxrss``) at the end, so a spike between samples still fails the
-invocation. Either way the report says ``MemoryLimitError`` with the peak and the cap — a cap is never ignored.
+the worker reports the kernel's peak (``VmHWM``, reset when each invocation starts) at the end, so a spike
+between samples still fails the invocation. Either way the report says ``MemoryLimitError`` with the peak and
+the cap — a cap is never ignored.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
 import psutil
 
+from gradshard.errors import GradshardError
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport
-from gradshard.runtime.zygote import Zygote
+from gradshard.runtime.zygote import Child, Zygote
 from gradshard.store import Store
 from gradshard.topology.base import MIB, Invocation
 
@@ -40,14 +45,35 @@ class LocalExecutor(Executor):
     """Runs invocations as memory-capped worker processes on this machine. Call :meth:`close` when done."""
 
     def __init__(self, *, workers: int = 2, retries: int = 2, memory_cap_bytes: int | None = None,
-                 timeout_s: float = 900.0, poll_s: float = 0.005) -> None:
+                 timeout_s: float = 900.0, poll_s: float = 0.005, warm: bool = False) -> None:
         super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
         self.poll_s = poll_s
+        self.warm = warm
         self._zygote = Zygote()
+        self._idle: dict[str, Child] = {}  # warm workers waiting for their aggregator's next invocation
+        self._idle_lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop the zygote process (it also stops by itself when this process exits)."""
+        """Stop the warm workers and the zygote process (which also stops by itself when this process exits)."""
+        with self._idle_lock:
+            for child in self._idle.values():
+                child.close()
+            self._idle.clear()
         self._zygote.close()
+
+    def _start(self, invocation: Invocation, store: Store) -> tuple[Child, str | None, bool]:
+        """A child running ``invocation``: the warm worker of its ``warm_key`` if one is idle, else a fresh one."""
+        key = invocation.warm_key if self.warm else None
+        with self._idle_lock:
+            idle = self._idle.pop(key, None) if key is not None else None
+        if idle is not None:
+            try:
+                return self._zygote.invoke(invocation.function, invocation.args, store.spec(), keep=True,
+                                           warm=idle), key, True
+            except (GradshardError, OSError):  # the warm worker died meanwhile: start a fresh one
+                idle.close()
+        child = self._zygote.invoke(invocation.function, invocation.args, store.spec(), keep=key is not None)
+        return child, key, False
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -57,7 +83,7 @@ class LocalExecutor(Executor):
 
     def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
         started = time.perf_counter()
-        child = self._zygote.invoke(invocation.function, invocation.args, store.spec())
+        child, key, reused = self._start(invocation, store)
         cap = self.memory_cap_bytes
         peak, payload, failure = 0, None, None
         try:
@@ -80,8 +106,14 @@ class LocalExecutor(Executor):
         finally:
             if payload is None:
                 _kill(child.pid)
-            child.close()
-        return self._report(invocation, payload, failure, peak, time.perf_counter() - started)
+            if payload is not None and key is not None:
+                with self._idle_lock:
+                    self._idle[key] = child
+            else:
+                child.close()
+        report = self._report(invocation, payload, failure, peak, time.perf_counter() - started)
+        report.warm = reused
+        return report
 
     def _report(self, invocation: Invocation, payload: dict[str, Any] | None, failure: tuple[str, str] | None,
                 peak: int, wall: float) -> InvocationReport:

@@ -18,6 +18,7 @@ class InvocationReport(BaseModel):
     function: str
     ok: bool
     attempts: int = 1
+    warm: bool = False  # ran in a warm worker kept from an earlier invocation
     duration_s: float = 0.0  # the function's own run time (what a serverless platform bills)
     wall_s: float = 0.0  # including process start and hand-back
     peak_rss_bytes: int | None = None

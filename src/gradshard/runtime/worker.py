@@ -1,4 +1,4 @@
-"""The body of a function worker process: open the store, run the function, send back a report payload.
+"""The body of a function worker process: open the store, run the function, return a report payload.
 
 Imported by the fork server before any worker starts, so a worker begins with numpy and gradshard loaded — like
 a warm serverless runtime — and its measured memory is the function's own plus that shared baseline.
@@ -6,9 +6,9 @@ a warm serverless runtime — and its measured memory is the function's own plus
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 from gradshard.runtime import registry
@@ -16,8 +16,24 @@ from gradshard.runtime.report import error_fields
 from gradshard.store import open_store
 
 
+def _reset_peak() -> None:
+    """Reset the kernel's resident high-water mark, so a warm worker measures each invocation on its own."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_bytes() -> int:
+    """Peak resident set since the last reset (VmHWM), or the process's lifetime peak where /proc has none."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``function`` and return the payload of a report (never raises for the function's own failure)."""
+    _reset_peak()
     payload: dict[str, Any] = {"ok": False}
     start = time.perf_counter()
     store = None
@@ -29,13 +45,5 @@ def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> 
         payload.update(error_fields(exc))
     payload["duration_s"] = time.perf_counter() - start
     payload["io"] = store.io.as_dict() if store is not None else {}
-    payload["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    payload["peak_rss_bytes"] = _peak_bytes()
     return payload
-
-
-def main(function: str, args: dict[str, Any], store_spec: dict[str, Any], conn: Connection) -> None:
-    """Process entry point: execute and send the payload over ``conn``."""
-    try:
-        conn.send(execute(function, args, store_spec))
-    finally:
-        conn.close()

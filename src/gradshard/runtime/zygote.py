@@ -33,12 +33,15 @@ def _child(conn: socket.socket) -> None:
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     with conn, conn.makefile("rwb") as f:
-        request = json.loads(f.readline())
-        f.write(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-        f.flush()
-        payload = worker.execute(request["function"], request["args"], request["store"])
-        f.write(json.dumps(payload).encode() + b"\n")
-        f.flush()
+        while line := f.readline():  # a warm worker ("keep") serves invocations until its client hangs up
+            request = json.loads(line)
+            f.write(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+            f.flush()
+            payload = worker.execute(request["function"], request["args"], request["store"])
+            f.write(json.dumps(payload).encode() + b"\n")
+            f.flush()
+            if not request.get("keep"):
+                return
 
 
 def serve(path: str) -> None:
@@ -75,7 +78,7 @@ def serve(path: str) -> None:
             conn.close()
 
 
-class Invocation:
+class Child:
     """A running child: its pid and the socket its payload arrives on."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -127,12 +130,19 @@ class Zygote:
                 raise GradshardError("the function zygote process failed to start")
             return self.path
 
-    def invoke(self, function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> Invocation:
-        """Start an invocation in a fresh child; returns a handle to wait for its payload."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self._ensure())
-        sock.sendall(json.dumps({"function": function, "args": args, "store": store_spec}).encode() + b"\n")
-        handle = Invocation(sock)
+    def invoke(self, function: str, args: dict[str, Any], store_spec: dict[str, Any], *, keep: bool = False,
+               warm: Child | None = None) -> Child:
+        """Start an invocation in a fresh child, or in the ``warm`` child of an earlier ``keep`` invocation.
+
+        With ``keep`` the child stays alive after answering, ready to be passed back as ``warm``.
+        """
+        handle = warm
+        if handle is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(self._ensure())
+            handle = Child(sock)
+        handle.sock.sendall(json.dumps({"function": function, "args": args, "store": store_spec,
+                                        "keep": keep}).encode() + b"\n")
         line = handle.read_line(timeout=60.0)
         if line is None:
             handle.close()
