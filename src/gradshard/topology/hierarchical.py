@@ -72,10 +72,13 @@ def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     b = branching or max(2, cube_root_ceil(len(clients)))
     if b < 2:
         raise PlanError(f"LIFL branching must be at least 2, got {b}")
-    placement = placement or default_placement(clients, nodes)
+    # Clients the placement knows but the round does not (rejected, or not sampled) are ignored.
+    placement = {c: j for c, j in (placement or default_placement(clients, nodes)).items() if c in set(clients)}
     bad = {c: j for c, j in placement.items() if not 0 <= j < nodes}
-    if bad or set(placement) != set(clients):
-        raise PlanError(f"placement must put every client of the round on a node in [0, {nodes}); bad: {bad}")
+    missing = sorted(set(clients) - set(placement))
+    if bad or missing:
+        raise PlanError(f"placement must put every client of the round on a node in [0, {nodes}); "
+                        f"out of range: {bad}, missing: {missing}")
     base = common_args(manifest_sha256, output, options)
     leaf_mem, inner_mem = tree_node_memory(manifest, options, True), tree_node_memory(manifest, options, False)
 
