@@ -12,12 +12,14 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from gradshard import __version__
 from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
-from gradshard.console import reports_table
+from gradshard.compare import ARCHITECTURES, CompareEvent, compare_round
+from gradshard.console import compare_table, reports_table
 from gradshard.errors import GradshardError
+from gradshard.plots import compare_png
 from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
@@ -203,6 +205,71 @@ def _demo_verdict(sharded: AggregateResult, flat: AggregateResult, sharded_sha: 
     console.print(f"largest shard function: {shard_peak / MIB:.1f} MiB resident (cap {memory_mb:.0f} MiB); "
                   f"flat aggregator: {flat_peak / MIB:.1f} MiB; sharded wall {sharded.wall_s:.2f} s, "
                   f"flat wall {flat.wall_s:.2f} s")
+
+
+def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    names = [a.strip() for a in value.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARCHITECTURES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown {unknown}; choose from {','.join(ARCHITECTURES)}")
+    return names
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@main.command()
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              help="Local store directory holding rounds/<r>/...")
+@click.option("--round", "round_", type=click.IntRange(min=0), required=True)
+@click.option("--shards", "-M", type=click.IntRange(min=1), default=None,
+              help="GradsSharding's M (default: the smallest that fits --memory-limit; 4 without a limit).")
+@click.option("--memory-limit", "memory_limit_mb", type=click.FloatRange(min=1), default=None,
+              help="Per-function memory limit, MiB (resident set, interpreter included); infeasible "
+                   "architectures are not run.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Invocations running at once.")
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="LIFL nodes.")
+@click.option("--architectures", default=",".join(ARCHITECTURES), show_default=True, callback=_architectures,
+              help="Comma-separated architectures to compare.")
+@click.option("--window-kb", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Elements each shard function holds per client at a time, in KiB of input.")
+@click.option("--run-infeasible", is_flag=True,
+              help="Run infeasible architectures anyway under the limit (they fail; the failure is reported).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Directory for compare.json, compare.csv and compare.png.")
+def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: float | None, workers: int,
+            nodes: int, architectures: list[str], window_kb: int, run_infeasible: bool, out_dir: str) -> None:
+    """Aggregate one round with each architecture; compare memory, time, traffic and agreement with flat."""
+    limit = None if memory_limit_mb is None else int(memory_limit_mb * MIB)
+    with _progress() as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def on_event(event: CompareEvent) -> None:
+            if event.kind == "start":
+                tasks[event.architecture] = progress.add_task(event.architecture, total=event.invocations)
+            elif event.kind == "invocation":
+                progress.advance(tasks[event.architecture])
+            elif event.row is not None and event.row.status == "skipped":
+                progress.console.print(f"{event.architecture}: not run ({event.row.reason})")
+
+        result = compare_round(LocalStore(store_dir), round_, architectures=architectures, shards=shards,
+                               memory_limit_bytes=limit, workers=workers, nodes=nodes,
+                               window_bytes=window_kb * 1024, run_infeasible=run_infeasible, on_event=on_event)
+    console.print(compare_table(result))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "compare.json", result.to_json().encode())
+    _write_atomic(out / "compare.csv", result.to_csv().encode())
+    _write_atomic(out / "compare.png", compare_png(result))
+    console.print(f"wrote compare.json, compare.csv and compare.png to {out}")
+    unexpected = [r.architecture for r in result.rows if r.feasible and r.status == "failed"]
+    if unexpected:
+        console.print(f"[red]failed although predicted feasible[/]: {', '.join(unexpected)}")
+        sys.exit(1)
 
 
 def run() -> None:

@@ -1,11 +1,13 @@
-"""Terminal rendering of invocation reports (rich tables) — presentation only, no logic."""
+"""Terminal rendering of invocation reports and comparisons (rich tables) — presentation only, no logic."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich import box
 from rich.table import Table
 
+from gradshard.compare import CompareResult, CompareRow
 from gradshard.runtime.report import InvocationReport
 
 MIB = 1 << 20
@@ -27,4 +29,40 @@ def reports_table(reports: Sequence[InvocationReport], title: str = "") -> Table
         table.add_row(r.invocation, "✓" if r.ok else "✗", str(r.attempts), f"{r.duration_s:.3f}",
                       _mib(r.peak_rss_bytes), _mib(r.memory_cap_bytes), _mib(r.bytes_read), _mib(r.bytes_written),
                       str(r.gets), str(r.puts), error[:80])
+    return table
+
+
+def agreement_text(row: CompareRow) -> str:
+    """``reference``, ``exact``, ``max abs e / rel e``, or why there is no comparison."""
+    if row.reference:
+        return "reference"
+    if row.status == "failed":
+        return f"✗ {row.error_type}"
+    if row.status == "skipped":
+        return "not run"
+    if row.exact:
+        return "exact"
+    if row.max_abs_error is None or row.max_rel_error is None:
+        return "no reference"
+    return f"{row.max_abs_error:.1e} / {row.max_rel_error:.1e}"
+
+
+def compare_table(result: CompareResult, title: str = "") -> Table:
+    """One row per architecture: shape, predicted and measured peak memory per function, time, traffic, agreement."""
+    limit = "" if result.memory_limit_bytes is None else f", limit {_mib(result.memory_limit_bytes)} MiB"
+    table = Table(title=title or f"round {result.round}: {result.clients} clients, "
+                  f"{_mib(result.model_bytes)} MiB update, baseline {_mib(result.baseline_bytes)} MiB{limit}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ["architecture", "invocations", "levels", "peak MiB", "predicted MiB", "wall s", "read MiB",
+                 "written MiB", "GETs", "PUTs", "shm MiB", "feasible", "agreement"]:
+        table.add_column(name, justify="left" if name in ("architecture", "agreement") else "right",
+                         no_wrap=name in ("architecture", "agreement"))
+    for row in result.rows:
+        ran = row.status != "skipped"
+        table.add_row(f"{row.architecture} ({row.shape})", str(row.invocations), str(row.levels),
+                      _mib(row.peak_rss_bytes), _mib(row.predicted_peak_bytes),
+                      "—" if row.wall_s is None else f"{row.wall_s:.2f}", _mib(row.bytes_read) if ran else "—",
+                      _mib(row.bytes_written) if ran else "—", str(row.gets) if ran else "—",
+                      str(row.puts) if ran else "—", _mib(row.shm_bytes) if ran else "—",
+                      "yes" if row.feasible else "[red]no[/]", agreement_text(row))
     return table
