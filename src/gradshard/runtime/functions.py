@@ -7,10 +7,7 @@ executor (process, Ray task, Lambda) can carry them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +23,7 @@ from gradshard.reduce import WeightedSum, all_finite, fedavg_weights
 from gradshard.round import ClientEntry, RoundManifest, load_manifest
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
-from gradshard.update import UpdateMeta, UpdateReader, open_update
+from gradshard.update import UpdateReader, open_update
 
 _WRITE_PIECE_ELEMS = 16 << 20
 
@@ -139,29 +136,14 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     return {"checksums": writer.checksums, "clients": len(readers), "window_elems": window}
 
 
-def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout, chunk_elems: int) -> npt.NDArray[Any]:
-    """Read a whole update with the safetensors library (an independent parser) and verify it."""
-    from safetensors.numpy import load
-
-    blob = store.get(entry.key)
-    (n,) = struct.unpack("<Q", blob[:8])
-    if hashlib.sha256(blob[8 : 8 + n]).hexdigest() != entry.header_sha256:
-        raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
-    meta = UpdateMeta.from_metadata(entry.client, json.loads(blob[8 : 8 + n]).get("__metadata__", {}))
-    try:
-        tensors = load(blob)
-    except Exception as exc:  # the library raises its own SafetensorError
-        raise UpdateError(entry.client, f"safetensors cannot parse the object: {exc}") from None
-    del blob
-    flat = layout.flatten(tensors)
-    grid = checksum.ChunkGrid(layout.numel, chunk_elems)
-    expected = checksum.unpack(meta.checksums, grid.count)
-    for i in range(grid.count):
-        a, b = grid.bounds(i)
-        if checksum.checksum(flat[a:b]) != expected[i]:
-            raise UpdateError(entry.client, f"checksum mismatch in chunk {i} (elements [{a}, {b})): "
-                                            "the object is corrupted")
-    return flat
+def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
+    """Read a whole update into one array (a single ranged read) and verify every chunk's checksum."""
+    with open_update(store, entry.key, entry.client, layout) as update:
+        if update.header.sha256 != entry.header_sha256:
+            raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
+        values = np.empty(layout.numel, dtype=update.dtype)
+        update.read_verified(0, layout.numel, values)
+        return values
 
 
 def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
@@ -174,10 +156,10 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     acc = WeightedSum(layout.numel, args.accumulate)
     acc.start(layout.numel)
     for entry, weight in zip(manifest.clients, weights, strict=True):
-        acc.add(load_whole_update(store, entry, layout, chunk), weight)
+        acc.add(load_whole_update(store, entry, layout), weight)
     if not all_finite(acc.value):
         raise nonfinite_culprit([c.client for c in manifest.clients],
-                                lambda i: load_whole_update(store, manifest.clients[i], layout, chunk), 0,
+                                lambda i: load_whole_update(store, manifest.clients[i], layout), 0,
                                 layout.numel)
     writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
                           args.accumulate)

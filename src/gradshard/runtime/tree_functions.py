@@ -106,11 +106,11 @@ def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     total = 0
     for entry in entries:  # each update is folded in as soon as it is loaded: one whole update in memory at a time
         count = entry.examples if args.weighting == "examples" else 1
-        acc.add(load_whole_update(store, entry, layout, chunk), float(count))
+        acc.add(load_whole_update(store, entry, layout), float(count))
         total += count
     if entries and not all_finite(acc.value):
         raise nonfinite_culprit([e.client for e in entries],
-                                lambda i: load_whole_update(store, entries[i], layout, chunk), 0, layout.numel)
+                                lambda i: load_whole_update(store, entries[i], layout), 0, layout.numel)
     sums = partial_layout(layout, args.accumulate)
     for ref in args.partials:
         source = shm if ref.via == "shm" and shm is not None else store

@@ -6,16 +6,15 @@ import numpy as np
 
 from gradshard.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import FUNCTION_OVERHEAD_BYTES, OutputTarget, ReduceOptions
+from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
 
 
 def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> Plan:
-    """A single ``flat_reduce`` invocation; it holds the accumulator and one whole update (twice, parsed)."""
+    """A single ``flat_reduce`` invocation; it holds the accumulator and one whole update at a time."""
     layout = manifest.spec.model_layout()
     numel = layout.numel
     itemsize = np.dtype(layout.flat_dtype).itemsize
-    acc = np.dtype(options.accumulate).itemsize
-    memory = numel * (acc + 3 * itemsize) + FUNCTION_OVERHEAD_BYTES  # accumulator, raw object, tensors, flat copy
+    memory = window_memory(numel, itemsize, options.accumulate)  # its window is the whole model
     args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, **output.args(),
             **options.args()}
     return Plan("flat", (Invocation("flat-0000", "flat_reduce", args, memory),), {"m": 1})

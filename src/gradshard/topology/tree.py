@@ -15,16 +15,15 @@ import numpy as np
 from gradshard.errors import PlanError
 from gradshard.round import RoundManifest, round_prefix
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import FUNCTION_OVERHEAD_BYTES, OutputTarget, ReduceOptions
+from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
 
 
 def tree_node_memory(manifest: RoundManifest, options: ReduceOptions, has_clients: bool) -> int:
-    """A tree node holds the accumulator, and either one whole update (raw, parsed, flat) or one partial."""
+    """A tree node holds a full accumulator and one whole input: a client's update, or a child's partial sum."""
     layout = manifest.spec.model_layout()
-    acc = np.dtype(options.accumulate).itemsize
     itemsize = np.dtype(layout.flat_dtype).itemsize
-    held = 3 * itemsize if has_clients else 2 * acc  # a partial is read, then scaled into a scratch buffer
-    return layout.numel * (acc + held) + FUNCTION_OVERHEAD_BYTES
+    held = itemsize if has_clients else max(itemsize, np.dtype(options.accumulate).itemsize)
+    return window_memory(layout.numel, held, options.accumulate)
 
 
 def groups(items: list[str], size: int) -> list[list[str]]:
