@@ -86,3 +86,16 @@ def test_inspect_verifies_a_file_completely_and_names_corruption(tmp_path: Path)
     assert info["chunks_verified"] > 1
     assert bad.exit_code != 0
     assert "checksum mismatch" in str(bad.exception)
+
+
+@pytest.mark.parametrize("extra", [["--topology", "lambda-fl", "--group-size", "2"],
+                                   ["--topology", "lifl", "--nodes", "3", "--warm"]])
+def test_aggregate_runs_the_tree_baselines(tmp_path: Path, extra: list[str]) -> None:
+    store = LocalStore(tmp_path / "store")
+    make_round(store, 0, get_layout("mlp"), 5)
+
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(store.root), "--round", "0", *extra])
+
+    assert result.exit_code == 0, result.output
+    assert "published rounds/000000/aggregate.safetensors from 5 clients" in result.output
+    assert ("root" if "lambda-fl" in extra else "top") in result.output

@@ -24,6 +24,7 @@ from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.synthetic import make_round
+from gradshard.topology import TOPOLOGIES
 from gradshard.update import inspect_update
 from gradshard.zoo import LAYOUTS, get_layout
 
@@ -36,18 +37,18 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def _executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float) -> Executor:
+def _executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float,
+              warm: bool = False) -> Executor:
     if kind == "inline":
         return InlineExecutor(retries=retries)
     cap = None if memory_mb is None else int(memory_mb * MIB)
-    return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout)
+    return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm)
 
 
 def _run_aggregate(store: LocalStore, r: int, executor: Executor, config: AggregateConfig,
                    label: str) -> AggregateResult:
     with _progress() as progress:
-        total = 1 if config.topology == "flat" else config.shards
-        task = progress.add_task(label, total=total)
+        task = progress.add_task(label, total=None)
         return aggregate_round(store, r, executor, config, on_done=lambda _: progress.advance(task))
 
 
@@ -68,7 +69,16 @@ def main(verbose: bool) -> None:
 
 def _aggregate_options(f: Any) -> Any:
     options = [
-        click.option("--topology", type=click.Choice(["sharded", "flat"]), default="sharded", show_default=True),
+        click.option("--topology", type=click.Choice(list(TOPOLOGIES)), default="sharded", show_default=True,
+                     help="sharded (GradsSharding), flat (one aggregator), lambda-fl (tree), lifl (hierarchical)."),
+        click.option("--group-size", type=click.IntRange(min=1), default=None,
+                     help="λ-FL clients per leaf (default ⌈√N⌉)."),
+        click.option("--branching", type=click.IntRange(min=2), default=None,
+                     help="LIFL branching (default max(2, ⌈N^(1/3)⌉))."),
+        click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="LIFL nodes to place aggregators on."),
+        click.option("--warm/--cold", default=False, show_default=True,
+                     help="Keep workers of aggregators with a warm key (LIFL) alive across rounds."),
         click.option("--shards", "-M", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Number of shard functions M."),
         click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
@@ -96,7 +106,8 @@ def _aggregate_options(f: Any) -> Any:
 
 def _config(kw: dict[str, Any]) -> AggregateConfig:
     return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
-                           accumulate=kw["accumulate"], weighting=kw["weighting"], policy=kw["policy"])
+                           accumulate=kw["accumulate"], weighting=kw["weighting"], policy=kw["policy"],
+                           group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
 
 
 @main.command()
@@ -109,7 +120,8 @@ def _config(kw: dict[str, Any]) -> AggregateConfig:
 def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> None:
     """Aggregate one round of client updates and print what every function did."""
     store = LocalStore(store_dir)
-    executor = _executor(kw["executor_kind"], kw["workers"], kw["memory_mb"], kw["retries"], kw["timeout"])
+    executor = _executor(kw["executor_kind"], kw["workers"], kw["memory_mb"], kw["retries"], kw["timeout"],
+                         kw["warm"])
     try:
         result = _run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
     finally:
