@@ -40,7 +40,8 @@ from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.topology import OutputTarget, Plan, ReduceOptions, check_fits, sharded_plan
+from gradshard.synthetic import make_round as make_synthetic_round
+from gradshard.topology import Invocation, OutputTarget, Plan, ReduceOptions, check_fits, sharded_plan
 from gradshard.topology.hierarchical import cube_root_ceil, default_placement, lifl_plan
 from gradshard.topology.tree import lambda_fl_plan
 from gradshard.update import UpdateMeta, read_flat, write_update
@@ -714,3 +715,21 @@ def test_trees_in_worker_processes_match_flat_and_hold_the_model(tmp_path: Path)
         assert all(p is not None and p > 0 for p in peaks)
         assert max(p or 0 for p in peaks) - shard_peak >= rnd.layout.nbytes, res.plan.topology
     assert rnd.store.list(f"{round_prefix(R)}/partials/") == []
+
+
+@pytest.mark.integration
+def test_every_tree_node_stays_within_its_predicted_memory(tmp_path: Path) -> None:
+    """A node holds its accumulator and one input at a time; a third full vector would exceed the prediction."""
+    store = LocalStore(tmp_path, fsync=False)
+    model = 1 << 24  # 64 MiB of float32
+    make_synthetic_round(store, 0, synthetic(model), 5)
+
+    with LocalExecutor(workers=2) as executor:
+        [baseline] = executor.run(Plan("noop", (Invocation("noop", "noop", {}, 0),)), store)
+        results = [aggregate_round(store, 0, executor, AggregateConfig(topology=t)) for t in ("lambda-fl", "lifl")]
+
+    assert baseline.peak_rss_bytes is not None
+    for report in (r for result in results for r in result.reports):
+        assert report.peak_rss_bytes is not None and report.predicted_bytes is not None
+        slack = model  # bytes: a quarter of one full vector
+        assert report.peak_rss_bytes <= baseline.peak_rss_bytes + report.predicted_bytes + slack, report

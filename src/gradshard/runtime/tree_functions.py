@@ -117,6 +117,7 @@ def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
         values, weight = read_partial(source, ref.key, sums, manifest.round)
         acc.add(values, 1.0)
         total += weight
+        del values  # else the next partial is read while this one is still held: three full vectors
     result: dict[str, Any] = {"clients": len(entries), "partials": len(args.partials), "weight": total,
                               "shm": shm.io.as_dict() if shm is not None else {}}
     if args.output is not None:
