@@ -16,8 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from gradshard import __version__
 from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.cli_cost import cost, plan
 from gradshard.compare import ARCHITECTURES, CompareEvent, compare_round
 from gradshard.console import compare_table, reports_table
+from gradshard.cost import CostOptions, cost_of_local_run
 from gradshard.errors import GradshardError
 from gradshard.plots import compare_png
 from gradshard.round import aggregate_key
@@ -133,8 +135,14 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
         console.print(f"[yellow]rejected[/] {client}: {reason}")
     console.print(f"published [bold]{result.output_key}[/] from {summary['clients']} clients in "
                   f"{summary['wall_s']:.2f} s")
+    cloud = cost_of_local_run(result.plan, result.reports, len(result.manifest.clients),
+                              result.manifest.spec.model_layout().nbytes, CostOptions(layout="ranged"))
+    console.print(f"on AWS Lambda + S3 ({cloud.predicted.options.prices.name}, ranged layout): predicted "
+                  f"${cloud.predicted.per_1000_rounds.total:,.3f} per 1000 rounds "
+                  f"({cloud.predicted.latency_s:.1f} s a round); this run's own durations and peak billed at those "
+                  f"prices: ${cloud.measured.per_1000_rounds.total:,.3f}")
     if reports:
-        _write_json(Path(reports), {"summary": summary,
+        _write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict(),
                                     "reports": [r.model_dump(mode="json") for r in result.reports]})
 
 
@@ -282,6 +290,10 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
     if unexpected:
         console.print(f"[red]failed although predicted feasible[/]: {', '.join(unexpected)}")
         sys.exit(1)
+
+
+main.add_command(cost)
+main.add_command(plan)
 
 
 def run() -> None:

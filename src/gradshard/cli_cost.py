@@ -17,6 +17,7 @@ from rich.table import Table
 
 from gradshard.cost import (
     ARCHITECTURES,
+    MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
     PAPER_LATENCY,
     TOPOLOGY_ARCHITECTURE,
@@ -47,6 +48,7 @@ from gradshard.topology.base import Invocation, Plan
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 _PRICES_HELP = f"Price sheet: {', '.join(PRICE_SHEETS)}, or a JSON file with the same fields."
+_CAPS = ", ".join(f"{mb} ({name})" for name, mb in MEMORY_CAPS_MB.items())
 
 
 @dataclass(frozen=True)
@@ -93,19 +95,12 @@ def _round_from_options(kw: dict[str, Any], options: CostOptions) -> RoundCost:
     if len(given) != 1:
         raise click.UsageError("give exactly one of --durations, --reports and --model-mb")
     if kw["reports"] is not None:
-        run = read_local_run(kw["reports"], kw["arch"], kw["clients"])
-        memory = kw["memory_mb"] or run.peak_memory_mb
-        if memory is None:
-            raise click.UsageError("the reports carry no peak memory: give --memory-mb")
-        return round_cost(run.shape, memory, run.durations_s, options)
+        return _from_reports(kw, options)
     if kw["clients"] is None:
         raise click.UsageError("--clients is required with --durations or --model-mb")
     shape = shape_for(kw["arch"] or "grads-sharding", kw["clients"], kw["shards"])
     if kw["model_mb"] is not None:
-        if kw["memory_mb"] is None:
-            return predict_cost(shape, kw["model_mb"], options)
-        durations = predict_durations(shape, kw["model_mb"], PAPER_LATENCY, options.layout, options.header_gets)
-        return round_cost(shape, kw["memory_mb"], durations, options, PAPER_LATENCY)
+        return _predicted(shape, kw["model_mb"], kw["memory_mb"], options)
     if kw["memory_mb"] is None:
         raise click.UsageError("--memory-mb is required with --durations")
     try:
@@ -115,10 +110,28 @@ def _round_from_options(kw: dict[str, Any], options: CostOptions) -> RoundCost:
     return round_cost(shape, kw["memory_mb"], given_s, options)
 
 
+def _from_reports(kw: dict[str, Any], options: CostOptions) -> RoundCost:
+    """The local run's durations at ``--memory-mb`` or, by default, at its measured peak memory."""
+    run = read_local_run(kw["reports"], kw["arch"], kw["clients"])
+    memory = kw["memory_mb"] or run.peak_memory_mb
+    if memory is None:
+        raise click.UsageError("the reports carry no peak memory: give --memory-mb")
+    return round_cost(run.shape, memory, run.durations_s, options)
+
+
+def _predicted(shape: RoundShape, model_mb: float, memory_mb: int | None, options: CostOptions) -> RoundCost:
+    """Predicted durations; memory from the paper's rule unless ``memory_mb`` is given."""
+    if memory_mb is None:
+        return predict_cost(shape, model_mb, options)
+    durations = predict_durations(shape, model_mb, PAPER_LATENCY, options.layout, options.header_gets)
+    return round_cost(shape, memory_mb, durations, options, PAPER_LATENCY)
+
+
 def _cost_table(result: RoundCost) -> Table:
-    table = Table(title=f"{result.shape.arch}, {result.options.layout} layout: N = {result.shape.clients}, "
-                        f"M = {result.shape.shards}, {result.memory_mb} MB functions, {result.options.prices.name}",
-                  title_justify="left")
+    shape = result.shape
+    functions = f"M = {shape.shards}" if shape.arch == "grads-sharding" else f"{len(shape.aggregators)} functions"
+    table = Table(title=f"{shape.arch}, {result.options.layout} layout: N = {shape.clients}, {functions} of "
+                        f"{result.memory_mb} MB, {result.options.prices.name}", title_justify="left")
     for name in ("", "compute", "requests", "storage PUT", "storage GET", "total"):
         table.add_column(name, justify="left" if not name else "right")
     for label, c, fmt in (("per round", result.per_round, "{:.6f}"), ("per 1000 rounds", result.per_1000_rounds,
@@ -200,8 +213,8 @@ def _sweep(model: CostModel, kw: dict[str, Any]) -> None:
 @click.option("--params", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Model parameters, e.g. 7e9 (required unless --sweep).")
 @click.option("--clients", "-N", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--memory-limit", type=click.IntRange(min=128), default=10240, show_default=True,
-              help="Per-function memory cap, MB (the paper's account: 3008).")
+@click.option("--memory-limit", type=click.IntRange(min=128), default=MEMORY_CAPS_MB["aws-max"], show_default=True,
+              help=f"Per-function memory cap, MB; presets: {_CAPS}.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Longest acceptable round, seconds.")
 @click.option("--bytes-per-param", type=click.IntRange(min=1), default=4, show_default=True)

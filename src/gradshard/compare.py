@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gradshard.aggregate import AggregateConfig, aggregate_round, build_plan
+from gradshard.cost import MB, CostOptions, cost_of_local_run, predict_cost, shape_from_plan
 from gradshard.errors import GradshardError, InvocationError, PlanError
 from gradshard.round import RoundManifest, aggregate_key, manifest_key, prepare_round, reports_key, round_prefix
 from gradshard.runtime import InvocationReport, LocalExecutor
@@ -90,6 +91,8 @@ class CompareRow:
     exact: bool | None = None
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    cloud_predicted_per_1000: float | None = None  # $ on AWS Lambda + S3 list prices, analytic model, ranged layout
+    cloud_measured_per_1000: float | None = None  # $ for this run's own durations and peak, billed at those prices
     note: str = ""
 
     @property
@@ -213,7 +216,18 @@ def choose_shards(manifest: RoundManifest, window_bytes: int, memory_limit_bytes
     return lo
 
 
-def _predicted_row(architecture: str, plan: Plan, memory_limit_bytes: int | None, baseline_bytes: int) -> CompareRow:
+def _cloud_cost(plan: Plan, manifest: RoundManifest, reports: Sequence[InvocationReport] | None = None) -> float:
+    """Dollars per 1000 rounds on AWS list prices (ranged layout): predicted, or at a run's measured figures."""
+    clients, model_bytes = len(manifest.clients), manifest.spec.model_layout().nbytes
+    options = CostOptions(layout="ranged")
+    if reports is None:
+        shape = shape_from_plan(plan, clients)
+        return predict_cost(shape, model_bytes / MB, options).per_1000_rounds.total
+    return cost_of_local_run(plan, reports, clients, model_bytes, options).measured.per_1000_rounds.total
+
+
+def _predicted_row(architecture: str, plan: Plan, manifest: RoundManifest, memory_limit_bytes: int | None,
+                   baseline_bytes: int) -> CompareRow:
     try:
         check_fits(plan, memory_limit_bytes, baseline_bytes)
         reason = None
@@ -227,7 +241,7 @@ def _predicted_row(architecture: str, plan: Plan, memory_limit_bytes: int | None
         shards=params.get("m") if architecture == "sharded" else None, group_size=params.get("k"),
         branching=params.get("branching"), nodes=params.get("nodes"), reason=reason,
         shm_handoffs=params.get("shm_handoffs"), store_handoffs=params.get("store_handoffs"),
-        note=reason or "")
+        cloud_predicted_per_1000=_cloud_cost(plan, manifest), note=reason or "")
 
 
 def _measure(row: CompareRow, reports: Sequence[InvocationReport]) -> None:
@@ -271,6 +285,7 @@ def _run(store: Store, r: int, executor: LocalExecutor, config: AggregateConfig,
         row.wall_s = time.perf_counter() - started
         row.status = "ok"
         _measure(row, result.reports)
+        row.cloud_measured_per_1000 = _cloud_cost(result.plan, result.manifest, result.reports)
     row.output_visible = store.exists(aggregate_key(r))
 
 
@@ -404,7 +419,7 @@ def compare_round(store: Store, r: int, *, architectures: Sequence[str] = ARCHIT
     manifest = prepare_round(store, r)
     baseline = measure_baseline(store)
     configs = _configs(requested, manifest, shards, memory_limit_bytes, baseline, nodes, window_bytes)
-    rows = {a: _predicted_row(a, predict_plan(c, manifest), memory_limit_bytes, baseline)
+    rows = {a: _predicted_row(a, predict_plan(c, manifest), manifest, memory_limit_bytes, baseline)
             for a, c in configs.items()}
     candidates = [a for a in ("flat", "sharded") if a in rows and rows[a].feasible]
     order = candidates + [a for a in requested if a not in candidates]

@@ -17,6 +17,10 @@ def _mib(value: int | None) -> str:
     return "—" if value is None else f"{value / MIB:,.1f}"
 
 
+def _dollars(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.3f}"
+
+
 def reports_table(reports: Sequence[InvocationReport], title: str = "") -> Table:
     """One row per invocation: outcome, time, measured peak memory against its cap, and store I/O."""
     table = Table(title=title or None, title_justify="left")
@@ -54,7 +58,8 @@ def compare_table(result: CompareResult, title: str = "") -> Table:
                   f"{_mib(result.model_bytes)} MiB update, baseline {_mib(result.baseline_bytes)} MiB{limit}",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name in ["architecture", "invocations", "levels", "peak MiB", "predicted MiB", "wall s", "read MiB",
-                 "written MiB", "GETs", "PUTs", "shm MiB", "feasible", "agreement"]:
+                 "written MiB", "GETs", "PUTs", "shm MiB", "AWS $/1k pred.", "AWS $/1k meas.", "feasible",
+                 "agreement"]:
         table.add_column(name, justify="left" if name in ("architecture", "agreement") else "right",
                          no_wrap=name in ("architecture", "agreement"))
     for row in result.rows:
@@ -64,5 +69,6 @@ def compare_table(result: CompareResult, title: str = "") -> Table:
                       "—" if row.wall_s is None else f"{row.wall_s:.2f}", _mib(row.bytes_read) if ran else "—",
                       _mib(row.bytes_written) if ran else "—", str(row.gets) if ran else "—",
                       str(row.puts) if ran else "—", _mib(row.shm_bytes) if ran else "—",
+                      _dollars(row.cloud_predicted_per_1000), _dollars(row.cloud_measured_per_1000),
                       "yes" if row.feasible else "[red]no[/]", agreement_text(row))
     return table

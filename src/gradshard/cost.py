@@ -53,8 +53,8 @@ class Aggregator:
 
     ``fraction`` is the share of the model each object it touches holds (1/M for a shard function, 1 for a tree
     node). It reads ``client_reads`` client objects and ``partial_reads`` partials from the store and writes one
-    object; LIFL's hand-offs within a node (``shm_reads``, ``writes_shm``) go through shared memory: no request,
-    no transfer time.
+    object; LIFL's hand-offs within a node go through shared memory (not counted in ``partial_reads``; an output
+    with ``writes_shm``): no request, no transfer time.
     """
 
     id: str
@@ -62,7 +62,6 @@ class Aggregator:
     fraction: float
     client_reads: int
     partial_reads: int = 0
-    shm_reads: int = 0
     writes_shm: bool = False
 
     @property
@@ -157,7 +156,7 @@ def _aggregator(inv: Invocation, stage: int, clients: int, numel: int) -> Aggreg
         vias = [ref.get("via", "store") for ref in inv.args.get("partials", [])]
         output = inv.args.get("output") or {}
         return Aggregator(inv.id, stage, 1.0, len(inv.args.get("clients", [])), vias.count("store"),
-                          vias.count("shm"), output.get("via") == "shm")
+                          output.get("via") == "shm")
     raise PlanError(f"invocation {inv.id!r} runs {inv.function!r}, which the cost model does not know")
 
 
@@ -257,9 +256,9 @@ class LatencyModel(BaseModel):
     """Billed duration of a function = ``fixed_s`` + requests × ``request_latency_s`` / streams + MB moved /
     (``stream_mb_s`` × streams) + MB read / ``compute_mb_s``; a stage adds ``invocation_overhead_s`` (unbilled).
 
-    The defaults are fitted to the paper's warm AWS Lambda runs (all GradsSharding shard functions, N = 20):
-    reads ran at 47.6 MB/s per function plus 0.086 s per GET (the paper: 45-57 MB/s per function, sequential),
-    the reduction at 4,800 MB/s of input, and a round took 0.06 s longer than its slowest function.
+    The defaults are fitted to the paper's warm AWS Lambda runs (every GradsSharding shard function, N = 20) and
+    rounded: reads ran at 47.6 MB/s per function plus 0.086 s per GET (the paper: 45-57 MB/s per function,
+    sequential), the reduction at 4,800 MB/s of input, and a round took 0.06 s longer than its slowest function.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

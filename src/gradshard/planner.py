@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.cost import (
     ARCHITECTURES,
     MB,
+    MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
     PAPER_LATENCY,
     PAPER_MEMORY_RULE,
@@ -66,7 +67,7 @@ class PlanRequest(BaseModel):
 
     params: float = Field(gt=0)
     clients: int = Field(ge=1)
-    memory_limit_mb: int = Field(default=10240, gt=0)
+    memory_limit_mb: int = Field(default=MEMORY_CAPS_MB["aws-max"], gt=0)
     deadline_s: float | None = Field(default=None, gt=0)
     bytes_per_param: int = Field(default=4, ge=1)
     max_shards: int = Field(default=DEFAULT_MAX_SHARDS, ge=1)
@@ -189,8 +190,8 @@ class SweepRow:
     total: float
 
 
-def sweep(sizes_mb: Sequence[float], clients: int = 50, shards: int = 4, memory_limit_mb: int = 3008,
-          model: CostModel | None = None) -> list[SweepRow]:
+def sweep(sizes_mb: Sequence[float], clients: int = 50, shards: int = 4,
+          memory_limit_mb: int = MEMORY_CAPS_MB["account"], model: CostModel | None = None) -> list[SweepRow]:
     """Cost per 1000 rounds of every architecture in both layouts over model sizes, with feasibility."""
     model = model or CostModel()
     rows = []
