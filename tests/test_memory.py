@@ -45,10 +45,10 @@ def baseline_rss(executor: LocalExecutor, tmp_path_factory: pytest.TempPathFacto
     return max(peaks)
 
 
-def write_round(root: Path, numel: int, clients: int, r: int = 0) -> LocalStore:
+def write_round(root: Path, numel: int, clients: int, r: int = 0, tensor_elems: int = 1 << 24) -> LocalStore:
     """A store with round ``r`` of ``clients`` random float32 updates of ``numel`` elements (default chunks)."""
     store = LocalStore(root, fsync=False)
-    layout = synthetic(numel)
+    layout = synthetic(numel, tensor_elems=tensor_elems)
     spec = RoundSpec.create(r, layout)
     open_round(store, spec)
     rng = np.random.default_rng(clients)
@@ -69,11 +69,12 @@ def shard_peak(store: LocalStore, executor: LocalExecutor, window_bytes: int) ->
     return report.peak_rss_bytes
 
 
-def _check_peak_independent_of_n(tmp_path: Path, executor: LocalExecutor, numel: int, few: int, many: int) -> None:
+def _check_peak_independent_of_n(tmp_path: Path, executor: LocalExecutor, numel: int, few: int, many: int,
+                                 tensor_elems: int = 1 << 24) -> None:
     # Prepare
     window = 256 << 10
-    few_store = write_round(tmp_path / f"n{few}", numel, few)
-    many_store = write_round(tmp_path / f"n{many}", numel, many)
+    few_store = write_round(tmp_path / f"n{few}", numel, few, tensor_elems=tensor_elems)
+    many_store = write_round(tmp_path / f"n{many}", numel, many, tensor_elems=tensor_elems)
 
     # Execute
     few_peak = shard_peak(few_store, executor, window)
@@ -89,6 +90,11 @@ def _check_peak_independent_of_n(tmp_path: Path, executor: LocalExecutor, numel:
 
 def test_shard_peak_does_not_grow_with_the_number_of_clients(tmp_path: Path, executor: LocalExecutor) -> None:
     _check_peak_independent_of_n(tmp_path, executor, numel=1 << 20, few=4, many=64)
+
+
+def test_shard_peak_does_not_grow_with_n_for_a_model_of_many_tensors(tmp_path: Path, executor: LocalExecutor) -> None:
+    """4096 tensors: a reader that kept each client's parsed header (a dict per tensor) grew ~10 MiB per client."""
+    _check_peak_independent_of_n(tmp_path, executor, numel=1 << 20, few=4, many=64, tensor_elems=256)
 
 
 @pytest.mark.slow

@@ -332,7 +332,7 @@ def test_header_with_overlapping_tensors_is_rejected(round0: tuple[MemoryStore, 
         ({"checksum": "crc32"}, "unsupported checksum 'crc32' (expected xxh3_64)"),
         ({"kind": "aggregate"}, "object is a 'aggregate', not an update"),
         ({"layout": "0" * 64}, "metadata layout digest differs from the round's layout"),
-        ({"checksums": "abc"}, "checksums do not match the layout: expected 6 checksums (96 hex digits), got 3"),
+        ({"checksums": "abc"}, "checksums do not match the layout: 6 chunks need 96 hex digits, got 3"),
     ],
     ids=lambda v: "-".join(f"{k}={str(x)[:8]}" for k, x in v.items()) if isinstance(v, dict) else "",
 )

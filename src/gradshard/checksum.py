@@ -114,9 +114,3 @@ def pack(hexes: list[str]) -> str:
     """Checksums as one string of fixed-width hex digits (the form stored in metadata)."""
     return "".join(hexes)
 
-
-def unpack(packed: str, count: int) -> list[str]:
-    """Inverse of :func:`pack`; raises if the length does not match ``count`` checksums."""
-    if len(packed) != count * HEX_WIDTH:
-        raise GradshardError(f"expected {count} checksums ({count * HEX_WIDTH} hex digits), got {len(packed)}")
-    return [packed[i : i + HEX_WIDTH] for i in range(0, len(packed), HEX_WIDTH)]

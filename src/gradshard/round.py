@@ -189,7 +189,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifes
                     raise UpdateError(client, "unknown client: not in this round's cohort")
                 _check_meta(spec, digest, client, meta)
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
-                                               header_sha256=upd.header.sha256, size=upd.header.object_size)
+                                               header_sha256=upd.sha256, size=upd.object_size)
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc

@@ -294,14 +294,17 @@ class UpdateReader:
     """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates."""
 
     def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
+        # Keep only what reads need — never the parsed header (one dict per tensor): a shard function holds one
+        # reader per client, and its memory must not grow with N times the number of tensors.
         self.client = meta.client
-        self.reader, self.header, self.layout, self.meta = reader, header, layout, meta
+        self.reader, self.layout, self.meta = reader, layout, meta
+        self.sha256, self.object_size = header.sha256, header.object_size
         self.dtype = np.dtype(layout.flat_dtype)
         self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
-        try:
-            self.checksums = checksum.unpack(meta.checksums, self.grid.count)
-        except GradshardError as exc:
-            raise UpdateError(self.client, f"checksums do not match the layout: {exc}") from None
+        if len(meta.checksums) != self.grid.count * checksum.HEX_WIDTH:
+            raise UpdateError(self.client, f"checksums do not match the layout: {self.grid.count} chunks need "
+                                           f"{self.grid.count * checksum.HEX_WIDTH} hex digits, got "
+                                           f"{len(meta.checksums)}")
         # byte runs: (flat start element, flat stop element, file offset); merged when the file is in layout order
         runs: list[list[int]] = []
         for slot in layout.slots:
@@ -333,6 +336,10 @@ class UpdateReader:
                     self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
         except StoreError as exc:
             raise UpdateError(self.client, f"read failed: {exc}") from exc
+
+    def checksum_of(self, index: int) -> str:
+        """The stored checksum of chunk ``index`` (sliced from the packed metadata string)."""
+        return self.meta.checksums[index * checksum.HEX_WIDTH : (index + 1) * checksum.HEX_WIDTH]
 
     def stream(self, start: int, stop: int) -> VerifiedStream:
         """Sequential reads of ``[start, stop)`` (chunk-aligned), each chunk's checksum checked when complete."""
@@ -380,7 +387,7 @@ class VerifiedStream:
     def _advance(self, out: npt.NDArray[Any]) -> None:
         self.pos += len(out)
         for index, digest in self._chunks.feed(out):
-            if digest != self.update.checksums[index]:
+            if digest != self.update.checksum_of(index):
                 a, b = self.update.grid.bounds(index)
                 raise UpdateError(self.update.client, f"checksum mismatch in chunk {index} (elements [{a}, {b})): "
                                                       "the object is corrupted")

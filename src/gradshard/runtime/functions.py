@@ -51,7 +51,7 @@ def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> 
         for entry in manifest.clients:
             reader = open_update(store, entry.key, entry.client, layout)
             readers.append(reader)
-            if reader.header.sha256 != entry.header_sha256:
+            if reader.sha256 != entry.header_sha256:
                 raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
     except BaseException:
         for r in readers:
@@ -139,7 +139,7 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
 def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
     """Read a whole update into one array (a single ranged read) and verify every chunk's checksum."""
     with open_update(store, entry.key, entry.client, layout) as update:
-        if update.header.sha256 != entry.header_sha256:
+        if update.sha256 != entry.header_sha256:
             raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
         values = np.empty(layout.numel, dtype=update.dtype)
         update.read_verified(0, layout.numel, values)
