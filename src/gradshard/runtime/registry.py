@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,30 @@ FUNCTIONS: dict[str, Function] = {
     "sleep": functions.sleep,
     "crash": functions.crash,
 }
+
+
+# Runtimes ("images"): the modules a worker of a function has preloaded. Aggregation functions need numpy only;
+# training functions need torch, which would add hundreds of MiB to every aggregation function's baseline.
+RUNTIMES: dict[str, tuple[str, ...]] = {"numpy": (), "torch": ("torch", "gradshard.fl.client")}
+FUNCTION_RUNTIME: dict[str, str] = {"train_client": "torch"}
+
+
+def runtime_of(function: str) -> str:
+    return FUNCTION_RUNTIME.get(function, "numpy")
+
+
+def _lazy(module: str, name: str) -> Function:
+    """A function whose module is imported on first call (so workers of other runtimes never import it)."""
+
+    def call(args: dict[str, Any], store: Store) -> dict[str, Any]:
+        fn: Function = getattr(importlib.import_module(module), name)
+        return fn(args, store)
+
+    return call
+
+
+FUNCTIONS["train_client"] = _lazy("gradshard.fl.client", "train_client")
+FUNCTIONS["server_step"] = _lazy("gradshard.fl.server", "server_step")
 
 
 def call(function: str, args: dict[str, Any], store: Store) -> dict[str, Any]:

@@ -11,6 +11,7 @@ The zygote exits when its stdin closes, so it never outlives the process that st
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,15 @@ def _child(conn: socket.socket) -> None:
                 return
 
 
-def serve(path: str) -> None:
-    """Accept connections on ``path`` and fork a child for each until stdin closes."""
-    import safetensors.numpy  # noqa: F401
+def serve(path: str, preload: Sequence[str] = ()) -> None:
+    """Accept connections on ``path`` and fork a child for each until stdin closes.
 
+    The children inherit gradshard's worker and the ``preload`` modules already imported (a runtime "image").
+    """
     import gradshard.runtime.worker  # noqa: F401 - preload for the children
+
+    for module in preload:
+        importlib.import_module(module)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,7 +116,8 @@ class Child:
 class Zygote:
     """Client side: starts the zygote process lazily and opens invocations on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        self.preload = tuple(preload)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -122,7 +129,7 @@ class Zygote:
                 return self.path
             self._dir = tempfile.TemporaryDirectory(prefix="gradshard-zygote-")
             self.path = str(Path(self._dir.name) / "sock")
-            code = f"from gradshard.runtime.zygote import serve; serve({self.path!r})"
+            code = f"from gradshard.runtime.zygote import serve; serve({self.path!r}, {self.preload!r})"
             self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE)
             assert self._proc.stdout is not None
