@@ -78,7 +78,8 @@ class LocalExecutor(Executor):
         zygote = self._zygote(invocation.function)
         if idle is not None:
             try:
-                return zygote.invoke(invocation.function, invocation.args, store.spec(), keep=True, warm=idle), key, True
+                child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=True, warm=idle)
+                return child, key, True
             except (GradshardError, OSError):  # the warm worker died meanwhile: start a fresh one
                 idle.close()
         child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=key is not None)
