@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradshard import checksum
 from gradshard.errors import InvocationError, PlanError, RoundError
+from gradshard.output import PendingObject, collect_checksums
 from gradshard.reduce import fedavg_weights
 from gradshard.round import (
     Policy,
@@ -39,7 +39,7 @@ from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sha
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
 from gradshard.topology.tree import lambda_fl_plan
-from gradshard.update import UpdateMeta, encode_header
+from gradshard.update import UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +131,14 @@ def _describe_failures(failed: list[InvocationReport]) -> str:
 def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, executor: Executor,
               on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
     """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
-    layout = manifest.spec.model_layout()
     sha = write_manifest(store, manifest)
-    meta = output_meta(manifest, config)
-    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
-    header_len = len(encode_header(layout, meta.with_checksums(["0" * checksum.HEX_WIDTH] * grid.count)
-                                   .to_metadata()))
-    key = aggregate_key(manifest.round)
-    upload_id = store.begin_upload(key, header_len + layout.nbytes)
+    pending = PendingObject.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
+                                  output_meta(manifest, config))
     try:
         with contextlib.ExitStack() as stack:
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
-            plan = build_plan(config, manifest, sha, OutputTarget(manifest_key(manifest.round), key, upload_id,
-                                                                  header_len), node_stores)
+            target = OutputTarget(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len)
+            plan = build_plan(config, manifest, sha, target, node_stores)
             reports = executor.run(plan, store, on_done)
         bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
         if bad:
@@ -153,25 +148,18 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
                 log.warning("rejecting client %s: %s", client, reason)
                 manifest.reject(client, reason)
             check_enough(manifest)
-            store.abort_upload(key, upload_id)
+            pending.abort()
             return plan, reports, False
         failed = [r for r in reports if not r.ok]
         if failed or len(reports) != len(plan.invocations):
             raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
-        sums: dict[int, str] = {}
-        for r in reports:
-            sums.update({int(i): h for i, h in r.result.get("checksums", {}).items()})
-        if sorted(sums) != list(range(grid.count)):
-            raise InvocationError(f"functions returned checksums for {len(sums)} of {grid.count} output chunks")
-        header = encode_header(layout, meta.with_checksums([sums[i] for i in range(grid.count)]).to_metadata())
-        store.write_at(key, upload_id, 0, header)
-        store.complete_upload(key, upload_id)
+        pending.commit(collect_checksums([r.result for r in reports]))
         return plan, reports, True
     except BaseException:
-        store.abort_upload(key, upload_id)
+        pending.abort()
         raise
     finally:
-        _remove_partials(store, manifest.round, upload_id)
+        _remove_partials(store, manifest.round, pending.upload_id)
 
 
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,

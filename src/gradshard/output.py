@@ -1,0 +1,63 @@
+"""Objects written by many functions at once: an open upload whose checksummed header is written last.
+
+The driver opens the upload with the header's length reserved (checksums are fixed-width), functions write their
+element ranges into the data section and return the checksums of the chunks they wrote, and the driver writes the
+header and completes the upload only when every chunk is accounted for — so the object appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gradshard import checksum
+from gradshard.errors import InvocationError
+from gradshard.layout import ModelLayout
+from gradshard.store import Store
+from gradshard.update import UpdateMeta, encode_header
+
+
+@dataclass
+class PendingObject:
+    """An update-format object under construction at ``key``."""
+
+    store: Store
+    key: str
+    layout: ModelLayout
+    meta: UpdateMeta
+    upload_id: str
+    header_len: int
+
+    @classmethod
+    def begin(cls, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> PendingObject:
+        count = checksum.ChunkGrid(layout.numel, meta.chunk_elems).count
+        header_len = len(encode_header(layout, meta.with_checksums(["0" * checksum.HEX_WIDTH] * count).to_metadata()))
+        upload_id = store.begin_upload(key, header_len + layout.nbytes)
+        return cls(store, key, layout, meta, upload_id, header_len)
+
+    def target(self) -> dict[str, Any]:
+        """Where a function writes: the arguments ``OutputWriter`` takes."""
+        return {"output_key": self.key, "upload_id": self.upload_id, "data_start": self.header_len}
+
+    def commit(self, checksums: Mapping[int, str]) -> None:
+        """Write the header with every chunk's checksum and publish; refuses if a chunk was not written."""
+        count = checksum.ChunkGrid(self.layout.numel, self.meta.chunk_elems).count
+        if sorted(checksums) != list(range(count)):
+            raise InvocationError(f"functions returned checksums for {len(checksums)} of {count} chunks of "
+                                  f"{self.key}")
+        header = encode_header(self.layout, self.meta.with_checksums([checksums[i] for i in range(count)])
+                               .to_metadata())
+        self.store.write_at(self.key, self.upload_id, 0, header)
+        self.store.complete_upload(self.key, self.upload_id)
+
+    def abort(self) -> None:
+        self.store.abort_upload(self.key, self.upload_id)
+
+
+def collect_checksums(results: list[Mapping[str, Any]], field: str = "checksums") -> dict[int, str]:
+    """Merge the ``{chunk: checksum}`` maps that functions returned."""
+    merged: dict[int, str] = {}
+    for result in results:
+        merged.update({int(i): h for i, h in result.get(field, {}).items()})
+    return merged
