@@ -49,12 +49,16 @@ def _child(conn: socket.socket) -> None:
 def serve(path: str, preload: Sequence[str] = ()) -> None:
     """Accept connections on ``path`` and fork a child for each until stdin closes.
 
-    The children inherit gradshard's worker and the ``preload`` modules already imported (a runtime "image").
+    The children inherit gradshard's worker and the ``preload`` modules already imported (a runtime "image"); a
+    preloaded module's ``warm_up()`` runs once here, so lazy initialisation is not paid by every child.
     """
     import gradshard.runtime.worker  # noqa: F401 - preload for the children
 
-    for module in preload:
-        importlib.import_module(module)
+    for name in preload:
+        module = importlib.import_module(name)
+        warm_up = getattr(module, "warm_up", None)
+        if callable(warm_up):  # one-time lazy initialisation done here, not in every forked child
+            warm_up()
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

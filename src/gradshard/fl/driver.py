@@ -1,0 +1,366 @@
+"""Federated training rounds whose state lives in the store, so a killed driver continues where it stopped.
+
+Round r turns ``models/<r>`` into ``models/<r+1>``:
+
+1. sample the cohort (deterministic from the seed and r) and open the round (``rounds/<r>/round.json``);
+2. invoke a client function for every cohort member that has no update yet (late ones hit the deadline and are
+   recorded; crashed and bad ones are recorded and left out);
+3. aggregate the deltas with the configured topology (``rounds/<r>/aggregate.safetensors``);
+4. apply the server optimizer shard by shard (``models/<r+1>`` and ``server/<r+1>/<slot>``);
+5. evaluate and write ``metrics/<r>.json``.
+
+Every step first looks for its output and skips if it is there; every output appears atomically; clients are
+deterministic. So a driver killed at any point and started again produces the same models, and no update is lost
+or counted twice (an update is one object per (round, client)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.numpy import save as save_safetensors
+
+from gradshard import checksum
+from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.errors import GradshardError, RoundError
+from gradshard.fl import data as fldata
+from gradshard.fl.client import ClientTask, load_arrays
+from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.server import ServerOptimizer, Target
+from gradshard.layout import ModelLayout
+from gradshard.output import PendingObject
+from gradshard.round import (
+    RoundSpec,
+    aggregate_key,
+    load_manifest,
+    load_spec,
+    manifest_key,
+    open_round,
+    spec_key,
+    update_key,
+)
+from gradshard.runtime.executor import Executor
+from gradshard.shards import ShardPlan
+from gradshard.store import Store
+from gradshard.topology.base import Invocation, Plan
+from gradshard.update import UpdateMeta, open_update, read_flat, write_update
+
+log = logging.getLogger(__name__)
+CONFIG_KEY = "run/config.json"
+KEPT_KEY = "models/kept.safetensors"
+
+
+def model_key(r: int) -> str:
+    return f"models/{r:06d}.safetensors"
+
+
+def state_key(r: int, slot: str) -> str:
+    return f"server/{r:06d}/{slot}.safetensors"
+
+
+def metrics_key(r: int) -> str:
+    return f"metrics/{r:06d}.json"
+
+
+def client_data_key(client: str) -> str:
+    return f"data/clients/{client}.safetensors"
+
+
+TEST_DATA_KEY = "data/test.safetensors"
+
+
+class DataConfig(BaseModel):
+    """Which bundled data set, and how it is split among clients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["digits", "synthetic"] = "digits"
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class TrainConfig(BaseModel):
+    """A federated training run; maps one to one onto a TOML file (``gradshard train --config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "mlp"
+    data: DataConfig = DataConfig()
+    clients: int = Field(default=20, ge=1)
+    per_round: int | None = Field(default=None, ge=1, description="clients sampled per round (default: all)")
+    fraction: float | None = Field(default=None, gt=0, le=1, description="or a fraction of the clients")
+    rounds: int = Field(default=20, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight; 0 is FedAvg")
+    server: ServerOptimizer = ServerOptimizer()
+    aggregation: AggregateConfig = AggregateConfig()
+    min_clients: int = Field(default=1, ge=1)
+    deadline_s: float = Field(default=300.0, gt=0, description="client functions still running then are late")
+    seed: int = 0
+    faults: dict[str, str] = Field(default_factory=dict,
+                                   description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+
+    def sample_size(self) -> int:
+        if self.per_round is not None:
+            return min(self.per_round, self.clients)
+        if self.fraction is not None:
+            return max(1, round(self.fraction * self.clients))
+        return self.clients
+
+
+@dataclass
+class RoundMetrics:
+    """What one round did and measured (also stored as ``metrics/<r>.json``)."""
+
+    round: int
+    cohort: list[str]
+    aggregated: list[str]
+    rejected: dict[str, str]
+    failed: dict[str, str]
+    test_loss: float
+    test_accuracy: float
+    client_loss: float | None
+    client_seconds: float
+    aggregate_seconds: float
+    server_seconds: float
+    wall_seconds: float
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def client_ids(n: int) -> list[str]:
+    return [f"client-{i:04d}" for i in range(n)]
+
+
+def sample_cohort(config: TrainConfig, r: int) -> list[str]:
+    """The round's clients: a seeded sample without replacement, sorted (the same after a restart)."""
+    ids = client_ids(config.clients)
+    rng = np.random.default_rng([config.seed, r])
+    return sorted(rng.choice(ids, size=config.sample_size(), replace=False).tolist())
+
+
+def _put_arrays(store: Store, key: str, arrays: dict[str, Any]) -> None:
+    store.put(key, save_safetensors(arrays))
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig` on a store; client and aggregation functions go to the given executors."""
+
+    def __init__(self, store: Store, config: TrainConfig, executor: Executor, client_executor: Executor | None = None,
+                 datasets: tuple[fldata.Dataset, fldata.Dataset] | None = None) -> None:
+        self.store, self.config = store, config
+        self.executor, self.client_executor = executor, client_executor or executor
+        self._datasets = datasets
+        self._model = build_model(config.model, self.num_classes)
+        self.layout = ModelLayout.from_state_dict(self._model.state_dict())
+        self.averaged = self.layout.aggregated()
+        self.chunk_elems = checksum.default_chunk_elems(self.averaged.numel)
+
+    @property
+    def num_classes(self) -> int:
+        return self.datasets[0].num_classes
+
+    @property
+    def datasets(self) -> tuple[fldata.Dataset, fldata.Dataset]:
+        if self._datasets is None:
+            d = self.config.data
+            load = fldata.load_digits if d.name == "digits" else fldata.make_synthetic
+            self._datasets = load(test_fraction=d.test_fraction, seed=self.config.seed)
+        return self._datasets
+
+    # --- the run's fixed inputs ----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write the config, client data and the initial model once; a restarted run checks it is the same run."""
+        blob = self.config.model_dump_json(indent=1).encode()
+        if self.store.exists(CONFIG_KEY) and json.loads(self.store.get(CONFIG_KEY)) != json.loads(blob):
+            raise GradshardError(f"the store already holds a different run ({CONFIG_KEY}); use a new store")
+        if not self.store.exists(model_key(0)):
+            self._write_client_data()
+            self._write_initial_model()
+        self.store.put(CONFIG_KEY, blob)
+
+    def _write_client_data(self) -> None:
+        train, test = self.datasets
+        d = self.config.data
+        if d.partition == "iid":
+            parts = fldata.partition_iid(train, self.config.clients, seed=self.config.seed)
+        else:
+            parts = fldata.partition_dirichlet(train, self.config.clients, alpha=d.alpha, seed=self.config.seed)
+        for client, part in zip(client_ids(self.config.clients), fldata.client_datasets(train, parts), strict=True):
+            _put_arrays(self.store, client_data_key(client), {"x": self._input(part.x), "y": part.y})
+        _put_arrays(self.store, TEST_DATA_KEY, {"x": self._input(test.x), "y": test.y})
+
+    def _input(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Images for convolutional models (digits: 1×8×8), flat vectors otherwise."""
+        if self.config.model == "cnn" and x.ndim == 2 and x.shape[1] == 64:
+            return np.ascontiguousarray(x.reshape(-1, 1, 8, 8))
+        return np.ascontiguousarray(x)
+
+    def _write_initial_model(self) -> None:
+        seed_everything(self.config.seed)
+        model = build_model(self.config.model, self.num_classes)
+        floating, kept = self.layout.split_state(state_to_numpy(model))
+        if kept:
+            _put_arrays(self.store, KEPT_KEY, kept)
+        write_update(self.store, model_key(0), self.averaged, self.averaged.flatten(floating), self._model_meta(0))
+
+    def _model_meta(self, r: int) -> UpdateMeta:
+        return UpdateMeta(client="server", round=r, examples=1, layout_digest=self.averaged.digest(),
+                          chunk_elems=self.chunk_elems, kind="model")
+
+    def model_sha(self, r: int) -> str:
+        with open_update(self.store, model_key(r), "global model", self.averaged) as upd:
+            return upd.sha256
+
+    # --- one round -------------------------------------------------------------------------------------------------
+    def fault(self, r: int, client: str) -> str:
+        return self.config.faults.get(f"{r}/{client}", self.config.faults.get(client, ""))
+
+    def _open(self, r: int) -> RoundSpec:
+        if self.store.exists(spec_key(r)):
+            return load_spec(self.store, r)
+        spec = RoundSpec.create(r, self.averaged, chunk_elems=self.chunk_elems, base_model=self.model_sha(r),
+                                cohort=sample_cohort(self.config, r), min_clients=self.config.min_clients)
+        open_round(self.store, spec)
+        return spec
+
+    def _client_plan(self, spec: RoundSpec) -> Plan:
+        c = self.config
+        kept = KEPT_KEY if self.store.exists(KEPT_KEY) else ""
+        invocations = []
+        for client in spec.cohort or []:
+            if self.store.exists(update_key(spec.round, client)):
+                continue  # written before a restart: never trained (or counted) twice
+            task = ClientTask(round=spec.round, client=client, model=c.model, num_classes=self.num_classes,
+                              model_key=model_key(spec.round), model_sha256=spec.base_model, kept_key=kept,
+                              data_key=client_data_key(client), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                              momentum=c.momentum, mu=c.mu, seed=c.seed, chunk_elems=spec.chunk_elems,
+                              fault=self.fault(spec.round, client))
+            invocations.append(Invocation(f"client-{client}", "train_client", task.model_dump(),
+                                          self.averaged.nbytes * 8))
+        return Plan("clients", tuple(invocations))
+
+    def _server_step(self, r: int, shards: int) -> None:
+        """models/<r> + aggregate of round r -> models/<r+1> and the optimizer state, shard by shard."""
+        opt = self.config.server
+        numel = self.averaged.numel
+        plan_ranges = ShardPlan.contiguous(numel, min(shards, -(-numel // self.chunk_elems)),
+                                           align=self.chunk_elems).ranges
+        outputs = {slot: PendingObject.begin(self.store, state_key(r + 1, slot), self.averaged,
+                                             self._model_meta(r + 1)) for slot in opt.slots}
+        outputs["model"] = PendingObject.begin(self.store, model_key(r + 1), self.averaged, self._model_meta(r + 1))
+        try:
+            invocations = []
+            for s, (start, stop) in enumerate(plan_ranges):
+                args = {"layout": self.averaged.to_json(), "start": start, "stop": stop, "optimizer": opt.model_dump(),
+                        "model_key": model_key(r), "delta_key": aggregate_key(r),
+                        "state_keys": {slot: state_key(r, slot) if r > 0 else "" for slot in opt.slots},
+                        "model_out": Target(**outputs["model"].target()).model_dump(),
+                        "state_out": {slot: Target(**outputs[slot].target()).model_dump() for slot in opt.slots}}
+                invocations.append(Invocation(f"server-{s:04d}", "server_step", args, 8 << 20))
+            reports = self.executor.run(Plan("server", tuple(invocations)), self.store)
+            failed = [r_ for r_ in reports if not r_.ok]
+            if failed or len(reports) != len(invocations):
+                raise RoundError(f"server step of round {r} failed: "
+                                 + "; ".join(f"{f.invocation}: {f.error_type}: {f.error}" for f in failed))
+            for name in [*opt.slots, "model"]:  # the model last: its existence marks the step done
+                merged: dict[int, str] = {}
+                for rep in reports:
+                    merged.update({int(i): h for i, h in rep.result["checksums"][name].items()})
+                outputs[name].commit(merged)
+        except BaseException:
+            for pending in outputs.values():
+                pending.abort()
+            raise
+
+    def _copy_model(self, r: int) -> None:
+        """A round that could not aggregate leaves the model (and optimizer state) unchanged."""
+        flat = read_flat(self.store, model_key(r), self.averaged, "global model")
+        for slot in self.config.server.slots:
+            if r > 0:
+                state = read_flat(self.store, state_key(r, slot), self.averaged, f"server state {slot}")
+                write_update(self.store, state_key(r + 1, slot), self.averaged, state, self._model_meta(r + 1))
+        write_update(self.store, model_key(r + 1), self.averaged, flat, self._model_meta(r + 1))
+
+    def evaluate(self, r: int) -> tuple[float, float]:
+        """Test loss and accuracy of ``models/<r>``."""
+        model = build_model(self.config.model, self.num_classes)
+        kept = load_arrays(self.store, KEPT_KEY) if self.store.exists(KEPT_KEY) else {}
+        flat = read_flat(self.store, model_key(r), self.averaged, "global model")
+        load_numpy_state(model, self.layout.assemble(self.averaged.unflatten(flat), kept))
+        test = load_arrays(self.store, TEST_DATA_KEY)
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(test["x"]))
+            y = torch.from_numpy(test["y"]).long()
+            loss = float(torch.nn.functional.cross_entropy(logits, y))
+            accuracy = float((logits.argmax(1) == y).float().mean())
+        return loss, accuracy
+
+    def run_round(self, r: int) -> RoundMetrics:
+        started = time.perf_counter()
+        resumed = self.store.exists(spec_key(r))
+        spec = self._open(r)
+        t0 = time.perf_counter()
+        client_reports = self.client_executor.run(self._client_plan(spec), self.store)
+        failed = {rep.invocation.removeprefix("client-"): f"{rep.error_type}: {rep.error}"
+                  for rep in client_reports if not rep.ok}
+        t1 = time.perf_counter()
+        aggregated: list[str] = []
+        rejected: dict[str, str] = {}
+        try:
+            if not self.store.exists(aggregate_key(r)):
+                aggregate_round(self.store, r, self.executor, self.config.aggregation)
+            manifest = load_manifest(self.store, manifest_key(r))
+            aggregated, rejected = [c.client for c in manifest.clients], dict(manifest.rejected)
+            t2 = time.perf_counter()
+            if not self.store.exists(model_key(r + 1)):
+                shards = self.config.aggregation.shards if self.config.aggregation.topology == "sharded" else 1
+                self._server_step(r, shards)
+        except RoundError as exc:
+            log.warning("round %d could not aggregate (%s); the model stays as it was", r, exc)
+            rejected = rejected or {"(round)": str(exc)}
+            t2 = time.perf_counter()
+            if not self.store.exists(model_key(r + 1)):
+                self._copy_model(r)
+        t3 = time.perf_counter()
+        test_loss, test_accuracy = self.evaluate(r + 1)
+        losses = [float(rep.result["loss"]) for rep in client_reports if rep.ok]
+        metrics = RoundMetrics(round=r, cohort=list(spec.cohort or []), aggregated=aggregated, rejected=rejected,
+                               failed=failed, test_loss=test_loss, test_accuracy=test_accuracy,
+                               client_loss=float(np.mean(losses)) if losses else None, client_seconds=t1 - t0,
+                               aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
+                               wall_seconds=time.perf_counter() - started, resumed=resumed)
+        self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
+        return metrics
+
+    def completed_rounds(self) -> int:
+        """Rounds whose metrics exist (the next round to run)."""
+        r = 0
+        while self.store.exists(metrics_key(r)):
+            r += 1
+        return r
+
+    def run(self, on_round: Callable[[RoundMetrics], None] | None = None) -> list[dict[str, Any]]:
+        """Run (or resume) every round; returns the metrics of all rounds, including earlier runs' rounds."""
+        self.prepare()
+        for r in range(self.completed_rounds(), self.config.rounds):
+            metrics = self.run_round(r)
+            if on_round is not None:
+                on_round(metrics)
+        return [json.loads(self.store.get(metrics_key(r))) for r in range(self.config.rounds)]
+
