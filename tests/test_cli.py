@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_demo_reports_bit_identical_sharded_and_flat(tmp_path: Path) -> None:
     runner = CliRunner()
 
-    result = runner.invoke(main, ["demo", "--layout", "mlp", "--clients", "3", "--shards", "3",
+    result = runner.invoke(main, ["demo", "--aggregate-only", "--layout", "mlp", "--clients", "3", "--shards", "3",
                                   "--store", str(tmp_path / "store"), "--reports", str(tmp_path / "r.json")])
 
     assert result.exit_code == 0, result.output

@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 import tempfile
+import time
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -29,6 +31,9 @@ from gradshard.synthetic import make_round
 from gradshard.topology import TOPOLOGIES
 from gradshard.update import inspect_update
 from gradshard.zoo import LAYOUTS, get_layout
+
+if TYPE_CHECKING:  # the training modules import torch: only the commands that train load them
+    from gradshard.fl.driver import RoundMetrics, TrainConfig, Trainer
 
 MIB = 1 << 20
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -174,20 +179,289 @@ def _sha256(store: LocalStore, key: str) -> str:
     return digest.hexdigest()
 
 
+# --- training: gradshard train and gradshard demo ------------------------------------------------------------------
+#: Where each ``gradshard train`` flag goes in the TOML / :class:`TrainConfig` (a path through its tables).
+TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
+    "model": ("model",), "data": ("data", "name"), "partition": ("data", "partition"), "alpha": ("data", "alpha"),
+    "clients": ("clients",), "per_round": ("per_round",), "fraction": ("fraction",), "rounds": ("rounds",),
+    "epochs": ("epochs",), "batch_size": ("batch_size",), "lr": ("lr",), "momentum": ("momentum",), "mu": ("mu",),
+    "server_optimizer": ("server", "name"), "server_lr": ("server", "lr"), "topology": ("aggregation", "topology"),
+    "shards": ("aggregation", "shards"), "min_clients": ("min_clients",), "deadline": ("deadline_s",),
+    "seed": ("seed",),
+}
+
+#: The demo's training run: small CNN on digits, 20 non-IID clients, GradsSharding M = 4 (tuned to reach >= 0.93
+#: test accuracy within its rounds in well under a minute on 2 cores; measured numbers in docs/training.md).
+DEMO_TRAINING: dict[str, Any] = {"model": "cnn", "clients": 20, "rounds": 20, "epochs": 5, "batch_size": 32,
+                                 "lr": 0.1, "momentum": 0.9, "data": {"name": "digits", "partition": "dirichlet",
+                                                                      "alpha": 0.5},
+                                 "aggregation": {"topology": "sharded", "shards": 4}}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """A TOML file as a dict; a syntax error becomes a usage error naming the file, line and column."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint="'--config'") from None
+
+
+def train_config(base: dict[str, Any], flags: dict[str, Any], source: str) -> TrainConfig:
+    """``base`` (a TOML document or a stored config) with every flag that was given set on top, validated.
+
+    ``--per-round`` and ``--fraction`` replace each other. Invalid values become one usage error listing each
+    field (as a TOML path) and what is wrong with it.
+    """
+    from pydantic import ValidationError
+
+    from gradshard.fl.driver import TrainConfig
+
+    raw = json.loads(json.dumps(base))  # a deep copy
+    for given, other in (("per_round", "fraction"), ("fraction", "per_round")):
+        if flags.get(given) is not None:
+            raw.pop(other, None)
+    for name, path in TRAIN_FLAGS.items():
+        if flags.get(name) is None:
+            continue
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = flags[name]
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}"
+                             for e in exc.errors())
+        raise click.UsageError(f"invalid training config ({source}): {problems}") from None
+
+
+def _round_line(m: RoundMetrics, total: int) -> str:
+    width = len(str(total))
+    line = (f"round {m.round:>{width}}  test accuracy [bold]{m.test_accuracy:.4f}[/]  loss {m.test_loss:.4f}  "
+            f"clients {len(m.aggregated)}/{len(m.cohort)}  {m.wall_seconds:5.2f} s (clients {m.client_seconds:.2f}, "
+            f"aggregation {m.aggregate_seconds:.2f}, server {m.server_seconds:.2f})")
+    problems = [f"{c} rejected ({why})" for c, why in m.rejected.items()]
+    problems += [f"{c} failed ({why})" for c, why in m.failed.items()]
+    return line + "".join(f"\n    [yellow]{p}[/]" for p in problems)
+
+
+def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[str, Any]]:
+    """Run (or resume) ``trainer`` with a progress bar and a line per round; rewrite the outputs after each round.
+
+    Returns the metrics of every round of the run (rounds done by an earlier start included).
+    """
+    from gradshard.fl import report
+    from gradshard.fl.driver import metrics_key
+
+    config = trainer.config
+    config_dump = config.model_dump(mode="json")
+    trainer.prepare()  # refuses a store holding a different run before anything is shown
+    done = min(trainer.completed_rounds(), config.rounds)
+    history = [json.loads(trainer.store.get(metrics_key(r))) for r in range(done)]
+    if done:
+        finished = "round 0 is" if done == 1 else f"rounds 0–{done - 1} are"
+        console.print(f"resuming: {finished} done (in the store); continuing at round {done}")
+    last = f"{history[-1]['test_accuracy']:.4f}" if history else "–"
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("test accuracy {task.fields[accuracy]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("rounds", total=config.rounds, completed=done, accuracy=last)
+
+        def on_round(m: RoundMetrics) -> None:
+            history.append(m.to_dict())
+            if out is not None:
+                report.write_outputs(out, history, config_dump, title)
+            bar.update(task, advance=1, accuracy=f"{m.test_accuracy:.4f}")
+            bar.console.print(_round_line(m, config.rounds))
+
+        metrics = trainer.run(on_round=on_round)
+    if out is not None:
+        written = report.write_outputs(out, metrics, config_dump, title)
+        console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    s = report.summary(metrics)
+    if metrics:
+        console.print(f"final test accuracy [bold]{s['final_test_accuracy']:.4f}[/] after {s['rounds']} rounds "
+                      f"(best {s['best_test_accuracy']:.4f} after round {s['best_round']}); "
+                      f"{s['mean_round_seconds']:.2f} s per round, {s['total_wall_seconds']:.1f} s of rounds")
+    return metrics
+
+
+def _train_options(f: Any) -> Any:
+    options = [
+        click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "vgg16"]), default=None,
+                     help="Model to train [default: mlp]."),
+        click.option("--data", type=click.Choice(["digits", "synthetic"]), default=None,
+                     help="Bundled data set [default: digits]."),
+        click.option("--clients", "-N", type=click.IntRange(min=1), default=None, help="Clients [default: 20]."),
+        click.option("--rounds", type=click.IntRange(min=1), default=None,
+                     help="Rounds of the run [default: 20]; raise it on the same store to extend a run."),
+        click.option("--per-round", type=click.IntRange(min=1), default=None,
+                     help="Clients sampled per round [default: all]."),
+        click.option("--fraction", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                     help="Or the fraction of clients sampled per round."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Local epochs [default: 1]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]"),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client SGD learning rate [default: 0.05]."),
+        click.option("--momentum", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+                     help="Client SGD momentum [default: 0]."),
+        click.option("--mu", type=click.FloatRange(min=0), default=None,
+                     help="FedProx proximal weight; 0 is FedAvg [default: 0]."),
+        click.option("--server-optimizer", type=click.Choice(["fedavg", "fedavgm", "fedadam"]), default=None,
+                     help="Server update applied shard by shard [default: fedavg]."),
+        click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Server learning rate η [default: 1]."),
+        click.option("--topology", type=click.Choice(list(TOPOLOGIES)), default=None,
+                     help="Aggregation topology [default: sharded]."),
+        click.option("--shards", "-M", type=click.IntRange(min=1), default=None,
+                     help="GradsSharding's M; also the server step's shards [default: 4]."),
+        click.option("--partition", type=click.Choice(["iid", "dirichlet"]), default=None,
+                     help="How the training set is split among clients [default: dirichlet]."),
+        click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Dirichlet α (smaller: fewer labels per client) [default: 0.5]."),
+        click.option("--min-clients", type=click.IntRange(min=1), default=None,
+                     help="Updates a round needs to aggregate [default: 1]."),
+        click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Seconds a client function may run; later ones are left out [default: 300]."),
+        click.option("--seed", type=int, default=None, help="[default: 0]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
-@click.option("--layout", "layout_name", default="resnet18", show_default=True,
-              help=f"Model layout: {', '.join(LAYOUTS)} or synthetic-<N>.")
-@click.option("--clients", "-N", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="TOML file with the run's settings (the fields of TrainConfig; tables [data], [server], "
+                   "[aggregation]). Flags override it.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory holding the run's state (created if missing). Rerunning on the same store resumes.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for metrics.json, metrics.csv and accuracy.png [default: the store directory].")
+@click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
+              help="Memory cap of every aggregation and server function, MiB [default: none].")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Function invocations running at once (clients, and aggregation/server functions).")
+@_train_options
+def train(config_path: str | None, store_dir: str, out_dir: str | None, memory_mb: float | None, workers: int,
+          **flags: Any) -> None:
+    """Federated training: clients, aggregation and the server step all run as functions on a store.
+
+    Settings come from --config (TOML), else from the run already in --store, else the defaults; flags override
+    them. The run's state lives in the store: rerun the same command to resume it after a crash or a kill, or
+    raise --rounds to extend it.
+    """
+    from gradshard.fl.driver import CONFIG_KEY, Trainer
+
+    store = LocalStore(store_dir)
+    if config_path is not None:
+        base, source = load_toml(config_path), f"{config_path} + flags"
+    elif store.exists(CONFIG_KEY):
+        base, source = json.loads(store.get(CONFIG_KEY)), f"{store.root / CONFIG_KEY} + flags"
+    else:
+        base, source = {}, "defaults + flags"
+    config = train_config(base, flags, source)
+    cap = None if memory_mb is None else int(memory_mb * MIB)
+    agg = config.aggregation
+    console.print(f"[bold]gradshard train[/]: {config.model} on {config.data.name} ({config.data.partition}), "
+                  f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
+                  f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
+                  f"{config.server.name}; store {store.root}")
+    # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
+    with LocalExecutor(workers=workers, memory_cap_bytes=cap) as executor, \
+            LocalExecutor(workers=workers, retries=0, timeout_s=config.deadline_s) as client_executor:
+        trainer = Trainer(store, config, executor, client_executor)
+        run_training(trainer, Path(out_dir) if out_dir else store.root, f"{config.model} on {config.data.name}, "
+                     f"{config.clients} clients, {agg.topology}")
+
+
+def _verify_last_round(store: LocalStore, config: TrainConfig, r: int, workers: int) -> bool:
+    from gradshard.fl.report import recompute_flat
+
+    with LocalExecutor(workers=workers) as uncapped:
+        check = recompute_flat(store, config, r, uncapped)
+    if check.identical:
+        console.print(f"[green]bit-identical[/]: round {r} recomputed with one flat aggregator and an unsharded "
+                      f"server step gives the same aggregate (sha256 {check.sharded_aggregate[:16]}…) and the same "
+                      f"global model (sha256 {check.sharded_model[:16]}…)")
+    else:
+        console.print(f"[red]DIFFERENT[/]: aggregate sharded {check.sharded_aggregate[:16]}… vs flat "
+                      f"{check.flat_aggregate[:16]}…; model sharded {check.sharded_model[:16]}… vs flat "
+                      f"{check.flat_model[:16]}…")
+    return check.identical
+
+
+def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, workers: int, store_dir: str | None,
+                   seed: int, model: str, out_dir: str | None) -> None:
+    from gradshard.fl.driver import TrainConfig, Trainer
+
+    config = TrainConfig.model_validate({**DEMO_TRAINING, "clients": clients, "rounds": rounds, "model": model,
+                                         "seed": seed, "aggregation": {"topology": "sharded", "shards": shards}})
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gradshard-demo-") as tmp:
+        store = LocalStore(store_dir or tmp)
+        console.print(f"[bold]gradshard demo[/]: federated training of a {model} on scikit-learn's digits; "
+                      f"{clients} non-IID clients (Dirichlet α = {config.data.alpha}), {rounds} rounds of "
+                      f"{config.epochs} local epochs; GradsSharding M = {shards} and a sharded server step on "
+                      f"functions capped at {memory_mb:.0f} MiB; store {store.root}")
+        with LocalExecutor(workers=workers, memory_cap_bytes=int(memory_mb * MIB)) as capped, \
+                LocalExecutor(workers=workers, retries=0, timeout_s=config.deadline_s) as client_executor:
+            trainer = Trainer(store, config, capped, client_executor)
+            metrics = run_training(trainer, Path(out_dir) if out_dir else None,
+                                   f"demo: {model}, {clients} non-IID clients, GradsSharding M={shards}")
+        identical = _verify_last_round(store, config, len(metrics) - 1, workers)
+    console.print(f"demo done in {time.perf_counter() - started:.1f} s")
+    if not identical:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--aggregate-only", is_flag=True,
+              help="The aggregation-only demo: synthetic updates of --layout, aggregated sharded (capped) and flat.")
+@click.option("--clients", "-N", type=click.IntRange(min=1), default=None,
+              help="Clients [default: 20; 8 with --aggregate-only].")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help=f"Training rounds [default: {DEMO_TRAINING['rounds']}].")
+@click.option("--model", type=click.Choice(["mlp", "cnn"]), default=None,
+              help=f"Model to train [default: {DEMO_TRAINING['model']}].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write metrics.json, metrics.csv and accuracy.png of the training run here.")
+@click.option("--layout", "layout_name", default=None,
+              help=f"With --aggregate-only: model layout: {', '.join(LAYOUTS)} or synthetic-<N> [default: resnet18].")
 @click.option("--shards", "-M", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--memory-mb", type=click.FloatRange(min=1), default=128.0, show_default=True,
-              help="Memory cap of every shard function, MiB.")
+@click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
+              help="Memory cap of every aggregation and server function, MiB [default: 256; 128 with "
+                   "--aggregate-only].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
               help="Store directory (default: a temporary one, removed afterwards).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--reports", type=click.Path(dir_okay=False), default=None, help="Write all reports as JSON here.")
-def demo(layout_name: str, clients: int, shards: int, memory_mb: float, workers: int, store_dir: str | None,
+@click.option("--reports", type=click.Path(dir_okay=False), default=None,
+              help="With --aggregate-only: write all reports as JSON here.")
+def demo(aggregate_only: bool, clients: int | None, rounds: int | None, model: str | None, out_dir: str | None,
+         layout_name: str | None, shards: int, memory_mb: float | None, workers: int, store_dir: str | None,
          seed: int, reports: str | None) -> None:
+    """Federated training on digits with 20 non-IID clients and GradsSharding on memory-capped functions, then a
+    check that the last round is bit-identical to a flat recomputation. --aggregate-only: aggregation alone."""
+    if aggregate_only:
+        extra = [name for name, value in (("--rounds", rounds), ("--model", model), ("--out", out_dir))
+                 if value is not None]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)} only apply to the training demo (without --aggregate-only)")
+        _demo_aggregate(layout_name or "resnet18", clients or 8, shards, memory_mb or 128.0, workers, store_dir,
+                        seed, reports)
+        return
+    extra = [name for name, value in (("--layout", layout_name), ("--reports", reports)) if value is not None]
+    if extra:
+        raise click.UsageError(f"{', '.join(extra)} only apply with --aggregate-only")
+    _demo_training(clients or DEMO_TRAINING["clients"], rounds or DEMO_TRAINING["rounds"], shards,
+                   memory_mb or 256.0, workers, store_dir, seed, model or DEMO_TRAINING["model"], out_dir)
+
+
+def _demo_aggregate(layout_name: str, clients: int, shards: int, memory_mb: float, workers: int,
+                    store_dir: str | None, seed: int, reports: str | None) -> None:
     """Generate realistic updates, aggregate them sharded (capped) and flat, and check they are bit-identical."""
     layout = get_layout(layout_name)
     with tempfile.TemporaryDirectory(prefix="gradshard-demo-") as tmp:

@@ -30,7 +30,7 @@ from safetensors.numpy import save as save_safetensors
 
 from gradshard import checksum
 from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.errors import GradshardError, RoundError
+from gradshard.errors import GradshardError, InvocationError, RoundError
 from gradshard.fl import data as fldata
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
@@ -184,10 +184,17 @@ class Trainer:
 
     # --- the run's fixed inputs ----------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Write the config, client data and the initial model once; a restarted run checks it is the same run."""
+        """Write the config, client data and the initial model once; a restarted run checks it is the same run.
+
+        Only ``rounds`` may change between starts (a run is extended, or stopped early, on the same store)."""
         blob = self.config.model_dump_json(indent=1).encode()
-        if self.store.exists(CONFIG_KEY) and json.loads(self.store.get(CONFIG_KEY)) != json.loads(blob):
-            raise GradshardError(f"the store already holds a different run ({CONFIG_KEY}); use a new store")
+        if self.store.exists(CONFIG_KEY):
+            stored, wanted = json.loads(self.store.get(CONFIG_KEY)), json.loads(blob)
+            differ = sorted(k for k in stored.keys() | wanted.keys()
+                            if k != "rounds" and stored.get(k) != wanted.get(k))
+            if differ:
+                raise GradshardError(f"the store already holds a different run ({CONFIG_KEY} differs in "
+                                     f"{', '.join(differ)}); use a new store")
         if not self.store.exists(model_key(0)):
             self._write_client_data()
             self._write_initial_model()
@@ -275,8 +282,10 @@ class Trainer:
             reports = self.executor.run(Plan("server", tuple(invocations)), self.store)
             failed = [r_ for r_ in reports if not r_.ok]
             if failed or len(reports) != len(invocations):
-                raise RoundError(f"server step of round {r} failed: "
-                                 + "; ".join(f"{f.invocation}: {f.error_type}: {f.error}" for f in failed))
+                # Not a RoundError: the round's updates are fine, so the driver stops (and a restart redoes the
+                # step) instead of leaving the model unchanged and dropping the round's updates.
+                raise InvocationError(f"server step of round {r} failed: "
+                                      + "; ".join(f"{f.invocation}: {f.error_type}: {f.error}" for f in failed))
             for name in [*opt.slots, "model"]:  # the model last: its existence marks the step done
                 merged: dict[int, str] = {}
                 for rep in reports:
@@ -290,10 +299,10 @@ class Trainer:
     def _copy_model(self, r: int) -> None:
         """A round that could not aggregate leaves the model (and optimizer state) unchanged."""
         flat = read_flat(self.store, model_key(r), self.averaged, "global model")
-        for slot in self.config.server.slots:
-            if r > 0:
-                state = read_flat(self.store, state_key(r, slot), self.averaged, f"server state {slot}")
-                write_update(self.store, state_key(r + 1, slot), self.averaged, state, self._model_meta(r + 1))
+        for slot in self.config.server.slots:  # before round 0 the state is zeros (server_step starts from them)
+            state = (read_flat(self.store, state_key(r, slot), self.averaged, f"server state {slot}") if r > 0
+                     else np.zeros(self.averaged.numel, dtype=np.float32))
+            write_update(self.store, state_key(r + 1, slot), self.averaged, state, self._model_meta(r + 1))
         write_update(self.store, model_key(r + 1), self.averaged, flat, self._model_meta(r + 1))
 
     def evaluate(self, r: int) -> tuple[float, float]:
@@ -316,14 +325,23 @@ class Trainer:
         resumed = self.store.exists(spec_key(r))
         spec = self._open(r)
         t0 = time.perf_counter()
-        client_reports = self.client_executor.run(self._client_plan(spec), self.store)
+        # Once the round is aggregated (or its model kept) before a restart, its clients are not run again: a late
+        # update would not count any more, and training would only repeat the deadline wait.
+        settled = self.store.exists(aggregate_key(r)) or self.store.exists(model_key(r + 1))
+        client_reports = self.client_executor.run(Plan("clients", ()) if settled else self._client_plan(spec),
+                                                  self.store)
         failed = {rep.invocation.removeprefix("client-"): f"{rep.error_type}: {rep.error}"
                   for rep in client_reports if not rep.ok}
+        if settled:
+            failed = {c: "no update before the round was aggregated (before a restart)" for c in spec.cohort or []
+                      if not self.store.exists(update_key(r, c))}
         t1 = time.perf_counter()
         aggregated: list[str] = []
         rejected: dict[str, str] = {}
         try:
             if not self.store.exists(aggregate_key(r)):
+                if settled:  # the model was kept unchanged before a restart; the round stays unaggregated
+                    raise RoundError(f"round {r} could not aggregate (before a restart)")
                 aggregate_round(self.store, r, self.executor, self.config.aggregation)
             manifest = load_manifest(self.store, manifest_key(r))
             aggregated, rejected = [c.client for c in manifest.clients], dict(manifest.rejected)
@@ -339,7 +357,7 @@ class Trainer:
                 self._copy_model(r)
         t3 = time.perf_counter()
         test_loss, test_accuracy = self.evaluate(r + 1)
-        losses = [float(rep.result["loss"]) for rep in client_reports if rep.ok]
+        losses = self._client_losses(r, aggregated)
         metrics = RoundMetrics(round=r, cohort=list(spec.cohort or []), aggregated=aggregated, rejected=rejected,
                                failed=failed, test_loss=test_loss, test_accuracy=test_accuracy,
                                client_loss=float(np.mean(losses)) if losses else None, client_seconds=t1 - t0,
@@ -347,6 +365,14 @@ class Trainer:
                                wall_seconds=time.perf_counter() - started, resumed=resumed)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
         return metrics
+
+    def _client_losses(self, r: int, clients: list[str]) -> list[float]:
+        """The training losses the aggregated clients wrote into their updates (the same after a restart)."""
+        losses = []
+        for client in clients:
+            with open_update(self.store, update_key(r, client), client, self.averaged) as upd:
+                losses.append(float(upd.meta.extra["loss"]))
+        return losses
 
     def completed_rounds(self) -> int:
         """Rounds whose metrics exist (the next round to run)."""
