@@ -371,7 +371,8 @@ class Trainer:
         losses = []
         for client in clients:
             with open_update(self.store, update_key(r, client), client, self.averaged) as upd:
-                losses.append(float(upd.meta.extra["loss"]))
+                if "loss" in upd.meta.extra:  # (updates written by other tools need not say)
+                    losses.append(float(upd.meta.extra["loss"]))
         return losses
 
     def completed_rounds(self) -> int:
