@@ -240,12 +240,3 @@ class ModelLayout:
         if flat.ndim != 1 or flat.shape[0] != self.numel:
             raise LayoutError(f"flat vector has shape {flat.shape}, layout needs ({self.numel},)")
         return {s.spec.name: flat[s.start : s.stop].reshape(s.spec.shape) for s in self.slots}
-
-    def tensors_in(self, start: int, stop: int) -> list[tuple[TensorSlot, int, int]]:
-        """The tensors that elements ``[start, stop)`` touch, each with the local element range inside it."""
-        out = []
-        for slot in self.slots:
-            lo, hi = max(start, slot.start), min(stop, slot.stop)
-            if lo < hi:
-                out.append((slot, lo - slot.start, hi - slot.start))
-        return out

@@ -36,7 +36,7 @@ from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.server import ServerOptimizer, Target
 from gradshard.layout import ModelLayout
-from gradshard.output import PendingObject
+from gradshard.output import PendingObject, collect_checksums
 from gradshard.round import (
     RoundSpec,
     aggregate_key,
@@ -288,10 +288,7 @@ class Trainer:
                 raise InvocationError(f"server step of round {r} failed: "
                                       + "; ".join(f"{f.invocation}: {f.error_type}: {f.error}" for f in failed))
             for name in [*opt.slots, "model"]:  # the model last: its existence marks the step done
-                merged: dict[int, str] = {}
-                for rep in reports:
-                    merged.update({int(i): h for i, h in rep.result["checksums"][name].items()})
-                outputs[name].commit(merged)
+                outputs[name].commit(collect_checksums([rep.result["checksums"] for rep in reports], name))
         except BaseException:
             for pending in outputs.values():
                 pending.abort()

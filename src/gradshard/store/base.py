@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -134,10 +134,3 @@ class Store(ABC):
     def spec(self) -> dict[str, Any]:
         """A JSON-able description from which :func:`gradshard.store.open_store` reopens this store elsewhere."""
 
-
-@dataclass
-class StoreSpec:
-    """Parsed form of :meth:`Store.spec` (kind plus backend options)."""
-
-    kind: str
-    options: dict[str, Any] = field(default_factory=dict)

@@ -7,7 +7,6 @@ memory and latency are computed from the same plan (predicted) and from its repo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +88,3 @@ def check_fits(plan: Plan, memory_limit_bytes: int | None, baseline_bytes: int =
             f"invocation {worst.id!r} needs {worst.memory_bytes / MIB:.0f} MiB + {baseline_bytes / MIB:.0f} MiB "
             "baseline")
 
-
-def by_id(invocations: Sequence[Invocation]) -> dict[str, Invocation]:
-    return {inv.id: inv for inv in invocations}
