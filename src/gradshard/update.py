@@ -132,6 +132,7 @@ class UpdateWriter:
         self._header_len = len(encode_header(layout, meta.with_checksums(["0" * checksum.HEX_WIDTH] * self.grid.count)
                                              .to_metadata()))
         self.upload_id = store.begin_upload(key, self._header_len + layout.nbytes)
+        self._out = store.writer(key, self.upload_id, self._header_len)
         self._written = 0  # elements
         self._hashes: list[str] = []
         self._stream = checksum.ChunkStream(self.grid, 0)
@@ -143,11 +144,10 @@ class UpdateWriter:
             raise GradshardError(f"expected a 1-D {self.dtype} array, got {values.ndim}-D {values.dtype}")
         if self._written + len(values) > self.layout.numel:
             raise GradshardError(f"writing {len(values)} more elements overflows the layout's {self.layout.numel}")
-        offset = self._header_len + self._written * self.dtype.itemsize
         step = _WRITE_PIECE // self.dtype.itemsize
         for lo in range(0, len(values), step):
             piece = values[lo : lo + step]
-            self.store.write_at(self.key, self.upload_id, offset + lo * self.dtype.itemsize, piece)
+            self._out.write(piece)
             self._hashes.extend(h for _, h in self._stream.feed(piece))
         self._written += len(values)
 
@@ -155,6 +155,7 @@ class UpdateWriter:
         """Write the header and publish the object; returns the metadata with its checksums."""
         if self._written != self.layout.numel:
             raise GradshardError(f"update {self.key!r} got {self._written} of {self.layout.numel} elements")
+        self._out.close()
         meta = self.meta.with_checksums(self._hashes)
         header = encode_header(self.layout, meta.to_metadata())
         assert len(header) == self._header_len, "checksums are fixed-width, so the header length cannot change"

@@ -128,4 +128,4 @@ def server_step(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     finally:
         for reader in readers.values():
             reader.close()
-    return {"checksums": {name: w.checksums for name, w in writers.items()}}
+    return {"checksums": {name: w.finish() for name, w in writers.items()}}

@@ -71,12 +71,16 @@ def nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[
 
 
 class OutputWriter:
-    """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk."""
+    """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk.
+
+    Writes go through the store's sequential writer (which on S3 buffers up to a part); :meth:`finish` flushes it
+    and returns the checksums of the chunks written.
+    """
 
     def __init__(self, store: Store, key: str, upload_id: str, data_start: int, start: int, layout: ModelLayout,
                  chunk_elems: int, capacity: int, accumulate: str) -> None:
-        self.store, self.key, self.upload_id, self.data_start = store, key, upload_id, data_start
         self.dtype = np.dtype(layout.flat_dtype)
+        self._out = store.writer(key, upload_id, data_start + start * self.dtype.itemsize)
         self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
         self.pos = start
         self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start)
@@ -89,11 +93,14 @@ class OutputWriter:
             out = self.cast[: len(values)]
             np.copyto(out, values, casting="same_kind")
         for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
-            piece = out[lo : lo + _WRITE_PIECE_ELEMS]
-            self.store.write_at(self.key, self.upload_id, self.data_start + (self.pos + lo) * self.dtype.itemsize,
-                                piece)
+            self._out.write(out[lo : lo + _WRITE_PIECE_ELEMS])
         self.pos += len(out)
         self.checksums.update((str(i), h) for i, h in self._chunks.feed(out))
+
+    def finish(self) -> dict[str, str]:
+        """Flush what the store's writer buffered; the checksums of every chunk written."""
+        self._out.close()
+        return self.checksums
 
 
 def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
@@ -133,7 +140,7 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     finally:
         for reader in readers:
             reader.close()
-    return {"checksums": writer.checksums, "clients": len(readers), "window_elems": window}
+    return {"checksums": writer.finish(), "clients": len(readers), "window_elems": window}
 
 
 def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
@@ -164,7 +171,7 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
                           args.accumulate)
     writer.write(acc.value)
-    return {"checksums": writer.checksums, "clients": len(manifest.clients), "window_elems": layout.numel}
+    return {"checksums": writer.finish(), "clients": len(manifest.clients), "window_elems": layout.numel}
 
 
 def noop(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import psutil
 
 from gradshard.errors import GradshardError
 from gradshard.runtime.executor import Executor
-from gradshard.runtime.registry import RUNTIMES, runtime_of
+from gradshard.runtime.registry import preload_of
 from gradshard.runtime.report import InvocationReport
 from gradshard.runtime.zygote import Child, Zygote
 from gradshard.store import Store
@@ -50,7 +50,7 @@ class LocalExecutor(Executor):
         super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
         self.poll_s = poll_s
         self.warm = warm
-        self._zygotes: dict[str, Zygote] = {}  # one per runtime, started on first use
+        self._zygotes: dict[tuple[str, ...], Zygote] = {}  # one per set of preloaded modules, started on first use
         self._idle: dict[str, Child] = {}  # warm workers waiting for their aggregator's next invocation
         self._idle_lock = threading.Lock()
 
@@ -63,19 +63,19 @@ class LocalExecutor(Executor):
         for zygote in self._zygotes.values():
             zygote.close()
 
-    def _zygote(self, function: str) -> Zygote:
-        runtime = runtime_of(function)
+    def _zygote(self, function: str, store: Store) -> Zygote:
+        preload = preload_of(function, str(store.spec().get("kind")))
         with self._idle_lock:
-            if runtime not in self._zygotes:
-                self._zygotes[runtime] = Zygote(RUNTIMES[runtime])
-            return self._zygotes[runtime]
+            if preload not in self._zygotes:
+                self._zygotes[preload] = Zygote(preload)
+            return self._zygotes[preload]
 
     def _start(self, invocation: Invocation, store: Store) -> tuple[Child, str | None, bool]:
         """A child running ``invocation``: the warm worker of its ``warm_key`` if one is idle, else a fresh one."""
         key = invocation.warm_key if self.warm else None
         with self._idle_lock:
             idle = self._idle.pop(key, None) if key is not None else None
-        zygote = self._zygote(invocation.function)
+        zygote = self._zygote(invocation.function, store)
         if idle is not None:
             try:
                 child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=True, warm=idle)

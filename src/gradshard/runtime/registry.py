@@ -27,10 +27,17 @@ FUNCTIONS: dict[str, Function] = {
 # training functions need torch, which would add hundreds of MiB to every aggregation function's baseline.
 RUNTIMES: dict[str, tuple[str, ...]] = {"numpy": (), "torch": ("torch", "gradshard.fl.client")}
 FUNCTION_RUNTIME: dict[str, str] = {"train_client": "torch"}
+# Store clients a runtime preloads when its functions use that kind of store (boto3 takes ~0.3 s to load).
+STORE_PRELOAD: dict[str, tuple[str, ...]] = {"s3": ("gradshard.store.s3",)}
 
 
 def runtime_of(function: str) -> str:
     return FUNCTION_RUNTIME.get(function, "numpy")
+
+
+def preload_of(function: str, store_kind: str) -> tuple[str, ...]:
+    """The modules a worker running ``function`` against a ``store_kind`` store starts with."""
+    return RUNTIMES[runtime_of(function)] + STORE_PRELOAD.get(store_kind, ())
 
 
 def _lazy(module: str, name: str) -> Function:

@@ -133,5 +133,5 @@ def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
                           args.accumulate)
     writer.write(mean)
-    result["checksums"] = writer.checksums
+    result["checksums"] = writer.finish()
     return result

@@ -8,18 +8,25 @@ from gradshard.errors import StoreError
 from gradshard.store.base import BytesLike, IOCounters, ObjectReader, Store, check_key
 from gradshard.store.local import LocalStore
 from gradshard.store.memory import MemoryStore
+from gradshard.store.s3 import S3Store, parse_url
 
-__all__ = ["BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "Store", "check_key",
+__all__ = ["BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "S3Store", "Store", "check_key",
            "open_store"]
 
 
 def open_store(spec: dict[str, Any] | str) -> Store:
-    """Open a store from :meth:`Store.spec` output, or from a string: a directory path or ``memory:``."""
+    """Open a store from :meth:`Store.spec` output, or from a string: a directory, ``s3://bucket/prefix``
+    (endpoint and credentials from the AWS environment) or ``memory:``."""
     if isinstance(spec, str):
+        if spec.startswith("s3://"):
+            return S3Store(*parse_url(spec))
         return MemoryStore() if spec == "memory:" else LocalStore(spec)
     kind = spec.get("kind")
     if kind == "local":
         return LocalStore(spec["root"], fsync=bool(spec.get("fsync", True)))
     if kind == "memory":
         return MemoryStore()
-    raise StoreError(f"unknown store kind {kind!r}; known: local, memory")
+    if kind == "s3":
+        options = {k: v for k, v in spec.items() if k not in ("kind", "bucket", "prefix")}
+        return S3Store(spec["bucket"], spec.get("prefix", ""), **options)
+    raise StoreError(f"unknown store kind {kind!r}; known: local, memory, s3")

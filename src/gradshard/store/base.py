@@ -54,6 +54,26 @@ class ObjectReader(ABC):
         self.close()
 
 
+class SequentialWriter:
+    """Writes consecutive bytes of an upload from a starting offset; :meth:`close` flushes what it buffered.
+
+    The base writer passes every write straight to :meth:`Store.write_at`. Stores whose uploads work in parts
+    (S3: parts of at least 5 MiB) buffer up to a part boundary, so one function writing its range window by
+    window still uploads whole parts.
+    """
+
+    def __init__(self, store: Store, key: str, upload_id: str, offset: int) -> None:
+        self.store, self.key, self.upload_id, self.offset = store, key, upload_id, offset
+
+    def write(self, data: BytesLike) -> None:
+        view = as_bytes(data)
+        self.store.write_at(self.key, self.upload_id, self.offset, view)
+        self.offset += len(view)
+
+    def close(self) -> None:
+        """Write out anything buffered."""
+
+
 @dataclass
 class IOCounters:
     """What a store did on behalf of one invocation."""
@@ -120,6 +140,10 @@ class Store(ABC):
     @abstractmethod
     def write_at(self, key: str, upload_id: str, offset: int, data: BytesLike) -> None:
         """Write ``data`` at byte ``offset`` of an upload. Any process may write any disjoint range."""
+
+    def writer(self, key: str, upload_id: str, offset: int) -> SequentialWriter:
+        """A writer of consecutive bytes of an upload from ``offset``; close it to flush."""
+        return SequentialWriter(self, key, upload_id, offset)
 
     @abstractmethod
     def complete_upload(self, key: str, upload_id: str) -> None:

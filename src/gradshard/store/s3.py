@@ -1,0 +1,570 @@
+"""S3-compatible object store (AWS S3, MinIO, Ceph RGW, moto, ...) through boto3.
+
+Objects live under ``s3://<bucket>/<prefix><key>``. Credentials and, unless given, the endpoint come from the
+usual AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, an
+instance role), so no secret ever travels in a store spec or a plan.
+
+**Reads.** ``open_reader`` pins the object's version: in a versioned bucket every ranged GET asks for the version
+it opened (a reader keeps seeing the object it opened, as on a local disk); otherwise every GET is conditional on
+the ETag, so an object replaced mid-read fails loudly instead of mixing two versions. A read of at least two
+``min_range_bytes`` is split into up to ``read_concurrency`` ranged GETs that run at once and land directly in the
+caller's buffer: the buffer the function already holds is the only one (bounded), and the round trips overlap. A
+connection that breaks mid-body resumes from the last byte received, with exponential back-off; request-level
+failures (5xx, throttling, timeouts) are retried by botocore's ``standard`` retry mode.
+
+**Uploads.** S3 has no write-at-offset; an upload is a multipart upload whose parts must be at least 5 MiB (all
+but the last) and numbered in byte order. The object is cut into a fixed grid of *cells* of ``cell_bytes(size)``
+(5 MiB, more for objects over ~50 GB so there are at most 10,000): cell *k* is part *k + 1*. A write that covers
+a whole cell uploads it as that part directly — a shard function writing its range uploads its own parts, in
+parallel with the others. Bytes of cells nobody wrote whole (the header, written last at offset 0, and the
+edges of each function's range) are kept as small *fragment* objects under ``<prefix>.uploads/``; completing the
+upload composes each such cell from its fragments (at most one cell in memory at a time, unwritten bytes zero),
+uploads it as its part, then completes the multipart upload — the object appears whole or not at all — and
+deletes the fragments. Objects of one cell never start a multipart upload: they are composed and PUT.
+:meth:`S3Store.writer` buffers a function's consecutive writes up to cell boundaries so that only its edges
+become fragments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from gradshard.errors import ObjectNotFoundError, StoreError
+from gradshard.store.base import BytesLike, ObjectReader, SequentialWriter, Store, as_bytes, check_key
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+MIN_PART_BYTES = 5 * MIB  # S3's smallest part (all but the last)
+MAX_PARTS = 10_000  # S3's most parts in one upload
+SINGLE_PUT_BYTES = 64 * MIB  # ``put`` above this goes through a multipart upload
+_READ_PIECE = 1 * MIB  # bytes taken from a response body at a time
+_UPLOADS = ".uploads"
+_ACCESS_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                           "InvalidToken", "AuthorizationHeaderMalformed", "AllAccessDisabled", "403", "Forbidden"})
+
+_loader_lock = threading.Lock()
+_loader: Any = None
+
+
+def _boto_session() -> Any:
+    """A new boto3 session (credentials are resolved per store) sharing one loader of service models per process."""
+    global _loader
+    import boto3
+    import botocore.session
+
+    core = botocore.session.Session()
+    with _loader_lock:
+        if _loader is None:
+            _loader = core.get_component("data_loader")
+        core.register_component("data_loader", _loader)
+    return boto3.session.Session(botocore_session=core)
+
+
+def warm_up() -> None:
+    """Load boto3 and the S3 service model once (run by a runtime's zygote, so forked functions skip it)."""
+    _boto_session().client("s3", region_name="us-east-1", aws_access_key_id="warm-up", aws_secret_access_key="x")
+
+
+def cell_bytes(size: int) -> int:
+    """The upload grid for an object of ``size`` bytes: 5 MiB cells, larger (whole MiB) beyond 10,000 cells."""
+    cell = max(MIN_PART_BYTES, -(-size // MAX_PARTS))
+    return -(-cell // MIB) * MIB
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """What an upload id carries: ``<tag>~<size>~<S3 upload id or ->``; the tag ends with a digest of the key."""
+
+    tag: str
+    size: int
+    s3_id: str | None
+
+    @property
+    def cell(self) -> int:
+        return cell_bytes(self.size)
+
+    @property
+    def cells(self) -> int:
+        return max(1, -(-self.size // self.cell))
+
+    def cell_range(self, k: int) -> tuple[int, int]:
+        return k * self.cell, min((k + 1) * self.cell, self.size)
+
+    def encode(self) -> str:
+        return f"{self.tag}~{self.size}~{self.s3_id or '-'}"
+
+
+def _key_tag(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class S3ObjectReader(ObjectReader):
+    """An object opened for ranged reads, pinned to the ETag it had when opened."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        self._store = store
+        self._key = key
+        head = store.head(key)
+        self.size = int(head["ContentLength"])
+        version = head.get("VersionId")
+        self._pin = {"VersionId": version} if version and version != "null" else {"IfMatch": str(head["ETag"])}
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        want = len(buf)
+        if offset < 0 or offset + want > self.size:
+            raise StoreError(f"read of bytes [{offset}, {offset + want}) is outside object {self._key!r} "
+                             f"of {self.size} bytes")
+        if want == 0:
+            return
+        pieces = self._store.split_range(want)
+        if len(pieces) == 1:
+            self._store.get_into(self._key, offset, buf, self._pin)
+        else:
+            pool = self._store.read_pool()
+            futures = [pool.submit(self._store.get_into, self._key, offset + lo, buf[lo:hi], self._pin)
+                       for lo, hi in pieces]
+            for future in futures:
+                future.result()
+        self._store.io.gets += len(pieces)
+        self._store.io.bytes_read += want
+
+
+class S3SequentialWriter(SequentialWriter):
+    """Buffers consecutive writes up to cell boundaries, so whole cells go up as parts and only edges as fragments."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str, offset: int) -> None:
+        super().__init__(store, key, upload_id, offset)
+        self._cell = store.parse_upload(key, upload_id).cell
+        self._buf: bytearray | None = None
+        self._filled = 0
+        self._start = offset  # where the buffered bytes begin
+
+    def write(self, data: BytesLike) -> None:
+        view = as_bytes(data)
+        while len(view):
+            boundary = (self.offset // self._cell + 1) * self._cell
+            if self._filled == 0 and self.offset % self._cell == 0 and len(view) >= self._cell:
+                n = self._cell  # a whole cell straight from the caller's buffer, no copy
+                self.store.write_at(self.key, self.upload_id, self.offset, view[:n])
+            else:
+                if self._buf is None:
+                    self._buf = bytearray(self._cell)
+                if self._filled == 0:
+                    self._start = self.offset
+                n = min(len(view), boundary - self.offset)
+                self._buf[self._filled : self._filled + n] = view[:n]
+                self._filled += n
+                if self.offset + n == boundary:
+                    self._flush()
+            self.offset += n
+            view = view[n:]
+
+    def _flush(self) -> None:
+        if self._filled and self._buf is not None:
+            self.store.write_at(self.key, self.upload_id, self._start, memoryview(self._buf)[: self._filled])
+        self._filled = 0
+
+    def close(self) -> None:
+        self._flush()
+        self._buf = None
+
+
+class S3Store(Store):
+    """Objects in an S3 bucket under ``prefix``. See the module docstring for reads, retries and uploads.
+
+    ``endpoint_url`` selects any S3-compatible service (path-style addressing is used with one); ``None`` takes
+    ``AWS_ENDPOINT_URL`` or AWS itself. ``read_concurrency`` ranged GETs of at least ``min_range_bytes`` each
+    serve one large read; ``max_attempts`` bounds every request's tries.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 read_concurrency: int = 4, min_range_bytes: int = 1 * MIB, max_attempts: int = 5,
+                 connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0) -> None:
+        super().__init__()
+        if not bucket or "/" in bucket:
+            raise StoreError(f"invalid bucket name {bucket!r}")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        if read_concurrency < 1 or min_range_bytes < 1 or max_attempts < 1:
+            raise StoreError("read_concurrency, min_range_bytes and max_attempts must be at least 1")
+        self.bucket, self.prefix = bucket, prefix
+        self.endpoint_url, self.region = endpoint_url, region
+        self.read_concurrency, self.min_range_bytes, self.max_attempts = read_concurrency, min_range_bytes, max_attempts
+        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # --- plumbing --------------------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from botocore.config import Config
+
+                config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                                max_pool_connections=max(10, 2 * self.read_concurrency),
+                                connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
+                                request_checksum_calculation="when_required",
+                                response_checksum_validation="when_required",
+                                s3={"addressing_style": "path"} if self.endpoint_url else None)
+                self._client = _boto_session().client("s3", endpoint_url=self.endpoint_url,
+                                                      region_name=self.region or "us-east-1", config=config)
+            return self._client
+
+    def read_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.read_concurrency, thread_name_prefix="s3-read")
+            return self._pool
+
+    def _name(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _where(self) -> str:
+        return f"{self.url} at {self.endpoint_url or 'AWS'}"
+
+    @contextmanager
+    def _errors(self, what: str, key: str | None = None, upload_id: str | None = None) -> Iterator[None]:
+        """Turn boto3's exceptions into StoreErrors that say what failed, on which object, and why."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        try:
+            yield
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            message = error.get("Message") or str(exc)
+            raise self._client_error(what, code, message, key, upload_id) from None
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise StoreError(f"{what}: no usable AWS credentials for {self._where()} ({exc}); set AWS_ACCESS_KEY_ID "
+                             "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an instance role") from None
+        except EndpointConnectionError as exc:
+            raise StoreError(f"{what}: cannot reach the S3 endpoint for {self._where()}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"{what} on {self._where()} failed: {exc}") from None
+
+    def _client_error(self, what: str, code: str, message: str, key: str | None,
+                      upload_id: str | None) -> StoreError:
+        if code == "NoSuchBucket":
+            return StoreError(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}")
+        if code == "NoSuchUpload" and key is not None:
+            return StoreError(f"upload {upload_id} of {key!r} does not exist (aborted or completed?)")
+        if code in ("NoSuchKey", "404", "NotFound") and key is not None:
+            if not self.bucket_exists():
+                return StoreError(f"{what}: bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}")
+            return ObjectNotFoundError(f"object {key!r} does not exist in {self.url}")
+        if code in _ACCESS_CODES:
+            return StoreError(f"{what}: S3 refused access to {self._where()} ({code}: {message}); check the "
+                              "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket "
+                              "policy")
+        if code in ("PreconditionFailed", "412"):
+            return StoreError(f"object {key!r} in {self.url} changed while it was being read")
+        return StoreError(f"{what} on {self._where()} failed: {code}: {message}")
+
+    def bucket_exists(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise
+        return True
+
+    def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (for tests and local S3 servers)."""
+        with self._errors(f"creating bucket {self.bucket!r}"):
+            if not self.bucket_exists():
+                self.client.create_bucket(Bucket=self.bucket)
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    def head(self, key: str) -> dict[str, Any]:
+        with self._errors(f"reading object {key!r}", key):
+            head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
+        return head
+
+    def split_range(self, size: int) -> list[tuple[int, int]]:
+        """How a read of ``size`` bytes is cut into concurrent ranged GETs: ``[(lo, hi), ...]``."""
+        n = max(1, min(self.read_concurrency, size // self.min_range_bytes))
+        step = -(-size // n)
+        return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+    def get_into(self, key: str, offset: int, view: memoryview, pin: dict[str, str] | None = None) -> None:
+        """Fill ``view`` from bytes ``[offset, offset + len(view))`` of the version ``pin`` names (``VersionId``
+        or ``IfMatch``); a broken body resumes where it stopped."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        done, failures = 0, 0
+        while done < len(view):
+            try:
+                with self._errors(f"reading object {key!r}", key):
+                    response = self.client.get_object(Bucket=self.bucket, Key=self._name(key),
+                                                      Range=f"bytes={offset + done}-{offset + len(view) - 1}",
+                                                      **(pin or {}))
+                body = response["Body"]
+                try:
+                    while done < len(view):
+                        piece = body.read(min(_READ_PIECE, len(view) - done))
+                        if not piece:
+                            raise OSError(f"response ended after {done} of {len(view)} bytes")
+                        view[done : done + len(piece)] = piece
+                        done += len(piece)
+                finally:
+                    body.close()
+            except (BotoCoreError, HTTPError, OSError) as exc:  # the body broke (request errors are StoreErrors)
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise StoreError(f"reading bytes [{offset}, {offset + len(view)}) of {key!r} in {self.url} "
+                                     f"failed {failures} times; last: {exc}") from None
+                log.warning("reading %r broke after %d bytes (%s); resuming", key, done, exc)
+                _backoff(failures)
+
+    def size(self, key: str) -> int:
+        return int(self.head(key)["ContentLength"])
+
+    def open_reader(self, key: str) -> ObjectReader:
+        return S3ObjectReader(self, key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        with self._errors(f"listing {prefix!r}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self.prefix + prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix):]
+                    if not any(part.startswith(".") for part in key.split("/")):
+                        keys.append(key)
+        return sorted(keys)
+
+    # --- whole objects ---------------------------------------------------------------------------------------------
+    def put(self, key: str, data: BytesLike) -> None:
+        view = as_bytes(data)
+        if len(view) <= SINGLE_PUT_BYTES:
+            with self._errors(f"writing object {key!r}", key):
+                self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=bytes(view))
+            self.io.puts += 1
+            self.io.bytes_written += len(view)
+            return
+        upload_id = self.begin_upload(key, len(view))
+        try:
+            writer = self.writer(key, upload_id, 0)
+            writer.write(view)
+            writer.close()
+            self.complete_upload(key, upload_id)
+        except BaseException:
+            self.abort_upload(key, upload_id)
+            raise
+
+    def delete(self, key: str) -> None:
+        with self._errors(f"deleting object {key!r}", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    # --- uploads ---------------------------------------------------------------------------------------------------
+    def parse_upload(self, key: str, upload_id: str) -> _Upload:
+        tag, _, rest = upload_id.partition("~")
+        size_text, _, s3_id = rest.partition("~")
+        if not (tag.isalnum() and tag.endswith(_key_tag(key)) and size_text.isdigit() and s3_id):
+            raise StoreError(f"upload id {upload_id!r} is not an upload of {key!r}")
+        return _Upload(tag, int(size_text), None if s3_id == "-" else s3_id)
+
+    def _upload_dir(self, upload: _Upload) -> str:
+        return f"{self.prefix}{_UPLOADS}/{upload.tag}/"
+
+    def begin_upload(self, key: str, size: int) -> str:
+        check_key(key)
+        if size < 0:
+            raise StoreError(f"upload of {key!r} needs a non-negative size, got {size}")
+        upload = _Upload(uuid.uuid4().hex + _key_tag(key), size, None)
+        if upload.cells > 1:
+            with self._errors(f"starting an upload of {key!r}", key):
+                started = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._name(key))
+            upload = _Upload(upload.tag, size, str(started["UploadId"]))
+        marker = json.dumps({"key": key, "size": size, "s3_upload_id": upload.s3_id}).encode()
+        with self._errors(f"starting an upload of {key!r}", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._upload_dir(upload) + "upload", Body=marker)
+        return upload.encode()
+
+    def _require_open(self, key: str, upload_id: str, upload: _Upload) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._upload_dir(upload) + "upload")
+        except ClientError:
+            raise StoreError(f"upload {upload_id} of {key!r} does not exist (aborted or completed?)") from None
+
+    def write_at(self, key: str, upload_id: str, offset: int, data: BytesLike) -> None:
+        upload = self.parse_upload(key, upload_id)
+        view = as_bytes(data)
+        if offset < 0 or offset + len(view) > upload.size:
+            raise StoreError(f"write of bytes [{offset}, {offset + len(view)}) is outside upload of {key!r} "
+                             f"({upload.size} bytes)")
+        checked = False
+        pos = offset
+        while pos < offset + len(view):
+            k = pos // upload.cell
+            lo, hi = upload.cell_range(k)
+            end = min(hi, offset + len(view))
+            piece = view[pos - offset : end - offset]
+            with self._errors(f"writing bytes [{pos}, {end}) of upload {upload_id}", key, upload_id):
+                if upload.s3_id is not None and pos == lo and end == hi:
+                    self.client.upload_part(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id,
+                                            PartNumber=k + 1, Body=bytes(piece))
+                else:
+                    if not checked:
+                        self._require_open(key, upload_id, upload)
+                        checked = True
+                    self.client.put_object(Bucket=self.bucket, Key=f"{self._upload_dir(upload)}f/{pos:020d}",
+                                           Body=bytes(piece))
+            self.io.puts += 1
+            pos = end
+        self.io.bytes_written += len(view)
+
+    def writer(self, key: str, upload_id: str, offset: int) -> SequentialWriter:
+        return S3SequentialWriter(self, key, upload_id, offset)
+
+    def _fragments(self, upload: _Upload) -> dict[int, tuple[str, int]]:
+        """Fragment objects of an upload: ``{offset: (s3 key, size)}``."""
+        out: dict[int, tuple[str, int]] = {}
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=self._upload_dir(upload) + "f/")
+        for page in pages:
+            for item in page.get("Contents", []):
+                out[int(item["Key"].rsplit("/", 1)[1])] = (item["Key"], int(item["Size"]))
+        return out
+
+    def _parts(self, key: str, upload: _Upload) -> dict[int, tuple[str, int]]:
+        """Parts already uploaded: ``{part number: (etag, size)}``."""
+        out: dict[int, tuple[str, int]] = {}
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=self._name(key),
+                                                                 UploadId=upload.s3_id)
+        for page in pages:
+            for part in page.get("Parts", []):
+                out[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
+        return out
+
+    def _compose(self, upload: _Upload, k: int, fragments: dict[int, tuple[str, int]]) -> bytearray:
+        """Cell ``k`` assembled from the fragments inside it; bytes nobody wrote are zero."""
+        lo, hi = upload.cell_range(k)
+        cell = bytearray(hi - lo)
+        for offset, (name, size) in fragments.items():
+            if lo <= offset < hi:
+                if offset + size > hi:
+                    raise StoreError(f"fragment at byte {offset} of {size} bytes crosses the end of cell {k}")
+                self.get_into_raw(name, memoryview(cell)[offset - lo : offset - lo + size])
+        return cell
+
+    def get_into_raw(self, name: str, view: memoryview) -> None:
+        """Read a whole internal object (a fragment) into ``view``."""
+        body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        if len(data) != len(view):
+            raise StoreError(f"internal object {name!r} has {len(data)} bytes, expected {len(view)}")
+        view[:] = data
+
+    def complete_upload(self, key: str, upload_id: str) -> None:
+        upload = self.parse_upload(key, upload_id)
+        name = self._name(key)
+        with self._errors(f"completing upload {upload_id} of {key!r}", key, upload_id):
+            self._require_open(key, upload_id, upload)
+            fragments = self._fragments(upload)
+            if upload.s3_id is None:
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(self._compose(upload, 0, fragments)))
+            else:
+                parts = self._parts(key, upload)
+                missing = [k for k in range(upload.cells)
+                           if parts.get(k + 1, ("", -1))[1] != upload.cell_range(k)[1] - upload.cell_range(k)[0]]
+
+                def compose(k: int) -> tuple[int, str]:
+                    body = bytes(self._compose(upload, k, fragments))
+                    with self._errors(f"composing cell {k} of upload {upload_id}", key, upload_id):
+                        done = self.client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload.s3_id,
+                                                       PartNumber=k + 1, Body=body)
+                    return k + 1, str(done["ETag"])
+
+                with ThreadPoolExecutor(min(self.read_concurrency, max(1, len(missing)))) as pool:
+                    for number, etag in pool.map(compose, missing):
+                        parts[number] = (etag, 0)
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=name, UploadId=upload.s3_id,
+                    MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n][0]}
+                                               for n in range(1, upload.cells + 1)]})
+                self.io.puts += len(missing)
+        self.io.puts += 1
+        self._remove_upload_objects(upload)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        upload = self.parse_upload(key, upload_id)
+        if upload.s3_id is not None:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise self._client_error(f"aborting upload {upload_id}", str(exc.response["Error"]["Code"]),
+                                             str(exc), key, upload_id) from None
+        self._remove_upload_objects(upload)
+
+    def _remove_upload_objects(self, upload: _Upload) -> None:
+        """Delete an upload's marker (first: a crash midway leaves it closed) and its fragments."""
+        with self._errors(f"cleaning up upload {upload.tag}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._upload_dir(upload) + "upload")
+            names = [name for name, _ in self._fragments(upload).values()]
+            for lo in range(0, len(names), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": n} for n in names[lo : lo + 1000]], "Quiet": True})
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url,
+                "region": self.region, "read_concurrency": self.read_concurrency,
+                "min_range_bytes": self.min_range_bytes, "max_attempts": self.max_attempts}
+
+
+def _backoff(failures: int, base_s: float = 0.05, cap_s: float = 5.0) -> None:
+    """Exponential back-off with full jitter."""
+    time.sleep(random.uniform(0, min(cap_s, base_s * 2 ** failures)))
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` → (bucket, prefix)."""
+    if not url.startswith("s3://"):
+        raise StoreError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    return bucket, prefix
+
