@@ -32,6 +32,7 @@ class InvocationReport(BaseModel):
     error: str | None = None
     client: str | None = None
     reason: str | None = None
+    host: str | None = None  # where it ran, on executors that span machines (the Ray node id)
     result: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -1,0 +1,173 @@
+"""Ray executor: every invocation is a Ray task, capped and measured on whichever node Ray places it.
+
+Each task asks Ray for the invocation's memory as Ray's ``memory`` resource, so Ray only starts it on a node
+with that much unreserved memory. Inside the task a per-worker :class:`~gradshard.runtime.local.LocalExecutor`
+runs the function in a forked, capped, measured worker process, so a report from Ray carries the same figures
+and the same errors (``MemoryLimitError``, ``InvocationTimeoutError``, ``WorkerCrash``) as a local one, plus the
+node it ran on. The store must be reachable from every node: a local directory on one machine (or on a shared
+filesystem), an object store on any cluster; an in-memory store is refused.
+
+Import this module explicitly (``from gradshard.runtime.ray import RayExecutor``): it imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from gradshard.errors import StoreError
+from gradshard.runtime.executor import Executor
+from gradshard.runtime.local import LocalExecutor
+from gradshard.runtime.report import InvocationReport
+from gradshard.store import Store, open_store
+from gradshard.topology.base import MIB, Invocation
+
+log = logging.getLogger(__name__)
+
+# The peak resident set of a function that does nothing, in a worker forked from the zygote (what
+# ``compare.measure_baseline`` measures): 30.5 MiB here. ``Invocation.memory_bytes`` is the need above it (the
+# reducers' own FUNCTION_OVERHEAD_BYTES is already part of that need), so a task reserves the sum.
+INTERPRETER_BASELINE_BYTES = 32 * MIB
+
+# Capped executors kept per Ray worker process, by (cap, timeout): their zygote is started once per worker.
+_TASK_EXECUTORS: dict[tuple[int | None, float], LocalExecutor] = {}
+
+
+def run_in_task(invocation: Invocation, store_spec: dict[str, Any], memory_cap_bytes: int | None,
+                timeout_s: float) -> dict[str, Any]:
+    """The body of a Ray task: one capped attempt of ``invocation`` in a forked worker on this node."""
+    key = (memory_cap_bytes, timeout_s)
+    executor = _TASK_EXECUTORS.get(key)
+    if executor is None:
+        executor = _TASK_EXECUTORS[key] = LocalExecutor(workers=1, retries=0, memory_cap_bytes=memory_cap_bytes,
+                                                        timeout_s=timeout_s)
+    report = executor.attempt(invocation, open_store(store_spec))
+    report.host = ray.get_runtime_context().get_node_id()
+    return report.model_dump()
+
+
+class RayExecutor(Executor):
+    """Runs invocations as Ray tasks on a Ray cluster (or a one-machine Ray started on first use).
+
+    ``address`` is passed to ``ray.init``: None starts a local Ray (unless one is already initialised in this
+    process, which is reused), ``"auto"`` joins the cluster this machine belongs to, ``"ray://head:10001"``
+    connects as a Ray client. ``init_kwargs`` go to ``ray.init`` too. :meth:`close` shuts Ray down only if this
+    executor started it.
+    """
+
+    # The driver waits ``timeout_s`` plus this long for a task before cancelling it: the task enforces
+    # ``timeout_s`` itself from when the function starts, the grace covers scheduling, a Ray worker's start and
+    # the zygote's. Time a task spends queued for memory or CPUs counts against it.
+    grace_s: float = 60.0
+
+    def __init__(self, *, address: str | None = None, workers: int = 2, retries: int = 2,
+                 memory_cap_bytes: int | None = None, timeout_s: float = 900.0,
+                 init_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
+        self.address = address
+        self.init_kwargs = dict(init_kwargs or {})
+        self._lock = threading.Lock()
+        self._remote: Any = None  # ray.remote(run_in_task), made on connection
+        self._started_ray = False
+        self._warned_local_store = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut Ray down if this executor started it; a Ray initialised by someone else is left running."""
+        with self._lock:
+            if self._started_ray and ray.is_initialized():
+                ray.shutdown()
+            self._started_ray = False
+            self._remote = None
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if not ray.is_initialized():
+                ray.init(address=self.address, **self.init_kwargs)
+                self._started_ray = True
+            if self._remote is None:
+                self._remote = ray.remote(max_retries=0)(run_in_task)
+            return self._remote
+
+    def memory_request(self, invocation: Invocation) -> int:
+        """Bytes of Ray's ``memory`` resource a task reserves: the need plus the baseline, or the cap if larger."""
+        need = invocation.memory_bytes + INTERPRETER_BASELINE_BYTES
+        return max(need, self.memory_cap_bytes) if self.memory_cap_bytes is not None else need
+
+    def _store_spec(self, store: Store) -> dict[str, Any]:
+        try:
+            spec = store.spec()
+        except StoreError as exc:
+            raise StoreError(f"RayExecutor cannot use a {type(store).__name__}: Ray tasks run in other processes "
+                             f"(and on other machines) and reopen the store from its spec ({exc}). Use a LocalStore "
+                             "on one machine or a shared filesystem, or an S3 store on a cluster.") from exc
+        return spec
+
+    def _largest_node_memory(self, store_spec: dict[str, Any]) -> int:
+        """The largest ``memory`` resource of any live node (0 if none reports one)."""
+        totals = [int(node["Resources"].get("memory", 0)) for node in ray.nodes()  # type: ignore[no-untyped-call]
+                  if node.get("Alive")]
+        if len(totals) > 1 and store_spec.get("kind") == "local" and not self._warned_local_store:
+            self._warned_local_store = True
+            log.warning("the Ray cluster has %d nodes: the local store at %s must be on a filesystem they all share",
+                        len(totals), store_spec.get("root"))
+        return max(totals, default=0)
+
+    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+        spec = self._store_spec(store)
+        remote = self._connect()
+        request = self.memory_request(invocation)
+        base: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function, "ok": False,
+                                "memory_cap_bytes": self.memory_cap_bytes}
+        largest = self._largest_node_memory(spec)
+        if request > largest:
+            return InvocationReport.model_validate({
+                **base, "error_type": "PlanError",
+                "error": f"invocation {invocation.id} needs {request / MIB:.0f} MiB of Ray's memory resource, but "
+                         f"the largest node of the Ray cluster offers {largest / MIB:.0f} MiB, so Ray would never "
+                         "schedule it; use more shards, a smaller memory cap, or add a larger node"})
+        started = time.perf_counter()
+        ref = remote.options(memory=request, num_cpus=1).remote(invocation, spec, self.memory_cap_bytes,
+                                                                self.timeout_s)
+        report = InvocationReport.model_validate(self._result(ref, invocation, base))
+        report.wall_s = time.perf_counter() - started  # submission to result, scheduling included
+        return report
+
+    def _result(self, ref: Any, invocation: Invocation, base: dict[str, Any]) -> dict[str, Any]:
+        """The task's report fields, or a failure's: a missed deadline cancels the task; Ray errors are reported."""
+        try:
+            fields: dict[str, Any] = ray.get(ref, timeout=self.timeout_s + self.grace_s)
+            return fields
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            return {**base, "error_type": "InvocationTimeoutError",
+                    "error": f"invocation {invocation.id} returned no result from Ray within its timeout of "
+                             f"{self.timeout_s:g} s + {self.grace_s:g} s grace (task cancelled)"}
+        except ray.exceptions.OutOfMemoryError as exc:
+            return {**base, "error_type": "MemoryLimitError",
+                    "error": f"invocation {invocation.id} was killed by Ray's memory monitor: {_first_line(exc)}"}
+        except ray.exceptions.RayError as exc:
+            return {**base, "error_type": "WorkerCrash",
+                    "error": f"Ray task of invocation {invocation.id} failed: {_describe(exc)}"}
+
+def _first_line(exc: BaseException) -> str:
+    """Ray's error messages carry whole tracebacks; the first line names the failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _describe(exc: ray.exceptions.RayError) -> str:
+    """A Ray failure in one line; for an exception raised inside the task, that exception."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
+    culprit = cause if isinstance(cause, BaseException) else exc
+    return f"{type(culprit).__name__}: {_first_line(culprit)}"
