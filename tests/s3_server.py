@@ -104,7 +104,8 @@ class FaultProxy:
         for key, value in response.getheaders():
             if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                 request.send_header(key, value)
-        request.send_header("Content-Length", str(len(payload)))
+        length = response.getheader("Content-Length") if request.command == "HEAD" else None
+        request.send_header("Content-Length", length or str(len(payload)))
         if action == "cut":  # promise the whole body, send half, hang up
             request.send_header("Connection", "close")
             request.end_headers()

@@ -426,7 +426,7 @@ class S3Store(Store):
         if offset < 0 or offset + len(view) > upload.size:
             raise StoreError(f"write of bytes [{offset}, {offset + len(view)}) is outside upload of {key!r} "
                              f"({upload.size} bytes)")
-        checked = False
+        self._require_open(key, upload_id, upload)  # S3-compatible servers differ on parts of aborted uploads
         pos = offset
         while pos < offset + len(view):
             k = pos // upload.cell
@@ -438,9 +438,6 @@ class S3Store(Store):
                     self.client.upload_part(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id,
                                             PartNumber=k + 1, Body=bytes(piece))
                 else:
-                    if not checked:
-                        self._require_open(key, upload_id, upload)
-                        checked = True
                     self.client.put_object(Bucket=self.bucket, Key=f"{self._upload_dir(upload)}f/{pos:020d}",
                                            Body=bytes(piece))
             self.io.puts += 1
