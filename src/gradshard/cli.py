@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from gradshard import __version__
 from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
 from gradshard.cli_cost import cost, plan
+from gradshard.cli_deploy import deploy
 from gradshard.compare import ARCHITECTURES, CompareEvent, compare_round
 from gradshard.console import compare_table, reports_table
 from gradshard.cost import CostOptions, cost_of_local_run
@@ -568,6 +569,7 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
 
 main.add_command(cost)
 main.add_command(plan)
+main.add_command(deploy)
 
 
 def run() -> None:

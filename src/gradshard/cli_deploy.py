@@ -1,0 +1,46 @@
+"""``gradshard deploy aws``: write the Lambda package, CloudFormation template and deploy commands.
+
+A thin click command over :func:`gradshard.deploy.write_aws_deployment`; ``gradshard.cli`` registers it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from gradshard.deploy import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
+from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+@click.group()
+def deploy() -> None:
+    """Write what a cloud deployment needs (nothing is sent anywhere)."""
+
+
+@deploy.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the files to.")
+@click.option("--memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
+              help="Function memory, MiB (the template's MemorySize default).")
+@click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
+              help="Function timeout, seconds.")
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
+@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default="python3.11", show_default=True)
+@click.option("--vendor/--no-vendor", default=True, show_default=True,
+              help="Copy this environment's dependencies into package.zip (same Linux, CPython and machine only); "
+                   "--no-vendor writes requirements.txt and build.sh instead.")
+def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor: bool) -> None:
+    """Write package.zip, template.yaml and DEPLOY.md for an AWS Lambda aggregation function."""
+    with console.status("writing package.zip"):
+        result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
+                                      vendor=vendor, runtime=runtime)
+    for path in result.paths:
+        console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if result.code_key is not None:
+        console.print(f"package.zip holds gradshard and its runtime dependencies; upload it as {result.code_key}")
+    else:
+        console.print("package.zip holds gradshard only: run build.sh to add its dependencies for Lambda")
+    console.print(f"next: follow {result.guide}")
