@@ -71,6 +71,7 @@ def _rounds(draw: st.DrawFn) -> dict[str, Any]:
         "window_bytes": draw(st.integers(4, 4096), label="window_bytes"),
         "accumulate": draw(st.sampled_from(["float32", "float64"])),
         "weighting": draw(st.sampled_from(["examples", "uniform"])),
+        "parallel_reads": draw(st.integers(1, 9), label="parallel_reads"),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
 
@@ -88,7 +89,8 @@ def test_sharded_aggregate_is_byte_identical_to_flat_and_equals_reference_fedavg
 
     # Execute
     flat = _aggregate(store, InlineExecutor(), topology="flat", **common)
-    sharded = _aggregate(store, InlineExecutor(), topology="sharded", shards=case["m"], **common)
+    sharded = _aggregate(store, InlineExecutor(), topology="sharded", shards=case["m"],
+                         parallel_reads=case["parallel_reads"], **common)
     data = read_flat(store, aggregate_key(0), layout)
 
     # Assert

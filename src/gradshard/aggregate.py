@@ -56,12 +56,13 @@ class AggregateConfig(BaseModel):
     nodes: int = Field(default=2, ge=1, description="LIFL nodes to place aggregators on")
     wait_s: float = Field(default=0.0, ge=0, description="LIFL leaves wait this long for late updates")
     window_bytes: int = Field(default=DEFAULT_WINDOW_BYTES, ge=1)
+    parallel_reads: int = Field(default=1, ge=1, description="clients a shard function reads at once")
     accumulate: Literal["float32", "float64"] = "float32"
     weighting: Literal["examples", "uniform"] = "examples"
     policy: Policy = "skip"
 
     def reduce_options(self) -> ReduceOptions:
-        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting)
+        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads)
 
 
 @dataclass

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard import checksum
 from gradshard.errors import GradshardError, RoundError, UpdateError
@@ -43,6 +44,7 @@ class ReduceArgs(BaseModel):
     weighting: str
     start: int = 0
     stop: int = -1
+    parallel_reads: int = Field(default=1, ge=1)
 
 
 def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
@@ -106,7 +108,9 @@ class OutputWriter:
 def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
 
-    Memory: one read buffer and one accumulator of ``window`` elements, whatever N and the shard length.
+    Memory: ``parallel_reads`` read buffers (default one) and one accumulator of ``window`` elements, whatever N
+    and the shard length. With several buffers, that many clients' windows are read at once (threads; the store
+    releases the GIL while it waits) and still added in canonical client order, so the sum is the same bits.
     """
     args = ReduceArgs.model_validate(raw_args)
     manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
@@ -117,27 +121,34 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
     in_dtype = np.dtype(layout.flat_dtype)
     window = min(window_elems(args.window_bytes, in_dtype.itemsize), args.stop - args.start)
-    buf = np.empty(window, dtype=in_dtype)
+    bufs = np.empty((min(args.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
     acc = WeightedSum(window, args.accumulate)
     writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, args.start, layout,
                           grid.chunk_elems, window, args.accumulate)
     readers = open_clients(store, manifest, layout)
     streams = [r.stream(args.start, args.stop) for r in readers]
+    pool = ThreadPoolExecutor(len(bufs), thread_name_prefix="read") if len(bufs) > 1 else None
     try:
         for a in range(args.start, args.stop, window):
             b = min(a + window, args.stop)
             acc.start(b - a)
-            x = buf[: b - a]
-            for stream, weight in zip(streams, weights, strict=True):
-                stream.read_next(x)
-                acc.add(x, weight)
+            for lo in range(0, len(streams), len(bufs)):
+                batch = list(zip(streams[lo : lo + len(bufs)], bufs[:, : b - a], strict=False))
+                if pool is None:
+                    batch[0][0].read_next(batch[0][1])
+                else:
+                    list(pool.map(lambda job: job[0].read_next(job[1]), batch))
+                for j, (_, x) in enumerate(batch):
+                    acc.add(x, weights[lo + j])
             if not all_finite(acc.value):
                 def reread(i: int, a: int = a, b: int = b) -> npt.NDArray[Any]:
-                    readers[i].read(a, b, buf[: b - a])
-                    return buf[: b - a]
+                    readers[i].read(a, b, bufs[0, : b - a])
+                    return bufs[0, : b - a]
                 raise nonfinite_culprit([r.client for r in readers], reread, a, b)
             writer.write(acc.value)
     finally:
+        if pool is not None:
+            pool.shutdown()
         for reader in readers:
             reader.close()
     return {"checksums": writer.finish(), "clients": len(readers), "window_elems": window}

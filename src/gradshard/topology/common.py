@@ -20,11 +20,13 @@ FUNCTION_OVERHEAD_BYTES = 8 << 20
 
 @dataclass(frozen=True)
 class ReduceOptions:
-    """How to reduce: window size (bytes of one client's input), accumulation dtype, weighting."""
+    """How to reduce: window size (bytes of one client's input), accumulation dtype, weighting, and how many
+    clients' windows a shard function reads at once (each in its own buffer; worth it on object stores)."""
 
     window_bytes: int = DEFAULT_WINDOW_BYTES
     accumulate: str = "float32"
     weighting: str = "examples"
+    parallel_reads: int = 1
 
     def __post_init__(self) -> None:
         if self.accumulate not in ACCUMULATE_DTYPES:
@@ -33,12 +35,15 @@ class ReduceOptions:
             raise PlanError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.window_bytes < 1:
             raise PlanError(f"window must be at least 1 byte, got {self.window_bytes}")
+        if self.parallel_reads < 1:
+            raise PlanError(f"parallel_reads must be at least 1, got {self.parallel_reads}")
 
     def window_elems(self, itemsize: int) -> int:
         return window_elems(self.window_bytes, itemsize)
 
     def args(self) -> dict[str, Any]:
-        return {"window_bytes": self.window_bytes, "accumulate": self.accumulate, "weighting": self.weighting}
+        return {"window_bytes": self.window_bytes, "accumulate": self.accumulate, "weighting": self.weighting,
+                "parallel_reads": self.parallel_reads}
 
 
 @dataclass(frozen=True)

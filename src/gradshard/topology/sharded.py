@@ -27,7 +27,8 @@ def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTa
         window = min(options.window_elems(itemsize), stop - start)
         args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, "start": start,
                 "stop": stop, **output.args(), **options.args()}
-        memory = window_memory(window, itemsize, options.accumulate) + manifest_header_bytes(manifest)
+        memory = (window_memory(window, itemsize, options.accumulate) + manifest_header_bytes(manifest)
+                  + (min(options.parallel_reads, len(manifest.clients)) - 1) * window * itemsize)
         invocations.append(Invocation(f"shard-{s:04d}", "shard_reduce", args, memory))
     return Plan("sharded", tuple(invocations), {"m": m, "shards": shards.manifest()})
 

@@ -1,0 +1,182 @@
+"""Concurrent ranged reads against a local S3 server: k ranged GETs per read vs one, measured in one run.
+
+A moto S3 server (or, with ``--s3rver``, the Node server s3rver) runs in its own process on 127.0.0.1, so it does
+not share this process's GIL, and waits ``--latency-ms`` before handling each request: a stand-in for a real
+object store's time to first byte (a local server answers in about a millisecond, S3 in tens). Note that moto
+copies the whole object for every ranged GET, under a lock per object, so with moto a ranged GET costs time in
+proportion to the object's size; s3rver streams the range from a file. Then:
+
+1. **Reads.** One object of ``--object-mib`` is read in windows of ``--window-mib`` through ``S3Store`` with
+   ``read_concurrency`` k for every k in ``--ks`` (k = 1: one ranged GET per window, the sequential baseline),
+   alternating over ``--repeats`` rounds; the median time per k and its speed-up over k = 1 are reported.
+2. **A shard function.** A round of ``--clients`` updates of ``--params`` float32 elements is written to the
+   store; one GradsSharding function (M = 1, a real worker process, ``--window-mib`` window) aggregates it with
+   each k — k clients' windows read at once (``parallel_reads``), each read split into up to k ranged GETs —
+   alternating; its measured duration and speed-up over k = 1, and every output's sha256 (they must all be
+   equal) are reported.
+
+Figures go to stdout and to ``bench/out/s3_reads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import BENCH_DIR, MIB, setup_logging, write_section
+
+from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.runtime import LocalExecutor
+from gradshard.store import S3Store
+from gradshard.synthetic import make_round
+from gradshard.zoo import synthetic
+
+DEFAULT_OUT = BENCH_DIR / "out" / "s3_reads.json"
+MOTO = """
+import logging, sys, time
+from werkzeug.serving import make_server
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+app, latency, rate = DomainDispatcherApplication(create_backend_app), float(sys.argv[1]), float(sys.argv[2])
+def paced(body):  # at most `rate` bytes/s per response (sleeping releases the GIL: responses pace in parallel)
+    for chunk in body:
+        for lo in range(0, len(chunk), 65536):
+            time.sleep(len(chunk[lo : lo + 65536]) / rate)
+            yield chunk[lo : lo + 65536]
+def delayed(environ, start_response):
+    time.sleep(latency)
+    body = app(environ, start_response)
+    return paced(body) if rate > 0 else body
+server = make_server("127.0.0.1", 0, delayed, threaded=True, request_handler=MotoRequestHandler)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+S3RVER = """
+const [module, directory, latency] = process.argv.slice(1);
+const S3rver = require(module);
+const handler = new S3rver({directory, silent: true, allowMismatchedSignatures: true, vhostBuckets: false}).callback();
+const server = require("http").createServer((req, res) => setTimeout(() => handler(req, res), Number(latency)));
+server.listen(0, "127.0.0.1", () => console.log(server.address().port));
+"""
+
+
+def start_server(s3rver: str | None, data_dir: Path, latency_s: float,
+                 stream_rate: float) -> tuple[subprocess.Popen[str], str]:
+    """moto (default) or s3rver (a Node S3 server that serves ranges from files, given its module directory) in
+    their own process, waiting ``latency_s`` before handling each request; moto also sends each response at most
+    ``stream_rate`` bytes/s (0: as fast as it can)."""
+    if s3rver is None:
+        command = [sys.executable, "-c", MOTO, str(latency_s), str(stream_rate)]
+    else:
+        if stream_rate:
+            raise SystemExit("--stream-mb-s is only implemented for moto")
+        command = ["node", "-e", S3RVER, s3rver, str(data_dir), str(latency_s * 1000)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
+
+
+def store_with(base: S3Store, k: int) -> S3Store:
+    return S3Store(base.bucket, base.prefix, endpoint_url=base.endpoint_url, read_concurrency=k,
+                   min_range_bytes=MIB)
+
+
+def bench_reads(base: S3Store, ks: list[int], object_bytes: int, window: int, repeats: int) -> dict[str, Any]:
+    base.put("bench/object", np.random.default_rng(0).integers(0, 256, object_bytes, dtype=np.uint8).tobytes())
+    buf = memoryview(bytearray(window))
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(repeats):
+        for k in ks:
+            store = store_with(base, k)
+            with store.open_reader("bench/object") as reader:
+                started = time.perf_counter()
+                for offset in range(0, object_bytes, window):
+                    reader.read_into(offset, buf[: min(window, object_bytes - offset)])
+                times[k].append(time.perf_counter() - started)
+            store.close()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"object_bytes": object_bytes, "window_bytes": window,
+            "runs": {str(k): {"median_s": medians[k], "MB_per_s": object_bytes / medians[k] / 1e6,
+                              "speedup_vs_sequential": medians[ks[0]] / medians[k]} for k in ks}}
+
+
+def bench_shard_function(base: S3Store, ks: list[int], params: int, clients: int, window: int,
+                         repeats: int) -> dict[str, Any]:
+    make_round(base, 1, synthetic(params), clients, seed=1)
+    durations: dict[int, list[float]] = {k: [] for k in ks}
+    digests: set[str] = set()
+    with LocalExecutor(workers=1, retries=0) as executor:
+        for _ in range(repeats):
+            for k in ks:
+                store = store_with(base, k)
+                config = AggregateConfig(topology="sharded", shards=1, window_bytes=window, parallel_reads=k)
+                result = aggregate_round(store, 1, executor, config)
+                durations[k].append(result.reports[0].duration_s)
+                digests.add(hashlib.sha256(store.get(result.output_key)).hexdigest())
+    if len(digests) != 1:
+        raise SystemExit(f"outputs differ between read concurrencies: {digests}")
+    medians = {k: statistics.median(v) for k, v in durations.items()}
+    read = params * 4 * clients
+    return {"params": params, "clients": clients, "window_bytes": window, "output_sha256": digests.pop(),
+            "runs": {str(k): {"median_s": medians[k], "read_MB_per_s": read / medians[k] / 1e6,
+                              "speedup_vs_sequential": medians[ks[0]] / medians[k]} for k in ks}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", default="1,2,4,8", help="read concurrencies to compare; the first is the baseline")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="the server waits this long before handling each request (0: none)")
+    parser.add_argument("--stream-mb-s", type=float, default=0.0,
+                        help="moto sends each response at most this fast, MB/s (0: unpaced); S3 gives one stream "
+                             "~50-90 MB/s, the paper measured 48 MB/s from Lambda")
+    parser.add_argument("--object-mib", type=int, default=16)
+    parser.add_argument("--window-mib", type=int, default=4)
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--s3rver", default=None,
+                        help="directory of the s3rver module (npm install s3rver@3: node_modules/s3rver) to use "
+                        "instead of moto")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    setup_logging()
+    key = "S3RVER" if args.s3rver else "bench"  # s3rver knows one key pair
+    os.environ.update(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=key)
+    ks = [int(k) for k in args.ks.split(",")]
+    scratch = tempfile.TemporaryDirectory(prefix="s3-bench-")
+    server, endpoint = start_server(args.s3rver, Path(scratch.name), args.latency_ms / 1000, args.stream_mb_s * 1e6)
+    try:
+        base = S3Store(f"bench-{os.getpid()}", "run", endpoint_url=endpoint)
+        base.create_bucket()
+        window = args.window_mib * MIB
+        reads = bench_reads(base, ks, args.object_mib * MIB, window, args.repeats)
+        function = bench_shard_function(base, ks, args.params, args.clients, window, args.repeats)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        scratch.cleanup()
+    name = "s3rver" if args.s3rver else "moto"
+    section = f"{name}_latency_{args.latency_ms:g}ms_stream_{args.stream_mb_s:g}MBs"
+    write_section(args.out, section, {"server": name, "latency_ms": args.latency_ms,
+                                      "stream_MB_per_s": args.stream_mb_s, "reads": reads, "shard_function": function})
+    pace = f", each response paced at {args.stream_mb_s:g} MB/s" if args.stream_mb_s else ""
+    print(f"S3 reads against {name} in its own process, {args.latency_ms:g} ms added latency per request{pace}, "
+          f"window {args.window_mib} MiB, ranges >= 1 MiB:")
+    for title, result in (("read one object", reads), ("one shard function (M = 1)", function)):
+        print(f"  {title}:")
+        for k, run in result["runs"].items():
+            print(f"    k = {k}: {run['median_s'] * 1000:8.1f} ms   {run['speedup_vs_sequential']:.2f}x vs k = 1")
+
+
+if __name__ == "__main__":
+    main()
