@@ -27,7 +27,7 @@ from gradshard.errors import GradshardError
 from gradshard.plots import compare_png
 from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
-from gradshard.store import LocalStore
+from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.synthetic import make_round
 from gradshard.topology import TOPOLOGIES
 from gradshard.update import inspect_update
@@ -46,14 +46,46 @@ def _progress() -> Progress:
 
 
 def _executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float,
-              warm: bool = False) -> Executor:
+              warm: bool = False, ray_address: str | None = None, lambda_function: str | None = None,
+              region: str | None = None) -> Executor:
+    """An executor by name; close it with :func:`_close`. Ray and boto3 are imported only when asked for."""
+    cap = None if memory_mb is None else int(memory_mb * MIB)
     if kind == "inline":
         return InlineExecutor(retries=retries)
-    cap = None if memory_mb is None else int(memory_mb * MIB)
+    if kind == "ray":
+        from gradshard.runtime.ray import RayExecutor
+
+        return RayExecutor(address=ray_address, workers=workers, retries=retries, memory_cap_bytes=cap,
+                           timeout_s=timeout)
+    if kind == "lambda":
+        from gradshard.runtime.aws_lambda import LambdaExecutor
+
+        if not lambda_function:
+            raise click.UsageError("--executor lambda needs --lambda-function (the deployed function's name or ARN)")
+        return LambdaExecutor(lambda_function, region=region, workers=workers, retries=retries, timeout_s=timeout)
     return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm)
 
 
-def _run_aggregate(store: LocalStore, r: int, executor: Executor, config: AggregateConfig,
+def _close(executor: Executor) -> None:
+    close = getattr(executor, "close", None)
+    if callable(close):
+        close()
+
+
+def open_cli_store(location: str, *, must_exist: bool) -> Store:
+    """``s3://bucket/prefix`` (endpoint and credentials from the AWS environment) or a local directory."""
+    if location.startswith("s3://"):
+        store = open_store(location)
+        if isinstance(store, S3Store) and not store.bucket_exists():
+            raise click.BadParameter(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'}",
+                                     param_hint="--store")
+        return store
+    if must_exist and not Path(location).is_dir():
+        raise click.BadParameter(f"directory {location!r} does not exist", param_hint="--store")
+    return LocalStore(location)
+
+
+def _run_aggregate(store: Store, r: int, executor: Executor, config: AggregateConfig,
                    label: str) -> AggregateResult:
     with _progress() as progress:
         task = progress.add_task(label, total=None)
@@ -104,8 +136,16 @@ def _aggregate_options(f: Any) -> Any:
         click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=900.0, show_default=True,
                      help="Per-invocation timeout, seconds."),
-        click.option("--executor", "executor_kind", type=click.Choice(["local", "inline"]), default="local",
-                     show_default=True, help="local: one capped process per invocation; inline: in this process."),
+        click.option("--parallel-reads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Clients a shard function reads at once, one window buffer each (use 4-8 on S3)."),
+        click.option("--executor", "executor_kind", type=click.Choice(["local", "inline", "ray", "lambda"]),
+                     default="local", show_default=True,
+                     help="local: one capped process per invocation; inline: in this process; ray: Ray tasks "
+                          "(capped the same way); lambda: a deployed AWS Lambda function (gradshard deploy aws)."),
+        click.option("--ray-address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001) "
+                     "[default: a local Ray]."),
+        click.option("--lambda-function", default=None, help="Name or ARN of the Lambda function (--executor lambda)."),
+        click.option("--region", default=None, help="AWS region of the Lambda function [default: AWS environment]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -114,27 +154,28 @@ def _aggregate_options(f: Any) -> Any:
 
 def _config(kw: dict[str, Any]) -> AggregateConfig:
     return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
+                           parallel_reads=kw["parallel_reads"],
                            accumulate=kw["accumulate"], weighting=kw["weighting"], policy=kw["policy"],
                            group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
 
 
 @main.command()
-@click.option("--store", "store_dir", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Local store directory holding rounds/<r>/...")
+@click.option("--store", "store_dir", required=True,
+              help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix (endpoint and credentials "
+                   "from the AWS environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")
 @click.option("--round", "round_", type=click.IntRange(min=0), required=True)
 @click.option("--reports", type=click.Path(dir_okay=False), default=None,
               help="Also write the reports as JSON here (they are always stored in rounds/<r>/reports.json).")
 @_aggregate_options
 def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> None:
     """Aggregate one round of client updates and print what every function did."""
-    store = LocalStore(store_dir)
+    store = open_cli_store(store_dir, must_exist=True)
     executor = _executor(kw["executor_kind"], kw["workers"], kw["memory_mb"], kw["retries"], kw["timeout"],
-                         kw["warm"])
+                         kw["warm"], kw["ray_address"], kw["lambda_function"], kw["region"])
     try:
         result = _run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
     finally:
-        if isinstance(executor, LocalExecutor):
-            executor.close()
+        _close(executor)
     console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     summary = result.summary()
     for client, reason in result.manifest.rejected.items():
@@ -337,17 +378,23 @@ def _train_options(f: Any) -> Any:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="TOML file with the run's settings (the fields of TrainConfig; tables [data], [server], "
                    "[aggregation]). Flags override it.")
-@click.option("--store", "store_dir", type=click.Path(file_okay=False), required=True,
-              help="Directory holding the run's state (created if missing). Rerunning on the same store resumes.")
+@click.option("--store", "store_dir", required=True,
+              help="Where the run's state lives: a directory (created if missing) or s3://bucket/prefix. Rerunning "
+                   "on the same store resumes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Directory for metrics.json, metrics.csv and accuracy.png [default: the store directory].")
+              help="Directory for metrics.json, metrics.csv and accuracy.png [default: the store directory; the "
+                   "current directory for an S3 store].")
+@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="Run clients, aggregation and server functions as local processes or as Ray "
+                                      "tasks (capped the same way).")
+@click.option("--ray-address", default=None, help="Ray cluster to join [default: a local Ray].")
 @click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
               help="Memory cap of every aggregation and server function, MiB [default: none].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Function invocations running at once (clients, and aggregation/server functions).")
 @_train_options
-def train(config_path: str | None, store_dir: str, out_dir: str | None, memory_mb: float | None, workers: int,
-          **flags: Any) -> None:
+def train(config_path: str | None, store_dir: str, out_dir: str | None, executor_kind: str, ray_address: str | None,
+          memory_mb: float | None, workers: int, **flags: Any) -> None:
     """Federated training: clients, aggregation and the server step all run as functions on a store.
 
     Settings come from --config (TOML), else from the run already in --store, else the defaults; flags override
@@ -356,26 +403,31 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, memory_m
     """
     from gradshard.fl.driver import CONFIG_KEY, Trainer
 
-    store = LocalStore(store_dir)
+    store = open_cli_store(store_dir, must_exist=False)
+    where = str(store.root) if isinstance(store, LocalStore) else store_dir
     if config_path is not None:
         base, source = load_toml(config_path), f"{config_path} + flags"
     elif store.exists(CONFIG_KEY):
-        base, source = json.loads(store.get(CONFIG_KEY)), f"{store.root / CONFIG_KEY} + flags"
+        base, source = json.loads(store.get(CONFIG_KEY)), f"{where}/{CONFIG_KEY} + flags"
     else:
         base, source = {}, "defaults + flags"
     config = train_config(base, flags, source)
-    cap = None if memory_mb is None else int(memory_mb * MIB)
     agg = config.aggregation
     console.print(f"[bold]gradshard train[/]: {config.model} on {config.data.name} ({config.data.partition}), "
                   f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
-                  f"{config.server.name}; store {store.root}")
+                  f"{config.server.name}; store {where}; {executor_kind} executor")
     # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
-    with LocalExecutor(workers=workers, memory_cap_bytes=cap) as executor, \
-            LocalExecutor(workers=workers, retries=0, timeout_s=config.deadline_s) as client_executor:
+    executor = _executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address)
+    client_executor = _executor(executor_kind, workers, None, 0, config.deadline_s, ray_address=ray_address)
+    try:
         trainer = Trainer(store, config, executor, client_executor)
-        run_training(trainer, Path(out_dir) if out_dir else store.root, f"{config.model} on {config.data.name}, "
+        default_out = store.root if isinstance(store, LocalStore) else Path(".")
+        run_training(trainer, Path(out_dir) if out_dir else default_out, f"{config.model} on {config.data.name}, "
                      f"{config.clients} clients, {agg.topology}")
+    finally:
+        _close(client_executor)
+        _close(executor)
 
 
 def _verify_last_round(store: LocalStore, config: TrainConfig, r: int, workers: int) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -185,8 +186,9 @@ class S3Store(Store):
     """Objects in an S3 bucket under ``prefix``. See the module docstring for reads, retries and uploads.
 
     ``endpoint_url`` selects any S3-compatible service (path-style addressing is used with one); ``None`` takes
-    ``AWS_ENDPOINT_URL`` or AWS itself. ``read_concurrency`` ranged GETs of at least ``min_range_bytes`` each
-    serve one large read; ``max_attempts`` bounds every request's tries.
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` from the environment, else AWS itself. ``read_concurrency``
+    ranged GETs of at least ``min_range_bytes`` each serve one large read; ``max_attempts`` bounds every request's
+    tries.
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
@@ -202,7 +204,8 @@ class S3Store(Store):
         if read_concurrency < 1 or min_range_bytes < 1 or max_attempts < 1:
             raise StoreError("read_concurrency, min_range_bytes and max_attempts must be at least 1")
         self.bucket, self.prefix = bucket, prefix
-        self.endpoint_url, self.region = endpoint_url, region
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region
         self.read_concurrency, self.min_range_bytes, self.max_attempts = read_concurrency, min_range_bytes, max_attempts
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         self._client: Any = None

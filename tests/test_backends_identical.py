@@ -1,0 +1,106 @@
+"""The same round gives the same bytes on every runtime and store: local processes or Ray tasks, a local directory
+or S3 (the session's moto server), and through the ``gradshard aggregate`` command on an ``s3://`` store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from click.testing import CliRunner
+from conftest import new_s3_store
+
+from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.cli import main
+from gradshard.round import aggregate_key
+from gradshard.runtime import Executor, LocalExecutor
+from gradshard.runtime.ray import RayExecutor
+from gradshard.store import LocalStore, Store
+from gradshard.synthetic import make_round
+from gradshard.topology.base import MIB
+from gradshard.zoo import synthetic
+
+pytestmark = pytest.mark.integration
+
+# 12 MB per update: the S3 uploads of updates and of the aggregate span several 5 MiB parts.
+LAYOUT = synthetic(3_000_000, tensor_elems=500_000)
+
+
+@pytest.fixture(scope="module")
+def ray_node(s3_endpoint: str) -> Iterator[None]:
+    """A local Ray, started after the S3 credentials are in the environment its workers inherit."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * MIB)
+    yield
+    ray.shutdown()
+
+
+def aggregate(store: Store, executor: Executor, config: AggregateConfig) -> bytes:
+    make_round(store, 1, LAYOUT, 5, seed=11)
+    result = aggregate_round(store, 1, executor, config)
+    assert all(r.ok for r in result.reports)
+    return store.get(result.output_key)
+
+
+@pytest.mark.parametrize("config", [AggregateConfig(topology="sharded", shards=3, parallel_reads=2),
+                                    AggregateConfig(topology="lambda-fl", group_size=2)], ids=["sharded", "lambda-fl"])
+def test_the_same_round_is_bit_identical_on_local_ray_and_s3(ray_node: None, s3_endpoint: str, tmp_path: Path,
+                                                             config: AggregateConfig) -> None:
+    # Prepare
+    outputs: dict[tuple[str, str], bytes] = {}
+
+    # Execute: every executor on every store
+    with LocalExecutor(workers=2) as local, RayExecutor(workers=2) as on_ray:
+        for runtime, executor in (("local", local), ("ray", on_ray)):
+            for kind in ("local", "s3"):
+                store = (LocalStore(tmp_path / runtime, fsync=False) if kind == "local"
+                         else new_s3_store(s3_endpoint))
+                outputs[(runtime, kind)] = aggregate(store, executor, config)
+
+    # Assert
+    reference = outputs[("local", "local")]
+    assert len(reference) > 2 * 5 * MIB
+    assert {key: out == reference for key, out in outputs.items()} == dict.fromkeys(outputs, True)
+
+
+def test_sharded_on_s3_is_bit_identical_to_flat_on_local(s3_endpoint: str, tmp_path: Path) -> None:
+    # Execute
+    with LocalExecutor(workers=2) as executor:
+        sharded = aggregate(new_s3_store(s3_endpoint), executor, AggregateConfig(topology="sharded", shards=4,
+                                                                                parallel_reads=4))
+        flat = aggregate(LocalStore(tmp_path, fsync=False), executor, AggregateConfig(topology="flat"))
+
+    # Assert
+    assert sharded == flat
+
+
+def test_aggregate_command_runs_on_an_s3_store(s3_endpoint: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the endpoint comes from the AWS environment, as for any S3-compatible service
+    store = new_s3_store(s3_endpoint, prefix="cli")
+    make_round(store, 1, LAYOUT, 5, seed=11)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    local = LocalStore(tmp_path, fsync=False)
+    with LocalExecutor(workers=2) as executor:
+        expected = aggregate(local, executor, AggregateConfig(topology="sharded", shards=2))
+
+    # Execute
+    result = CliRunner().invoke(main, ["aggregate", "--store", f"s3://{store.bucket}/cli", "--round", "1",
+                                       "--shards", "2", "--parallel-reads", "3", "--memory-mb", "256"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "published rounds/000001/aggregate.safetensors" in result.output
+    assert store.get(aggregate_key(1)) == expected
+
+
+def test_aggregate_command_names_a_missing_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+
+    # Execute
+    result = CliRunner().invoke(main, ["aggregate", "--store", "s3://no-such-bucket/x", "--round", "1"])
+
+    # Assert
+    assert result.exit_code == 2
+    assert "bucket 'no-such-bucket' does not exist at http://127.0.0.1" in result.output
