@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from gradshard.deploy import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
+from gradshard.errors import GradshardError
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -28,15 +29,25 @@ def deploy() -> None:
 @click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
               help="Function timeout, seconds.")
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
-@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default="python3.11", show_default=True)
-@click.option("--vendor/--no-vendor", default=True, show_default=True,
-              help="Copy this environment's dependencies into package.zip (same Linux, CPython and machine only); "
-                   "--no-vendor writes requirements.txt and build.sh instead.")
-def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor: bool) -> None:
+@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default="python3.12", show_default=True,
+              help="Lambda Python runtime (python3.11 runs on Amazon Linux 2, whose glibc 2.26 is too old for the "
+                   "pinned numpy's wheels; python3.12+ run on Amazon Linux 2023).")
+@click.option("--vendor/--no-vendor", default=None,
+              help="Copy this environment's dependencies into package.zip (same Linux, CPython, machine and a glibc "
+                   "the runtime has), or write requirements.txt and build.sh instead [default: vendor when this "
+                   "environment can, else build.sh].")
+def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor: bool | None) -> None:
     """Write package.zip, template.yaml and DEPLOY.md for an AWS Lambda aggregation function."""
     with console.status("writing package.zip"):
-        result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
-                                      vendor=vendor, runtime=runtime)
+        try:
+            result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
+                                          vendor=vendor is not False, runtime=runtime)
+        except GradshardError as exc:
+            if vendor is not None:
+                raise
+            console.print(f"[yellow]not vendoring[/]: {exc}")
+            result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
+                                          vendor=False, runtime=runtime)
     for path in result.paths:
         console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if result.code_key is not None:

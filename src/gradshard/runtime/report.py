@@ -8,7 +8,10 @@ from pydantic import BaseModel, Field
 
 # Errors that will fail again on retry with the same input: reported at once, never retried.
 DETERMINISTIC_ERRORS = frozenset({"UpdateError", "MemoryLimitError", "RoundError", "PlanError", "LayoutError",
-                                  "ValidationError"})
+                                  "ValidationError",
+                                  # AWS Lambda refusals that a retry cannot change
+                                  "ResourceNotFoundException", "AccessDeniedException",
+                                  "InvalidParameterValueException", "RequestTooLargeException"})
 
 
 class InvocationReport(BaseModel):
