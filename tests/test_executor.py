@@ -7,12 +7,14 @@ tests. Executors are created through the ``make_executor`` fixture, which closes
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from gradshard.aggregate import AggregateConfig, aggregate_round
@@ -171,6 +173,27 @@ def test_a_crashing_worker_reports_worker_crash_and_is_retried(make_executor: Ma
     assert report.attempts == 3
     # the zygote survives its children's crashes: the executor still runs functions
     assert run_single(executor, store, "noop").ok
+
+
+def test_a_running_function_does_not_outlive_its_executor(make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare: a function that would sleep for a minute, running in a background thread's invocation
+    executor = make_executor(workers=1, retries=0)
+    runner = threading.Thread(target=run_single, args=(executor, store, "sleep", {"seconds": 60}))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not (children := [c for z in executor._zygotes.values() if z._proc is not None
+                            for c in psutil.Process(z._proc.pid).children()]):
+        assert time.monotonic() < deadline, "the function never started"
+        time.sleep(0.05)
+
+    # Execute
+    executor.close()
+    runner.join(timeout=30)
+
+    # Assert: the kernel killed the function with its zygote
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    assert not runner.is_alive()
 
 
 def test_an_unknown_function_fails_with_its_name_and_the_known_ones(make_executor: MakeExecutor,

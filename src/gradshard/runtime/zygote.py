@@ -11,6 +11,8 @@ The zygote exits when its stdin closes, so it never outlives the process that st
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import json
 import os
@@ -28,6 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from gradshard.errors import GradshardError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this child when the zygote exits (Linux ``PR_SET_PDEATHSIG``), so no function outlives
+    the runtime that started it — a closed executor, a cancelled Ray task, a killed driver."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the zygote died before the request took effect
+        os._exit(1)
 
 
 def _child(conn: socket.socket) -> None:
@@ -76,9 +89,11 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
                     return
                 continue
             conn, _ = listener.accept()
+            zygote = os.getpid()
             if os.fork() == 0:
                 code = 0
                 try:
+                    _die_with_parent(zygote)
                     listener.close()
                     _child(conn)
                 except BaseException:
