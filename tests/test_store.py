@@ -271,6 +271,23 @@ def test_upload_of_negative_size_is_refused(store: Store) -> None:
         store.begin_upload("k", -1)
 
 
+def test_sequential_upload_publishes_on_success_and_leaves_nothing_on_failure(store: Store) -> None:
+    # Prepare
+    blob = bytes(range(256)) * 40
+
+    # Execute
+    with store.upload("done", len(blob)) as writer:
+        for lo in range(0, len(blob), 1000):
+            writer.write(blob[lo : lo + 1000])
+    with pytest.raises(RuntimeError, match="client went away"), store.upload("failed", 10) as writer:
+        writer.write(b"12345")
+        raise RuntimeError("client went away")
+
+    # Assert
+    assert store.get("done") == blob
+    assert store.list() == ["done"]
+
+
 def test_upload_replaces_an_existing_object_on_completion(store: Store) -> None:
     # Prepare
     store.put("k", b"old")

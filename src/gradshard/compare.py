@@ -297,19 +297,11 @@ def copy_object(store: Store, src: str, dst: str, piece_bytes: int = COPY_PIECE_
     """Copy an object piece by piece through an upload (atomic at ``dst``; never the whole object in memory)."""
     size = store.size(src)
     buf = bytearray(min(piece_bytes, size))
-    upload_id = store.begin_upload(dst, size)
-    try:
-        writer = store.writer(dst, upload_id, 0)
-        with store.open_reader(src) as reader:
-            for offset in range(0, size, piece_bytes):
-                view = memoryview(buf)[: min(piece_bytes, size - offset)]
-                reader.read_into(offset, view)
-                writer.write(view)
-        writer.close()
-        store.complete_upload(dst, upload_id)
-    except BaseException:
-        store.abort_upload(dst, upload_id)
-        raise
+    with store.upload(dst, size) as writer, store.open_reader(src) as reader:
+        for offset in range(0, size, piece_bytes):
+            view = memoryview(buf)[: min(piece_bytes, size - offset)]
+            reader.read_into(offset, view)
+            writer.write(view)
 
 
 def agreement(store: Store, key: str, reference_key: str, manifest: RoundManifest,

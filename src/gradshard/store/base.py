@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +146,20 @@ class Store(ABC):
     def writer(self, key: str, upload_id: str, offset: int) -> SequentialWriter:
         """A writer of consecutive bytes of an upload from ``offset``; close it to flush."""
         return SequentialWriter(self, key, upload_id, offset)
+
+    @contextmanager
+    def upload(self, key: str, size: int) -> Iterator[SequentialWriter]:
+        """A new object of ``size`` bytes written front to back: published when the block ends, aborted (nothing
+        visible) if it raises."""
+        upload_id = self.begin_upload(key, size)
+        try:
+            writer = self.writer(key, upload_id, 0)
+            yield writer
+            writer.close()
+            self.complete_upload(key, upload_id)
+        except BaseException:
+            self.abort_upload(key, upload_id)
+            raise
 
     @abstractmethod
     def complete_upload(self, key: str, upload_id: str) -> None:

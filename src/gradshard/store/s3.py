@@ -376,15 +376,8 @@ class S3Store(Store):
             self.io.puts += 1
             self.io.bytes_written += len(view)
             return
-        upload_id = self.begin_upload(key, len(view))
-        try:
-            writer = self.writer(key, upload_id, 0)
+        with self.upload(key, len(view)) as writer:
             writer.write(view)
-            writer.close()
-            self.complete_upload(key, upload_id)
-        except BaseException:
-            self.abort_upload(key, upload_id)
-            raise
 
     def delete(self, key: str) -> None:
         with self._errors(f"deleting object {key!r}", key):
