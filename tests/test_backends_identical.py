@@ -1,8 +1,11 @@
 """The same round gives the same bytes on every runtime and store: local processes or Ray tasks, a local directory
-or S3 (the session's moto server), and through the ``gradshard aggregate`` command on an ``s3://`` store."""
+or S3 (the session's moto server), through the ``gradshard aggregate`` command on an ``s3://`` store, and a whole
+training run with ``gradshard train --executor ray``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from conftest import new_s3_store
 
 from gradshard.aggregate import AggregateConfig, aggregate_round
 from gradshard.cli import main
+from gradshard.fl.driver import model_key
 from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, LocalExecutor
 from gradshard.runtime.ray import RayExecutor
@@ -104,3 +108,20 @@ def test_aggregate_command_names_a_missing_bucket(s3_endpoint: str, monkeypatch:
     # Assert
     assert result.exit_code == 2
     assert "bucket 'no-such-bucket' does not exist at http://127.0.0.1" in result.output
+
+
+def test_training_with_the_ray_executor_gives_the_models_of_a_local_run(tmp_path: Path) -> None:
+    # Prepare: each run in its own process, as a user runs it (this one starts and stops its own local Ray)
+    flags = ["--rounds", "2", "--clients", "4", "--epochs", "1", "--workers", "2"]
+    runs = {}
+
+    # Execute
+    for executor in ("local", "ray"):
+        store = tmp_path / executor
+        done = subprocess.run([sys.executable, "-m", "gradshard.cli", "train", "--store", str(store),
+                               "--executor", executor, *flags], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[executor] = [(store / model_key(r)).read_bytes() for r in range(3)]
+
+    # Assert
+    assert runs["ray"] == runs["local"]

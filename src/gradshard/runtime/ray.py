@@ -21,11 +21,11 @@ import ray
 import ray.exceptions
 
 from gradshard.errors import StoreError
-from gradshard.runtime.executor import Executor
+from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.local import LocalExecutor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store, open_store
-from gradshard.topology.base import MIB, Invocation
+from gradshard.topology.base import MIB, Invocation, Plan
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,12 @@ class RayExecutor(Executor):
                 ray.shutdown()
             self._started_ray = False
             self._remote = None
+
+    def run(self, plan: Plan, store: Store, on_done: ProgressCallback | None = None) -> list[InvocationReport]:
+        # Connect from the calling thread, not from a pool thread of the stage: a local Ray's processes die with
+        # the thread that started them (Ray sets PR_SET_PDEATHSIG), and pool threads end with each stage.
+        self._connect()
+        return super().run(plan, store, on_done)
 
     def _connect(self) -> Any:
         with self._lock:
