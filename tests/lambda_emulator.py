@@ -67,6 +67,7 @@ class Function:
     memory_mb: int = 3008
     timeout_s: float = 900.0
     handler: str = HANDLER
+    interpreter: str = sys.executable  # the runtime's Python (e.g. a CPython 3.12 for a python3.12 package)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class LambdaEmulator:
         """Run ``function`` on ``event`` in a fresh isolated interpreter: (status, headers, body)."""
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
-        command = [sys.executable, "-I", "-S", "-B", "-c", BOOTSTRAP, str(function.package_dir), function.name,
+        command = [function.interpreter, "-I", "-S", "-B", "-c", BOOTSTRAP, str(function.package_dir), function.name,
                    str(function.memory_mb), str(function.timeout_s), request_id, function.handler]
         headers = {"X-Amz-Executed-Version": "$LATEST", "x-amzn-RequestId": request_id}
         try:
