@@ -16,6 +16,7 @@ from conftest import new_s3_store
 
 from gradshard.aggregate import AggregateConfig, aggregate_round
 from gradshard.cli import main
+from gradshard.compare import compare_round
 from gradshard.fl.driver import model_key
 from gradshard.round import aggregate_key
 from gradshard.runtime import Executor, LocalExecutor
@@ -125,3 +126,19 @@ def test_training_with_the_ray_executor_gives_the_models_of_a_local_run(tmp_path
 
     # Assert
     assert runs["ray"] == runs["local"]
+
+
+def test_compare_runs_every_architecture_on_an_s3_store(s3_endpoint: str) -> None:
+    # Prepare
+    store = new_s3_store(s3_endpoint)
+    make_round(store, 0, synthetic(200_000), 6)
+
+    # Execute
+    result = compare_round(store, 0)
+
+    # Assert: all four ran and published; GradsSharding is exact, the trees within float tolerance
+    assert [r.architecture for r in result.rows] == ["flat", "sharded", "lambda-fl", "lifl"]
+    assert all(r.status == "ok" and r.output_visible for r in result.rows)
+    assert result.row("sharded").exact
+    assert all((result.row(t).max_rel_error or 0) < 1e-6 for t in ("lambda-fl", "lifl"))
+    assert not [k for k in store.list() if "/partials/" in k]

@@ -569,8 +569,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 @main.command()
-@click.option("--store", "store_dir", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Local store directory holding rounds/<r>/...")
+@click.option("--store", "store_dir", required=True,
+              help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix.")
 @click.option("--round", "round_", type=click.IntRange(min=0), required=True)
 @click.option("--shards", "-M", type=click.IntRange(min=1), default=None,
               help="GradsSharding's M (default: the smallest that fits --memory-limit; 4 without a limit).")
@@ -603,9 +603,10 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
             elif event.row is not None and event.row.status == "skipped":
                 progress.console.print(f"{event.architecture}: not run ({event.row.reason})")
 
-        result = compare_round(LocalStore(store_dir), round_, architectures=architectures, shards=shards,
-                               memory_limit_bytes=limit, workers=workers, nodes=nodes,
-                               window_bytes=window_kb * 1024, run_infeasible=run_infeasible, on_event=on_event)
+        store = open_cli_store(store_dir, must_exist=True)
+        result = compare_round(store, round_, architectures=architectures, shards=shards, memory_limit_bytes=limit,
+                               workers=workers, nodes=nodes, window_bytes=window_kb * 1024,
+                               run_infeasible=run_infeasible, on_event=on_event)
     console.print(compare_table(result))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
