@@ -28,6 +28,7 @@ become fragments.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -105,6 +106,38 @@ class _Upload:
 
     def encode(self) -> str:
         return f"{self.tag}~{self.size}~{self.s3_id or '-'}"
+
+
+class _ViewBody(io.RawIOBase):
+    """A seekable read-only file over a memoryview: botocore takes bytes, bytearray or a file, and ``bytes(view)``
+    would copy every 5 MiB part once more."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view, self._pos = view, 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def _key_tag(key: str) -> str:
@@ -372,7 +405,7 @@ class S3Store(Store):
         view = as_bytes(data)
         if len(view) <= SINGLE_PUT_BYTES:
             with self._errors(f"writing object {key!r}", key):
-                self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=bytes(view))
+                self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=_ViewBody(view))
             self.io.puts += 1
             self.io.bytes_written += len(view)
             return
@@ -432,10 +465,10 @@ class S3Store(Store):
             with self._errors(f"writing bytes [{pos}, {end}) of upload {upload_id}", key, upload_id):
                 if upload.s3_id is not None and pos == lo and end == hi:
                     self.client.upload_part(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id,
-                                            PartNumber=k + 1, Body=bytes(piece))
+                                            PartNumber=k + 1, Body=_ViewBody(piece))
                 else:
                     self.client.put_object(Bucket=self.bucket, Key=f"{self._upload_dir(upload)}f/{pos:020d}",
-                                           Body=bytes(piece))
+                                           Body=_ViewBody(piece))
             self.io.puts += 1
             pos = end
         self.io.bytes_written += len(view)
