@@ -14,6 +14,8 @@ proportion to the object's size; s3rver streams the range from a file. Then:
    each k — k clients' windows read at once (``parallel_reads``), each read split into up to k ranged GETs —
    alternating; its measured duration and speed-up over k = 1, and every output's sha256 (they must all be
    equal) are reported.
+3. **Memory** (without added latency only): the peak resident set of a no-op function and of a shard function
+   (M = 2, ``parallel_reads`` 1 and 4) on a local store and on S3, next to the plan's predicted need.
 
 Figures go to stdout and to ``bench/out/s3_reads.json``.
 """
@@ -36,8 +38,9 @@ from _common import BENCH_DIR, MIB, setup_logging, write_section
 
 from gradshard.aggregate import AggregateConfig, aggregate_round
 from gradshard.runtime import LocalExecutor
-from gradshard.store import S3Store
+from gradshard.store import LocalStore, S3Store, Store
 from gradshard.synthetic import make_round
+from gradshard.topology.base import Invocation, Plan
 from gradshard.zoo import synthetic
 
 DEFAULT_OUT = BENCH_DIR / "out" / "s3_reads.json"
@@ -131,6 +134,25 @@ def bench_shard_function(base: S3Store, ks: list[int], params: int, clients: int
                               "speedup_vs_sequential": medians[ks[0]] / medians[k]} for k in ks}}
 
 
+def bench_memory(base: S3Store, local_dir: Path, params: int, clients: int) -> dict[str, Any]:
+    """Peak resident set of a no-op function and of shard functions (M = 2, parallel_reads 1 and 4), on a local
+    store and on S3, next to the plan's prediction (which does not know the store)."""
+    out: dict[str, Any] = {}
+    stores: dict[str, Store] = {"local": LocalStore(local_dir, fsync=False), "s3": store_with(base, 4)}
+    for name, store in stores.items():
+        with LocalExecutor(workers=1) as executor:
+            noop = Plan("noop", (Invocation("noop", "noop", {}, 0),))
+            baseline = max(executor.run(noop, store)[0].peak_rss_bytes or 0 for _ in range(3))
+            make_round(store, 2, synthetic(params), clients, seed=2)
+            runs = {}
+            for k in (1, 4):
+                result = aggregate_round(store, 2, executor, AggregateConfig(shards=2, parallel_reads=k))
+                runs[str(k)] = {"peak_bytes": max(r.peak_rss_bytes or 0 for r in result.reports),
+                                "predicted_bytes": max(i.memory_bytes for i in result.plan.invocations)}
+        out[name] = {"noop_peak_bytes": baseline, "parallel_reads": runs}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="1,2,4,8", help="read concurrencies to compare; the first is the baseline")
@@ -161,6 +183,8 @@ def main() -> None:
         window = args.window_mib * MIB
         reads = bench_reads(base, ks, args.object_mib * MIB, window, args.repeats)
         function = bench_shard_function(base, ks, args.params, args.clients, window, args.repeats)
+        memory = None if args.latency_ms or args.stream_mb_s or args.s3rver else \
+            bench_memory(base, Path(scratch.name) / "local", 8_000_000, 6)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -168,7 +192,8 @@ def main() -> None:
     name = "s3rver" if args.s3rver else "moto"
     section = f"{name}_latency_{args.latency_ms:g}ms_stream_{args.stream_mb_s:g}MBs"
     write_section(args.out, section, {"server": name, "latency_ms": args.latency_ms,
-                                      "stream_MB_per_s": args.stream_mb_s, "reads": reads, "shard_function": function})
+                                      "stream_MB_per_s": args.stream_mb_s, "reads": reads, "shard_function": function,
+                                      "memory": memory})
     pace = f", each response paced at {args.stream_mb_s:g} MB/s" if args.stream_mb_s else ""
     print(f"S3 reads against {name} in its own process, {args.latency_ms:g} ms added latency per request{pace}, "
           f"window {args.window_mib} MiB, ranges >= 1 MiB:")
@@ -176,6 +201,13 @@ def main() -> None:
         print(f"  {title}:")
         for k, run in result["runs"].items():
             print(f"    k = {k}: {run['median_s'] * 1000:8.1f} ms   {run['speedup_vs_sequential']:.2f}x vs k = 1")
+    if memory is not None:
+        print("  memory, 8 M params x 6 clients, M = 2 (peak resident set; predicted: the plan's need above it):")
+        for store_name, m in memory.items():
+            for k, run in m["parallel_reads"].items():
+                print(f"    {store_name:5s} no-op {m['noop_peak_bytes'] / MIB:6.1f} MiB   parallel_reads {k}: shard "
+                      f"{run['peak_bytes'] / MIB:6.1f} MiB ({(run['peak_bytes'] - m['noop_peak_bytes']) / MIB:5.1f} "
+                      f"above no-op; predicted {run['predicted_bytes'] / MIB:5.1f})")
 
 
 if __name__ == "__main__":
