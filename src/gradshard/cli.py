@@ -48,7 +48,7 @@ def _progress() -> Progress:
 def _executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float,
               warm: bool = False, ray_address: str | None = None, lambda_function: str | None = None,
               region: str | None = None) -> Executor:
-    """An executor by name; close it with :func:`_close`. Ray and boto3 are imported only when asked for."""
+    """An executor by name (close it when done). Ray and boto3 are imported only when asked for."""
     cap = None if memory_mb is None else int(memory_mb * MIB)
     if kind == "inline":
         return InlineExecutor(retries=retries)
@@ -64,12 +64,6 @@ def _executor(kind: str, workers: int, memory_mb: float | None, retries: int, ti
             raise click.UsageError("--executor lambda needs --lambda-function (the deployed function's name or ARN)")
         return LambdaExecutor(lambda_function, region=region, workers=workers, retries=retries, timeout_s=timeout)
     return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm)
-
-
-def _close(executor: Executor) -> None:
-    close = getattr(executor, "close", None)
-    if callable(close):
-        close()
 
 
 def open_cli_store(location: str, *, must_exist: bool) -> Store:
@@ -175,7 +169,7 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
     try:
         result = _run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
     finally:
-        _close(executor)
+        executor.close()
     console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     summary = result.summary()
     for client, reason in result.manifest.rejected.items():
@@ -426,8 +420,8 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
         run_training(trainer, Path(out_dir) if out_dir else default_out, f"{config.model} on {config.data.name}, "
                      f"{config.clients} clients, {agg.topology}")
     finally:
-        _close(client_executor)
-        _close(executor)
+        client_executor.close()
+        executor.close()
 
 
 def _verify_last_round(store: LocalStore, config: TrainConfig, r: int, workers: int) -> bool:

@@ -11,6 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 from gradshard.errors import GradshardError
 from gradshard.runtime.report import InvocationReport
@@ -34,6 +35,15 @@ class Executor(ABC):
         self.retries = retries
         self.memory_cap_bytes = memory_cap_bytes
         self.timeout_s = timeout_s
+
+    def close(self) -> None:  # noqa: B027 - executors that hold processes or connections override it
+        """Release what the executor holds (worker processes, a Ray it started); it cannot run plans afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @abstractmethod
     def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:

@@ -85,12 +85,6 @@ class LocalExecutor(Executor):
         child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=key is not None)
         return child, key, False
 
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
         started = time.perf_counter()
         child, key, reused = self._start(invocation, store)

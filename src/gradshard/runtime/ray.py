@@ -76,12 +76,6 @@ class RayExecutor(Executor):
         self._started_ray = False
         self._warned_local_store = False
 
-    def __enter__(self) -> RayExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Shut Ray down if this executor started it; a Ray initialised by someone else is left running."""
         with self._lock:
