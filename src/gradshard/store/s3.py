@@ -36,7 +36,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -455,18 +455,27 @@ class S3Store(Store):
         if offset < 0 or offset + len(view) > upload.size:
             raise StoreError(f"write of bytes [{offset}, {offset + len(view)}) is outside upload of {key!r} "
                              f"({upload.size} bytes)")
-        self._require_open(key, upload_id, upload)  # S3-compatible servers differ on parts of aborted uploads
-        pos = offset
+        pos, checked = offset, False
         while pos < offset + len(view):
             k = pos // upload.cell
             lo, hi = upload.cell_range(k)
             end = min(hi, offset + len(view))
             piece = view[pos - offset : end - offset]
-            with self._errors(f"writing bytes [{pos}, {end}) of upload {upload_id}", key, upload_id):
-                if upload.s3_id is not None and pos == lo and end == hi:
-                    self.client.upload_part(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id,
-                                            PartNumber=k + 1, Body=_ViewBody(piece))
-                else:
+            what = f"writing bytes [{pos}, {end}) of upload {upload_id}"
+            if upload.s3_id is not None and pos == lo and end == hi:
+                try:  # a whole cell: its part, with no extra request on this hot path
+                    with self._errors(what, key, upload_id):
+                        self.client.upload_part(Bucket=self.bucket, Key=self._name(key), UploadId=upload.s3_id,
+                                                PartNumber=k + 1, Body=_ViewBody(piece))
+                except StoreError:
+                    # S3 says NoSuchUpload; other servers answer otherwise (moto: 500): name the cause if it is this
+                    self._require_open(key, upload_id, upload)
+                    raise
+            else:
+                if not checked:  # a fragment is a plain object: S3 would accept it for a closed upload
+                    self._require_open(key, upload_id, upload)
+                    checked = True
+                with self._errors(what, key, upload_id):
                     self.client.put_object(Bucket=self.bucket, Key=f"{self._upload_dir(upload)}f/{pos:020d}",
                                            Body=_ViewBody(piece))
             self.io.puts += 1
@@ -525,17 +534,18 @@ class S3Store(Store):
             self._require_open(key, upload_id, upload)
             fragments = self._fragments(upload)
             if upload.s3_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(self._compose(upload, 0, fragments)))
+                cell = self._compose(upload, 0, fragments)
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=_ViewBody(memoryview(cell)))
             else:
                 parts = self._parts(key, upload)
                 missing = [k for k in range(upload.cells)
                            if parts.get(k + 1, ("", -1))[1] != upload.cell_range(k)[1] - upload.cell_range(k)[0]]
 
                 def compose(k: int) -> tuple[int, str]:
-                    body = bytes(self._compose(upload, k, fragments))
+                    cell = self._compose(upload, k, fragments)
                     with self._errors(f"composing cell {k} of upload {upload_id}", key, upload_id):
                         done = self.client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload.s3_id,
-                                                       PartNumber=k + 1, Body=body)
+                                                       PartNumber=k + 1, Body=_ViewBody(memoryview(cell)))
                     return k + 1, str(done["ETag"])
 
                 with ThreadPoolExecutor(min(self.read_concurrency, max(1, len(missing)))) as pool:
@@ -547,7 +557,7 @@ class S3Store(Store):
                                                for n in range(1, upload.cells + 1)]})
                 self.io.puts += len(missing)
         self.io.puts += 1
-        self._remove_upload_objects(upload)
+        self._remove_upload_objects(upload, [name for name, _ in fragments.values()])
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         from botocore.exceptions import ClientError
@@ -562,11 +572,12 @@ class S3Store(Store):
                                              str(exc), key, upload_id) from None
         self._remove_upload_objects(upload)
 
-    def _remove_upload_objects(self, upload: _Upload) -> None:
-        """Delete an upload's marker (first: a crash midway leaves it closed) and its fragments."""
+    def _remove_upload_objects(self, upload: _Upload, fragments: Sequence[str] | None = None) -> None:
+        """Delete an upload's marker (first: a crash midway leaves it closed) and its fragments (listed if not
+        given)."""
         with self._errors(f"cleaning up upload {upload.tag}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._upload_dir(upload) + "upload")
-            names = [name for name, _ in self._fragments(upload).values()]
+            names = fragments if fragments is not None else [name for name, _ in self._fragments(upload).values()]
             for lo in range(0, len(names), 1000):
                 self.client.delete_objects(Bucket=self.bucket, Delete={
                     "Objects": [{"Key": n} for n in names[lo : lo + 1000]], "Quiet": True})
