@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import statistics
 import subprocess
@@ -134,6 +135,24 @@ def bench_shard_function(base: S3Store, ks: list[int], params: int, clients: int
                               "speedup_vs_sequential": medians[ks[0]] / medians[k]} for k in ks}}
 
 
+CLIENT_START = """
+import json, time
+t0 = time.perf_counter()
+from gradshard.store import s3
+s3.warm_up()  # import boto3 and load the S3 model: what a runtime's zygote does once
+t1 = time.perf_counter()
+s3._boto_session().client("s3", region_name="us-east-1")  # what every forked function does after that
+print(json.dumps({"cold_s": t1 - t0, "warm_client_s": time.perf_counter() - t1}))
+"""
+
+
+def bench_client_start() -> dict[str, float]:
+    """Seconds to import boto3 and make the first S3 client in a fresh interpreter, and one more client after."""
+    done = subprocess.run([sys.executable, "-c", CLIENT_START], capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
 def bench_memory(base: S3Store, local_dir: Path, params: int, clients: int) -> dict[str, Any]:
     """Peak resident set of a no-op function and of shard functions (M = 2, parallel_reads 1 and 4), on a local
     store and on S3, next to the plan's prediction (which does not know the store)."""
@@ -185,6 +204,7 @@ def main() -> None:
         function = bench_shard_function(base, ks, args.params, args.clients, window, args.repeats)
         memory = None if args.latency_ms or args.stream_mb_s or args.s3rver else \
             bench_memory(base, Path(scratch.name) / "local", 8_000_000, 6)
+        client_start = bench_client_start()
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -193,7 +213,7 @@ def main() -> None:
     section = f"{name}_latency_{args.latency_ms:g}ms_stream_{args.stream_mb_s:g}MBs"
     write_section(args.out, section, {"server": name, "latency_ms": args.latency_ms,
                                       "stream_MB_per_s": args.stream_mb_s, "reads": reads, "shard_function": function,
-                                      "memory": memory})
+                                      "memory": memory, "client_start": client_start})
     pace = f", each response paced at {args.stream_mb_s:g} MB/s" if args.stream_mb_s else ""
     print(f"S3 reads against {name} in its own process, {args.latency_ms:g} ms added latency per request{pace}, "
           f"window {args.window_mib} MiB, ranges >= 1 MiB:")
@@ -201,6 +221,8 @@ def main() -> None:
         print(f"  {title}:")
         for k, run in result["runs"].items():
             print(f"    k = {k}: {run['median_s'] * 1000:8.1f} ms   {run['speedup_vs_sequential']:.2f}x vs k = 1")
+    print(f"  boto3 import + first S3 client: {client_start['cold_s']:.2f} s; another client after that: "
+          f"{client_start['warm_client_s'] * 1000:.0f} ms")
     if memory is not None:
         print("  memory, 8 M params x 6 clients, M = 2 (peak resident set; predicted: the plan's need above it):")
         for store_name, m in memory.items():
