@@ -38,10 +38,10 @@ import numpy as np
 from _common import BENCH_DIR, MIB, setup_logging, write_section
 
 from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.compare import measure_baseline
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store
 from gradshard.synthetic import make_round
-from gradshard.topology.base import Invocation, Plan
 from gradshard.zoo import synthetic
 
 DEFAULT_OUT = BENCH_DIR / "out" / "s3_reads.json"
@@ -159,9 +159,8 @@ def bench_memory(base: S3Store, local_dir: Path, params: int, clients: int) -> d
     out: dict[str, Any] = {}
     stores: dict[str, Store] = {"local": LocalStore(local_dir, fsync=False), "s3": store_with(base, 4)}
     for name, store in stores.items():
+        baseline = max(measure_baseline(store) for _ in range(3))
         with LocalExecutor(workers=1) as executor:
-            noop = Plan("noop", (Invocation("noop", "noop", {}, 0),))
-            baseline = max(executor.run(noop, store)[0].peak_rss_bytes or 0 for _ in range(3))
             make_round(store, 2, synthetic(params), clients, seed=2)
             runs = {}
             for k in (1, 4):
