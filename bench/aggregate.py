@@ -52,17 +52,18 @@ from _common import (
     write_section,
 )
 
-from gradshard import checksum
-from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
-from gradshard.layout import ModelLayout
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import RoundSpec, aggregate_key, open_round, update_key
+from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import fedavg, fedavg_weights
+from gradshard.core.zoo import get_layout, synthetic
+from gradshard.format.keys import aggregate_key, update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, UpdateWriter, open_update, read_flat, write_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
-from gradshard.update import UpdateMeta, UpdateWriter, open_update, read_flat, write_update
-from gradshard.zoo import get_layout, synthetic
 
 log = logging.getLogger("bench")
 
@@ -550,7 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--flat-max-bytes", type=parse_size, default=4 * GIB,
                     help="verify sharded == flat on a smaller P if flat would need more than this")
     ap.add_argument("--flower-clients", type=int, default=16)
-    ap.add_argument("--flower-model", default="resnet18", help="a gradshard.zoo layout name")
+    ap.add_argument("--flower-model", default="resnet18", help="a gradshard.core.zoo layout name")
     ap.add_argument("--flower-shards", type=int, default=4)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-flower", action="store_true")

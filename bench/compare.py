@@ -1,7 +1,7 @@
 """Architecture comparison at VGG-16 scale: flat, GradsSharding, λ-FL and LIFL on the same round of N updates.
 
 1. Writes N synthetic VGG-16 updates (134.3 M float32 parameters, 537 MB each; N = 20 by default, 10.7 GB) with
-   ``gradshard.synthetic.make_round`` into a scratch store, ``LocalStore(dir, fsync=False)``: scratch data needs
+   ``gradshard.demo.synthetic.make_round`` into a scratch store, ``LocalStore(dir, fsync=False)``: scratch data needs
    no durability, and fsyncing 10.7 GB would time the disk rather than aggregation. Free disk is checked first.
 2. ``compare_round`` without a memory limit (workers 2, LIFL on 2 nodes): every architecture runs; the table goes
    to stdout and the files to ``bench/out/compare.{json,csv,png}``.
@@ -26,12 +26,12 @@ from pathlib import Path
 from _common import BENCH_DIR, GB, MIB, fmt_bytes, free_disk_bytes, setup_logging, wait_idle
 from rich.console import Console
 
-from gradshard.compare import CompareEvent, CompareResult, compare_round
-from gradshard.console import compare_table
-from gradshard.plots import compare_png
+from gradshard.aggregation.compare import CompareEvent, CompareResult, compare_round
+from gradshard.cli.console import compare_table
+from gradshard.cli.plots import compare_png
+from gradshard.core.zoo import get_layout
+from gradshard.demo.synthetic import make_round
 from gradshard.store import LocalStore
-from gradshard.synthetic import make_round
-from gradshard.zoo import get_layout
 
 log = logging.getLogger("bench")
 DISK_MARGIN = 2 * GB

@@ -27,13 +27,13 @@ from typing import Any
 
 from _common import BENCH_DIR, MIB, setup_logging, write_section
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.deploy import write_aws_deployment
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
+from gradshard.deploy.aws import write_aws_deployment
 from gradshard.runtime import Executor, InvocationReport, LocalExecutor
 from gradshard.runtime.aws_lambda import LambdaExecutor
 from gradshard.store import LocalStore
-from gradshard.synthetic import make_round
-from gradshard.zoo import synthetic
 
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 from lambda_emulator import Function, LambdaEmulator  # the tests' emulator (tests/ is not a package)

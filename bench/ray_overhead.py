@@ -25,14 +25,14 @@ from typing import Any
 import ray
 from _common import BENCH_DIR, setup_logging, write_section
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.round import aggregate_key
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
+from gradshard.format.keys import aggregate_key
 from gradshard.runtime import Executor, LocalExecutor
 from gradshard.runtime.ray import RayExecutor
 from gradshard.store import LocalStore
-from gradshard.synthetic import make_round
 from gradshard.topology.base import Invocation, Plan
-from gradshard.zoo import synthetic
 
 DEFAULT_OUT = BENCH_DIR / "out" / "ray_overhead.json"
 CONFIGS = {"sharded": AggregateConfig(topology="sharded", shards=4), "lambda-fl": AggregateConfig(topology="lambda-fl"),

@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 from _common import BENCH_DIR, MIB, setup_logging, write_section
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.compare import measure_baseline
+from gradshard.aggregation.compare import measure_baseline
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store
-from gradshard.synthetic import make_round
-from gradshard.zoo import synthetic
 
 DEFAULT_OUT = BENCH_DIR / "out" / "s3_reads.json"
 MOTO = """

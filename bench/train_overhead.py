@@ -39,16 +39,16 @@ import numpy.typing as npt
 import torch
 from _common import BENCH_DIR, setup_logging, write_section
 
-from gradshard.aggregate import AggregateConfig
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.core.layout import ModelLayout
 from gradshard.fl.client import ClientTask, _train, load_arrays, task_seed, train_client, warm_up
-from gradshard.fl.driver import KEPT_KEY, DataConfig, TrainConfig, Trainer, client_data_key, model_key
+from gradshard.fl.driver import DataConfig, TrainConfig, Trainer
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
-from gradshard.layout import ModelLayout
-from gradshard.round import update_key
+from gradshard.format.keys import KEPT_KEY, client_data_key, model_key, update_key
+from gradshard.format.update import read_flat
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
-from gradshard.update import read_flat
 
 DEFAULT_OUT = BENCH_DIR / "out" / "train_overhead.json"
 

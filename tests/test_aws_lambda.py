@@ -22,17 +22,17 @@ import yaml
 from click.testing import CliRunner
 from lambda_emulator import Function, LambdaEmulator
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.cli import main
-from gradshard.deploy import LAMBDA_RUNTIMES, cloudformation_template, to_yaml, write_aws_deployment
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.cli.main import main
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
+from gradshard.deploy.aws import LAMBDA_RUNTIMES, cloudformation_template, to_yaml, write_aws_deployment
 from gradshard.errors import GradshardError
-from gradshard.round import aggregate_key
+from gradshard.format.keys import aggregate_key
 from gradshard.runtime import LocalExecutor
 from gradshard.runtime.aws_lambda import CONTRACT, LambdaExecutor, handler, invoke_event
 from gradshard.store import LocalStore, MemoryStore, S3Store
-from gradshard.synthetic import make_round
 from gradshard.topology.base import MIB, Invocation, Plan
-from gradshard.zoo import synthetic
 
 FUNCTION = "gradshard-test"
 SHORT = "gradshard-short"  # a function with a 2 s timeout
@@ -347,7 +347,7 @@ def test_vendoring_for_another_python_is_refused(tmp_path: Path) -> None:
 
 def test_vendoring_checks_the_runtime_glibc(tmp_path: Path) -> None:
     # Prepare: the wheels installed here, as a plain python3.11 deployment would vendor them
-    from gradshard.deploy import _distributions, glibc_warnings
+    from gradshard.deploy.aws import _distributions, glibc_warnings
 
     too_new = glibc_warnings(_distributions(), LAMBDA_RUNTIMES["python3.11"])
 

@@ -14,17 +14,16 @@ import ray
 from click.testing import CliRunner
 from conftest import new_s3_store
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.cli import main
-from gradshard.compare import compare_round
-from gradshard.fl.driver import model_key
-from gradshard.round import aggregate_key
+from gradshard.aggregation.compare import compare_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.cli.main import main
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
+from gradshard.format.keys import aggregate_key, model_key
 from gradshard.runtime import Executor, LocalExecutor
 from gradshard.runtime.ray import RayExecutor
 from gradshard.store import LocalStore, Store
-from gradshard.synthetic import make_round
 from gradshard.topology.base import MIB
-from gradshard.zoo import synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -12,15 +12,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.layout import ModelLayout
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import RoundSpec, aggregate_key, open_round, update_key
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import fedavg, fedavg_weights
+from gradshard.core.zoo import synthetic
+from gradshard.format.keys import aggregate_key, update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, read_flat, write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor
 from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.update import UpdateMeta, read_flat, write_update
-from gradshard.zoo import synthetic
 
 _ID_CHARS = string.ascii_letters + string.digits + "_.-"
 client_ids = st.text(_ID_CHARS, min_size=1, max_size=12).filter(lambda s: not s.startswith("."))

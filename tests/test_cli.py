@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gradshard.cli import main
+from gradshard.cli.main import main
+from gradshard.core.zoo import get_layout
+from gradshard.demo.synthetic import make_round
 from gradshard.store import LocalStore
-from gradshard.synthetic import make_round
-from gradshard.zoo import get_layout
 
 pytestmark = pytest.mark.integration
 

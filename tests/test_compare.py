@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gradshard.cli import main
-from gradshard.compare import (
+from gradshard.aggregation.compare import (
     CompareResult,
     CompareRow,
     agreement,
@@ -20,14 +19,16 @@ from gradshard.compare import (
     compare_round,
     measure_baseline,
 )
+from gradshard.cli.main import main
+from gradshard.cli.plots import compare_png
+from gradshard.core.reduce import fedavg, fedavg_weights
+from gradshard.core.zoo import get_layout, synthetic
+from gradshard.demo.synthetic import make_round
 from gradshard.errors import PlanError
-from gradshard.plots import compare_png
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import aggregate_key, prepare_round, round_prefix
+from gradshard.format.keys import aggregate_key, round_prefix
+from gradshard.format.round import prepare_round
+from gradshard.format.update import UpdateMeta, read_flat, write_update
 from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.synthetic import make_round
-from gradshard.update import UpdateMeta, read_flat, write_update
-from gradshard.zoo import get_layout, synthetic
 
 MIB = 1 << 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,9 +16,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.cli_cost import cost, plan
-from gradshard.cost import (
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.cli.cost import cost, plan
+from gradshard.core.zoo import get_layout, synthetic
+from gradshard.cost.model import (
     MB,
     PAPER_LATENCY,
     PAPER_MEMORY_RULE,
@@ -39,17 +40,17 @@ from gradshard.cost import (
     shape_for,
     shape_from_plan,
 )
+from gradshard.cost.pricing import AWS_LAMBDA_X86, GCP_FUNCTIONS_GEN1, PriceSheet, load_price_sheet, price_sheet
+from gradshard.demo.synthetic import make_round
 from gradshard.errors import PlanError
-from gradshard.pricing import AWS_LAMBDA_X86, GCP_FUNCTIONS_GEN1, PriceSheet, load_price_sheet, price_sheet
-from gradshard.round import ClientEntry, RoundManifest, RoundSpec, aggregate_key, manifest_key, update_key
+from gradshard.format.keys import aggregate_key, manifest_key, update_key
+from gradshard.format.round import ClientEntry, RoundManifest, RoundSpec
 from gradshard.runtime import InlineExecutor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import MemoryStore
-from gradshard.synthetic import make_round
 from gradshard.topology import OutputTarget, ReduceOptions, sharded_plan
 from gradshard.topology.hierarchical import lifl_plan
 from gradshard.topology.tree import lambda_fl_plan
-from gradshard.zoo import get_layout, synthetic
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "gradsharding-results"
 # Update sizes in MB (2^20 bytes): our zoo's float32 layouts, and the paper's 5 GB synthetic update.

@@ -17,13 +17,14 @@ import numpy as np
 import psutil
 import pytest
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.round import RoundSpec, open_round, update_key
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
+from gradshard.format.keys import update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, write_update
 from gradshard.runtime import InvocationReport, LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import MIB, Invocation, Plan
-from gradshard.update import UpdateMeta, write_update
-from gradshard.zoo import synthetic
 
 pytestmark = pytest.mark.integration
 

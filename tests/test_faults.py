@@ -15,15 +15,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import fedavg, fedavg_weights
+from gradshard.core.zoo import synthetic
 from gradshard.errors import RoundError
-from gradshard.layout import ModelLayout
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import RoundSpec, aggregate_key, open_round, reports_key, update_key
+from gradshard.format.keys import aggregate_key, reports_key, update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
-from gradshard.update import UpdateMeta, open_update, read_flat, write_update
-from gradshard.zoo import synthetic
 
 R = 3
 NUMEL = 6 * 1024 + 100  # not a multiple of the chunk: the last chunk is short

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradshard import zoo
+from gradshard.core import zoo
 from gradshard.errors import LayoutError
 from gradshard.fl.data import Dataset, load_digits
 from gradshard.fl.models import (

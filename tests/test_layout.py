@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import LayoutError
-from gradshard.layout import ModelLayout, TensorSpec
 
 torch = pytest.importorskip("torch")
 

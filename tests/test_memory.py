@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
 from gradshard.errors import InvocationError
-from gradshard.round import RoundSpec, aggregate_key, open_round, update_key
+from gradshard.format.keys import aggregate_key, update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, write_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import MIB, Invocation, Plan
-from gradshard.update import UpdateMeta, write_update
-from gradshard.zoo import synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from gradshard.cli_cost import cost, plan
-from gradshard.cost import LatencyModel
-from gradshard.planner import (
+from gradshard.cli.cost import cost, plan
+from gradshard.cost.model import LatencyModel
+from gradshard.cost.planner import (
     SWEEP_FILES,
     CostModel,
     PlanRequest,

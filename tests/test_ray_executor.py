@@ -18,15 +18,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from gradshard.aggregate import AggregateConfig, aggregate_round  # noqa: E402
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round  # noqa: E402
+from gradshard.core.zoo import synthetic  # noqa: E402
+from gradshard.demo.synthetic import make_round  # noqa: E402
 from gradshard.errors import StoreError  # noqa: E402
-from gradshard.round import aggregate_key  # noqa: E402
+from gradshard.format.keys import aggregate_key  # noqa: E402
 from gradshard.runtime import InvocationReport, LocalExecutor  # noqa: E402
 from gradshard.runtime.ray import INTERPRETER_BASELINE_BYTES, RayExecutor  # noqa: E402
 from gradshard.store import LocalStore, MemoryStore, Store  # noqa: E402
-from gradshard.synthetic import make_round  # noqa: E402
 from gradshard.topology.base import MIB, Invocation, Plan  # noqa: E402
-from gradshard.zoo import synthetic  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def run_single(executor: RayExecutor, store: Store, function: str, args: dict[st
 
 def test_importing_gradshard_runtime_does_not_import_ray() -> None:
     # Execute
-    code = "import sys, gradshard.runtime, gradshard.aggregate; print('ray' in sys.modules)"
+    code = "import sys, gradshard.runtime, gradshard.aggregation.driver; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
     # Assert

@@ -15,14 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from s3_server import BAD_ACCESS_KEY, FaultProxy
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round
 from gradshard.errors import ObjectNotFoundError, StoreError
-from gradshard.fl.driver import TrainConfig, Trainer, model_key
+from gradshard.fl.driver import TrainConfig, Trainer
+from gradshard.format.keys import model_key
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.store.s3 import MAX_PARTS, MIB, MIN_PART_BYTES, cell_bytes
-from gradshard.synthetic import make_round
-from gradshard.zoo import synthetic
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:

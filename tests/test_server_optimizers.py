@@ -12,17 +12,17 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from gradshard.core.layout import ModelLayout
+from gradshard.core.shards import ShardPlan
+from gradshard.core.zoo import synthetic
 from gradshard.errors import GradshardError
-from gradshard.fl.driver import TrainConfig, Trainer, model_key, state_key
+from gradshard.fl.driver import TrainConfig, Trainer
 from gradshard.fl.server import STATE_SLOTS, ServerOptimizer, apply_window, server_step
-from gradshard.layout import ModelLayout
-from gradshard.output import PendingObject
-from gradshard.round import aggregate_key
+from gradshard.format.keys import aggregate_key, model_key, state_key
+from gradshard.format.output import PendingObject
+from gradshard.format.update import UpdateMeta, read_flat, write_update
 from gradshard.runtime import InlineExecutor
-from gradshard.shards import ShardPlan
 from gradshard.store import MemoryStore, Store
-from gradshard.update import UpdateMeta, read_flat, write_update
-from gradshard.zoo import synthetic
 
 F32 = npt.NDArray[np.float32]
 NUMEL, CHUNK = 1000, 16  # 63 chunks, the last one partial

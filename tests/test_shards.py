@@ -9,11 +9,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gradshard import checksum
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout, TensorSpec
+from gradshard.core.shards import ShardPlan
+from gradshard.core.zoo import synthetic
 from gradshard.errors import GradshardError, PlanError
-from gradshard.layout import ModelLayout, TensorSpec
-from gradshard.shards import ShardPlan
-from gradshard.zoo import synthetic
 
 
 @st.composite

@@ -30,28 +30,29 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from gradshard.aggregate import AggregateConfig
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.errors import InvocationError
-from gradshard.fl.driver import (
-    DataConfig,
-    TrainConfig,
-    Trainer,
+from gradshard.fl.driver import DataConfig, TrainConfig, Trainer, client_ids, sample_cohort
+from gradshard.fl.server import ServerOptimizer
+from gradshard.format.keys import (
+    aggregate_key,
     client_data_key,
-    client_ids,
+    manifest_key,
     metrics_key,
     model_key,
-    sample_cohort,
+    round_prefix,
+    spec_key,
     state_key,
+    update_key,
 )
-from gradshard.fl.server import ServerOptimizer
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import aggregate_key, load_manifest, manifest_key, round_prefix, spec_key, update_key
+from gradshard.format.round import load_manifest
+from gradshard.format.update import open_update, read_flat
 from gradshard.runtime import LocalExecutor
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import LocalStore, Store
 from gradshard.topology.base import Invocation, Plan
-from gradshard.update import open_update, read_flat
 
 Executors = tuple[LocalExecutor, LocalExecutor]
 

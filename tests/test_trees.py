@@ -21,31 +21,23 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import gradshard.aggregate as aggregate_mod
-from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
+import gradshard.aggregation.driver as aggregate_mod
+from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import fedavg, fedavg_weights
+from gradshard.core.zoo import synthetic
+from gradshard.demo.synthetic import make_round as make_synthetic_round
 from gradshard.errors import InvocationError, PlanError, RoundError
-from gradshard.layout import ModelLayout
-from gradshard.reduce import fedavg, fedavg_weights
-from gradshard.round import (
-    ClientEntry,
-    RoundManifest,
-    RoundSpec,
-    aggregate_key,
-    manifest_key,
-    open_round,
-    round_prefix,
-    update_key,
-)
+from gradshard.format.keys import aggregate_key, manifest_key, round_prefix, update_key
+from gradshard.format.round import ClientEntry, RoundManifest, RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, read_flat, write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.synthetic import make_round as make_synthetic_round
 from gradshard.topology import Invocation, OutputTarget, Plan, ReduceOptions, check_fits, sharded_plan
 from gradshard.topology.hierarchical import cube_root_ceil, default_placement, lifl_plan
 from gradshard.topology.tree import lambda_fl_plan
-from gradshard.update import UpdateMeta, read_flat, write_update
-from gradshard.zoo import synthetic
 
 R = 0
 NUMEL = 777  # not a multiple of the chunk or of the tensor size
@@ -75,7 +67,7 @@ class TreeRound:
         return {c: (n if weighting == "examples" else 1) for c, n in self.examples.items()}
 
     def reference(self, weighting: str, *, without: Sequence[str] = ()) -> npt.NDArray[np.float64]:
-        """FedAvg in float64 (gradshard.reduce.fedavg) over the clients in canonical order."""
+        """FedAvg in float64 (gradshard.core.reduce.fedavg) over the clients in canonical order."""
         clients = sorted(c for c in self.vectors if c not in without)
         weights = fedavg_weights([self.examples[c] for c in clients], weighting)
         return fedavg([self.vectors[c] for c in clients], weights, "float64")

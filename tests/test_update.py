@@ -14,14 +14,13 @@ import pytest
 import safetensors.numpy
 from safetensors import safe_open
 
-from gradshard import checksum
-from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, RoundError, UpdateError
-from gradshard.layout import ModelLayout, TensorSpec
-from gradshard.round import RoundSpec, aggregate_key, open_round, prepare_round, update_key
-from gradshard.runtime import InlineExecutor
-from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.update import (
+from gradshard.format.keys import aggregate_key, update_key
+from gradshard.format.round import RoundSpec, open_round, prepare_round
+from gradshard.format.update import (
     UpdateMeta,
     UpdateWriter,
     open_update,
@@ -30,6 +29,8 @@ from gradshard.update import (
     update_metadata,
     write_update,
 )
+from gradshard.runtime import InlineExecutor
+from gradshard.store import LocalStore, MemoryStore, Store
 
 CHUNK = 4
 

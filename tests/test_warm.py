@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradshard.aggregate import AggregateConfig, aggregate_round
-from gradshard.round import aggregate_key
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core.zoo import get_layout
+from gradshard.demo.synthetic import make_round
+from gradshard.format.keys import aggregate_key
+from gradshard.format.update import read_flat
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
-from gradshard.synthetic import make_round
 from gradshard.topology.base import Invocation, Plan
-from gradshard.update import read_flat
-from gradshard.zoo import get_layout
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gradshard.core.layout import ModelLayout
+from gradshard.core.zoo import LAYOUTS, get_layout, gpt2, mlp, resnet18_cifar, synthetic, vgg16
 from gradshard.errors import LayoutError
-from gradshard.layout import ModelLayout
-from gradshard.zoo import LAYOUTS, get_layout, gpt2, mlp, resnet18_cifar, synthetic, vgg16
 
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -18,11 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_safetensors
 
+from gradshard.core.layout import ModelLayout
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
-from gradshard.layout import ModelLayout
-from gradshard.round import update_key
+from gradshard.format.keys import update_key
+from gradshard.format.update import UpdateMeta, read_flat, write_update
 from gradshard.store import Store
-from gradshard.update import UpdateMeta, read_flat, write_update
 
 
 class ClientTask(BaseModel):

@@ -28,53 +28,36 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import save as save_safetensors
 
-from gradshard import checksum
-from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout
+from gradshard.core.shards import ShardPlan
 from gradshard.errors import GradshardError, InvocationError, RoundError
 from gradshard.fl import data as fldata
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.server import ServerOptimizer, Target
-from gradshard.layout import ModelLayout
-from gradshard.output import PendingObject, collect_checksums
-from gradshard.round import (
-    RoundSpec,
+from gradshard.format.keys import (
+    CONFIG_KEY,
+    KEPT_KEY,
+    TEST_DATA_KEY,
     aggregate_key,
-    load_manifest,
-    load_spec,
+    client_data_key,
     manifest_key,
-    open_round,
+    metrics_key,
+    model_key,
     spec_key,
+    state_key,
     update_key,
 )
+from gradshard.format.output import PendingObject, collect_checksums
+from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
+from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
 from gradshard.runtime.executor import Executor
-from gradshard.shards import ShardPlan
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
-from gradshard.update import UpdateMeta, open_update, read_flat, write_update
 
 log = logging.getLogger(__name__)
-CONFIG_KEY = "run/config.json"
-KEPT_KEY = "models/kept.safetensors"
-
-
-def model_key(r: int) -> str:
-    return f"models/{r:06d}.safetensors"
-
-
-def state_key(r: int, slot: str) -> str:
-    return f"server/{r:06d}/{slot}.safetensors"
-
-
-def metrics_key(r: int) -> str:
-    return f"metrics/{r:06d}.json"
-
-
-def client_data_key(client: str) -> str:
-    return f"data/clients/{client}.safetensors"
-
-
-TEST_DATA_KEY = "data/test.safetensors"
 
 
 class DataConfig(BaseModel):

@@ -1,6 +1,6 @@
 """PyTorch models for federated training, and the bridge between their state and gradshard's flat vectors.
 
-The models' ``state_dict()`` layouts are *exactly* the in-code layouts of :mod:`gradshard.zoo` (names, order,
+The models' ``state_dict()`` layouts are *exactly* the in-code layouts of :mod:`gradshard.core.zoo` (names, order,
 shapes, dtypes), so an update produced by training here fits a round opened with ``get_layout(name)``:
 
 - ``mlp``: :class:`MLP` 64-128-10 for digits, layout ``zoo.mlp()``;
@@ -30,8 +30,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from gradshard.core.layout import ModelLayout
 from gradshard.errors import LayoutError
-from gradshard.layout import ModelLayout
 
 # torchvision vgg16 ("D" config): output channels per conv, "M" for a max-pool.
 _VGG16_CFG: tuple[int | str, ...] = (
@@ -44,7 +44,7 @@ _RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride 
 class MLP(nn.Module):
     """Fully connected layers ``layers.{i}`` with ReLU between them; inputs of any shape are flattened.
 
-    The state layout equals ``gradshard.zoo.mlp(sizes=sizes)``.
+    The state layout equals ``gradshard.core.zoo.mlp(sizes=sizes)``.
     """
 
     def __init__(self, sizes: Sequence[int] = (64, 128, 10)) -> None:
@@ -118,7 +118,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 ``conv1``, no max-pool) for 32x32 images.
 
-    Same module names as torchvision, so the state layout equals ``gradshard.zoo.resnet18_cifar()``.
+    Same module names as torchvision, so the state layout equals ``gradshard.core.zoo.resnet18_cifar()``.
     """
 
     def __init__(self, num_classes: int = 10, *, in_channels: int = 3) -> None:
@@ -147,7 +147,7 @@ class ResNet18(nn.Module):
 class VGG16(nn.Module):
     """torchvision VGG-16 without BatchNorm: ``features`` (13 convs), ``avgpool`` to 7x7, ``classifier``.
 
-    Same module indices as torchvision, so the state layout equals ``gradshard.zoo.vgg16()``; 134.3 M
+    Same module indices as torchvision, so the state layout equals ``gradshard.core.zoo.vgg16()``; 134.3 M
     parameters (537 MB as float32) for 10 classes.
     """
 

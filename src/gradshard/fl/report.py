@@ -168,8 +168,17 @@ def recompute_flat(store: Store, config: TrainConfig, r: int, executor: Executor
     """
     import tempfile
 
-    from gradshard.fl.driver import KEPT_KEY, TEST_DATA_KEY, Trainer, model_key, state_key
-    from gradshard.round import UPDATE_SUFFIX, aggregate_key, load_spec, open_round, round_prefix
+    from gradshard.fl.driver import Trainer
+    from gradshard.format.keys import (
+        KEPT_KEY,
+        TEST_DATA_KEY,
+        UPDATE_SUFFIX,
+        aggregate_key,
+        model_key,
+        round_prefix,
+        state_key,
+    )
+    from gradshard.format.round import load_spec, open_round
     from gradshard.store import LocalStore
 
     spec = load_spec(store, r)

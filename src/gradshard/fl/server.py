@@ -19,11 +19,11 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.aggregation.functions import OutputWriter
+from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError
-from gradshard.layout import ModelLayout
-from gradshard.runtime.functions import OutputWriter
+from gradshard.format.update import UpdateReader, VerifiedStream, open_update
 from gradshard.store import Store
-from gradshard.update import UpdateReader, VerifiedStream, open_update
 
 Optimizer = Literal["fedavg", "fedavgm", "fedadam"]
 STATE_SLOTS: dict[str, tuple[str, ...]] = {"fedavg": (), "fedavgm": ("v",), "fedadam": ("m", "v")}

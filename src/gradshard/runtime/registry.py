@@ -6,8 +6,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from gradshard.aggregation import functions, tree_functions
 from gradshard.errors import GradshardError
-from gradshard.runtime import functions, tree_functions
+from gradshard.runtime import diagnostics
 from gradshard.store import Store
 
 Function = Callable[[dict[str, Any], Store], dict[str, Any]]
@@ -16,10 +17,10 @@ FUNCTIONS: dict[str, Function] = {
     "shard_reduce": functions.shard_reduce,
     "flat_reduce": functions.flat_reduce,
     "tree_reduce": tree_functions.tree_reduce,
-    "noop": functions.noop,
-    "allocate": functions.allocate,
-    "sleep": functions.sleep,
-    "crash": functions.crash,
+    "noop": diagnostics.noop,
+    "allocate": diagnostics.allocate,
+    "sleep": diagnostics.sleep,
+    "crash": diagnostics.crash,
 }
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from gradshard.core.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 from gradshard.errors import PlanError
-from gradshard.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 
 # A window of each client's input small enough that the read buffer and the accumulator stay in the CPU cache:
 # measured here (pread + xxh3 + multiply + add), 256-512 KiB windows ~5.5 GB/s per core, 4 MiB ~3.9 GB/s.

@@ -11,7 +11,7 @@
   ``wait_s`` for late ones), holding one update at a time.
 - **Warm aggregators.** Every aggregator has a ``warm_key`` (node, level, index); an executor that keeps warm
   workers runs the same aggregator of the next round in the same process.
-- **Weighted partials,** never a mean of means (see :mod:`gradshard.runtime.tree_functions`).
+- **Weighted partials,** never a mean of means (see :mod:`gradshard.aggregation.tree_functions`).
 
 Branching defaults to ``max(2, ⌈N^(1/3)⌉)`` (N = 20 on one node: 7 leaves, 3 middles, 1 top, as in the paper).
 """
@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from gradshard.errors import PlanError
-from gradshard.round import RoundManifest
+from gradshard.format.keys import partial_key
+from gradshard.format.round import RoundManifest
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import OutputTarget, ReduceOptions
-from gradshard.topology.tree import common_args, groups, partial_key, root_args, tree_node_memory
+from gradshard.topology.tree import common_args, groups, root_args, tree_node_memory
 
 
 def cube_root_ceil(n: int) -> int:
@@ -83,7 +84,7 @@ def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     leaf_mem, inner_mem = tree_node_memory(manifest, options, True), tree_node_memory(manifest, options, False)
 
     def key(name: str) -> str:
-        return partial_key(manifest, output.upload_id, name)
+        return partial_key(manifest.round, output.upload_id, name)
 
     members = [[c for c in clients if placement[c] == node] for node in range(nodes)]
     n_middles = [math.ceil(math.ceil(len(m) / b) / b) for m in members]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradshard.round import RoundManifest
-from gradshard.shards import ShardPlan
+from gradshard.core.shards import ShardPlan
+from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
 

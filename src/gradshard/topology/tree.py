@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from gradshard.errors import PlanError
-from gradshard.round import RoundManifest, round_prefix
+from gradshard.format.keys import partial_key
+from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
 
@@ -40,9 +41,6 @@ def root_args(output: OutputTarget) -> dict[str, Any]:
             "data_start": output.data_start}
 
 
-def partial_key(manifest: RoundManifest, upload_id: str, name: str) -> str:
-    """Partials live under the round, per run (the upload id), so a rerun never reads a stale partial."""
-    return f"{round_prefix(manifest.round)}/partials/{upload_id[:12]}/{name}.safetensors"
 
 
 def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
@@ -58,7 +56,7 @@ def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: Output
     for g, members in enumerate(groups(clients, k)):
         name = f"leaf-{g:04d}"
         invocations.append(Invocation(name, "tree_reduce", {**base, "clients": members, "partials": [],
-                                      "output": {"key": partial_key(manifest, output.upload_id, name)}},
+                                      "output": {"key": partial_key(manifest.round, output.upload_id, name)}},
                                       tree_node_memory(manifest, options, True)))
         level.append(name)
     depth = 1
@@ -66,13 +64,13 @@ def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: Output
         nxt = []
         for g, children in enumerate(groups(level, k)):
             name = f"l{depth}-{g:04d}"
-            refs = [{"key": partial_key(manifest, output.upload_id, c)} for c in children]
+            refs = [{"key": partial_key(manifest.round, output.upload_id, c)} for c in children]
             invocations.append(Invocation(name, "tree_reduce", {**base, "partials": refs,
-                                          "output": {"key": partial_key(manifest, output.upload_id, name)}},
+                                          "output": {"key": partial_key(manifest.round, output.upload_id, name)}},
                                           tree_node_memory(manifest, options, False), tuple(children)))
             nxt.append(name)
         level, depth = nxt, depth + 1
-    refs = [{"key": partial_key(manifest, output.upload_id, c)} for c in level]
+    refs = [{"key": partial_key(manifest.round, output.upload_id, c)} for c in level]
     invocations.append(Invocation("root", "tree_reduce", {**base, "partials": refs, **root_args(output)},
                                   tree_node_memory(manifest, options, False), tuple(level)))
     return Plan("lambda-fl", tuple(invocations), {"k": k, "leaves": len(groups(clients, k))})

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gradshard import checksum
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout
 from gradshard.errors import InvocationError
-from gradshard.layout import ModelLayout
+from gradshard.format.update import UpdateMeta, encode_header
 from gradshard.store import Store
-from gradshard.update import UpdateMeta, encode_header
 
 
 @dataclass

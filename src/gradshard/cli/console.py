@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich import box
 from rich.table import Table
 
-from gradshard.compare import CompareResult, CompareRow
+from gradshard.aggregation.compare import CompareResult, CompareRow
 from gradshard.runtime.report import InvocationReport
 
 MIB = 1 << 20

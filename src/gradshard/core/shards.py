@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gradshard.core.layout import ModelLayout
 from gradshard.errors import PlanError
-from gradshard.layout import ModelLayout
 
 
 def _paper_partition(units: int, m: int) -> list[int]:

@@ -18,20 +18,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.core.reduce import fedavg_weights
 from gradshard.errors import InvocationError, PlanError, RoundError
-from gradshard.output import PendingObject, collect_checksums
-from gradshard.reduce import fedavg_weights
-from gradshard.round import (
-    Policy,
-    RoundManifest,
-    aggregate_key,
-    check_enough,
-    manifest_key,
-    prepare_round,
-    reports_key,
-    round_prefix,
-    write_manifest,
-)
+from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
+from gradshard.format.output import PendingObject, collect_checksums
+from gradshard.format.round import Policy, RoundManifest, check_enough, prepare_round, write_manifest
+from gradshard.format.update import UpdateMeta
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
@@ -39,7 +31,6 @@ from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sha
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
 from gradshard.topology.tree import lambda_fl_plan
-from gradshard.update import UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +111,7 @@ def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256
 
 def _remove_partials(store: Store, r: int, upload_id: str) -> None:
     """Intermediate partials of tree topologies are scratch: remove them once the run is over."""
-    for key in store.list(f"{round_prefix(r)}/partials/{upload_id[:12]}/"):
+    for key in store.list(partials_prefix(r, upload_id)):
         store.delete(key)
 
 

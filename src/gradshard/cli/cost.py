@@ -1,6 +1,7 @@
 """``gradshard cost`` and ``gradshard plan``: price a round, recommend a deployment, sweep model sizes.
 
-Thin click commands over :mod:`gradshard.cost` and :mod:`gradshard.planner`; ``gradshard.cli`` registers them.
+Thin click commands over :mod:`gradshard.cost.model` and :mod:`gradshard.cost.planner`;
+``gradshard.cli.main`` registers them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gradshard.cost import (
+from gradshard.cost.model import (
     ARCHITECTURES,
     MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
@@ -32,7 +33,7 @@ from gradshard.cost import (
     shape_for,
     shape_from_plan,
 )
-from gradshard.planner import (
+from gradshard.cost.planner import (
     CostModel,
     PlanRequest,
     Recommendation,
@@ -42,7 +43,7 @@ from gradshard.planner import (
     sweep,
     write_sweep,
 )
-from gradshard.pricing import DEFAULT_PRICES, PRICE_SHEETS, price_sheet
+from gradshard.cost.pricing import DEFAULT_PRICES, PRICE_SHEETS, price_sheet
 from gradshard.runtime.report import InvocationReport
 from gradshard.topology.base import Invocation, Plan
 

@@ -7,8 +7,6 @@ executor (process, Ray task, Lambda) can carry them.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,14 +15,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradshard import checksum
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import WeightedSum, all_finite, fedavg_weights
 from gradshard.errors import GradshardError, RoundError, UpdateError
-from gradshard.layout import ModelLayout
-from gradshard.reduce import WeightedSum, all_finite, fedavg_weights
-from gradshard.round import ClientEntry, RoundManifest, load_manifest
+from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
+from gradshard.format.update import UpdateReader, open_update
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
-from gradshard.update import UpdateReader, open_update
 
 _WRITE_PIECE_ELEMS = 16 << 20
 
@@ -183,25 +181,3 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
                           args.accumulate)
     writer.write(acc.value)
     return {"checksums": writer.finish(), "clients": len(manifest.clients), "window_elems": layout.numel}
-
-
-def noop(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
-    """Does nothing; its report measures the interpreter baseline of a function."""
-    return {}
-
-
-def allocate(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
-    """Touches ``bytes`` of memory; used to check that memory caps are enforced."""
-    block = np.ones(int(raw_args["bytes"]), dtype=np.uint8)
-    return {"sum": int(block[:: 4096].sum())}
-
-
-def sleep(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
-    """Sleeps ``seconds``; used to test timeouts (and concurrency)."""
-    time.sleep(float(raw_args["seconds"]))
-    return {}
-
-
-def crash(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
-    """Exits the process at once with status 3, without a report; used to test crash handling."""
-    os._exit(3)

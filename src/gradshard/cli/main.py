@@ -17,21 +17,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from gradshard import __version__
-from gradshard.aggregate import AggregateConfig, AggregateResult, aggregate_round
-from gradshard.cli_cost import cost, plan
-from gradshard.cli_deploy import deploy
-from gradshard.compare import ARCHITECTURES, CompareEvent, compare_round
-from gradshard.console import compare_table, reports_table
-from gradshard.cost import CostOptions, cost_of_local_run
+from gradshard.aggregation.compare import ARCHITECTURES, CompareEvent, compare_round
+from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.cli.console import compare_table, reports_table
+from gradshard.cli.cost import cost, plan
+from gradshard.cli.deploy import deploy
+from gradshard.cli.plots import compare_png
+from gradshard.core.zoo import LAYOUTS, get_layout
+from gradshard.cost.model import CostOptions, cost_of_local_run
+from gradshard.demo.synthetic import make_round
 from gradshard.errors import GradshardError
-from gradshard.plots import compare_png
-from gradshard.round import aggregate_key
+from gradshard.format.keys import aggregate_key
+from gradshard.format.update import inspect_update
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store
-from gradshard.synthetic import make_round
 from gradshard.topology import TOPOLOGIES
-from gradshard.update import inspect_update
-from gradshard.zoo import LAYOUTS, get_layout
 
 if TYPE_CHECKING:  # the training modules import torch: only the commands that train load them
     from gradshard.fl.driver import RoundMetrics, TrainConfig, Trainer
@@ -290,7 +290,7 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
     Returns the metrics of every round of the run (rounds done by an earlier start included).
     """
     from gradshard.fl import report
-    from gradshard.fl.driver import metrics_key
+    from gradshard.format.keys import metrics_key
 
     config = trainer.config
     config_dump = config.model_dump(mode="json")
@@ -395,7 +395,8 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     them. The run's state lives in the store: rerun the same command to resume it after a crash or a kill, or
     raise --rounds to extend it.
     """
-    from gradshard.fl.driver import CONFIG_KEY, Trainer
+    from gradshard.fl.driver import Trainer
+    from gradshard.format.keys import CONFIG_KEY
 
     store = open_cli_store(store_dir, must_exist=False)
     where = str(store.root) if isinstance(store, LocalStore) else store_dir

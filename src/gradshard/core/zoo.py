@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 
+from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import LayoutError
-from gradshard.layout import ModelLayout, TensorSpec
 
 _F32 = "float32"
 

@@ -1,6 +1,6 @@
 """``gradshard deploy aws``: write the Lambda package, CloudFormation template and deploy commands.
 
-A thin click command over :func:`gradshard.deploy.write_aws_deployment`; ``gradshard.cli`` registers it.
+A thin click command over :func:`gradshard.deploy.aws.write_aws_deployment`; ``gradshard.cli.main`` registers it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import click
 from rich.console import Console
 
-from gradshard.deploy import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
+from gradshard.deploy.aws import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
 from gradshard.errors import GradshardError
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 

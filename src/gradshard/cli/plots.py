@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from gradshard.compare import CompareResult, CompareRow
+from gradshard.aggregation.compare import CompareResult, CompareRow
 
 MIB = 1 << 20
 _COLOURS = {"ok": "#4c72b0", "failed": "#c44e52", "skipped": "#dddddd"}

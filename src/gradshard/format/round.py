@@ -18,39 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gradshard import checksum
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError, RoundError, UpdateError
-from gradshard.layout import ModelLayout
+from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
+from gradshard.format.update import UpdateMeta, open_update
 from gradshard.store import Store
-from gradshard.update import UpdateMeta, check_client_id, open_update
 
 log = logging.getLogger(__name__)
 Policy = Literal["skip", "fail"]
-UPDATE_SUFFIX = ".safetensors"
-
-
-def round_prefix(r: int) -> str:
-    return f"rounds/{r:06d}"
-
-
-def spec_key(r: int) -> str:
-    return f"{round_prefix(r)}/round.json"
-
-
-def update_key(r: int, client: str) -> str:
-    return f"{round_prefix(r)}/updates/{check_client_id(client)}{UPDATE_SUFFIX}"
-
-
-def manifest_key(r: int) -> str:
-    return f"{round_prefix(r)}/manifest.json"
-
-
-def aggregate_key(r: int) -> str:
-    return f"{round_prefix(r)}/aggregate.safetensors"
-
-
-def reports_key(r: int) -> str:
-    return f"{round_prefix(r)}/reports.json"
 
 
 class RoundSpec(BaseModel):
@@ -119,7 +95,7 @@ def open_round(store: Store, spec: RoundSpec) -> None:
 
 def load_spec(store: Store, r: int) -> RoundSpec:
     if not store.exists(spec_key(r)):
-        raise RoundError(f"round {r} has no {spec_key(r)}; open it with gradshard.round.open_round first")
+        raise RoundError(f"round {r} has no {spec_key(r)}; open it with gradshard.format.round.open_round first")
     spec: RoundSpec = _load_json_model(store, spec_key(r), RoundSpec)
     if spec.round != r:
         raise RoundError(f"{spec_key(r)} describes round {spec.round}, not {r}")

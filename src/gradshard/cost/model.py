@@ -11,7 +11,7 @@ store; it comes from an architecture and N, M (:func:`shape_for`) or from an exe
 - **durations** (:class:`LatencyModel`, preset fitted to the paper's AWS measurements, or :func:`calibrate` to
   local reports) and the round's latency along its stages;
 - **dollars** (:func:`round_cost`): function compute, invocation requests (optional: the paper did not count them)
-  and object-store operations, priced by a :class:`~gradshard.pricing.PriceSheet`.
+  and object-store operations, priced by a :class:`~gradshard.cost.pricing.PriceSheet`.
 
 Sizes are in MB of 2^20 bytes, as Lambda and the paper count them.
 """
@@ -27,8 +27,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
 from gradshard.errors import PlanError
-from gradshard.pricing import AWS_LAMBDA_X86, PriceSheet
 from gradshard.runtime.report import InvocationReport
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.hierarchical import cube_root_ceil

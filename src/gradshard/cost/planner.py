@@ -1,6 +1,6 @@
 """Choose architecture, M, function memory and object layout for a model; find crossovers; sweep model sizes.
 
-Everything here is the analytic model of :mod:`gradshard.cost` (memory rule, latency model, prices) evaluated
+Everything here is the analytic model of :mod:`gradshard.cost.model` (memory rule, latency model, prices) evaluated
 over the alternatives: no function runs.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradshard.cost import (
+from gradshard.cost.model import (
     ARCHITECTURES,
     MB,
     MEMORY_CAPS_MB,
@@ -35,7 +35,7 @@ from gradshard.cost import (
     predict_cost,
     shape_for,
 )
-from gradshard.pricing import AWS_LAMBDA_X86, PriceSheet
+from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
 
 # Lambda's default concurrency per account and region: more shard functions than this queue up.
 DEFAULT_MAX_SHARDS = 1000

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,23 +28,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradshard import checksum
+from gradshard.core import checksum
+from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype, safetensors_dtype
 from gradshard.errors import GradshardError, StoreError, UpdateError
-from gradshard.layout import ModelLayout, TensorSpec, numpy_dtype, safetensors_dtype
+from gradshard.format.keys import check_client_id
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _WRITE_PIECE = 64 * 1024 * 1024
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _P = "gradshard."
-
-
-def check_client_id(client: str) -> str:
-    if not _CLIENT_ID.match(client) or client.startswith("."):
-        raise UpdateError(client, "client ids are 1-128 characters of letters, digits and _.-, not starting with '.'")
-    return client
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
+from gradshard.aggregation.functions import OutputWriter, load_whole_update, nonfinite_culprit
+from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import WeightedSum, all_finite
 from gradshard.errors import RoundError, UpdateError
-from gradshard.layout import ModelLayout
-from gradshard.reduce import WeightedSum, all_finite
-from gradshard.round import ClientEntry, load_manifest
-from gradshard.runtime.functions import OutputWriter, load_whole_update, nonfinite_culprit
+from gradshard.format.round import ClientEntry, load_manifest
+from gradshard.format.update import UpdateMeta, open_update, write_update
 from gradshard.store import Store, open_store
-from gradshard.update import UpdateMeta, open_update, write_update
 
 Via = Literal["store", "shm"]
 

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradshard.layout import ModelLayout, TensorSpec
-from gradshard.round import RoundSpec, open_round, update_key
+from gradshard.core.layout import ModelLayout, TensorSpec
+from gradshard.format.keys import update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, UpdateWriter
 from gradshard.store import Store
-from gradshard.update import UpdateMeta, UpdateWriter
 
 _PIECE_ELEMS = 8 << 20
 

@@ -32,16 +32,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradshard.aggregate import AggregateConfig, aggregate_round, build_plan
-from gradshard.cost import MB, CostOptions, cost_of_local_run, predict_cost, shape_from_plan
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round, build_plan
+from gradshard.cost.model import MB, CostOptions, cost_of_local_run, predict_cost, shape_from_plan
 from gradshard.errors import GradshardError, InvocationError, PlanError
-from gradshard.round import RoundManifest, aggregate_key, manifest_key, prepare_round, reports_key, round_prefix
+from gradshard.format.keys import aggregate_key, manifest_key, reports_key, round_prefix
+from gradshard.format.round import RoundManifest, prepare_round
+from gradshard.format.update import UpdateReader, open_update
 from gradshard.runtime import InvocationReport, LocalExecutor
 from gradshard.store import Store
 from gradshard.topology import TOPOLOGIES, Invocation, OutputTarget, Plan, check_fits
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import node_memory
-from gradshard.update import UpdateReader, open_update
 
 log = logging.getLogger(__name__)
 

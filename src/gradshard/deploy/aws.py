@@ -444,7 +444,7 @@ The round's client updates must be in an S3 store inside the data bucket (gradsh
 `s3://<DataBucketName>/<prefix>`); then, with credentials that may invoke the function:
 
 ```python
-from gradshard.aggregate import AggregateConfig, aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.runtime.aws_lambda import LambdaExecutor
 from gradshard.store import open_store
 

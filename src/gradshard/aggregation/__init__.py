@@ -1,0 +1,1 @@
+"""Aggregation: the round driver (validate, plan, run, publish), the aggregation functions, compare."""

@@ -1,0 +1,1 @@
+"""Cost and capacity: prices as data, the cost, memory and latency model, the planner."""

@@ -1,0 +1,1 @@
+"""Demos and synthetic updates for demos and benchmarks."""

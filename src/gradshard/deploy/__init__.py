@@ -1,0 +1,1 @@
+"""Deployment packaging (AWS Lambda)."""

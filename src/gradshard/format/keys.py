@@ -1,0 +1,90 @@
+"""Every key gradshard writes in a store, in one place.
+
+Aggregation (``<r>`` is the zero-padded round number)::
+
+    rounds/<r>/round.json                    RoundSpec: expected layout, chunk size, base model, cohort
+    rounds/<r>/updates/<client>.safetensors  one update per client
+    rounds/<r>/manifest.json                 the validated, canonically ordered clients (and the rejected ones)
+    rounds/<r>/aggregate.safetensors         the aggregated update (same format as an update)
+    rounds/<r>/reports.json                  the invocation reports of the aggregation
+    rounds/<r>/partials/<run>/<node>.safetensors   scratch partial sums of tree topologies
+
+Training runs add ``run/config.json``, ``data/``, ``models/<r>.safetensors``, ``server/<r>/<slot>.safetensors``
+and ``metrics/<r>.json``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gradshard.errors import UpdateError
+
+UPDATE_SUFFIX = ".safetensors"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def check_client_id(client: str) -> str:
+    """A client id is a key component: 1-128 characters of letters, digits and ``_.-``, not starting with '.'."""
+    if not _CLIENT_ID.match(client) or client.startswith("."):
+        raise UpdateError(client, "client ids are 1-128 characters of letters, digits and _.-, not starting with '.'")
+    return client
+
+
+# --- rounds ------------------------------------------------------------------------------------------------------
+def round_prefix(r: int) -> str:
+    return f"rounds/{r:06d}"
+
+
+def spec_key(r: int) -> str:
+    return f"{round_prefix(r)}/round.json"
+
+
+def updates_prefix(r: int) -> str:
+    return f"{round_prefix(r)}/updates/"
+
+
+def update_key(r: int, client: str) -> str:
+    return f"{updates_prefix(r)}{check_client_id(client)}{UPDATE_SUFFIX}"
+
+
+def manifest_key(r: int) -> str:
+    return f"{round_prefix(r)}/manifest.json"
+
+
+def aggregate_key(r: int) -> str:
+    return f"{round_prefix(r)}/aggregate.safetensors"
+
+
+def reports_key(r: int) -> str:
+    return f"{round_prefix(r)}/reports.json"
+
+
+def partials_prefix(r: int, upload_id: str) -> str:
+    """Partials live under the round, per run (the output's upload id), so a rerun never reads a stale partial."""
+    return f"{round_prefix(r)}/partials/{upload_id[:12]}/"
+
+
+def partial_key(r: int, upload_id: str, name: str) -> str:
+    return f"{partials_prefix(r, upload_id)}{name}.safetensors"
+
+
+# --- training runs -----------------------------------------------------------------------------------------------
+CONFIG_KEY = "run/config.json"
+KEPT_KEY = "models/kept.safetensors"
+TEST_DATA_KEY = "data/test.safetensors"
+
+
+def model_key(r: int) -> str:
+    return f"models/{r:06d}.safetensors"
+
+
+def state_key(r: int, slot: str) -> str:
+    return f"server/{r:06d}/{slot}.safetensors"
+
+
+def metrics_key(r: int) -> str:
+    return f"metrics/{r:06d}.json"
+
+
+def client_data_key(client: str) -> str:
+    return f"data/clients/{client}.safetensors"
