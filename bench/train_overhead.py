@@ -42,7 +42,8 @@ from _common import BENCH_DIR, setup_logging, write_section
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.core.layout import ModelLayout
 from gradshard.fl.client import ClientTask, _train, load_arrays, task_seed, train_client, warm_up
-from gradshard.fl.driver import DataConfig, TrainConfig, Trainer
+from gradshard.fl.config import DataConfig, TrainConfig
+from gradshard.fl.driver import Trainer
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.format.keys import KEPT_KEY, client_data_key, model_key, update_key
 from gradshard.format.update import read_flat

@@ -32,7 +32,8 @@ from gradshard.format.keys import aggregate_key
 from gradshard.runtime import LocalExecutor
 from gradshard.runtime.aws_lambda import CONTRACT, LambdaExecutor, handler, invoke_event
 from gradshard.store import LocalStore, MemoryStore, S3Store
-from gradshard.topology.base import MIB, Invocation, Plan
+from gradshard.topology.base import Invocation, Plan
+from gradshard.units import MIB
 
 FUNCTION = "gradshard-test"
 SHORT = "gradshard-short"  # a function with a 2 s timeout

@@ -23,7 +23,7 @@ from gradshard.format.keys import aggregate_key, model_key
 from gradshard.runtime import Executor, LocalExecutor
 from gradshard.runtime.ray import RayExecutor
 from gradshard.store import LocalStore, Store
-from gradshard.topology.base import MIB
+from gradshard.units import MIB
 
 pytestmark = pytest.mark.integration
 

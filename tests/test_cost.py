@@ -58,9 +58,9 @@ RESNET18_MB = get_layout("resnet18").aggregated().nbytes / MB  # 42.66
 VGG16_MB = get_layout("vgg16").aggregated().nbytes / MB  # 512.32
 GPT2_LARGE_MB = get_layout("gpt2-large").aggregated().nbytes / MB  # 2952.69
 SYNTHETIC_5GB_MB = 5120.0
-PUBLISHED = {("resnet18", "grads-sharding"): 0.70, ("resnet18", "lambda-fl"): 0.38, ("resnet18", "lifl"): 0.52,
-             ("vgg16", "grads-sharding"): 3.82, ("vgg16", "lambda-fl"): 10.28, ("vgg16", "lifl"): 13.03,
-             ("gpt2_large", "grads-sharding"): 59.29, ("synthetic_5gb", "grads-sharding"): 85.66}
+PUBLISHED = {("resnet18", "sharded"): 0.70, ("resnet18", "lambda-fl"): 0.38, ("resnet18", "lifl"): 0.52,
+             ("vgg16", "sharded"): 3.82, ("vgg16", "lambda-fl"): 10.28, ("vgg16", "lifl"): 13.03,
+             ("gpt2_large", "sharded"): 59.29, ("synthetic_5gb", "sharded"): 85.66}
 
 
 class PaperRuns(NamedTuple):
@@ -144,7 +144,7 @@ def test_paper_tree_shapes_for_20_clients() -> None:
 
 
 @pytest.mark.parametrize(("arch", "shards", "function_gets", "function_puts", "puts", "gets"), [
-    ("grads-sharding", 4, 80, 4, 84, 160),  # PUT N·M + M, GET 2·N·M
+    ("sharded", 4, 80, 4, 84, 160),  # PUT N·M + M, GET 2·N·M
     ("lambda-fl", 1, 24, 5, 25, 44),  # 4 leaves + root: 24 GETs, 5 PUTs; clients 20 + 20
     ("lifl", 1, 30, 11, 31, 50),  # 7 + 3 + 1: 30 GETs, 11 PUTs
     ("flat", 1, 20, 1, 21, 40),
@@ -160,7 +160,7 @@ def test_request_counts_in_the_paper_layout_for_20_clients(arch: Any, shards: in
 
 
 def test_ranged_layout_one_object_per_client_ranged_reads_one_output() -> None:
-    shape = shape_for("grads-sharding", 20, 4)
+    shape = shape_for("sharded", 20, 4)
 
     with_headers = count_requests(shape, "ranged", header_gets=2)
     offsets_known = count_requests(shape, "ranged", header_gets=0)
@@ -190,7 +190,7 @@ def test_executed_plans_have_the_analytic_shapes() -> None:
     sharded = shape_from_plan(sharded_plan(manifest, "0" * 64, OUTPUT, ReduceOptions(), 4), 20)
     tree = shape_from_plan(lambda_fl_plan(manifest, "0" * 64, OUTPUT, ReduceOptions()), 20)
 
-    assert count_requests(sharded) == count_requests(shape_for("grads-sharding", 20, 4))
+    assert count_requests(sharded) == count_requests(shape_for("sharded", 20, 4))
     assert count_requests(tree) == count_requests(shape_for("lambda-fl", 20))
     assert sum(a.fraction for a in sharded.aggregators) == pytest.approx(1.0)
 
@@ -215,7 +215,7 @@ def test_lifl_hand_offs_in_shared_memory_cost_no_request() -> None:
 ])
 def test_paper_memory_rule_gives_the_deployed_function_sizes(model_mb: float, shards: int, shard_mb: int,
                                                              tree_mb: int) -> None:
-    gs = PAPER_MEMORY_RULE.memory_mb(shape_for("grads-sharding", 20, shards), model_mb)
+    gs = PAPER_MEMORY_RULE.memory_mb(shape_for("sharded", 20, shards), model_mb)
     tree = PAPER_MEMORY_RULE.memory_mb(shape_for("lambda-fl", 20), model_mb)
 
     assert (gs, tree) == (shard_mb, tree_mb)
@@ -261,7 +261,7 @@ def test_latency_model_adds_requests_transfer_and_compute() -> None:
 
 
 def test_predicted_vgg16_shard_duration_and_round_latency() -> None:
-    shape = shape_for("grads-sharding", 20, 4)
+    shape = shape_for("sharded", 20, 4)
 
     durations = predict_durations(shape, VGG16_MB)
     latency = round_latency_s(shape, durations, PAPER_LATENCY)
@@ -305,27 +305,27 @@ def test_calibration_with_one_transfer_size_goes_through_the_origin() -> None:
 
 
 def test_analytic_model_predicts_the_published_costs_within_12_percent() -> None:
-    cases = [("resnet18", "grads-sharding", RESNET18_MB, 4), ("resnet18", "lambda-fl", RESNET18_MB, 4),
-             ("resnet18", "lifl", RESNET18_MB, 4), ("vgg16", "grads-sharding", VGG16_MB, 4),
+    cases = [("resnet18", "sharded", RESNET18_MB, 4), ("resnet18", "lambda-fl", RESNET18_MB, 4),
+             ("resnet18", "lifl", RESNET18_MB, 4), ("vgg16", "sharded", VGG16_MB, 4),
              ("vgg16", "lambda-fl", VGG16_MB, 4), ("vgg16", "lifl", VGG16_MB, 4),
-             ("gpt2_large", "grads-sharding", GPT2_LARGE_MB, 4),
-             ("synthetic_5gb", "grads-sharding", SYNTHETIC_5GB_MB, 8)]
+             ("gpt2_large", "sharded", GPT2_LARGE_MB, 4),
+             ("synthetic_5gb", "sharded", SYNTHETIC_5GB_MB, 8)]
 
     predicted = {(m, a): predict_cost(shape_for(a, 20, s), size).per_1000_rounds.total for m, a, size, s in cases}
 
     ratios = {k: round(v / PUBLISHED[k], 2) for k, v in predicted.items()}
-    assert ratios == {("resnet18", "grads-sharding"): 0.99, ("resnet18", "lambda-fl"): 1.08,
-                      ("resnet18", "lifl"): 1.07, ("vgg16", "grads-sharding"): 0.96, ("vgg16", "lambda-fl"): 1.0,
-                      ("vgg16", "lifl"): 1.12, ("gpt2_large", "grads-sharding"): 0.97,
-                      ("synthetic_5gb", "grads-sharding"): 1.04}
+    assert ratios == {("resnet18", "sharded"): 0.99, ("resnet18", "lambda-fl"): 1.08,
+                      ("resnet18", "lifl"): 1.07, ("vgg16", "sharded"): 0.96, ("vgg16", "lambda-fl"): 1.0,
+                      ("vgg16", "lifl"): 1.12, ("gpt2_large", "sharded"): 0.97,
+                      ("synthetic_5gb", "sharded"): 1.04}
 
 
 # --- the published costs, recomputed from the per-run data --------------------------------------------------------
 
 @pytest.mark.parametrize(("model", "arch", "ours"), [
-    ("resnet18", "grads-sharding", 0.694556), ("resnet18", "lambda-fl", 0.377213), ("resnet18", "lifl", 0.522901),
-    ("vgg16", "grads-sharding", 3.815090), ("vgg16", "lambda-fl", 10.275459), ("vgg16", "lifl", 13.027288),
-    ("gpt2_large", "grads-sharding", 59.285435), ("synthetic_5gb", "grads-sharding", 85.664241),
+    ("resnet18", "sharded", 0.694556), ("resnet18", "lambda-fl", 0.377213), ("resnet18", "lifl", 0.522901),
+    ("vgg16", "sharded", 3.815090), ("vgg16", "lambda-fl", 10.275459), ("vgg16", "lifl", 13.027288),
+    ("gpt2_large", "sharded", 59.285435), ("synthetic_5gb", "sharded", 85.664241),
 ])
 def test_published_per_1000_round_costs_are_recomputed_within_a_cent(model: str, arch: str, ours: float) -> None:
     recomputed = per_1000_rounds(model, arch)
@@ -335,26 +335,26 @@ def test_published_per_1000_round_costs_are_recomputed_within_a_cent(model: str,
 
 
 def test_vgg16_grads_sharding_is_2_7_times_cheaper_than_lambda_fl() -> None:
-    gs, lambda_fl = per_1000_rounds("vgg16", "grads-sharding"), per_1000_rounds("vgg16", "lambda-fl")
+    gs, lambda_fl = per_1000_rounds("vgg16", "sharded"), per_1000_rounds("vgg16", "lambda-fl")
 
     assert round(lambda_fl.total / gs.total, 1) == 2.7
-    assert round(per_1000_rounds("resnet18", "grads-sharding").total / per_1000_rounds("resnet18", "lambda-fl").total,
+    assert round(per_1000_rounds("resnet18", "sharded").total / per_1000_rounds("resnet18", "lambda-fl").total,
                  2) == 1.84
 
 
 def test_the_published_figures_average_the_warm_runs_only() -> None:
     # with the cold first run included, λ-FL ResNet-18 and VGG-16 GradsSharding no longer round to the figures
     with_cold = {k: per_1000_rounds(*k, warm_only=False).total for k in
-                 [("resnet18", "lambda-fl"), ("vgg16", "grads-sharding"), ("vgg16", "lambda-fl")]}
+                 [("resnet18", "lambda-fl"), ("vgg16", "sharded"), ("vgg16", "lambda-fl")]}
 
     assert {k: round(v, 2) for k, v in with_cold.items()} == {
-        ("resnet18", "lambda-fl"): 0.39, ("vgg16", "grads-sharding"): 3.80, ("vgg16", "lambda-fl"): 10.25}
+        ("resnet18", "lambda-fl"): 0.39, ("vgg16", "sharded"): 3.80, ("vgg16", "lambda-fl"): 10.25}
 
 
 def test_embedded_runs_match_the_reference_files() -> None:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference data not at {REFERENCE}")
-    names = {"grads-sharding": "grads_sharding", "lambda-fl": "lambda_fl", "lifl": "lifl"}
+    names = {"sharded": "grads_sharding", "lambda-fl": "lambda_fl", "lifl": "lifl"}
 
     for (model, arch), paper in PAPER_RUNS.items():
         data = json.loads((REFERENCE / f"rq3_{model}.json").read_text())[model][names[arch]]
@@ -372,9 +372,9 @@ def durations_of(run: dict[str, Any]) -> list[float]:
 
 
 def test_ranged_layout_shrinks_the_small_model_penalty() -> None:
-    paper = PAPER_RUNS[("resnet18", "grads-sharding")]
+    paper = PAPER_RUNS[("resnet18", "sharded")]
     warm = [d for cold, d in paper.runs if not cold]
-    shape = shape_for("grads-sharding", 20, 4)
+    shape = shape_for("sharded", 20, 4)
     lambda_fl = per_1000_rounds("resnet18", "lambda-fl").total
 
     def at(layout: Any, header_gets: int) -> float:
@@ -399,7 +399,7 @@ def test_cost_of_local_run_prices_measured_and_predicted_side_by_side() -> None:
     assert priced.measured.per_round.compute == pytest.approx(4 * 2.0 * 128 / 1024 * 0.0000166667)
     assert priced.predicted.memory_mb == 835
     assert priced.predicted.per_1000_rounds.total == pytest.approx(
-        predict_cost(shape_for("grads-sharding", 20, 4), VGG16_MB).per_1000_rounds.total, rel=1e-4)
+        predict_cost(shape_for("sharded", 20, 4), VGG16_MB).per_1000_rounds.total, rel=1e-4)
 
 
 def test_cost_of_local_run_needs_every_invocation_reported() -> None:
@@ -420,7 +420,7 @@ def test_durations_must_match_the_functions_of_the_shape() -> None:
 # --- the command --------------------------------------------------------------------------------------------------
 
 def test_cost_command_exact_form_prints_one_json_object() -> None:
-    args = ["cost", "--arch", "grads-sharding", "--clients", "20", "--shards", "4", "--memory-mb", "3008",
+    args = ["cost", "--arch", "sharded", "--clients", "20", "--shards", "4", "--memory-mb", "3008",
             "--durations", "57.3,57.3,57.3,57.3", "--layout", "paper", "--json"]
 
     result = CliRunner().invoke(cli(), args)
@@ -482,7 +482,7 @@ def test_cost_command_prices_a_local_runs_reports(tmp_path: Path) -> None:
     assert from_plan.exit_code == 0 and measured.exit_code == 0, from_plan.output + measured.output
     plan_cost, measured_cost = json.loads(from_plan.output), json.loads(measured.output)
     seconds = sum(r.duration_s for r in result.reports)
-    assert (plan_cost["arch"], plan_cost["clients"], plan_cost["shards"]) == ("grads-sharding", 3, 2)
+    assert (plan_cost["arch"], plan_cost["clients"], plan_cost["shards"]) == ("sharded", 3, 2)
     assert plan_cost["per_round"]["compute"] == pytest.approx(
         sum(AWS_LAMBDA_X86.compute_cost(256, r.duration_s) for r in result.reports))
     assert measured_cost["memory_mb"] == 70
@@ -499,18 +499,18 @@ def test_cost_command_needs_one_source_of_durations() -> None:
 
 
 def test_cost_command_predicts_from_the_model_size() -> None:
-    args = ["cost", "--arch", "grads-sharding", "--clients", "20", "--model-mb", str(VGG16_MB), "--json"]
+    args = ["cost", "--arch", "sharded", "--clients", "20", "--model-mb", str(VGG16_MB), "--json"]
 
     result = CliRunner().invoke(cli(), args)
 
     data = json.loads(result.output)
     assert data["memory_mb"] == 835
     assert data["per_1000_rounds"]["total"] == pytest.approx(
-        predict_cost(shape_for("grads-sharding", 20, 4), VGG16_MB).per_1000_rounds.total)
+        predict_cost(shape_for("sharded", 20, 4), VGG16_MB).per_1000_rounds.total)
 
 
 PAPER_RUNS: dict[tuple[str, str], PaperRuns] = {
-    ("resnet18", "grads-sharding"): PaperRuns(472, 4, (
+    ("resnet18", "sharded"): PaperRuns(472, 4, (
         (True, (7.190176511999994, 10.179430229000019, 8.32159271399999, 8.44306340099996)),
         (False, (5.564541306999985, 7.324420156000002, 5.734924433000003, 7.136943330000008)),
         (False, (7.768061407000005, 6.434381255000005, 5.30157885700001, 5.19736949899999)),
@@ -561,7 +561,7 @@ PAPER_RUNS: dict[tuple[str, str], PaperRuns] = {
                 3.5877671860000078, 2.9714440649999574, 3.7418744930000116, 3.550634209000009, 1.9045254330000034,
                 4.1412709040000095)),
     )),
-    ("vgg16", "grads-sharding"): PaperRuns(835, 4, (
+    ("vgg16", "sharded"): PaperRuns(835, 4, (
         (True, (61.81612291500001, 57.558575874999995, 57.692864485, 60.088817056)),
         (False, (60.87949488400001, 53.205502662, 58.565386964, 62.454491457)),
         (False, (51.748184537000014, 57.087447962, 55.68816602000001, 54.58318652300002)),
@@ -611,7 +611,7 @@ PAPER_RUNS: dict[tuple[str, str], PaperRuns] = {
                 40.28512872700003, 29.664573020000034, 26.020679035000057, 29.31237608399988, 13.04500238300011,
                 25.79649857200002)),
     )),
-    ("gpt2_large", "grads-sharding"): PaperRuns(2665, 4, (
+    ("gpt2_large", "sharded"): PaperRuns(2665, 4, (
         (True, (334.54493055800003, 316.874119153, 311.831565847, 364.815434342)),
         (False, (352.637559498, 302.0101604, 331.24856805, 335.82668217300005)),
         (False, (292.080053045, 312.0440778469999, 331.95926117199997, 341.6631639689999)),
@@ -622,7 +622,7 @@ PAPER_RUNS: dict[tuple[str, str], PaperRuns] = {
         (False, (381.2169769379998, 320.268615423, 352.9132210710004, 304.3532548889998)),
         (False, (331.40220045499973, 322.224719755, 328.16337927999984, 320.7772775350004)),
     )),
-    ("synthetic_5gb", "grads-sharding"): PaperRuns(2370, 8, (
+    ("synthetic_5gb", "sharded"): PaperRuns(2370, 8, (
         (True, (278.1890020750001, 286.46324893999997, 275.327090927, 282.6252263260001, 274.74887802,
                 252.47920660500006, 325.789610958, 294.192800553)),
         (False, (269.06504395, 288.137344832, 297.4623307579999, 270.69355612400005, 291.167132562, 252.9628815960001,

@@ -21,7 +21,8 @@ from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, write_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
-from gradshard.topology.base import MIB, Invocation, Plan
+from gradshard.topology.base import Invocation, Plan
+from gradshard.units import MIB
 
 pytestmark = pytest.mark.integration
 

@@ -40,11 +40,11 @@ def test_a_7b_model_for_100_clients_under_10_gb_and_2_minutes_is_sharded_and_ran
 
     assert rec.best is not None
     best = rec.best.to_dict()
-    assert (best["arch"], best["layout"], best["shards"], best["memory_mb"]) == ("grads-sharding", "ranged", 614, 581)
+    assert (best["arch"], best["layout"], best["shards"], best["memory_mb"]) == ("sharded", "ranged", 614, 581)
     assert best["latency_s"] == pytest.approx(119.566, abs=1e-3)
     assert best["per_1000_rounds"]["total"] == pytest.approx(771.190, abs=1e-3)
     rows = [(c.cost.shape.arch, c.cost.options.layout, c.feasibility.feasible) for c in rec.alternatives]
-    assert rows == [("grads-sharding", "ranged", True), ("grads-sharding", "paper", True), ("flat", "paper", False),
+    assert rows == [("sharded", "ranged", True), ("sharded", "paper", True), ("flat", "paper", False),
                     ("lambda-fl", "paper", False), ("lifl", "paper", False)]
     assert {c.feasibility.reason for c in rec.alternatives[2:]} == {"needs 80,559 MB per function > 10,240 MB cap"}
 
@@ -111,8 +111,8 @@ def test_sweep_marks_trees_infeasible_where_their_rule_exceeds_the_cap() -> None
     paper = {(r.arch, r.model_mb): (r.memory_mb, r.feasible) for r in rows if r.layout == "paper"}
     assert paper[("lambda-fl", 500)] == (1950, True)
     assert paper[("lifl", 1000)] == (3450, False)
-    assert paper[("grads-sharding", 1000)] == (1200, True)
-    assert paper[("grads-sharding", 5000)] == (4200, False)
+    assert paper[("sharded", 1000)] == (1200, True)
+    assert paper[("sharded", 5000)] == (4200, False)
     assert len(rows) == 2 * 4 * 3
 
 
@@ -136,7 +136,7 @@ def test_plan_command_prints_the_recommendation_as_json() -> None:
 
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert (data["recommended"]["arch"], data["recommended"]["shards"]) == ("grads-sharding", 614)
+    assert (data["recommended"]["arch"], data["recommended"]["shards"]) == ("sharded", 614)
     assert data["request"]["model_mb"] == pytest.approx(7e9 * 4 / 2**20)
     assert len(data["alternatives"]) == 5
 
@@ -145,7 +145,7 @@ def test_plan_command_prints_a_table() -> None:
     result = CliRunner().invoke(cli(), ["plan", "--params", "7e9", "--clients", "100", "--deadline", "120"])
 
     assert result.exit_code == 0, result.output
-    assert "recommended: grads-sharding, M = 614, 581 MB functions, ranged layout: $771.19 per 1000 rounds" in (
+    assert "recommended: sharded, M = 614, 581 MB functions, ranged layout: $771.19 per 1000 rounds" in (
         result.output)
 
 

@@ -26,7 +26,8 @@ from gradshard.format.keys import aggregate_key  # noqa: E402
 from gradshard.runtime import InvocationReport, LocalExecutor  # noqa: E402
 from gradshard.runtime.ray import INTERPRETER_BASELINE_BYTES, RayExecutor  # noqa: E402
 from gradshard.store import LocalStore, MemoryStore, Store  # noqa: E402
-from gradshard.topology.base import MIB, Invocation, Plan  # noqa: E402
+from gradshard.topology.base import Invocation, Plan  # noqa: E402
+from gradshard.units import MIB  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

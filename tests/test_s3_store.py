@@ -19,7 +19,8 @@ from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core.zoo import synthetic
 from gradshard.demo.synthetic import make_round
 from gradshard.errors import ObjectNotFoundError, StoreError
-from gradshard.fl.driver import TrainConfig, Trainer
+from gradshard.fl.config import TrainConfig
+from gradshard.fl.driver import Trainer
 from gradshard.format.keys import model_key
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store

@@ -16,7 +16,8 @@ from gradshard.core.layout import ModelLayout
 from gradshard.core.shards import ShardPlan
 from gradshard.core.zoo import synthetic
 from gradshard.errors import GradshardError
-from gradshard.fl.driver import TrainConfig, Trainer
+from gradshard.fl.config import TrainConfig
+from gradshard.fl.driver import Trainer
 from gradshard.fl.server import STATE_SLOTS, ServerOptimizer, apply_window, server_step
 from gradshard.format.keys import aggregate_key, model_key, state_key
 from gradshard.format.output import PendingObject

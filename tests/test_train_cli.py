@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from gradshard.cli.main import main, train_config
+from gradshard.cli.main import main
+from gradshard.cli.train import train_config
 from gradshard.fl import report
 
 # Small and quick: 4 clients, an MLP, one local epoch; sharded over 2 capped functions.

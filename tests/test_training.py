@@ -33,7 +33,8 @@ from safetensors.numpy import load as load_safetensors
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.errors import InvocationError
-from gradshard.fl.driver import DataConfig, TrainConfig, Trainer, client_ids, sample_cohort
+from gradshard.fl.config import DataConfig, TrainConfig
+from gradshard.fl.driver import Trainer, client_ids, sample_cohort
 from gradshard.fl.server import ServerOptimizer
 from gradshard.format.keys import (
     aggregate_key,
@@ -171,7 +172,8 @@ def test_global_model_after_every_round_is_bit_identical_for_sharded_and_flat(
 # --- a driver killed mid-round --------------------------------------------------------------------------------------
 DRIVER = """
 import sys
-from gradshard.fl.driver import TrainConfig, Trainer
+from gradshard.fl.driver import Trainer
+from gradshard.fl.config import TrainConfig
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 

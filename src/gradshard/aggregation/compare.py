@@ -46,7 +46,6 @@ from gradshard.topology.hierarchical import node_memory
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: tuple[str, ...] = ("flat", "sharded", "lambda-fl", "lifl")
 # Elements compared at a time: two float32 windows plus a float64 difference, 64 MiB in the driver.
 COMPARE_WINDOW_ELEMS = 4 << 20
 COPY_PIECE_BYTES = 64 << 20
@@ -393,11 +392,11 @@ def _configs(architectures: Sequence[str], manifest: RoundManifest, shards: int 
 def _check_architectures(architectures: Sequence[str]) -> list[str]:
     unknown = [a for a in architectures if a not in TOPOLOGIES]
     if unknown or not architectures:
-        raise PlanError(f"unknown architecture(s) {unknown}; choose from {', '.join(ARCHITECTURES)}")
+        raise PlanError(f"unknown architecture(s) {unknown}; choose from {', '.join(TOPOLOGIES)}")
     return list(dict.fromkeys(architectures))
 
 
-def compare_round(store: Store, r: int, *, architectures: Sequence[str] = ARCHITECTURES, shards: int | None = None,
+def compare_round(store: Store, r: int, *, architectures: Sequence[str] = TOPOLOGIES, shards: int | None = None,
                   memory_limit_bytes: int | None = None, workers: int = 2, nodes: int = 2,
                   window_bytes: int = DEFAULT_WINDOW_BYTES, run_infeasible: bool = False,
                   on_event: EventCallback | None = None) -> CompareResult:

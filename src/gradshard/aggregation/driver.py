@@ -30,6 +30,7 @@ from gradshard.store import Store
 from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sharded_plan
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
+from gradshard.topology.names import Topology
 from gradshard.topology.tree import lambda_fl_plan
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class AggregateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topology: Literal["sharded", "flat", "lambda-fl", "lifl"] = "sharded"
+    topology: Topology = "sharded"
     shards: int = Field(default=4, ge=1)
     group_size: int | None = Field(default=None, ge=1, description="λ-FL clients per leaf (default ⌈√N⌉)")
     branching: int | None = Field(default=None, ge=2, description="LIFL branching (default max(2, ⌈N^(1/3)⌉))")

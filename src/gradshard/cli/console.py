@@ -9,8 +9,7 @@ from rich.table import Table
 
 from gradshard.aggregation.compare import CompareResult, CompareRow
 from gradshard.runtime.report import InvocationReport
-
-MIB = 1 << 20
+from gradshard.units import MIB
 
 
 def _mib(value: int | None) -> str:

@@ -17,12 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gradshard.cost.model import (
-    ARCHITECTURES,
     MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
     PAPER_LATENCY,
-    TOPOLOGY_ARCHITECTURE,
-    Architecture,
     CostOptions,
     RoundCost,
     RoundShape,
@@ -46,6 +43,7 @@ from gradshard.cost.planner import (
 from gradshard.cost.pricing import DEFAULT_PRICES, PRICE_SHEETS, price_sheet
 from gradshard.runtime.report import InvocationReport
 from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.names import TOPOLOGIES, Topology, topology_name
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 _PRICES_HELP = f"Price sheet: {', '.join(PRICE_SHEETS)}, or a JSON file with the same fields."
@@ -61,13 +59,17 @@ class LocalRun:
     peak_memory_mb: int | None
 
 
+def _topology(ctx: click.Context, param: click.Parameter, value: str | None) -> Topology | None:
+    return None if value is None else topology_name(value)
+
+
 def _plan_from_dict(data: dict[str, Any]) -> Plan:
     invocations = tuple(Invocation(i["id"], i["function"], i["args"], i["memory_bytes"], tuple(i["depends_on"]),
                                    i.get("node", 0), i.get("warm_key")) for i in data["invocations"])
     return Plan(data["topology"], invocations, data.get("params", {}))
 
 
-def read_local_run(path: str, arch: Architecture | None, clients: int | None) -> LocalRun:
+def read_local_run(path: str, arch: Topology | None, clients: int | None) -> LocalRun:
     """A local run from its reports file (``--reports`` of ``gradshard aggregate``, or ``rounds/<r>/reports.json``
     which also holds the plan: then LIFL's shared-memory hand-offs are known)."""
     data = json.loads(Path(path).read_text())
@@ -81,7 +83,8 @@ def read_local_run(path: str, arch: Architecture | None, clients: int | None) ->
         by_id = {r.invocation: r.duration_s for r in ok}
         durations = [by_id[a.id] for a in shape.aggregators if a.id in by_id]
     else:
-        arch = arch or TOPOLOGY_ARCHITECTURE.get(str(data["summary"].get("topology")))
+        topology = str(data["summary"].get("topology"))
+        arch = arch or (topology_name(topology) if topology in TOPOLOGIES else None)
         if arch is None:
             raise click.UsageError(f"unknown topology in {path}: give --arch")
         shape = shape_for(arch, n, len(ok))
@@ -99,7 +102,7 @@ def _round_from_options(kw: dict[str, Any], options: CostOptions) -> RoundCost:
         return _from_reports(kw, options)
     if kw["clients"] is None:
         raise click.UsageError("--clients is required with --durations or --model-mb")
-    shape = shape_for(kw["arch"] or "grads-sharding", kw["clients"], kw["shards"])
+    shape = shape_for(kw["arch"] or "sharded", kw["clients"], kw["shards"])
     if kw["model_mb"] is not None:
         return _predicted(shape, kw["model_mb"], kw["memory_mb"], options)
     if kw["memory_mb"] is None:
@@ -130,7 +133,7 @@ def _predicted(shape: RoundShape, model_mb: float, memory_mb: int | None, option
 
 def _cost_table(result: RoundCost) -> Table:
     shape = result.shape
-    functions = f"M = {shape.shards}" if shape.arch == "grads-sharding" else f"{len(shape.aggregators)} functions"
+    functions = f"M = {shape.shards}" if shape.arch == "sharded" else f"{len(shape.aggregators)} functions"
     table = Table(title=f"{shape.arch}, {result.options.layout} layout: N = {shape.clients}, {functions} of "
                         f"{result.memory_mb} MB, {result.options.prices.name}", title_justify="left")
     for name in ("", "compute", "requests", "storage PUT", "storage GET", "total"):
@@ -143,8 +146,8 @@ def _cost_table(result: RoundCost) -> Table:
 
 
 @click.command()
-@click.option("--arch", type=click.Choice(ARCHITECTURES), default=None,
-              help="Architecture (default: the reports' topology, else grads-sharding).")
+@click.option("--arch", type=click.Choice(TOPOLOGIES), default=None,
+              help="Topology (default: the reports' topology, else grads-sharding).")
 @click.option("--clients", "-N", type=click.IntRange(min=1), default=None, help="Clients N.")
 @click.option("--shards", "-M", type=click.IntRange(min=1), default=4, show_default=True,
               help="Shard functions M (GradsSharding).")

@@ -11,8 +11,8 @@ import io
 from typing import Any
 
 from gradshard.aggregation.compare import CompareResult, CompareRow
+from gradshard.units import MIB
 
-MIB = 1 << 20
 _COLOURS = {"ok": "#4c72b0", "failed": "#c44e52", "skipped": "#dddddd"}
 _STATUS_LEGEND = {"ok": "measured peak", "failed": "measured, failed under the cap", "skipped": "not run (predicted)"}
 _LIMIT_COLOUR = "#c44e52"

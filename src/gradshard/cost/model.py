@@ -32,17 +32,14 @@ from gradshard.errors import PlanError
 from gradshard.runtime.report import InvocationReport
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.hierarchical import cube_root_ceil
+from gradshard.topology.names import TOPOLOGIES, Topology, topology_name
+from gradshard.units import MIB
 
-MB = 1 << 20
-Architecture = Literal["flat", "grads-sharding", "lambda-fl", "lifl"]
+MB = MIB  # Lambda and the paper call 2^20 bytes a MB
 ObjectLayout = Literal["paper", "ranged"]
-ARCHITECTURES: tuple[Architecture, ...] = get_args(Architecture)
 OBJECT_LAYOUTS: tuple[ObjectLayout, ...] = get_args(ObjectLayout)
 # Per-function memory caps: the paper's account limit and the AWS Lambda maximum.
 MEMORY_CAPS_MB = {"account": 3008, "aws-max": 10240}
-# The plan topologies' names for the architectures.
-TOPOLOGY_ARCHITECTURE: dict[str, Architecture] = {"sharded": "grads-sharding", "flat": "flat",
-                                                  "lambda-fl": "lambda-fl", "lifl": "lifl"}
 # Requests the ranged layout's output upload adds: create, the header part (written last, with the checksums), complete.
 RANGED_OUTPUT_EXTRA_PUTS = 3
 
@@ -73,14 +70,14 @@ class Aggregator:
 class RoundShape:
     """The aggregator functions of one round of ``arch`` over ``clients`` clients."""
 
-    arch: Architecture
+    arch: Topology
     clients: int
     aggregators: tuple[Aggregator, ...]
 
     @property
     def shards(self) -> int:
         """M for GradsSharding, 1 for the architectures that write one whole output."""
-        return len(self.aggregators) if self.arch == "grads-sharding" else 1
+        return len(self.aggregators) if self.arch == "sharded" else 1
 
     @property
     def stages(self) -> list[list[int]]:
@@ -91,13 +88,13 @@ class RoundShape:
         return out
 
 
-def shape_for(arch: Architecture, clients: int, shards: int = 4, *, group_size: int | None = None,
+def shape_for(arch: Topology, clients: int, shards: int = 4, *, group_size: int | None = None,
               branching: int | None = None) -> RoundShape:
     """The paper's shape of ``arch``: M shard functions, one flat aggregator, a λ-FL tree (k = ⌈√N⌉ clients per
     leaf) or a LIFL tree (branching max(2, ⌈N^(1/3)⌉), all hand-offs through the object store as on Lambda)."""
     if clients < 1 or shards < 1:
         raise PlanError(f"a round needs at least one client and one shard, got N = {clients}, M = {shards}")
-    if arch == "grads-sharding":
+    if arch == "sharded":
         aggs = tuple(Aggregator(f"shard-{s:04d}", 0, 1 / shards, clients) for s in range(shards))
     elif arch == "flat":
         aggs = (Aggregator("flat", 0, 1.0, clients),)
@@ -139,12 +136,12 @@ def _lifl(clients: int, b: int) -> tuple[Aggregator, ...]:
 
 def shape_from_plan(plan: Plan, clients: int) -> RoundShape:
     """The shape of an executed plan; LIFL hand-offs that went through shared memory cost no request."""
-    if plan.topology not in TOPOLOGY_ARCHITECTURE:
+    if plan.topology not in TOPOLOGIES:
         raise PlanError(f"no cost model for topology {plan.topology!r}")
     numel = int(plan.params["shards"]["numel"]) if plan.topology == "sharded" else 0
     aggs = tuple(_aggregator(inv, stage, clients, numel)
                  for stage, invocations in enumerate(plan.stages()) for inv in invocations)
-    return RoundShape(TOPOLOGY_ARCHITECTURE[plan.topology], clients, aggs)
+    return RoundShape(topology_name(plan.topology), clients, aggs)
 
 
 def _aggregator(inv: Invocation, stage: int, clients: int, numel: int) -> Aggregator:
@@ -197,7 +194,7 @@ def count_requests(shape: RoundShape, layout: ObjectLayout = "paper", header_get
     """
     n, aggs = shape.clients, shape.aggregators
     reads = sum(a.store_reads for a in aggs)
-    if shape.arch != "grads-sharding":
+    if shape.arch != "sharded":
         return RequestCounts(n, n, sum(not a.writes_shm for a in aggs), reads, 0, len(aggs))
     m = len(aggs)
     if layout == "paper":
@@ -282,7 +279,7 @@ PAPER_LATENCY = LatencyModel()
 def predict_durations(shape: RoundShape, model_mb: float, latency: LatencyModel = PAPER_LATENCY,
                       layout: ObjectLayout = "paper", header_gets: int = 2) -> tuple[float, ...]:
     """The billed duration of each aggregator: its store reads and its one write (shared memory is free)."""
-    gets_per_read = 1 + header_gets if shape.arch == "grads-sharding" and layout == "ranged" else 1
+    gets_per_read = 1 + header_gets if shape.arch == "sharded" and layout == "ranged" else 1
     out = []
     for a in shape.aggregators:
         write_mb = 0.0 if a.writes_shm else a.fraction * model_mb

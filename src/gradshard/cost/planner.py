@@ -18,13 +18,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.cost.model import (
-    ARCHITECTURES,
     MB,
     MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
     PAPER_LATENCY,
     PAPER_MEMORY_RULE,
-    Architecture,
     CostOptions,
     Feasibility,
     LatencyModel,
@@ -36,6 +34,7 @@ from gradshard.cost.model import (
     shape_for,
 )
 from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
+from gradshard.topology.names import TOPOLOGIES, Topology
 
 # Lambda's default concurrency per account and region: more shard functions than this queue up.
 DEFAULT_MAX_SHARDS = 1000
@@ -53,7 +52,7 @@ class CostModel(BaseModel):
     count_request_fees: bool = False
     header_gets: int = Field(default=2, ge=0)
 
-    def predict(self, arch: Architecture, clients: int, shards: int, model_mb: float,
+    def predict(self, arch: Topology, clients: int, shards: int, model_mb: float,
                 layout: ObjectLayout) -> RoundCost:
         options = CostOptions(layout=layout, prices=self.prices, count_request_fees=self.count_request_fees,
                               header_gets=self.header_gets)
@@ -113,7 +112,7 @@ class Recommendation:
                 "alternatives": [c.to_dict() for c in self.alternatives]}
 
 
-def evaluate(request: PlanRequest, arch: Architecture, layout: ObjectLayout, shards: int = 1) -> Candidate:
+def evaluate(request: PlanRequest, arch: Topology, layout: ObjectLayout, shards: int = 1) -> Candidate:
     """Predict one alternative and check it against the cap, the platform's time limit and the deadline."""
     cost = request.model.predict(arch, request.clients, shards, request.model_mb, layout)
     fits = check_feasible(cost.memory_mb, max(cost.durations_s), request.memory_limit_mb, request.model.prices)
@@ -131,7 +130,7 @@ def shard_counts(max_shards: int) -> list[int]:
 def best_shards(request: PlanRequest, layout: ObjectLayout) -> Candidate:
     """GradsSharding's cheapest feasible M of :func:`shard_counts` (ties: the faster), or the largest M tried
     when none is feasible (the least memory and the shortest round)."""
-    candidates = [evaluate(request, "grads-sharding", layout, m) for m in shard_counts(request.max_shards)]
+    candidates = [evaluate(request, "sharded", layout, m) for m in shard_counts(request.max_shards)]
     feasible = [c for c in candidates if c.feasibility.feasible]
     if not feasible:
         return candidates[-1]
@@ -142,13 +141,13 @@ def recommend(request: PlanRequest) -> Recommendation:
     """GradsSharding at its best M in each layout, and λ-FL, LIFL and flat (whose requests are the same in both
     layouts: one object per client); the cheapest feasible one is recommended."""
     alternatives = [best_shards(request, layout) for layout in OBJECT_LAYOUTS]
-    alternatives += [evaluate(request, arch, "paper") for arch in ARCHITECTURES if arch != "grads-sharding"]
+    alternatives += [evaluate(request, arch, "paper") for arch in TOPOLOGIES if arch != "sharded"]
     alternatives.sort(key=lambda c: (not c.feasibility.feasible, c.per_1000_total, c.cost.latency_s))
     best = alternatives[0] if alternatives[0].feasibility.feasible else None
     return Recommendation(request, best, tuple(alternatives))
 
 
-def crossover_mb(clients: int, shards: int, layout: ObjectLayout = "paper", other: Architecture = "lambda-fl",
+def crossover_mb(clients: int, shards: int, layout: ObjectLayout = "paper", other: Topology = "lambda-fl",
                  model: CostModel | None = None, lo_mb: float = 1.0, hi_mb: float = 100_000.0) -> float | None:
     """The smallest model size (MB) from which GradsSharding costs no more than ``other`` (caps ignored).
 
@@ -158,7 +157,7 @@ def crossover_mb(clients: int, shards: int, layout: ObjectLayout = "paper", othe
     model = model or CostModel()
 
     def gs_minus_other(size: float) -> float:
-        gs = model.predict("grads-sharding", clients, shards, size, layout).per_1000_rounds.total
+        gs = model.predict("sharded", clients, shards, size, layout).per_1000_rounds.total
         return gs - model.predict(other, clients, shards, size, layout).per_1000_rounds.total
 
     grid = np.geomspace(lo_mb, hi_mb, 200)
@@ -196,7 +195,7 @@ def sweep(sizes_mb: Sequence[float], clients: int = 50, shards: int = 4,
     model = model or CostModel()
     rows = []
     for layout in OBJECT_LAYOUTS:
-        for arch in ARCHITECTURES:
+        for arch in TOPOLOGIES:
             for size in sizes_mb:
                 cost = model.predict(arch, clients, shards, size, layout)
                 fits = check_feasible(cost.memory_mb, max(cost.durations_s), memory_limit_mb, model.prices)
@@ -242,7 +241,7 @@ def plot_sweep(rows: Sequence[SweepRow], title: str = "") -> bytes:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(OBJECT_LAYOUTS), sharey=True)
     for ax, layout in zip(axes, OBJECT_LAYOUTS, strict=True):
-        for arch in ARCHITECTURES:
+        for arch in TOPOLOGIES:
             _plot_arch(ax, [r for r in rows if r.layout == layout and r.arch == arch], arch)
         ax.set(xscale="log", yscale="log", xlabel="model update size (MB)", title=f"{layout} layout")
         ax.grid(True, which="both", alpha=0.3)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gradshard.fl.driver import TrainConfig
+    from gradshard.fl.config import TrainConfig
     from gradshard.runtime.executor import Executor
     from gradshard.store import Store
 

@@ -25,7 +25,8 @@ from gradshard.runtime import registry, worker
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
-from gradshard.topology.base import MIB, Invocation
+from gradshard.topology.base import Invocation
+from gradshard.units import MIB
 
 log = logging.getLogger(__name__)
 

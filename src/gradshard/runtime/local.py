@@ -27,7 +27,8 @@ from gradshard.runtime.registry import preload_of
 from gradshard.runtime.report import InvocationReport
 from gradshard.runtime.zygote import Child, Zygote
 from gradshard.store import Store
-from gradshard.topology.base import MIB, Invocation
+from gradshard.topology.base import Invocation
+from gradshard.units import MIB
 
 
 def _rss(pid: int) -> int:

@@ -25,7 +25,8 @@ from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.local import LocalExecutor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store, open_store
-from gradshard.topology.base import MIB, Invocation, Plan
+from gradshard.topology.base import Invocation, Plan
+from gradshard.units import MIB
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from typing import Any
 
 from gradshard.errors import ObjectNotFoundError, StoreError
 from gradshard.store.base import BytesLike, ObjectReader, SequentialWriter, Store, as_bytes, check_key
+from gradshard.units import MIB
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
 MIN_PART_BYTES = 5 * MIB  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000  # S3's most parts in one upload
 SINGLE_PUT_BYTES = 64 * MIB  # ``put`` above this goes through a multipart upload

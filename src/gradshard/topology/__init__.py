@@ -3,9 +3,8 @@
 from gradshard.topology.base import Invocation, Plan, check_fits
 from gradshard.topology.common import OutputTarget, ReduceOptions
 from gradshard.topology.flat import flat_plan
+from gradshard.topology.names import TOPOLOGIES, Topology
 from gradshard.topology.sharded import shard_plan_for, sharded_plan
 
-TOPOLOGIES = ("sharded", "flat", "lambda-fl", "lifl")
-
-__all__ = ["TOPOLOGIES", "Invocation", "OutputTarget", "Plan", "ReduceOptions", "check_fits", "flat_plan",
+__all__ = ["TOPOLOGIES", "Invocation", "OutputTarget", "Plan", "ReduceOptions", "Topology", "check_fits", "flat_plan",
            "shard_plan_for", "sharded_plan"]

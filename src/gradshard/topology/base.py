@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradshard.errors import PlanError
-
-MIB = 1 << 20
+from gradshard.units import MIB
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""``gradshard aggregate``, ``gradshard inspect`` and ``gradshard compare``: one round's aggregation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import TaskID
+
+from gradshard.aggregation.compare import CompareEvent, compare_round
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.cli.common import (
+    console,
+    make_executor,
+    open_cli_store,
+    progress_bar,
+    run_aggregate,
+    write_atomic,
+    write_json,
+)
+from gradshard.cli.console import compare_table, reports_table
+from gradshard.cli.plots import compare_png
+from gradshard.cost.model import CostOptions, cost_of_local_run
+from gradshard.format.update import inspect_update
+from gradshard.store import LocalStore
+from gradshard.topology.names import TOPOLOGIES
+from gradshard.units import MIB
+
+
+def _aggregate_options(f: Any) -> Any:
+    options = [
+        click.option("--topology", type=click.Choice(list(TOPOLOGIES)), default="sharded", show_default=True,
+                     help="sharded (GradsSharding), flat (one aggregator), lambda-fl (tree), lifl (hierarchical)."),
+        click.option("--group-size", type=click.IntRange(min=1), default=None,
+                     help="λ-FL clients per leaf (default ⌈√N⌉)."),
+        click.option("--branching", type=click.IntRange(min=2), default=None,
+                     help="LIFL branching (default max(2, ⌈N^(1/3)⌉))."),
+        click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="LIFL nodes to place aggregators on."),
+        click.option("--warm/--cold", default=False, show_default=True,
+                     help="Keep workers of aggregators with a warm key (LIFL) alive across rounds."),
+        click.option("--shards", "-M", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Number of shard functions M."),
+        click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
+                     help="Memory cap of every function, MiB (measured resident set; exceeding it fails)."),
+        click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Invocations running at once."),
+        click.option("--window-kb", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Elements each shard function holds per client at a time, in KiB of input."),
+        click.option("--accumulate", type=click.Choice(["float32", "float64"]), default="float32",
+                     show_default=True),
+        click.option("--weighting", type=click.Choice(["examples", "uniform"]), default="examples",
+                     show_default=True),
+        click.option("--policy", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+                     help="On a bad update: continue without it, or fail the round."),
+        click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=900.0, show_default=True,
+                     help="Per-invocation timeout, seconds."),
+        click.option("--parallel-reads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Clients a shard function reads at once, one window buffer each (use 4-8 on S3)."),
+        click.option("--executor", "executor_kind", type=click.Choice(["local", "inline", "ray", "lambda"]),
+                     default="local", show_default=True,
+                     help="local: one capped process per invocation; inline: in this process; ray: Ray tasks "
+                          "(capped the same way); lambda: a deployed AWS Lambda function (gradshard deploy aws)."),
+        click.option("--ray-address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001) "
+                     "[default: a local Ray]."),
+        click.option("--lambda-function", default=None, help="Name or ARN of the Lambda function (--executor lambda)."),
+        click.option("--region", default=None, help="AWS region of the Lambda function [default: AWS environment]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(kw: dict[str, Any]) -> AggregateConfig:
+    return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
+                           parallel_reads=kw["parallel_reads"],
+                           accumulate=kw["accumulate"], weighting=kw["weighting"], policy=kw["policy"],
+                           group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
+
+
+@click.command()
+@click.option("--store", "store_dir", required=True,
+              help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix (endpoint and credentials "
+                   "from the AWS environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")
+@click.option("--round", "round_", type=click.IntRange(min=0), required=True)
+@click.option("--reports", type=click.Path(dir_okay=False), default=None,
+              help="Also write the reports as JSON here (they are always stored in rounds/<r>/reports.json).")
+@_aggregate_options
+def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> None:
+    """Aggregate one round of client updates and print what every function did."""
+    store = open_cli_store(store_dir, must_exist=True)
+    executor = make_executor(kw["executor_kind"], kw["workers"], kw["memory_mb"], kw["retries"], kw["timeout"],
+                         kw["warm"], kw["ray_address"], kw["lambda_function"], kw["region"])
+    try:
+        result = run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
+    finally:
+        executor.close()
+    console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
+    summary = result.summary()
+    for client, reason in result.manifest.rejected.items():
+        console.print(f"[yellow]rejected[/] {client}: {reason}")
+    console.print(f"published [bold]{result.output_key}[/] from {summary['clients']} clients in "
+                  f"{summary['wall_s']:.2f} s")
+    cloud = cost_of_local_run(result.plan, result.reports, len(result.manifest.clients),
+                              result.manifest.spec.model_layout().nbytes, CostOptions(layout="ranged"))
+    console.print(f"on AWS Lambda + S3 ({cloud.predicted.options.prices.name}, ranged layout): predicted "
+                  f"${cloud.predicted.per_1000_rounds.total:,.3f} per 1000 rounds "
+                  f"({cloud.predicted.latency_s:.1f} s a round); this run's own durations and peak billed at those "
+                  f"prices: ${cloud.measured.per_1000_rounds.total:,.3f}")
+    if reports:
+        write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict(),
+                                    "reports": [r.model_dump(mode="json") for r in result.reports]})
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(path: str, as_json: bool) -> None:
+    """Validate an update or aggregate file completely (header, metadata, every checksum, finite values)."""
+    file = Path(path).resolve()
+    info = inspect_update(LocalStore(file.parent), file.name)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for name, value in info.items():
+        console.print(f"[bold]{name}[/]: {value}")
+    if info["non_finite_values"]:
+        console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
+        sys.exit(1)
+
+
+def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    names = [a.strip() for a in value.split(",") if a.strip()]
+    unknown = [a for a in names if a not in TOPOLOGIES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown {unknown}; choose from {','.join(TOPOLOGIES)}")
+    return names
+
+
+@click.command()
+@click.option("--store", "store_dir", required=True,
+              help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix.")
+@click.option("--round", "round_", type=click.IntRange(min=0), required=True)
+@click.option("--shards", "-M", type=click.IntRange(min=1), default=None,
+              help="GradsSharding's M (default: the smallest that fits --memory-limit; 4 without a limit).")
+@click.option("--memory-limit", "memory_limit_mb", type=click.FloatRange(min=1), default=None,
+              help="Per-function memory limit, MiB (resident set, interpreter included); infeasible "
+                   "architectures are not run.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Invocations running at once.")
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="LIFL nodes.")
+@click.option("--architectures", default=",".join(TOPOLOGIES), show_default=True, callback=_architectures,
+              help="Comma-separated architectures to compare.")
+@click.option("--window-kb", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Elements each shard function holds per client at a time, in KiB of input.")
+@click.option("--run-infeasible", is_flag=True,
+              help="Run infeasible architectures anyway under the limit (they fail; the failure is reported).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Directory for compare.json, compare.csv and compare.png.")
+def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: float | None, workers: int,
+            nodes: int, architectures: list[str], window_kb: int, run_infeasible: bool, out_dir: str) -> None:
+    """Aggregate one round with each architecture; compare memory, time, traffic and agreement with flat."""
+    limit = None if memory_limit_mb is None else int(memory_limit_mb * MIB)
+    with progress_bar() as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def on_event(event: CompareEvent) -> None:
+            if event.kind == "start":
+                tasks[event.architecture] = progress.add_task(event.architecture, total=event.invocations)
+            elif event.kind == "invocation":
+                progress.advance(tasks[event.architecture])
+            elif event.row is not None and event.row.status == "skipped":
+                progress.console.print(f"{event.architecture}: not run ({event.row.reason})")
+
+        store = open_cli_store(store_dir, must_exist=True)
+        result = compare_round(store, round_, architectures=architectures, shards=shards, memory_limit_bytes=limit,
+                               workers=workers, nodes=nodes, window_bytes=window_kb * 1024,
+                               run_infeasible=run_infeasible, on_event=on_event)
+    console.print(compare_table(result))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "compare.json", result.to_json().encode())
+    write_atomic(out / "compare.csv", result.to_csv().encode())
+    write_atomic(out / "compare.png", compare_png(result))
+    console.print(f"wrote compare.json, compare.csv and compare.png to {out}")
+    unexpected = [r.architecture for r in result.rows if r.feasible and r.status == "failed"]
+    if unexpected:
+        console.print(f"[red]failed although predicted feasible[/]: {', '.join(unexpected)}")
+        sys.exit(1)

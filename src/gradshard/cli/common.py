@@ -1,0 +1,89 @@
+"""What the command groups share: the console, progress bars, executors and stores by name, atomic files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
+from gradshard.store import LocalStore, S3Store, Store, open_store
+from gradshard.units import MIB
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def make_executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float,
+              warm: bool = False, ray_address: str | None = None, lambda_function: str | None = None,
+              region: str | None = None) -> Executor:
+    """An executor by name (close it when done). Ray and boto3 are imported only when asked for."""
+    cap = None if memory_mb is None else int(memory_mb * MIB)
+    if kind == "inline":
+        return InlineExecutor(retries=retries)
+    if kind == "ray":
+        from gradshard.runtime.ray import RayExecutor
+
+        return RayExecutor(address=ray_address, workers=workers, retries=retries, memory_cap_bytes=cap,
+                           timeout_s=timeout)
+    if kind == "lambda":
+        from gradshard.runtime.aws_lambda import LambdaExecutor
+
+        if not lambda_function:
+            raise click.UsageError("--executor lambda needs --lambda-function (the deployed function's name or ARN)")
+        return LambdaExecutor(lambda_function, region=region, workers=workers, retries=retries, timeout_s=timeout)
+    return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm)
+
+
+def open_cli_store(location: str, *, must_exist: bool) -> Store:
+    """``s3://bucket/prefix`` (endpoint and credentials from the AWS environment) or a local directory."""
+    if location.startswith("s3://"):
+        store = open_store(location)
+        if isinstance(store, S3Store) and not store.bucket_exists():
+            raise click.BadParameter(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'}",
+                                     param_hint="--store")
+        return store
+    if must_exist and not Path(location).is_dir():
+        raise click.BadParameter(f"directory {location!r} does not exist", param_hint="--store")
+    return LocalStore(location)
+
+
+def run_aggregate(store: Store, r: int, executor: Executor, config: AggregateConfig,
+                   label: str) -> AggregateResult:
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=None)
+        return aggregate_round(store, r, executor, config, on_done=lambda _: progress.advance(task))
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def sha256_of(store: LocalStore, key: str) -> str:
+    digest = hashlib.sha256()
+    size = store.size(key)
+    with store.open_reader(key) as reader:
+        for offset in range(0, size, 64 * MIB):
+            buf = bytearray(min(64 * MIB, size - offset))
+            reader.read_into(offset, memoryview(buf))
+            digest.update(buf)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
