@@ -19,10 +19,12 @@ import pytest
 
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core.zoo import synthetic
+from gradshard.errors import GradshardError
 from gradshard.format.keys import update_key
 from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, write_update
-from gradshard.runtime import InvocationReport, LocalExecutor
+from gradshard.runtime import InvocationReport, LocalExecutor, registry
+from gradshard.runtime.diagnostics import AllocateArgs
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
 from gradshard.units import MIB
@@ -198,20 +200,29 @@ def test_a_running_function_does_not_outlive_its_executor(make_executor: MakeExe
     assert not runner.is_alive()
 
 
-def test_an_unknown_function_fails_with_its_name_and_the_known_ones(make_executor: MakeExecutor,
-                                                                     store: LocalStore) -> None:
-    # Prepare
+def test_an_unknown_function_is_refused_when_the_plan_is_made_naming_the_known_ones() -> None:
+    with pytest.raises(GradshardError, match=r"unknown function 'no_such_function'; known: \[.*'noop'"):
+        Invocation("only", "no_such_function", {}, 0)
+
+
+def test_a_worker_refuses_a_module_outside_the_trusted_packages(make_executor: MakeExecutor,
+                                                                store: LocalStore) -> None:
+    # Prepare: an invocation of a function no one registered, naming a module to import for it
     executor = make_executor(workers=1, retries=0)
+    plan = Plan("adhoc", (Invocation("only", "noop", {}, 0),))
+    rogue = Invocation("only", "noop", {}, 0, module="os")  # registered here, so no import is attempted
+    assert rogue.module == "gradshard.runtime.diagnostics"
 
-    # Execute
-    report = run_single(executor, store, "no_such_function")
+    # Execute / Assert: the registry never imports a module outside the trusted prefixes
+    with pytest.raises(GradshardError, match="refusing to import 'os' for function 'ghost'"):
+        registry.resolve("ghost", "os")
+    (report,) = executor.run(plan, store)
+    assert report.ok
 
-    # Assert
-    assert not report.ok
-    assert report.error_type == "GradshardError"
-    assert report.error is not None
-    assert "unknown function 'no_such_function'" in report.error
-    assert "'noop'" in report.error
+
+def test_arguments_of_the_wrong_model_are_refused() -> None:
+    with pytest.raises(GradshardError, match="function 'sleep' takes SleepArgs, got AllocateArgs"):
+        Invocation("only", "sleep", AllocateArgs(bytes=1), 0)
 
 
 def test_two_workers_run_four_sleeps_two_at_a_time(make_executor: MakeExecutor, store: LocalStore) -> None:
@@ -273,7 +284,7 @@ def test_reports_carry_the_io_of_the_worker_store(make_executor: MakeExecutor, s
     assert [r.invocation for r in result.reports] == ["shard-0000", "shard-0001"]
     for report, inv in zip(result.reports, result.plan.invocations, strict=True):
         assert report.ok, report.error
-        length = inv.args["stop"] - inv.args["start"]
+        length = inv.args.stop - inv.args.start
         windows = -(-length // (window_bytes // 4))
         data = clients * length * 4
         assert report.bytes_written == length * 4  # its own byte range of the output, nothing else

@@ -18,7 +18,7 @@ from gradshard.core.zoo import synthetic
 from gradshard.errors import GradshardError
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.driver import Trainer
-from gradshard.fl.server import STATE_SLOTS, ServerOptimizer, apply_window, server_step
+from gradshard.fl.server import STATE_SLOTS, ServerOptimizer, ServerStepArgs, apply_window, server_step
 from gradshard.format.keys import aggregate_key, model_key, state_key
 from gradshard.format.output import PendingObject
 from gradshard.format.update import UpdateMeta, read_flat, write_update
@@ -100,9 +100,9 @@ def server_round(store: Store, layout: ModelLayout, opt: ServerOptimizer, r: int
                 "state_keys": {slot: state_key(r, slot) if r > 0 else "" for slot in opt.slots},
                 "model_out": pending["model"].target(),
                 "state_out": {slot: pending[slot].target() for slot in opt.slots}}
-        results.append(server_step(args, store))
+        results.append(server_step(ServerStepArgs.model_validate(args), store))
     for name, obj in pending.items():
-        merged = {int(i): h for res in results for i, h in res["checksums"][name].items()}
+        merged = {i: h for res in results for i, h in res.checksums[name].items()}
         obj.commit(merged)
 
 

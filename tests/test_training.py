@@ -33,6 +33,7 @@ from safetensors.numpy import load as load_safetensors
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.errors import InvocationError
+from gradshard.fl.client import ClientTask
 from gradshard.fl.config import DataConfig, TrainConfig
 from gradshard.fl.driver import Trainer, client_ids, sample_cohort
 from gradshard.fl.server import ServerOptimizer
@@ -69,8 +70,9 @@ SHORT: dict[str, Any] = {"clients": 6, "rounds": 3, "epochs": 1, "batch_size": 1
 def executors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Executors]:
     """(aggregation executor, client executor), the client one warm: its torch zygote is already running."""
     with LocalExecutor(workers=2) as aggregation, LocalExecutor(workers=2, timeout_s=120.0) as clients:
-        # An invocation of train_client with no arguments starts the zygote and fails validation at once.
-        plan = Plan("warm-up", (Invocation("warm-up", "train_client", {}, 0),))
+        # An invocation of train_client with empty (unvalidated) arguments starts the zygote and fails validation
+        # in the worker at once.
+        plan = Plan("warm-up", (Invocation("warm-up", "train_client", ClientTask.model_construct(), 0),))
         [report] = clients.run(plan, LocalStore(tmp_path_factory.mktemp("warm-up"), fsync=False))
         assert report.error_type == "ValidationError"
         yield aggregation, clients

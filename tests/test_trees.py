@@ -119,7 +119,7 @@ class RecordingExecutor(InlineExecutor):
 # --- the tree's arithmetic, recomputed from the plan --------------------------------------------------------------
 def producers(plan: Plan) -> dict[str, str]:
     """Partial key -> id of the invocation that writes it."""
-    return {inv.args["output"]["key"]: inv.id for inv in plan.invocations if inv.args.get("output")}
+    return {inv.args.output.key: inv.id for inv in plan.invocations if inv.args.output}
 
 
 def tree_weights(plan: Plan, counts: dict[str, int], *, mean_of_means: bool) -> tuple[npt.NDArray[np.float64],
@@ -135,17 +135,17 @@ def tree_weights(plan: Plan, counts: dict[str, int], *, mean_of_means: bool) -> 
     sums: dict[str, tuple[npt.NDArray[np.float64], float]] = {}
     for inv in plan.invocations:  # dependency order
         s, w = np.zeros(len(clients)), 0.0
-        for c in inv.args.get("clients", []):
+        for c in inv.args.clients:
             s[index[c]] += counts[c]
             w += counts[c]
-        for ref in inv.args.get("partials", []):
-            child_s, child_w = sums[made[ref["key"]]]
+        for ref in inv.args.partials:
+            child_s, child_w = sums[made[ref.key]]
             if mean_of_means:
                 s, w = s + child_s / child_w, w + 1.0
             else:
                 s, w = s + child_s, w + child_w
         sums[inv.id] = (s, w)
-    roots = [inv.id for inv in plan.invocations if not inv.args.get("output")]
+    roots = [inv.id for inv in plan.invocations if not inv.args.output]
     assert len(roots) == 1, f"a tree has one root, found {roots}"
     s, w = sums[roots[0]]
     return s / w, {k: v[1] for k, v in sums.items()}
@@ -153,9 +153,9 @@ def tree_weights(plan: Plan, counts: dict[str, int], *, mean_of_means: bool) -> 
 
 def check_coverage(plan: Plan, clients: Sequence[str]) -> None:
     """Every client is folded by exactly one leaf, and every partial is consumed exactly once."""
-    folded = [c for inv in plan.invocations for c in inv.args.get("clients", [])]
+    folded = [c for inv in plan.invocations for c in inv.args.clients]
     assert sorted(folded) == sorted(clients)
-    consumed = [ref["key"] for inv in plan.invocations for ref in inv.args.get("partials", [])]
+    consumed = [ref.key for inv in plan.invocations for ref in inv.args.partials]
     assert sorted(consumed) == sorted(producers(plan))
 
 
@@ -245,7 +245,7 @@ def test_trees_of_one_or_two_clients(topology: str, n: int) -> None:
     _, flat = rnd.run(executor, topology="flat")
     res, tree = rnd.run(executor, topology=topology, nodes=3)
     # Assert: λ-FL has one leaf; LIFL one leaf per client here (one client per node), none on the empty node 2
-    leaves = [inv for inv in res.plan.invocations if inv.args.get("clients")]
+    leaves = [inv for inv in res.plan.invocations if inv.args.clients]
     assert len(leaves) == (1 if topology == "lambda-fl" else n)
     assert all(inv.node < n for inv in res.plan.invocations)
     check_tree_is_fedavg(rnd, res, tree, flat, "examples", discriminating=False)
@@ -310,8 +310,8 @@ def test_lambda_fl_n20_is_the_papers_tree() -> None:
     assert plan.params == {"k": 5, "leaves": 4}
     assert [inv.id for inv in plan.invocations] == ["leaf-0000", "leaf-0001", "leaf-0002", "leaf-0003", "root"]
     assert plan.levels == 2
-    assert all(len(inv.args["clients"]) == 5 for inv in plan.invocations[:4])
-    assert len(plan.invocations[-1].args["partials"]) == 4
+    assert all(len(inv.args.clients) == 5 for inv in plan.invocations[:4])
+    assert len(plan.invocations[-1].args.partials) == 4
     check_coverage(plan, [c.client for c in manifest.clients])
 
 
@@ -325,7 +325,7 @@ def test_lambda_fl_small_k_adds_levels() -> None:
     assert plan.levels > 2
     assert [len(s) for s in plan.stages()] == [34, 12, 4, 2, 1]
     for inv in plan.invocations:
-        assert 1 <= len(inv.args.get("clients", [])) + len(inv.args.get("partials", [])) <= 3
+        assert 1 <= len(inv.args.clients) + len(inv.args.partials) <= 3
     check_coverage(plan, [c.client for c in manifest.clients])
 
 
@@ -382,16 +382,16 @@ def check_locality(plan: Plan, node_stores: Sequence[dict[str, Any]], placement:
     made = producers(plan)
     shm = store = 0
     for inv in plan.invocations:
-        assert inv.args["node_store"] == node_stores[inv.node], inv.id
-        assert all(placement[c] == inv.node for c in inv.args.get("clients", [])), inv.id
-        for ref in inv.args.get("partials", []):
-            producer = by_id[made[ref["key"]]]
-            assert producer.args["output"]["via"] == ref["via"]
-            if ref["via"] == "shm":
+        assert inv.args.node_store == node_stores[inv.node], inv.id
+        assert all(placement[c] == inv.node for c in inv.args.clients), inv.id
+        for ref in inv.args.partials:
+            producer = by_id[made[ref.key]]
+            assert producer.args.output.via == ref.via
+            if ref.via == "shm":
                 shm += 1
                 assert producer.node == inv.node, (producer.id, inv.id)
             else:
-                assert ref["via"] == "store"
+                assert ref.via == "store"
                 store += 1
                 assert producer.node != inv.node, (producer.id, inv.id)
     middles = [inv for inv in plan.invocations if "-middle-" in inv.id]
@@ -403,9 +403,9 @@ def check_locality(plan: Plan, node_stores: Sequence[dict[str, Any]], placement:
     assert shm == plan.params["shm_handoffs"]
     for inv in plan.invocations:  # leaves hand off through shm always; middles through store iff off the top's node
         if "-leaf-" in inv.id:
-            assert inv.args["output"]["via"] == "shm"
+            assert inv.args.output.via == "shm"
         elif "-middle-" in inv.id:
-            assert inv.args["output"]["via"] == ("shm" if inv.node == top.node else "store")
+            assert inv.args.output.via == ("shm" if inv.node == top.node else "store")
 
 
 @pytest.mark.parametrize("nodes", [2, 3])
@@ -447,7 +447,7 @@ def test_lifl_run_reads_and_writes_shared_memory(nodes: int) -> None:
     # Assert
     check_tree_is_fedavg(rnd, res, tree, flat, "examples")
     plan = {inv.id: inv for inv in res.plan.invocations}
-    node_stores = {inv.node: inv.args["node_store"] for inv in res.plan.invocations}
+    node_stores = {inv.node: inv.args.node_store for inv in res.plan.invocations}
     assert sorted(node_stores) == list(range(nodes))
     check_locality(res.plan, [node_stores[j] for j in range(nodes)], res.plan.params["placement"])
     top_node = res.plan.params["top_node"]
@@ -455,17 +455,17 @@ def test_lifl_run_reads_and_writes_shared_memory(nodes: int) -> None:
         inv, shm = plan[report.invocation], report.result["shm"]
         if "-leaf-" in inv.id:  # leaves read updates from the object store and write only to shared memory
             assert report.puts == 0 and report.bytes_written == 0, inv.id
-            assert report.bytes_read >= rnd.layout.nbytes * len(inv.args["clients"])
+            assert report.bytes_read >= rnd.layout.nbytes * len(inv.args.clients)
             assert shm["puts"] > 0 and shm["bytes_written"] > rnd.layout.nbytes, inv.id
         elif "-middle-" in inv.id:  # middles read their leaves' partials from shared memory
-            assert shm["gets"] > 0 and shm["bytes_read"] >= rnd.layout.nbytes * len(inv.args["partials"]), inv.id
+            assert shm["gets"] > 0 and shm["bytes_read"] >= rnd.layout.nbytes * len(inv.args.partials), inv.id
             if inv.node == top_node:
                 assert report.puts == 0 and report.bytes_written == 0, inv.id
             else:  # crossing to the top's node goes through the object store
                 assert report.bytes_written > rnd.layout.nbytes, inv.id
                 assert shm["puts"] == 0, inv.id
         else:
-            assert shm["bytes_read"] >= rnd.layout.nbytes * sum(p["via"] == "shm" for p in inv.args["partials"])
+            assert shm["bytes_read"] >= rnd.layout.nbytes * sum(p.via == "shm" for p in inv.args.partials)
             assert shm["bytes_read"] > 0
             assert shm["puts"] == 0
 
@@ -486,7 +486,7 @@ def test_lifl_custom_placement_is_honoured(monkeypatch: pytest.MonkeyPatch) -> N
     # Assert
     assert res.plan.params["placement"] == placement
     for inv in res.plan.invocations:
-        assert all(placement[c] == inv.node for c in inv.args.get("clients", []))
+        assert all(placement[c] == inv.node for c in inv.args.clients)
     assert res.plan.params["top_node"] == 2
     check_tree_is_fedavg(rnd, res, tree, flat, "examples")
 
@@ -577,8 +577,8 @@ def poison(rnd: TreeRound, client: str) -> None:
 def check_scratch_removed(rnd: TreeRound, executor: RecordingExecutor) -> None:
     """No partial left in the object store, no shared-memory node directory left on the machine."""
     assert rnd.store.list(f"{round_prefix(R)}/partials/") == []
-    roots = {Path(inv.args["node_store"]["root"]) for plan in executor.plans for inv in plan.invocations
-             if inv.args.get("node_store")}
+    roots = {Path(inv.args.node_store["root"]) for plan in executor.plans for inv in plan.invocations
+             if inv.args.node_store}
     for root in roots:
         assert not root.exists(), root
         assert not root.parent.exists(), root.parent
@@ -667,7 +667,7 @@ def test_eager_leaf_folds_a_late_update(monkeypatch: pytest.MonkeyPatch) -> None
     assert res.manifest.rejected == {}
     check_tree_is_fedavg(rnd, res, tree, flat, "examples")
     waiting = next(r for r in res.reports if "c05" in {inv.id: inv for inv in res.plan.invocations}[
-        r.invocation].args.get("clients", []))
+        r.invocation].args.clients)
     assert waiting.duration_s >= 0.2  # it waited (had it not, it would have failed: 'did not arrive')
     check_scratch_removed(rnd, executor)
 

@@ -39,6 +39,7 @@ from gradshard.format.keys import aggregate_key, manifest_key, reports_key, roun
 from gradshard.format.round import RoundManifest, prepare_round
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.runtime import InvocationReport, LocalExecutor
+from gradshard.runtime.diagnostics import NoArgs
 from gradshard.store import Store
 from gradshard.topology import TOPOLOGIES, Invocation, OutputTarget, Plan, check_fits
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
@@ -168,7 +169,7 @@ def measure_baseline(store: Store) -> int:
     Measured on an uncapped executor, so that a limit below the baseline still yields the true figure.
     """
     with LocalExecutor(workers=1, retries=0) as executor:
-        (report,) = executor.run(Plan("noop", (Invocation("noop", "noop", {}, 0),)), store)
+        (report,) = executor.run(Plan("noop", (Invocation("noop", "noop", NoArgs(), 0),)), store)
     if not report.ok or report.peak_rss_bytes is None:
         raise InvocationError(f"the baseline (noop) invocation failed: {report.error_type}: {report.error}")
     return report.peak_rss_bytes

@@ -18,13 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
+from gradshard.aggregation.contracts import ReduceResult, TreeReduceResult
 from gradshard.core.reduce import fedavg_weights
 from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
-from gradshard.format.output import PendingObject, collect_checksums
+from gradshard.format.output import PendingObject, merge_digests
 from gradshard.format.round import Policy, RoundManifest, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
 from gradshard.runtime.executor import Executor, ProgressCallback
+from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
 from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sharded_plan
@@ -121,6 +124,13 @@ def _describe_failures(failed: list[InvocationReport]) -> str:
     return "; ".join(lines)
 
 
+def _result_digests(report: InvocationReport) -> dict[int, str]:
+    """The output chunks' digests an aggregation function returned (tree nodes but the root return none)."""
+    if report.function == "tree_reduce":
+        return parse_result(report.function, report.result, TreeReduceResult).checksums
+    return parse_result(report.function, report.result, ReduceResult).checksums
+
+
 def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, executor: Executor,
               on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
     """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
@@ -146,7 +156,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
         failed = [r for r in reports if not r.ok]
         if failed or len(reports) != len(plan.invocations):
             raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
-        pending.commit(collect_checksums([r.result for r in reports]))
+        pending.commit(merge_digests(_result_digests(r) for r in reports))
         return plan, reports, True
     except BaseException:
         pending.abort()

@@ -1,8 +1,8 @@
 """The aggregation functions, as run inside an invocation: ``function(args, store) -> result``.
 
 Each is stateless and idempotent: it reads the round manifest and its inputs from the store and writes its byte
-range of the output upload; running it twice writes the same bytes. Arguments and results are JSON-able so any
-executor (process, Ray task, Lambda) can carry them.
+range of the output upload; running it twice writes the same bytes. Arguments and results are the typed contracts
+of :mod:`gradshard.aggregation.contracts`; the functions register themselves with the runtime here.
 """
 
 from __future__ import annotations
@@ -13,36 +13,19 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.aggregation.contracts import FlatReduceArgs, ReduceResult, ShardReduceArgs
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite, fedavg_weights
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
+from gradshard.runtime.registry import register
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
 
 _WRITE_PIECE_ELEMS = 16 << 20
-
-
-class ReduceArgs(BaseModel):
-    """Arguments of ``shard_reduce`` and ``flat_reduce`` (flat ignores ``start``/``stop``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    manifest_key: str
-    manifest_sha256: str
-    output_key: str
-    upload_id: str
-    data_start: int
-    window_bytes: int
-    accumulate: str
-    weighting: str
-    start: int = 0
-    stop: int = -1
-    parallel_reads: int = Field(default=1, ge=1)
 
 
 def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
@@ -84,7 +67,7 @@ class OutputWriter:
         self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
         self.pos = start
         self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start)
-        self.checksums: dict[str, str] = {}
+        self.checksums: dict[int, str] = {}
 
     def write(self, values: npt.NDArray[Any]) -> None:
         """Write the next ``len(values)`` elements of this function's range."""
@@ -95,34 +78,34 @@ class OutputWriter:
         for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
             self._out.write(out[lo : lo + _WRITE_PIECE_ELEMS])
         self.pos += len(out)
-        self.checksums.update((str(i), h) for i, h in self._chunks.feed(out))
+        self.checksums.update(self._chunks.feed(out))
 
-    def finish(self) -> dict[str, str]:
+    def finish(self) -> dict[int, str]:
         """Flush what the store's writer buffered; the checksums of every chunk written."""
         self._out.close()
         return self.checksums
 
 
-def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def shard_reduce(args: ShardReduceArgs, store: Store) -> ReduceResult:
     """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
 
     Memory: ``parallel_reads`` read buffers (default one) and one accumulator of ``window`` elements, whatever N
     and the shard length. With several buffers, that many clients' windows are read at once (threads; the store
     releases the GIL while it waits) and still added in canonical client order, so the sum is the same bits.
     """
-    args = ReduceArgs.model_validate(raw_args)
-    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    settings = args.settings
+    manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
     layout = manifest.spec.model_layout()
     grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
     if not grid.is_aligned(args.start, args.stop):
         raise GradshardError(f"shard [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
-    weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
+    weights = fedavg_weights([c.examples for c in manifest.clients], settings.weighting)
     in_dtype = np.dtype(layout.flat_dtype)
-    window = min(window_elems(args.window_bytes, in_dtype.itemsize), args.stop - args.start)
-    bufs = np.empty((min(args.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
-    acc = WeightedSum(window, args.accumulate)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, args.start, layout,
-                          grid.chunk_elems, window, args.accumulate)
+    window = min(window_elems(settings.window_bytes, in_dtype.itemsize), args.stop - args.start)
+    bufs = np.empty((min(settings.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
+    acc = WeightedSum(window, settings.accumulate)
+    writer = OutputWriter(store, args.output.output_key, args.output.upload_id, args.output.data_start, args.start,
+                          layout, grid.chunk_elems, window, settings.accumulate)
     readers = open_clients(store, manifest, layout)
     streams = [r.stream(args.start, args.stop) for r in readers]
     pool = ThreadPoolExecutor(len(bufs), thread_name_prefix="read") if len(bufs) > 1 else None
@@ -149,7 +132,7 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
             pool.shutdown()
         for reader in readers:
             reader.close()
-    return {"checksums": writer.finish(), "clients": len(readers), "window_elems": window}
+    return ReduceResult(checksums=writer.finish(), clients=len(readers), window_elems=window)
 
 
 def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
@@ -162,14 +145,14 @@ def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> 
         return values
 
 
-def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def flat_reduce(args: FlatReduceArgs, store: Store) -> ReduceResult:
     """The single-aggregator reference: load each whole update in canonical order and average."""
-    args = ReduceArgs.model_validate(raw_args)
-    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    settings = args.settings
+    manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
     layout = manifest.spec.model_layout()
     chunk = manifest.spec.chunk_elems
-    weights = fedavg_weights([c.examples for c in manifest.clients], args.weighting)
-    acc = WeightedSum(layout.numel, args.accumulate)
+    weights = fedavg_weights([c.examples for c in manifest.clients], settings.weighting)
+    acc = WeightedSum(layout.numel, settings.accumulate)
     acc.start(layout.numel)
     for entry, weight in zip(manifest.clients, weights, strict=True):
         acc.add(load_whole_update(store, entry, layout), weight)
@@ -177,7 +160,11 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
         raise nonfinite_culprit([c.client for c in manifest.clients],
                                 lambda i: load_whole_update(store, manifest.clients[i], layout), 0,
                                 layout.numel)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
-                          args.accumulate)
+    writer = OutputWriter(store, args.output.output_key, args.output.upload_id, args.output.data_start, 0, layout,
+                          chunk, layout.numel, settings.accumulate)
     writer.write(acc.value)
-    return {"checksums": writer.finish(), "clients": len(manifest.clients), "window_elems": layout.numel}
+    return ReduceResult(checksums=writer.finish(), clients=len(manifest.clients), window_elems=layout.numel)
+
+
+register("shard_reduce", shard_reduce, args=ShardReduceArgs, result=ReduceResult)
+register("flat_reduce", flat_reduce, args=FlatReduceArgs, result=ReduceResult)

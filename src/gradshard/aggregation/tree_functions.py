@@ -12,49 +12,20 @@ Every tree node holds full-size vectors — the memory ceiling GradsSharding rem
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict
 
+from gradshard.aggregation.contracts import TreeReduceArgs, TreeReduceResult
 from gradshard.aggregation.functions import OutputWriter, load_whole_update, nonfinite_culprit
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite
 from gradshard.errors import RoundError, UpdateError
 from gradshard.format.round import ClientEntry, load_manifest
 from gradshard.format.update import UpdateMeta, open_update, write_update
+from gradshard.runtime.registry import register
 from gradshard.store import Store, open_store
-
-Via = Literal["store", "shm"]
-
-
-class PartialRef(BaseModel):
-    """A child's partial: its key and whether it sits in the object store or this node's shared memory."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: str
-    via: Via = "store"
-
-
-class TreeArgs(BaseModel):
-    """Arguments of ``tree_reduce``. ``output`` is a partial to produce, or the final aggregate (the root)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    manifest_key: str
-    manifest_sha256: str
-    accumulate: str
-    weighting: str
-    clients: list[str] = []
-    partials: list[PartialRef] = []
-    output: PartialRef | None = None  # None: this is the root and writes the aggregate
-    output_key: str = ""
-    upload_id: str = ""
-    data_start: int = 0
-    node_store: dict[str, Any] | None = None
-    wait_s: float = 0.0
 
 
 def partial_layout(layout: ModelLayout, accumulate: str) -> ModelLayout:
@@ -92,46 +63,48 @@ def _wait_for(store: Store, entries: list[ClientEntry], wait_s: float) -> list[C
     return ordered
 
 
-def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     """Fold this node's clients and children into a weighted partial, or (root) into the aggregate."""
-    args = TreeArgs.model_validate(raw_args)
-    manifest = load_manifest(store, args.manifest_key, args.manifest_sha256)
+    settings = args.settings
+    manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
     layout = manifest.spec.model_layout()
     chunk = manifest.spec.chunk_elems
     shm = open_store(args.node_store) if args.node_store is not None else None
     by_id = {c.client: c for c in manifest.clients}
     entries = _wait_for(store, [by_id[c] for c in args.clients], args.wait_s)
-    acc = WeightedSum(layout.numel, args.accumulate)
+    acc = WeightedSum(layout.numel, settings.accumulate)
     acc.start(layout.numel)
     total = 0
     for entry in entries:  # each update is folded in as soon as it is loaded: one whole update in memory at a time
-        count = entry.examples if args.weighting == "examples" else 1
+        count = entry.examples if settings.weighting == "examples" else 1
         acc.add(load_whole_update(store, entry, layout), float(count))
         total += count
     if entries and not all_finite(acc.value):
         raise nonfinite_culprit([e.client for e in entries],
                                 lambda i: load_whole_update(store, entries[i], layout), 0, layout.numel)
-    sums = partial_layout(layout, args.accumulate)
+    sums = partial_layout(layout, settings.accumulate)
     for ref in args.partials:
         source = shm if ref.via == "shm" and shm is not None else store
         values, weight = read_partial(source, ref.key, sums, manifest.round)
         acc.add(values, 1.0)
         total += weight
         del values  # else the next partial is read while this one is still held: three full vectors
-    result: dict[str, Any] = {"clients": len(entries), "partials": len(args.partials), "weight": total,
-                              "shm": shm.io.as_dict() if shm is not None else {}}
+    done = TreeReduceResult(clients=len(entries), partials=len(args.partials), weight=total)
     if args.output is not None:
         target = shm if args.output.via == "shm" and shm is not None else store
         meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
                           round=manifest.round, examples=total, layout_digest=sums.digest(), chunk_elems=chunk,
                           kind="partial")
         write_update(target, args.output.key, sums, acc.value, meta)
-        result["shm"] = shm.io.as_dict() if shm is not None else {}
-        return result
+        return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}})
+    if args.target is None:
+        raise RoundError("a tree root needs the aggregate's upload (target)")
     mean = acc.value
     np.divide(mean, mean.dtype.type(total), out=mean)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
-                          args.accumulate)
+    writer = OutputWriter(store, args.target.output_key, args.target.upload_id, args.target.data_start, 0, layout,
+                          chunk, layout.numel, settings.accumulate)
     writer.write(mean)
-    result["checksums"] = writer.finish()
-    return result
+    return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}, "checksums": writer.finish()})
+
+
+register("tree_reduce", tree_reduce, args=TreeReduceArgs, result=TreeReduceResult)

@@ -65,7 +65,8 @@ def _topology(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def _plan_from_dict(data: dict[str, Any]) -> Plan:
     invocations = tuple(Invocation(i["id"], i["function"], i["args"], i["memory_bytes"], tuple(i["depends_on"]),
-                                   i.get("node", 0), i.get("warm_key")) for i in data["invocations"])
+                                   i.get("node", 0), i.get("warm_key"), i.get("module", ""))
+                        for i in data["invocations"])
     return Plan(data["topology"], invocations, data.get("params", {}))
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.aggregation.contracts import FlatReduceArgs, ShardReduceArgs, TreeReduceArgs
 from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
 from gradshard.errors import PlanError
 from gradshard.runtime.report import InvocationReport
@@ -145,15 +146,16 @@ def shape_from_plan(plan: Plan, clients: int) -> RoundShape:
 
 
 def _aggregator(inv: Invocation, stage: int, clients: int, numel: int) -> Aggregator:
-    if inv.function == "shard_reduce":
-        return Aggregator(inv.id, stage, (inv.args["stop"] - inv.args["start"]) / numel, clients)
-    if inv.function == "flat_reduce":
+    """What an invocation moves, read from its typed arguments."""
+    args = inv.args
+    if isinstance(args, ShardReduceArgs):
+        return Aggregator(inv.id, stage, (args.stop - args.start) / numel, clients)
+    if isinstance(args, FlatReduceArgs):
         return Aggregator(inv.id, stage, 1.0, clients)
-    if inv.function == "tree_reduce":
-        vias = [ref.get("via", "store") for ref in inv.args.get("partials", [])]
-        output = inv.args.get("output") or {}
-        return Aggregator(inv.id, stage, 1.0, len(inv.args.get("clients", [])), vias.count("store"),
-                          output.get("via") == "shm")
+    if isinstance(args, TreeReduceArgs):
+        vias = [ref.via for ref in args.partials]
+        return Aggregator(inv.id, stage, 1.0, len(args.clients), vias.count("store"),
+                          args.output is not None and args.output.via == "shm")
     raise PlanError(f"invocation {inv.id!r} runs {inv.function!r}, which the cost model does not know")
 
 

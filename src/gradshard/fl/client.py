@@ -22,6 +22,7 @@ from gradshard.core.layout import ModelLayout
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.format.keys import update_key
 from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
 
 
@@ -94,9 +95,19 @@ def warm_up() -> None:
     opt.step()
 
 
-def train_client(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+class ClientResult(BaseModel):
+    """What a client invocation reports (its update is in the store)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    examples: int
+    loss: float
+    train_accuracy: float
+    train_s: float
+
+
+def train_client(task: ClientTask, store: Store) -> ClientResult:
     """Train one client for one round and write ``rounds/<r>/updates/<client>.safetensors`` (the weight delta)."""
-    task = ClientTask.model_validate(raw_args)
     if task.fault == "crash":
         os._exit(7)
     started = time.perf_counter()
@@ -123,5 +134,10 @@ def train_client(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256,
                       extra={"loss": f"{loss:.6g}", "accuracy": f"{accuracy:.6g}"})
     write_update(store, update_key(task.round, task.client), averaged, delta, meta)
-    return {"examples": len(y), "loss": loss, "train_accuracy": accuracy,
-            "train_s": time.perf_counter() - started}
+    return ClientResult(examples=len(y), loss=loss, train_accuracy=accuracy, train_s=time.perf_counter() - started)
+
+
+# Client functions run in a runtime with torch preloaded (which would add hundreds of MiB to every aggregation
+# function's baseline if the numpy runtime had it).
+register_runtime("torch", preload=("torch",))
+register("train_client", train_client, args=ClientTask, result=ClientResult, runtime="torch")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_safetensors
 
+from gradshard.aggregation.contracts import OutputTarget
 from gradshard.aggregation.driver import aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
@@ -36,7 +37,7 @@ from gradshard.fl import data as fldata
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
-from gradshard.fl.server import Target
+from gradshard.fl.server import ServerStepArgs, ServerStepResult
 from gradshard.format.keys import (
     CONFIG_KEY,
     KEPT_KEY,
@@ -50,10 +51,11 @@ from gradshard.format.keys import (
     state_key,
     update_key,
 )
-from gradshard.format.output import PendingObject, collect_checksums
+from gradshard.format.output import PendingObject, merge_digests
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
 from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
 from gradshard.runtime.executor import Executor
+from gradshard.runtime.registry import parse_result
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
 
@@ -197,8 +199,7 @@ class Trainer:
                               data_key=client_data_key(client), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                               momentum=c.momentum, mu=c.mu, seed=c.seed, chunk_elems=spec.chunk_elems,
                               fault=self.fault(spec.round, client))
-            invocations.append(Invocation(f"client-{client}", "train_client", task.model_dump(),
-                                          self.averaged.nbytes * 8))
+            invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 
     def _server_step(self, r: int, shards: int) -> None:
@@ -213,11 +214,12 @@ class Trainer:
         try:
             invocations = []
             for s, (start, stop) in enumerate(plan_ranges):
-                args = {"layout": self.averaged.to_json(), "start": start, "stop": stop, "optimizer": opt.model_dump(),
-                        "model_key": model_key(r), "delta_key": aggregate_key(r),
-                        "state_keys": {slot: state_key(r, slot) if r > 0 else "" for slot in opt.slots},
-                        "model_out": Target(**outputs["model"].target()).model_dump(),
-                        "state_out": {slot: Target(**outputs[slot].target()).model_dump() for slot in opt.slots}}
+                args = ServerStepArgs(
+                    layout=self.averaged.to_json(), start=start, stop=stop, optimizer=opt, model_key=model_key(r),
+                    delta_key=aggregate_key(r),
+                    state_keys={slot: state_key(r, slot) if r > 0 else "" for slot in opt.slots},
+                    model_out=OutputTarget(**outputs["model"].target()),
+                    state_out={slot: OutputTarget(**outputs[slot].target()) for slot in opt.slots})
                 invocations.append(Invocation(f"server-{s:04d}", "server_step", args, 8 << 20))
             reports = self.executor.run(Plan("server", tuple(invocations)), self.store)
             failed = [r_ for r_ in reports if not r_.ok]
@@ -227,7 +229,8 @@ class Trainer:
                 raise InvocationError(f"server step of round {r} failed: "
                                       + "; ".join(f"{f.invocation}: {f.error_type}: {f.error}" for f in failed))
             for name in [*opt.slots, "model"]:  # the model last: its existence marks the step done
-                outputs[name].commit(collect_checksums([rep.result["checksums"] for rep in reports], name))
+                outputs[name].commit(merge_digests(
+                    parse_result(rep.function, rep.result, ServerStepResult).checksums[name] for rep in reports))
         except BaseException:
             for pending in outputs.values():
                 pending.abort()
@@ -265,9 +268,10 @@ class Trainer:
         # Once the round is aggregated (or its model kept) before a restart, its clients are not run again: a late
         # update would not count any more, and training would only repeat the deadline wait.
         settled = self.store.exists(aggregate_key(r)) or self.store.exists(model_key(r + 1))
-        client_reports = self.client_executor.run(Plan("clients", ()) if settled else self._client_plan(spec),
-                                                  self.store)
-        failed = {rep.invocation.removeprefix("client-"): f"{rep.error_type}: {rep.error}"
+        plan = Plan("clients", ()) if settled else self._client_plan(spec)
+        client_reports = self.client_executor.run(plan, self.store)
+        tasks = {inv.id: inv.args for inv in plan.invocations if isinstance(inv.args, ClientTask)}
+        failed = {tasks[rep.invocation].client: f"{rep.error_type}: {rep.error}"
                   for rep in client_reports if not rep.ok}
         if settled:
             failed = {c: "no update before the round was aggregated (before a restart)" for c in spec.cohort or []

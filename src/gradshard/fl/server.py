@@ -19,10 +19,12 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.aggregation.contracts import OutputTarget
 from gradshard.aggregation.functions import OutputWriter
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError
 from gradshard.format.update import UpdateReader, VerifiedStream, open_update
+from gradshard.runtime.registry import register
 from gradshard.store import Store
 
 Optimizer = Literal["fedavg", "fedavgm", "fedadam"]
@@ -46,18 +48,10 @@ class ServerOptimizer(BaseModel):
         return STATE_SLOTS[self.name]
 
 
-class Target(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    output_key: str
-    upload_id: str
-    data_start: int
-
-
 class ServerStepArgs(BaseModel):
     """Arguments of one ``server_step`` invocation over elements ``[start, stop)``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     layout: list[list[Any]]
     start: int
@@ -67,8 +61,16 @@ class ServerStepArgs(BaseModel):
     model_key: str
     delta_key: str
     state_keys: dict[str, str] = {}  # slot -> previous state object ("" for the first round: zeros)
-    model_out: Target
-    state_out: dict[str, Target] = {}
+    model_out: OutputTarget
+    state_out: dict[str, OutputTarget] = {}
+
+
+class ServerStepResult(BaseModel):
+    """The digests of the chunks each output (``model`` and every state slot) received."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checksums: dict[str, dict[int, str]]
 
 
 def apply_window(opt: ServerOptimizer, theta: npt.NDArray[np.float32], delta: npt.NDArray[np.float32],
@@ -95,9 +97,8 @@ def _open(store: Store, key: str, layout: ModelLayout, what: str) -> UpdateReade
     return open_update(store, key, what, layout)
 
 
-def server_step(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def server_step(args: ServerStepArgs, store: Store) -> ServerStepResult:
     """Apply the server optimizer to elements ``[start, stop)``; returns the checksums of every output's chunks."""
-    args = ServerStepArgs.model_validate(raw_args)
     layout = ModelLayout.from_json(args.layout)
     if layout.flat_dtype != "float32":
         raise GradshardError(f"the server step works on float32 models, got {layout.flat_dtype}")
@@ -128,4 +129,7 @@ def server_step(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     finally:
         for reader in readers.values():
             reader.close()
-    return {"checksums": {name: w.finish() for name, w in writers.items()}}
+    return ServerStepResult(checksums={name: w.finish() for name, w in writers.items()})
+
+
+register("server_step", server_step, args=ServerStepArgs, result=ServerStepResult)

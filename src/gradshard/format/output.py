@@ -7,7 +7,7 @@ header and completes the upload only when every chunk is accounted for — so th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,11 @@ class PendingObject:
         self.store.abort_upload(self.key, self.upload_id)
 
 
-def collect_checksums(results: list[Mapping[str, Any]], field: str = "checksums") -> dict[int, str]:
-    """Merge the ``{chunk: checksum}`` maps that functions returned."""
+def merge_digests(parts: Iterable[Mapping[int, str]]) -> dict[int, str]:
+    """Merge the ``{chunk: digest}`` maps that functions returned; a chunk reported twice must agree."""
     merged: dict[int, str] = {}
-    for result in results:
-        merged.update({int(i): h for i, h in result.get(field, {}).items()})
+    for part in parts:
+        for index, digest in part.items():
+            if merged.setdefault(index, digest) != digest:
+                raise InvocationError(f"two functions wrote chunk {index} with different contents")
     return merged

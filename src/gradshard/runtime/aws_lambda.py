@@ -57,6 +57,7 @@ class InvokeEvent(BaseModel):
     contract: Literal[1]
     invocation: str = Field(min_length=1)
     function: str = Field(min_length=1)
+    module: str = ""  # the module registering the function (imported if needed, trusted packages only)
     args: dict[str, Any]
     store: dict[str, Any]
 
@@ -82,7 +83,7 @@ class InvokeResponse(BaseModel):
 def invoke_event(invocation: Invocation, store_spec: dict[str, Any]) -> dict[str, Any]:
     """The contract's event for ``invocation`` against the store described by ``store_spec``."""
     return InvokeEvent(contract=CONTRACT, invocation=invocation.id, function=invocation.function,
-                       args=invocation.args, store=store_spec).model_dump()
+                       module=invocation.module, args=invocation.payload(), store=store_spec).model_dump()
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:
@@ -118,11 +119,12 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
     except ValidationError as exc:
         payload = _refused(describe_validation_error(exc, "invoke event"))
     else:
-        if request.function in registry.FUNCTIONS:
-            payload = worker.execute(request.function, request.args, request.store)
+        try:
+            registry.resolve(request.function, request.module)
+        except (GradshardError, ImportError) as exc:
+            payload = _refused(f"invalid invoke event (contract {CONTRACT}): field 'function': {exc}")
         else:
-            payload = _refused(f"invalid invoke event (contract {CONTRACT}): field 'function': unknown function "
-                               f"{request.function!r}; known: {sorted(registry.FUNCTIONS)}")
+            payload = worker.execute(request.function, request.args, request.store, request.module)
     payload.update(_context_fields(context))
     return payload
 
@@ -197,7 +199,7 @@ class LambdaExecutor(Executor):
             spec = store.spec()
         except StoreError as exc:
             return "PlanError", f"a Lambda function cannot reach this store: {exc}"
-        for where, target in (("store", spec), ("node store", invocation.args.get("node_store"))):
+        for where, target in (("store", spec), ("node store", getattr(invocation.args, "node_store", None))):
             if isinstance(target, dict) and not self._reachable(target):
                 return ("PlanError",
                         f"invocation {invocation.id}: Lambda function {self.function_name!r} cannot reach the "

@@ -4,30 +4,57 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from gradshard.runtime.registry import register
 from gradshard.store import Store
 
 
-def noop(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllocateArgs(NoArgs):
+    bytes: int = Field(ge=0)
+
+
+class SleepArgs(NoArgs):
+    seconds: float = Field(ge=0)
+
+
+class Empty(NoArgs):
+    """The result of a function that returns nothing."""
+
+
+class AllocateResult(NoArgs):
+    sum: int
+
+
+def noop(args: NoArgs, store: Store) -> Empty:
     """Does nothing; its report measures the interpreter baseline of a function."""
-    return {}
+    return Empty()
 
 
-def allocate(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def allocate(args: AllocateArgs, store: Store) -> AllocateResult:
     """Touches ``bytes`` of memory; used to check that memory caps are enforced."""
-    block = np.ones(int(raw_args["bytes"]), dtype=np.uint8)
-    return {"sum": int(block[:: 4096].sum())}
+    block = np.ones(args.bytes, dtype=np.uint8)
+    return AllocateResult(sum=int(block[:: 4096].sum()))
 
 
-def sleep(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def sleep(args: SleepArgs, store: Store) -> Empty:
     """Sleeps ``seconds``; used to test timeouts (and concurrency)."""
-    time.sleep(float(raw_args["seconds"]))
-    return {}
+    time.sleep(args.seconds)
+    return Empty()
 
 
-def crash(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
+def crash(args: NoArgs, store: Store) -> Empty:
     """Exits the process at once with status 3, without a report; used to test crash handling."""
     os._exit(3)
+
+
+register("noop", noop, args=NoArgs, result=Empty)
+register("allocate", allocate, args=AllocateArgs, result=AllocateResult)
+register("sleep", sleep, args=SleepArgs, result=Empty)
+register("crash", crash, args=NoArgs, result=Empty)

@@ -30,7 +30,8 @@ class InlineExecutor(Executor):
             fields: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function, "ok": False}
             started = time.perf_counter()
             try:
-                fields["result"] = registry.call(invocation.function, invocation.args, store)
+                fields["result"] = registry.call(invocation.function, invocation.payload(), store,
+                                                 invocation.module)
                 fields["ok"] = True
             except Exception as exc:
                 fields.update(error_fields(exc))

@@ -64,8 +64,8 @@ class LocalExecutor(Executor):
         for zygote in self._zygotes.values():
             zygote.close()
 
-    def _zygote(self, function: str, store: Store) -> Zygote:
-        preload = preload_of(function, str(store.spec().get("kind")))
+    def _zygote(self, invocation: Invocation, store: Store) -> Zygote:
+        preload = preload_of(invocation.function, str(store.spec().get("kind")), invocation.module)
         with self._idle_lock:
             if preload not in self._zygotes:
                 self._zygotes[preload] = Zygote(preload)
@@ -76,14 +76,14 @@ class LocalExecutor(Executor):
         key = invocation.warm_key if self.warm else None
         with self._idle_lock:
             idle = self._idle.pop(key, None) if key is not None else None
-        zygote = self._zygote(invocation.function, store)
+        zygote = self._zygote(invocation, store)
         if idle is not None:
             try:
-                child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=True, warm=idle)
+                child = zygote.invoke(invocation, store.spec(), keep=True, warm=idle)
                 return child, key, True
             except (GradshardError, OSError):  # the warm worker died meanwhile: start a fresh one
                 idle.close()
-        child = zygote.invoke(invocation.function, invocation.args, store.spec(), keep=key is not None)
+        child = zygote.invoke(invocation, store.spec(), keep=key is not None)
         return child, key, False
 
     def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:

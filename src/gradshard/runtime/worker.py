@@ -31,7 +31,7 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> dict[str, Any]:
+def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any], module: str = "") -> dict[str, Any]:
     """Run ``function`` and return the payload of a report (never raises for the function's own failure)."""
     _reset_peak()
     payload: dict[str, Any] = {"ok": False}
@@ -39,7 +39,7 @@ def execute(function: str, args: dict[str, Any], store_spec: dict[str, Any]) -> 
     store = None
     try:
         store = open_store(store_spec)
-        payload["result"] = registry.call(function, args, store)
+        payload["result"] = registry.call(function, args, store, module)
         payload["ok"] = True
     except BaseException as exc:  # report every failure, including MemoryError and KeyboardInterrupt
         payload.update(error_fields(exc))

@@ -27,9 +27,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gradshard.errors import GradshardError
+from gradshard.store.base import StoreSpec
+
+if TYPE_CHECKING:
+    from gradshard.topology.base import Invocation
 
 _PR_SET_PDEATHSIG = 1
 
@@ -52,7 +56,7 @@ def _child(conn: socket.socket) -> None:
             request = json.loads(line)
             f.write(json.dumps({"pid": os.getpid()}).encode() + b"\n")
             f.flush()
-            payload = worker.execute(request["function"], request["args"], request["store"])
+            payload = worker.execute(request["function"], request["args"], request["store"], request["module"])
             f.write(json.dumps(payload).encode() + b"\n")
             f.flush()
             if not request.get("keep"):
@@ -156,7 +160,7 @@ class Zygote:
                 raise GradshardError("the function zygote process failed to start")
             return self.path
 
-    def invoke(self, function: str, args: dict[str, Any], store_spec: dict[str, Any], *, keep: bool = False,
+    def invoke(self, invocation: Invocation, store_spec: StoreSpec, *, keep: bool = False,
                warm: Child | None = None) -> Child:
         """Start an invocation in a fresh child, or in the ``warm`` child of an earlier ``keep`` invocation.
 
@@ -167,12 +171,13 @@ class Zygote:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(self._ensure())
             handle = Child(sock)
-        handle.sock.sendall(json.dumps({"function": function, "args": args, "store": store_spec,
-                                        "keep": keep}).encode() + b"\n")
+        request = {"function": invocation.function, "module": invocation.module, "args": invocation.payload(),
+                   "store": store_spec, "keep": keep}
+        handle.sock.sendall(json.dumps(request).encode() + b"\n")
         line = handle.read_line(timeout=60.0)
         if line is None:
             handle.close()
-            raise GradshardError(f"the function zygote did not start an invocation of {function!r}")
+            raise GradshardError(f"the function zygote did not start an invocation of {invocation.function!r}")
         handle.pid = int(json.loads(line)["pid"])
         return handle
 

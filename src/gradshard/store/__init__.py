@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from gradshard.errors import StoreError
-from gradshard.store.base import BytesLike, IOCounters, ObjectReader, Store, check_key
+from gradshard.store.base import BytesLike, IOCounters, ObjectReader, Store, StoreSpec, check_key
 from gradshard.store.local import LocalStore
 from gradshard.store.memory import MemoryStore
 from gradshard.store.s3 import S3Store, parse_url
 
-__all__ = ["BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "S3Store", "Store", "check_key",
+__all__ = ["BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "S3Store", "Store", "StoreSpec",
+           "check_key",
            "open_store"]
 
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from gradshard.errors import StoreError
 
 BytesLike = bytes | bytearray | memoryview | npt.NDArray[Any]  # numpy arrays must be C-contiguous
+StoreSpec = dict[str, Any]  # JSON-able: what open_store() reopens a store from, in another process
 _KEY = re.compile(r"^[A-Za-z0-9_.=+-]+(/[A-Za-z0-9_.=+-]+)*$")
 
 
@@ -171,6 +172,6 @@ class Store(ABC):
 
     # --- identity across processes ----------------------------------------------------------------------------
     @abstractmethod
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> StoreSpec:
         """A JSON-able description from which :func:`gradshard.store.open_store` reopens this store elsewhere."""
 

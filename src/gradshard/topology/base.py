@@ -1,14 +1,17 @@
 """Plans: the small DAG of function invocations a topology turns a round into.
 
-A plan is data. Each :class:`Invocation` names its function, its JSON-able arguments (object keys, element
-ranges, weights, where to write), the memory it needs and what it depends on. Any executor runs any plan; cost,
-memory and latency are computed from the same plan (predicted) and from its reports (measured).
+A plan is data. Each :class:`Invocation` names its function, its typed arguments (the function's registered
+pydantic model: object keys, element ranges, where to write), the memory it needs and what it depends on. Any
+executor runs any plan; cost, memory and latency are computed from the same plan (predicted) and from its reports
+(measured).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel
 
 from gradshard.errors import PlanError
 from gradshard.units import MIB
@@ -19,16 +22,33 @@ class Invocation:
     """One function call: ``function(args)`` needing ``memory_bytes`` above the interpreter's baseline.
 
     ``node`` places it (LIFL's locality; every other topology uses node 0); invocations with the same
-    ``warm_key`` may reuse one warm worker across rounds on executors that keep workers.
+    ``warm_key`` may reuse one warm worker across rounds on executors that keep workers. ``module`` travels with
+    the invocation so that a worker that does not know the function yet can import it.
     """
 
     id: str
     function: str
-    args: dict[str, Any]
+    args: BaseModel
     memory_bytes: int
     depends_on: tuple[str, ...] = ()
     node: int = 0
     warm_key: str | None = None
+
+    module: str = ""  # the module that registers the function; filled in from the registry
+
+    def __post_init__(self) -> None:
+        from gradshard.runtime import registry  # plans are data: the registry is consulted, never the executors
+
+        # A dict (a plan read back from JSON) becomes the function's argument model; a model is type-checked.
+        spec = registry.resolve(self.function, self.module) if self.module or isinstance(self.args, dict) else None
+        spec = spec or registry.find(self.function)
+        object.__setattr__(self, "args", registry.validate_args(self.function, self.args))
+        if spec is not None:
+            object.__setattr__(self, "module", spec.module)
+
+    def payload(self) -> dict[str, Any]:
+        """The arguments as they travel: JSON."""
+        return self.args.model_dump(mode="json")
 
 
 @dataclass(frozen=True)
@@ -62,9 +82,9 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-able data (what every invocation runs, on what, needing how much memory)."""
         return {"topology": self.topology, "params": self.params,
-                "invocations": [{"id": i.id, "function": i.function, "args": i.args, "memory_bytes": i.memory_bytes,
-                                 "depends_on": list(i.depends_on), "node": i.node, "warm_key": i.warm_key}
-                                for i in self.invocations]}
+                "invocations": [{"id": i.id, "function": i.function, "module": i.module, "args": i.payload(),
+                                 "memory_bytes": i.memory_bytes, "depends_on": list(i.depends_on), "node": i.node,
+                                 "warm_key": i.warm_key} for i in self.invocations]}
 
     @property
     def levels(self) -> int:

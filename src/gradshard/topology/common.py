@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from gradshard.aggregation.contracts import OutputTarget as ContractTarget
+from gradshard.aggregation.contracts import ReduceSettings, RoundRef
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 from gradshard.errors import PlanError
 
@@ -27,6 +28,7 @@ class ReduceOptions:
     accumulate: str = "float32"
     weighting: str = "examples"
     parallel_reads: int = 1
+    reducer: str = "mean"
 
     def __post_init__(self) -> None:
         if self.accumulate not in ACCUMULATE_DTYPES:
@@ -41,9 +43,11 @@ class ReduceOptions:
     def window_elems(self, itemsize: int) -> int:
         return window_elems(self.window_bytes, itemsize)
 
-    def args(self) -> dict[str, Any]:
-        return {"window_bytes": self.window_bytes, "accumulate": self.accumulate, "weighting": self.weighting,
-                "parallel_reads": self.parallel_reads}
+    def settings(self) -> ReduceSettings:
+        """The options as the functions' contract carries them."""
+        return ReduceSettings(window_bytes=self.window_bytes, accumulate=self.accumulate,  # type: ignore[arg-type]
+                              weighting=self.weighting, reducer=self.reducer,  # type: ignore[arg-type]
+                              parallel_reads=self.parallel_reads)
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,11 @@ class OutputTarget:
     upload_id: str
     data_start: int
 
-    def args(self) -> dict[str, Any]:
-        return {"output_key": self.key, "upload_id": self.upload_id, "data_start": self.data_start}
+    def target(self) -> ContractTarget:
+        return ContractTarget(output_key=self.key, upload_id=self.upload_id, data_start=self.data_start)
+
+    def round_ref(self, manifest_sha256: str) -> RoundRef:
+        return RoundRef(manifest_key=self.manifest_key, manifest_sha256=manifest_sha256)
 
 
 def window_elems(window_bytes: int, itemsize: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradshard.aggregation.contracts import FlatReduceArgs
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
@@ -15,6 +16,6 @@ def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     numel = layout.numel
     itemsize = np.dtype(layout.flat_dtype).itemsize
     memory = window_memory(numel, itemsize, options.accumulate)  # its window is the whole model
-    args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, **output.args(),
-            **options.args()}
+    args = FlatReduceArgs(round=output.round_ref(manifest_sha256), output=output.target(),
+                          settings=options.settings())
     return Plan("flat", (Invocation("flat-0000", "flat_reduce", args, memory),), {"m": 1})

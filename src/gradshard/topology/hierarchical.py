@@ -26,13 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gradshard.aggregation.contracts import PartialRef, TreeReduceArgs, Via
 from gradshard.errors import PlanError
 from gradshard.format.keys import partial_key
 from gradshard.format.round import RoundManifest
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import OutputTarget, ReduceOptions
-from gradshard.topology.tree import common_args, groups, root_args, tree_node_memory
+from gradshard.topology.tree import groups, tree_args, tree_node_memory
 
 
 def cube_root_ceil(n: int) -> int:
@@ -80,7 +81,6 @@ def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     if bad or missing:
         raise PlanError(f"placement must put every client of the round on a node in [0, {nodes}); "
                         f"out of range: {bad}, missing: {missing}")
-    base = common_args(manifest_sha256, output, options)
     leaf_mem, inner_mem = tree_node_memory(manifest, options, True), tree_node_memory(manifest, options, False)
 
     def key(name: str) -> str:
@@ -90,28 +90,31 @@ def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarge
     n_middles = [math.ceil(math.ceil(len(m) / b) / b) for m in members]
     top_node = max(range(nodes), key=lambda j: (n_middles[j], -j))
     invocations: list[Invocation] = []
-    middles: list[tuple[str, str]] = []  # (id, how it hands off to the top)
+    middles: list[tuple[str, Via]] = []  # (id, how it hands off to the top)
     for node in range(nodes):
         leaves = []
         for g, group in enumerate(groups(members[node], b)):
             name = f"n{node}-leaf-{g:03d}"
-            invocations.append(Invocation(name, "tree_reduce", {
-                **base, "clients": group, "output": {"key": key(name), "via": "shm"},
-                "node_store": node_stores[node], "wait_s": wait_s}, leaf_mem, (), node, f"lifl/{node}/leaf/{g}"))
+            args = tree_args(manifest_sha256, output, options, clients=tuple(group),
+                             output=PartialRef(key=key(name), via="shm"), node_store=node_stores[node], wait_s=wait_s)
+            invocations.append(Invocation(name, "tree_reduce", args, leaf_mem, (), node, f"lifl/{node}/leaf/{g}"))
             leaves.append(name)
-        via = "shm" if node == top_node else "store"
+        via: Via = "shm" if node == top_node else "store"
         for g, children in enumerate(groups(leaves, b)):
             name = f"n{node}-middle-{g:03d}"
-            invocations.append(Invocation(name, "tree_reduce", {
-                **base, "partials": [{"key": key(c), "via": "shm"} for c in children],
-                "output": {"key": key(name), "via": via}, "node_store": node_stores[node]},
-                inner_mem, tuple(children), node, f"lifl/{node}/middle/{g}"))
+            args = tree_args(manifest_sha256, output, options,
+                             partials=tuple(PartialRef(key=key(c), via="shm") for c in children),
+                             output=PartialRef(key=key(name), via=via), node_store=node_stores[node])
+            invocations.append(Invocation(name, "tree_reduce", args, inner_mem, tuple(children), node,
+                                          f"lifl/{node}/middle/{g}"))
             middles.append((name, via))
-    refs = [{"key": key(name), "via": via} for name, via in middles]
-    invocations.append(Invocation("top", "tree_reduce", {**base, "partials": refs, **root_args(output),
-                                                         "node_store": node_stores[top_node]},
-                                  inner_mem, tuple(name for name, _ in middles), top_node, f"lifl/{top_node}/top"))
-    shm_handoffs = sum(1 for inv in invocations for ref in inv.args.get("partials", []) if ref["via"] == "shm")
+    refs = tuple(PartialRef(key=key(n), via=v) for n, v in middles)
+    args = tree_args(manifest_sha256, output, options, partials=refs, target=output.target(),
+                     node_store=node_stores[top_node])
+    invocations.append(Invocation("top", "tree_reduce", args, inner_mem, tuple(name for name, _ in middles), top_node,
+                                  f"lifl/{top_node}/top"))
+    shm_handoffs = sum(1 for inv in invocations if isinstance(inv.args, TreeReduceArgs)
+                       for ref in inv.args.partials if ref.via == "shm")
     return Plan("lifl", tuple(invocations), {"branching": b, "nodes": nodes, "top_node": top_node,
                                              "placement": placement, "shm_handoffs": shm_handoffs,
                                              "store_handoffs": sum(1 for _, via in middles if via == "store")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradshard.aggregation.contracts import ShardReduceArgs
 from gradshard.core.shards import ShardPlan
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
@@ -25,8 +26,8 @@ def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTa
     invocations = []
     for s, (start, stop) in enumerate(shards.ranges):
         window = min(options.window_elems(itemsize), stop - start)
-        args = {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256, "start": start,
-                "stop": stop, **output.args(), **options.args()}
+        args = ShardReduceArgs(round=output.round_ref(manifest_sha256), output=output.target(),
+                               settings=options.settings(), start=start, stop=stop)
         memory = (window_memory(window, itemsize, options.accumulate) + manifest_header_bytes(manifest)
                   + (min(options.parallel_reads, len(manifest.clients)) - 1) * window * itemsize)
         invocations.append(Invocation(f"shard-{s:04d}", "shard_reduce", args, memory))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gradshard.aggregation.contracts import PartialRef, TreeReduceArgs
 from gradshard.errors import PlanError
 from gradshard.format.keys import partial_key
 from gradshard.format.round import RoundManifest
@@ -31,16 +32,9 @@ def groups(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def common_args(manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> dict[str, Any]:
-    return {"manifest_key": output.manifest_key, "manifest_sha256": manifest_sha256,
-            "accumulate": options.accumulate, "weighting": options.weighting}
-
-
-def root_args(output: OutputTarget) -> dict[str, Any]:
-    return {"output": None, "output_key": output.key, "upload_id": output.upload_id,
-            "data_start": output.data_start}
-
-
+def tree_args(manifest_sha256: str, upload: OutputTarget, options: ReduceOptions, /, **fields: Any) -> TreeReduceArgs:
+    """One tree node's arguments; ``target`` (the aggregate's upload) is set for the root only."""
+    return TreeReduceArgs(round=upload.round_ref(manifest_sha256), settings=options.settings(), **fields)
 
 
 def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
@@ -50,27 +44,29 @@ def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: Output
     k = k or max(1, math.ceil(math.sqrt(len(clients))))
     if k < 2 and len(clients) > 1:
         raise PlanError(f"a λ-FL group size k = {k} cannot reduce {len(clients)} clients; use k >= 2")
-    base = common_args(manifest_sha256, output, options)
+    def key(name: str) -> str:
+        return partial_key(manifest.round, output.upload_id, name)
+
     invocations: list[Invocation] = []
     level: list[str] = []  # ids of the previous level's invocations
     for g, members in enumerate(groups(clients, k)):
         name = f"leaf-{g:04d}"
-        invocations.append(Invocation(name, "tree_reduce", {**base, "clients": members, "partials": [],
-                                      "output": {"key": partial_key(manifest.round, output.upload_id, name)}},
-                                      tree_node_memory(manifest, options, True)))
+        args = tree_args(manifest_sha256, output, options, clients=tuple(members), output=PartialRef(key=key(name)))
+        invocations.append(Invocation(name, "tree_reduce", args, tree_node_memory(manifest, options, True)))
         level.append(name)
     depth = 1
     while len(level) > k:
         nxt = []
         for g, children in enumerate(groups(level, k)):
             name = f"l{depth}-{g:04d}"
-            refs = [{"key": partial_key(manifest.round, output.upload_id, c)} for c in children]
-            invocations.append(Invocation(name, "tree_reduce", {**base, "partials": refs,
-                                          "output": {"key": partial_key(manifest.round, output.upload_id, name)}},
-                                          tree_node_memory(manifest, options, False), tuple(children)))
+            args = tree_args(manifest_sha256, output, options, partials=tuple(PartialRef(key=key(c)) for c in children),
+                             output=PartialRef(key=key(name)))
+            invocations.append(Invocation(name, "tree_reduce", args, tree_node_memory(manifest, options, False),
+                                          tuple(children)))
             nxt.append(name)
         level, depth = nxt, depth + 1
-    refs = [{"key": partial_key(manifest.round, output.upload_id, c)} for c in level]
-    invocations.append(Invocation("root", "tree_reduce", {**base, "partials": refs, **root_args(output)},
-                                  tree_node_memory(manifest, options, False), tuple(level)))
+    args = tree_args(manifest_sha256, output, options, partials=tuple(PartialRef(key=key(c)) for c in level),
+                     target=output.target())
+    invocations.append(Invocation("root", "tree_reduce", args, tree_node_memory(manifest, options, False),
+                                  tuple(level)))
     return Plan("lambda-fl", tuple(invocations), {"k": k, "leaves": len(groups(clients, k))})
