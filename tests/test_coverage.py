@@ -50,7 +50,7 @@ def _runs_to_mask(lo: npt.NDArray[np.int64], hi: npt.NDArray[np.int64], start: i
     return dense
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(_layout_and_extents(), st.data())
 def test_queries_agree_with_a_dense_slicing_reference(case: tuple[ModelLayout, Extents], data: st.DataObject,
                                                       ) -> None:
@@ -137,6 +137,18 @@ def test_bad_extents_are_rejected_naming_the_tensor(extents: dict[str, object], 
         CoverageMap(layout, extents)  # type: ignore[arg-type]
 
     assert isinstance(info.value, GradshardError)
+
+
+def test_an_empty_query_inside_a_covered_run_covers_nothing() -> None:
+    layout = ModelLayout([TensorSpec("a", (4,), "float32"), TensorSpec("b", (2, 3), "float32")])
+    cov = CoverageMap(layout, {"a": [4], "b": [1, 3]})
+
+    for at in (0, 1, 4, 6, 10):
+        lo, hi = cov.runs(at, at)
+        assert len(lo) == len(hi) == 0
+        assert not cov.any_covered(at, at)
+        assert cov.count(at, at) == 0
+        assert len(cov.mask(at, at, np.ones(3, dtype=bool))) == 0
 
 
 def test_queries_outside_the_vector_and_short_buffers_are_rejected() -> None:

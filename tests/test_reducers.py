@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -49,11 +50,11 @@ def run_windows(spec: ReducerSpec | str, vectors: Array, bounds: list[int], *, e
     """Feed ``vectors`` (N, L) window by window (``bounds`` = cut points incl. 0 and L) as a shard function does:
     fill a batch of ``parallel_reads`` buffers, then add that batch in canonical order."""
     n_clients, length = vectors.shape
-    capacity = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    capacity = max(b - a for a, b in itertools.pairwise(bounds))
     reducer = make_reducer(spec, weights=examples, capacity=capacity, in_dtype=vectors.dtype, accumulate=accumulate,
                            parallel_reads=parallel_reads)
     out = np.empty(length, dtype=accumulate)
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         reducer.start(b - a)
         for lo in range(0, n_clients, parallel_reads):
             batch = range(lo, min(lo + parallel_reads, n_clients))
@@ -78,7 +79,8 @@ def run_windows(spec: ReducerSpec | str, vectors: Array, bounds: list[int], *, e
 
 def _elements(dtype: str) -> st.SearchStrategy[float]:
     """Finite values with ties, signed zeros and (for float32/64) subnormals; bounded so no sum overflows."""
-    width = {"float16": 16, "float32": 32, "float64": 64}[dtype]
+    widths: dict[str, Literal[16, 32, 64]] = {"float16": 16, "float32": 32, "float64": 64}
+    width = widths[dtype]
     bound = 1000.0 if width == 16 else 1e6
     return st.one_of(st.floats(-bound, bound, width=width), st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 3.0]))
 
@@ -166,7 +168,7 @@ def test_trim_that_leaves_nothing_is_rejected_naming_n_and_beta() -> None:
 
 # --- mean: today's FedAvg bytes ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("in_dtype", "accumulate"), DTYPES)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data(), parallel_reads=st.integers(1, 4))
 def test_mean_is_fedavg_byte_for_byte_for_every_window_split(in_dtype: str, accumulate: str, data: st.DataObject,
                                                              parallel_reads: int) -> None:
@@ -212,7 +214,7 @@ def coverage_mean_reference(vectors: Array, covers: npt.NDArray[np.bool_], examp
 
 
 @pytest.mark.parametrize(("in_dtype", "accumulate"), DTYPES)
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data(), parallel_reads=st.integers(1, 3), with_previous=st.booleans())
 def test_coverage_mean_matches_the_dense_reference_for_every_window_split(
         in_dtype: str, accumulate: str, data: st.DataObject, parallel_reads: int, with_previous: bool) -> None:
@@ -303,7 +305,11 @@ def test_coverage_mean_with_coverage_maps_keeps_untrained_elements() -> None:
                 continue
             reducer.buffer(i)[:] = vectors[i, a:b]
             reducer.add(i, cov.mask(a, b, mask_buf))
-        out[a:b] = reducer.finish(lambda t, a=a, b=b: t.__setitem__(slice(None), previous[a:b]))
+
+        def load(target: Array, a: int = a, b: int = b) -> None:
+            target[:] = previous[a:b]
+
+        out[a:b] = reducer.finish(load)
 
     # Assert
     assert_same_bytes(out, expected)
@@ -317,7 +323,7 @@ def test_coverage_mean_rejects_weights_that_round_to_zero() -> None:
 
 # --- median ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("in_dtype", "accumulate"), DTYPES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_median_is_numpy_median_byte_for_byte_for_every_window_split(in_dtype: str, accumulate: str,
                                                                      data: st.DataObject) -> None:
@@ -331,7 +337,7 @@ def test_median_is_numpy_median_byte_for_byte_for_every_window_split(in_dtype: s
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("n", [1, 2, 5, 8])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 101, 128])  # numpy partitions N >= ~100 only partly
 def test_median_of_random_data_is_numpy_median_byte_for_byte(dtype: str, n: int) -> None:
     rng = np.random.default_rng(n)
     vectors = (rng.standard_normal((n, 5000)) * 10 ** rng.uniform(-30, 30, (n, 5000))).astype(dtype)
@@ -354,7 +360,7 @@ def trimmed_reference(vectors: Array, beta: float, accumulate: str) -> Array:
 
 
 @pytest.mark.parametrize(("in_dtype", "accumulate"), DTYPES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(data=st.data(), beta=st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.34, 0.49]))
 def test_trimmed_mean_matches_the_sorted_trim_reference_for_every_window_split(
         in_dtype: str, accumulate: str, data: st.DataObject, beta: float) -> None:

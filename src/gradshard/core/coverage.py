@@ -182,6 +182,8 @@ class CoverageMap:
     def _overlapping(self, start: int, stop: int) -> list[_TensorRuns]:
         if not 0 <= start <= stop <= self.layout.numel:
             raise LayoutError(f"range [{start}, {stop}) is not inside the flat vector of {self.layout.numel} elements")
+        if start == stop:
+            return []
         first = bisect_right(self._stops, start)
         parts = []
         for part in self._parts[first:]:
