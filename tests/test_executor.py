@@ -21,7 +21,8 @@ from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core.zoo import synthetic
 from gradshard.format.keys import update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, write_update
+from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import write_update
 from gradshard.runtime import InvocationReport, LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import MIB, Invocation, Plan

@@ -30,7 +30,8 @@ from gradshard.demo.synthetic import make_round as make_synthetic_round
 from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, round_prefix, update_key
 from gradshard.format.round import ClientEntry, RoundManifest, RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport

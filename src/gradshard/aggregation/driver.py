@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.core.reduce import fedavg_weights
 from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
-from gradshard.format.output import PendingObject, collect_checksums
 from gradshard.format.round import Policy, RoundManifest, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import ObjectUpload, collect_checksums
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
@@ -88,7 +88,7 @@ def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
     return UpdateMeta(client="aggregate", round=manifest.round, kind="aggregate",
                       examples=sum(c.examples for c in manifest.clients),
                       layout_digest=spec.model_layout().digest(), chunk_elems=spec.chunk_elems,
-                      base_model=spec.base_model,
+                      base_model=spec.base_model, digest=spec.digest,
                       extra={"clients": ",".join(clients), "weights": json.dumps(weights),
                              "weighting": config.weighting, "accumulate": config.accumulate})
 
@@ -124,8 +124,8 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
               on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
     """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
     sha = write_manifest(store, manifest)
-    pending = PendingObject.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
-                                  output_meta(manifest, config))
+    pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
+                                 output_meta(manifest, config))
     try:
         with contextlib.ExitStack() as stack:
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None

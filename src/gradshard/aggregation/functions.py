@@ -21,10 +21,9 @@ from gradshard.core.reduce import WeightedSum, all_finite, fedavg_weights
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
+from gradshard.format.writer import RangeWriter
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
-
-_WRITE_PIECE_ELEMS = 16 << 20
 
 
 class ReduceArgs(BaseModel):
@@ -70,39 +69,6 @@ def nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[
                       "use --accumulate float64")
 
 
-class OutputWriter:
-    """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk.
-
-    Writes go through the store's sequential writer (which on S3 buffers up to a part); :meth:`finish` flushes it
-    and returns the checksums of the chunks written.
-    """
-
-    def __init__(self, store: Store, key: str, upload_id: str, data_start: int, start: int, layout: ModelLayout,
-                 chunk_elems: int, capacity: int, accumulate: str) -> None:
-        self.dtype = np.dtype(layout.flat_dtype)
-        self._out = store.writer(key, upload_id, data_start + start * self.dtype.itemsize)
-        self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
-        self.pos = start
-        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start)
-        self.checksums: dict[str, str] = {}
-
-    def write(self, values: npt.NDArray[Any]) -> None:
-        """Write the next ``len(values)`` elements of this function's range."""
-        out = values
-        if self.cast is not None:
-            out = self.cast[: len(values)]
-            np.copyto(out, values, casting="same_kind")
-        for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
-            self._out.write(out[lo : lo + _WRITE_PIECE_ELEMS])
-        self.pos += len(out)
-        self.checksums.update((str(i), h) for i, h in self._chunks.feed(out))
-
-    def finish(self) -> dict[str, str]:
-        """Flush what the store's writer buffered; the checksums of every chunk written."""
-        self._out.close()
-        return self.checksums
-
-
 def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
 
@@ -121,8 +87,8 @@ def shard_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
     window = min(window_elems(args.window_bytes, in_dtype.itemsize), args.stop - args.start)
     bufs = np.empty((min(args.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
     acc = WeightedSum(window, args.accumulate)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, args.start, layout,
-                          grid.chunk_elems, window, args.accumulate)
+    writer = RangeWriter(store, args.output_key, args.upload_id, args.data_start, args.start, layout,
+                         grid.chunk_elems, manifest.spec.digest, window, args.accumulate)
     readers = open_clients(store, manifest, layout)
     streams = [r.stream(args.start, args.stop) for r in readers]
     pool = ThreadPoolExecutor(len(bufs), thread_name_prefix="read") if len(bufs) > 1 else None
@@ -177,7 +143,7 @@ def flat_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
         raise nonfinite_culprit([c.client for c in manifest.clients],
                                 lambda i: load_whole_update(store, manifest.clients[i], layout), 0,
                                 layout.numel)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
-                          args.accumulate)
+    writer = RangeWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk,
+                         manifest.spec.digest, layout.numel, args.accumulate)
     writer.write(acc.value)
     return {"checksums": writer.finish(), "clients": len(manifest.clients), "window_elems": layout.numel}

@@ -18,12 +18,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from gradshard.aggregation.functions import OutputWriter, load_whole_update, nonfinite_culprit
+from gradshard.aggregation.functions import load_whole_update, nonfinite_culprit
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite
 from gradshard.errors import RoundError, UpdateError
 from gradshard.format.round import ClientEntry, load_manifest
-from gradshard.format.update import UpdateMeta, open_update, write_update
+from gradshard.format.update import UpdateMeta, open_update
+from gradshard.format.writer import RangeWriter, write_update
 from gradshard.store import Store, open_store
 
 Via = Literal["store", "shm"]
@@ -124,14 +125,14 @@ def tree_reduce(raw_args: dict[str, Any], store: Store) -> dict[str, Any]:
         target = shm if args.output.via == "shm" and shm is not None else store
         meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
                           round=manifest.round, examples=total, layout_digest=sums.digest(), chunk_elems=chunk,
-                          kind="partial")
+                          kind="partial", digest=manifest.spec.digest)
         write_update(target, args.output.key, sums, acc.value, meta)
         result["shm"] = shm.io.as_dict() if shm is not None else {}
         return result
     mean = acc.value
     np.divide(mean, mean.dtype.type(total), out=mean)
-    writer = OutputWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk, layout.numel,
-                          args.accumulate)
+    writer = RangeWriter(store, args.output_key, args.upload_id, args.data_start, 0, layout, chunk,
+                         manifest.spec.digest, layout.numel, args.accumulate)
     writer.write(mean)
     result["checksums"] = writer.finish()
     return result

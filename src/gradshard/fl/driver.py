@@ -50,9 +50,9 @@ from gradshard.format.keys import (
     state_key,
     update_key,
 )
-from gradshard.format.output import PendingObject, collect_checksums
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
-from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
+from gradshard.format.update import UpdateMeta, open_update, read_flat
+from gradshard.format.writer import ObjectUpload, collect_checksums, write_update
 from gradshard.runtime.executor import Executor
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
@@ -240,6 +240,7 @@ class Trainer:
                               model_key=model_key(spec.round), model_sha256=spec.base_model, kept_key=kept,
                               data_key=client_data_key(client), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                               momentum=c.momentum, mu=c.mu, seed=c.seed, chunk_elems=spec.chunk_elems,
+                              digest=spec.digest,
                               fault=self.fault(spec.round, client))
             invocations.append(Invocation(f"client-{client}", "train_client", task.model_dump(),
                                           self.averaged.nbytes * 8))
@@ -251,9 +252,9 @@ class Trainer:
         numel = self.averaged.numel
         plan_ranges = ShardPlan.contiguous(numel, min(shards, -(-numel // self.chunk_elems)),
                                            align=self.chunk_elems).ranges
-        outputs = {slot: PendingObject.begin(self.store, state_key(r + 1, slot), self.averaged,
-                                             self._model_meta(r + 1)) for slot in opt.slots}
-        outputs["model"] = PendingObject.begin(self.store, model_key(r + 1), self.averaged, self._model_meta(r + 1))
+        outputs = {slot: ObjectUpload.begin(self.store, state_key(r + 1, slot), self.averaged,
+                                            self._model_meta(r + 1)) for slot in opt.slots}
+        outputs["model"] = ObjectUpload.begin(self.store, model_key(r + 1), self.averaged, self._model_meta(r + 1))
         try:
             invocations = []
             for s, (start, stop) in enumerate(plan_ranges):
