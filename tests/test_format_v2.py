@@ -240,20 +240,32 @@ def test_header_digest_removed_or_stale_is_refused(edit: Any, reason: str) -> No
     assert info.value.client == "c1"
 
 
-def test_header_with_a_duplicate_key_is_refused() -> None:
-    # Prepare: a second "gradshard.examples" after the real one (JSON parsers disagree on which wins)
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        (b'"gradshard.examples":"10"', b'"gradshard.examples":"10","gradshard.examples":"99"',
+         r"not valid JSON: duplicate key 'gradshard\.examples'"),  # JSON parsers disagree on which one wins
+        (b'"shape":[5]', b'"shape":[5],"x":1e999', r"not valid JSON: number 1e999 overflows"),
+        (b'"shape":[5]', b'"shape":[5],"x":NaN', r"not valid JSON: NaN is not JSON"),
+    ],
+    ids=["duplicate-key", "overflowing-number", "nan"],
+)
+def test_header_that_has_no_canonical_form_is_refused(old: bytes, new: bytes, reason: str) -> None:
+    # Prepare
     store = MemoryStore()
     layout = _layout()
     write_update(store, "u", layout, _vector(layout, 7), _meta(layout, "c1"))
     blob = store.get("u")
     n, _ = _header_of(blob)
-    raw = blob[8 : 8 + n].replace(b'"gradshard.examples":"10"', b'"gradshard.examples":"10","gradshard.examples":"99"')
-    raw = raw.rstrip() + b" " * (-len(raw.rstrip()) % 8)
+    assert old in blob[8 : 8 + n]
+    raw = blob[8 : 8 + n].replace(old, new, 1).rstrip()
+    raw += b" " * (-len(raw) % 8)
     store.put("u", struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
 
     # Execute / Assert
-    with pytest.raises(UpdateError, match=r"not valid JSON: duplicate key 'gradshard\.examples'"):
+    with pytest.raises(UpdateError, match=reason) as info:
         open_update(store, "u", "c1", layout)
+    assert info.value.client == "c1"
 
 
 # --- plain safetensors writers and format 1 ------------------------------------------------------------------------

@@ -80,6 +80,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """``parse_float`` refusing numbers that overflow to inf (they have no canonical encoding)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows")
+    return value
+
+
+def _loads(text: str | bytes | bytearray) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity, no overflowing numbers."""
+    return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant,
+                      parse_float=_finite_float)
+
+
 def _coverage_problem(coverage: Mapping[str, Any]) -> str | None:
     for name, extents in coverage.items():
         if not isinstance(name, str):
@@ -108,7 +122,7 @@ def parse_coverage(client: str, text: str) -> Coverage:
     if size > MAX_COVERAGE_BYTES:
         raise UpdateError(client, f"metadata field '{COVERAGE_KEY}' is {size} bytes, at most {MAX_COVERAGE_BYTES}")
     try:
-        value = json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant)
+        value = _loads(text)
     except ValueError as exc:
         raise UpdateError(client, f"metadata field '{COVERAGE_KEY}' is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -257,7 +271,7 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
     raw = bytearray(n)
     reader.read_into(8, memoryview(raw))
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant)
+        header = _loads(raw)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise UpdateError(client, f"object {key!r} has a header that is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
