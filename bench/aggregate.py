@@ -59,7 +59,8 @@ from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.core.zoo import get_layout, synthetic
 from gradshard.format.keys import aggregate_key, update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, UpdateWriter, open_update, read_flat, write_update
+from gradshard.format.update import UpdateMeta, open_update, read_flat
+from gradshard.format.writer import UpdateWriter, write_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
@@ -496,7 +497,7 @@ def verify_large(store: LocalStore, layout: ModelLayout, clients: list[str], exa
     acc, got, xbuf = (np.empty(size, dtype=np.float32) for _ in range(3))
     max_abs, mismatched = 0.0, 0
     with open_update(store, aggregate_key(R_LARGE), "aggregate", layout) as out:
-        chunks = checksum.ChunkStream(out.grid, 0)
+        chunks = checksum.ChunkStream(out.grid, 0, out.meta.digest)
         bad_chunks = 0
         for lo in range(0, p, step):
             k = min(step, p - lo)
@@ -509,7 +510,7 @@ def verify_large(store: LocalStore, layout: ModelLayout, clients: list[str], exa
                     np.multiply(x, w, out=x)
                     np.add(a, x, out=a)
             out.read(lo, lo + k, g)
-            bad_chunks += sum(1 for idx, h in chunks.feed(g) if h != out.checksums[idx])
+            bad_chunks += sum(1 for idx, h in chunks.feed(g) if h != out.checksum_of(idx))
             mismatched += int(np.count_nonzero(a.view(np.uint32) != g.view(np.uint32)))
             np.subtract(a, g, out=xbuf[:k])
             max_abs = max(max_abs, float(np.max(np.abs(xbuf[:k], out=xbuf[:k]))))

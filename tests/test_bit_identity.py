@@ -18,7 +18,8 @@ from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.core.zoo import synthetic
 from gradshard.format.keys import aggregate_key, update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor
 from gradshard.store import LocalStore, MemoryStore, Store

@@ -27,7 +27,8 @@ from gradshard.demo.synthetic import make_round
 from gradshard.errors import PlanError
 from gradshard.format.keys import aggregate_key, round_prefix
 from gradshard.format.round import prepare_round
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import write_update
 from gradshard.store import LocalStore, MemoryStore, Store
 
 MIB = 1 << 20

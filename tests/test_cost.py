@@ -48,7 +48,7 @@ from gradshard.format.round import ClientEntry, RoundManifest, RoundSpec
 from gradshard.runtime import InlineExecutor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import MemoryStore
-from gradshard.topology import OutputTarget, ReduceOptions, sharded_plan
+from gradshard.topology import PlanOutput, ReduceOptions, sharded_plan
 from gradshard.topology.hierarchical import lifl_plan
 from gradshard.topology.tree import lambda_fl_plan
 
@@ -181,7 +181,7 @@ def fake_manifest(n: int, numel: int = 10_240) -> RoundManifest:
     return RoundManifest(round=0, spec=spec, clients=clients)
 
 
-OUTPUT = OutputTarget(manifest_key(0), aggregate_key(0), "0123456789abcdef" * 2, 0)
+OUTPUT = PlanOutput(manifest_key(0), aggregate_key(0), "0123456789abcdef" * 2, 0)
 
 
 def test_executed_plans_have_the_analytic_shapes() -> None:

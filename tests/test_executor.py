@@ -22,7 +22,8 @@ from gradshard.core.zoo import synthetic
 from gradshard.errors import GradshardError
 from gradshard.format.keys import update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, write_update
+from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import write_update
 from gradshard.runtime import InvocationReport, LocalExecutor, registry
 from gradshard.runtime.diagnostics import AllocateArgs
 from gradshard.store import LocalStore

@@ -22,7 +22,8 @@ from gradshard.core.zoo import synthetic
 from gradshard.errors import RoundError
 from gradshard.format.keys import aggregate_key, reports_key, update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
+from gradshard.format.update import UpdateMeta, open_update, read_flat
+from gradshard.format.writer import write_update
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
 

@@ -18,7 +18,8 @@ from gradshard.core.zoo import synthetic
 from gradshard.errors import InvocationError
 from gradshard.format.keys import aggregate_key, update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, write_update
+from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import write_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan

@@ -20,8 +20,8 @@ from gradshard.fl.config import TrainConfig
 from gradshard.fl.driver import Trainer
 from gradshard.fl.server import STATE_SLOTS, ServerOptimizer, ServerStepArgs, apply_window, server_step
 from gradshard.format.keys import aggregate_key, model_key, state_key
-from gradshard.format.output import PendingObject
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import ObjectUpload, write_update
 from gradshard.runtime import InlineExecutor
 from gradshard.store import MemoryStore, Store
 
@@ -90,9 +90,9 @@ def _random_rounds(rounds: int, seed: int = 0) -> tuple[F32, list[F32]]:
 def server_round(store: Store, layout: ModelLayout, opt: ServerOptimizer, r: int, ranges: list[tuple[int, int]],
                  window_elems: int) -> None:
     """models/<r> + aggregate of round r -> models/<r+1> and server/<r+1>/<slot>, one server_step per range."""
-    pending = {slot: PendingObject.begin(store, state_key(r + 1, slot), layout, _meta(layout, r + 1))
+    pending = {slot: ObjectUpload.begin(store, state_key(r + 1, slot), layout, _meta(layout, r + 1))
                for slot in opt.slots}
-    pending["model"] = PendingObject.begin(store, model_key(r + 1), layout, _meta(layout, r + 1))
+    pending["model"] = ObjectUpload.begin(store, model_key(r + 1), layout, _meta(layout, r + 1))
     results = []
     for start, stop in ranges:
         args = {"layout": layout.to_json(), "start": start, "stop": stop, "window_elems": window_elems,

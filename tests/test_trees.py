@@ -30,12 +30,13 @@ from gradshard.demo.synthetic import make_round as make_synthetic_round
 from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, round_prefix, update_key
 from gradshard.format.round import ClientEntry, RoundManifest, RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import LocalStore, MemoryStore, Store
-from gradshard.topology import Invocation, OutputTarget, Plan, ReduceOptions, check_fits, sharded_plan
+from gradshard.topology import Invocation, Plan, PlanOutput, ReduceOptions, check_fits, sharded_plan
 from gradshard.topology.hierarchical import cube_root_ceil, default_placement, lifl_plan
 from gradshard.topology.tree import lambda_fl_plan
 
@@ -273,7 +274,7 @@ def test_trees_are_fedavg_for_random_rounds(n: int, data: st.DataObject) -> None
 
 
 # --- 2. plan shapes match the paper -------------------------------------------------------------------------------
-OUTPUT = OutputTarget(manifest_key(R), aggregate_key(R), "0123456789abcdef" * 2, 0)
+OUTPUT = PlanOutput(manifest_key(R), aggregate_key(R), "0123456789abcdef" * 2, 0)
 
 
 def fake_manifest(n: int, layout: ModelLayout | None = None, *, chunk: int | None = CHUNK) -> RoundManifest:

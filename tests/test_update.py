@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable
@@ -20,15 +21,8 @@ from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.keys import aggregate_key, update_key
 from gradshard.format.round import RoundSpec, open_round, prepare_round
-from gradshard.format.update import (
-    UpdateMeta,
-    UpdateWriter,
-    open_update,
-    read_flat,
-    read_header,
-    update_metadata,
-    write_update,
-)
+from gradshard.format.update import UpdateMeta, header_digest, open_update, read_flat, read_header
+from gradshard.format.writer import UpdateWriter, update_metadata, with_header_digest, write_update
 from gradshard.runtime import InlineExecutor
 from gradshard.store import LocalStore, MemoryStore, Store
 
@@ -110,6 +104,10 @@ def test_update_opens_with_the_plain_safetensors_library(tmp_path: Path, dtype: 
     tensors = safetensors.numpy.load_file(tmp_path / key)
     with safe_open(tmp_path / key, "np") as f:
         metadata = f.metadata()
+    blob = (tmp_path / key).read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    parsed = json.loads(blob[8 : 8 + n])
+    del parsed["__metadata__"]["gradshard.header_digest"]
 
     # Assert
     expected = layout.unflatten(vec)
@@ -120,11 +118,13 @@ def test_update_opens_with_the_plain_safetensors_library(tmp_path: Path, dtype: 
         np.testing.assert_array_equal(_bits(tensors[name]), _bits(arr))
     grid = checksum.ChunkGrid(layout.numel, CHUNK)
     assert metadata == {
-        "gradshard.format": "1", "gradshard.kind": "update", "gradshard.client": "client-7",
+        "gradshard.format": "2", "gradshard.kind": "update", "gradshard.client": "client-7",
         "gradshard.round": "3", "gradshard.examples": "42", "gradshard.base_model": "",
         "gradshard.layout": layout.digest(), "gradshard.checksum": "xxh3_64", "gradshard.chunk_elems": str(CHUNK),
         "gradshard.checksums": checksum.pack([checksum.checksum(vec[a:b]) for a, b in map(grid.bounds,
                                                                                           range(grid.count))]),
+        "gradshard.header_digest": hashlib.sha256(json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+                                                  .encode()).hexdigest(),
     }
 
 
@@ -156,7 +156,8 @@ def test_update_metadata_matches_what_write_update_stores() -> None:
     written = write_update(store, "u", layout, vec, _meta(layout, "c1", examples=5)).to_metadata()
     computed = update_metadata(layout, vec, client="c1", round=0, examples=5, chunk_elems=CHUNK)
 
-    # Assert
+    # Assert: the same fields, plus the digest of the header the plain library will write
+    assert computed.pop("gradshard.header_digest") != ""
     assert computed == written
 
 
@@ -218,7 +219,7 @@ def _put_plain(store: Store, layout: ModelLayout, client: str, seed: int, change
             del md[f"gradshard.{name}"]
         else:
             md[f"gradshard.{name}"] = value
-    store.put(update_key(0, client), _plain_bytes(layout, vec, md))
+    store.put(update_key(0, client), _plain_bytes(layout, vec, with_header_digest(layout, md)))
 
 
 @pytest.fixture
@@ -306,6 +307,7 @@ def test_header_with_overlapping_tensors_is_rejected(round0: tuple[MemoryStore, 
     (n,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + n])
     header["a"]["data_offsets"] = [0, 20]
+    header["__metadata__"]["gradshard.header_digest"] = header_digest(header)  # a consistent, broken header
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     store.put(update_key(0, "c1"), struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
@@ -329,8 +331,8 @@ def test_header_with_overlapping_tensors_is_rejected(round0: tuple[MemoryStore, 
         ({"round": "-1"}, "metadata field 'gradshard.round' must be >= 0, got -1"),
         ({"round": "5"}, "update is for round 5, this is round 0"),
         ({"chunk_elems": "0"}, "metadata field 'gradshard.chunk_elems' must be >= 1, got 0"),
-        ({"format": "2"}, "unsupported update format '2' (expected 1)"),
-        ({"checksum": "crc32"}, "unsupported checksum 'crc32' (expected xxh3_64)"),
+        ({"format": "3"}, "unsupported update format '3' (expected 1 or 2)"),
+        ({"checksum": "crc32"}, "unsupported checksum 'crc32' for format 2 (expected one of xxh3_64, blake3, sha256)"),
         ({"kind": "aggregate"}, "object is a 'aggregate', not an update"),
         ({"layout": "0" * 64}, "metadata layout digest differs from the round's layout"),
         ({"checksums": "abc"}, "checksums do not match the layout: 6 chunks need 96 hex digits, got 3"),

@@ -21,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     "open_round": "gradshard.format.round",
     "prepare_round": "gradshard.format.round",
     "UpdateMeta": "gradshard.format.update",
-    "write_update": "gradshard.format.update",
+    "write_update": "gradshard.format.writer",
     "read_flat": "gradshard.format.update",
     "update_key": "gradshard.format.keys",
     "aggregate_key": "gradshard.format.keys",
@@ -79,7 +79,8 @@ if TYPE_CHECKING:
     from gradshard.fl.driver import Trainer
     from gradshard.format.keys import aggregate_key, update_key
     from gradshard.format.round import RoundSpec, open_round, prepare_round
-    from gradshard.format.update import UpdateMeta, read_flat, write_update
+    from gradshard.format.update import UpdateMeta, read_flat
+    from gradshard.format.writer import write_update
     from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
     from gradshard.store import LocalStore, MemoryStore, S3Store, Store, open_store
 

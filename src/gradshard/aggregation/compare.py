@@ -41,7 +41,7 @@ from gradshard.format.update import UpdateReader, open_update
 from gradshard.runtime import InvocationReport, LocalExecutor
 from gradshard.runtime.diagnostics import NoArgs
 from gradshard.store import Store
-from gradshard.topology import TOPOLOGIES, Invocation, OutputTarget, Plan, check_fits
+from gradshard.topology import TOPOLOGIES, Invocation, Plan, PlanOutput, check_fits
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import node_memory
 
@@ -181,7 +181,7 @@ def predict_plan(config: AggregateConfig, manifest: RoundManifest) -> Plan:
     LIFL's plan names one shared-memory store per node; they are created and removed again here.
     """
     r = manifest.round
-    target = OutputTarget(manifest_key(r), aggregate_key(r), "prediction", 0)
+    target = PlanOutput(manifest_key(r), aggregate_key(r), "prediction", 0)
     with ExitStack() as stack:
         node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
         return build_plan(config, manifest, "", target, node_stores)

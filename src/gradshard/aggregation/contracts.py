@@ -10,7 +10,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.core.reduce import ACCUMULATE_DTYPES
+from gradshard.format.writer import OutputTarget
 from gradshard.store.base import StoreSpec
+
+__all__ = ["OutputTarget"]  # re-exported: part of these contracts, defined with the writer
 
 Accumulate = Literal["float32", "float64"]
 Weighting = Literal["examples", "uniform", "server"]
@@ -21,14 +24,6 @@ class Contract(BaseModel):
     """Base of every function's arguments and results: validated, immutable, no unknown fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OutputTarget(Contract):
-    """Where a function writes: an open upload of the output object and the byte offset of its data section."""
-
-    output_key: str
-    upload_id: str
-    data_start: int = Field(ge=0)
 
 
 class RoundRef(Contract):

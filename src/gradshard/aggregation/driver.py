@@ -23,14 +23,14 @@ from gradshard.aggregation.contracts import ReduceResult, TreeReduceResult
 from gradshard.core.reduce import fedavg_weights
 from gradshard.errors import InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
-from gradshard.format.output import PendingObject, merge_digests
 from gradshard.format.round import Policy, RoundManifest, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import ObjectUpload, merge_digests
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
-from gradshard.topology import OutputTarget, Plan, ReduceOptions, flat_plan, sharded_plan
+from gradshard.topology import Plan, PlanOutput, ReduceOptions, flat_plan, sharded_plan
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
 from gradshard.topology.names import Topology
@@ -92,12 +92,12 @@ def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
     return UpdateMeta(client="aggregate", round=manifest.round, kind="aggregate",
                       examples=sum(c.examples for c in manifest.clients),
                       layout_digest=spec.model_layout().digest(), chunk_elems=spec.chunk_elems,
-                      base_model=spec.base_model,
+                      base_model=spec.base_model, digest=spec.digest,
                       extra={"clients": ",".join(clients), "weights": json.dumps(weights),
                              "weighting": config.weighting, "accumulate": config.accumulate})
 
 
-def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: OutputTarget,
+def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: PlanOutput,
                node_stores: list[dict[str, Any]] | None = None) -> Plan:
     """The plan of ``config.topology``; LIFL needs one shared-memory store spec per node."""
     options = config.reduce_options()
@@ -135,12 +135,13 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
               on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
     """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
     sha = write_manifest(store, manifest)
-    pending = PendingObject.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
-                                  output_meta(manifest, config))
+    pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
+                                 output_meta(manifest, config))
     try:
         with contextlib.ExitStack() as stack:
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
-            target = OutputTarget(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len)
+            target = PlanOutput(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len,
+                                pending.meta.digest)
             plan = build_plan(config, manifest, sha, target, node_stores)
             reports = executor.run(plan, store, on_done)
         bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}

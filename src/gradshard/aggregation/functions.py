@@ -21,11 +21,10 @@ from gradshard.core.reduce import WeightedSum, all_finite, fedavg_weights
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
+from gradshard.format.writer import RangeWriter
 from gradshard.runtime.registry import register
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
-
-_WRITE_PIECE_ELEMS = 16 << 20
 
 
 def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
@@ -53,39 +52,6 @@ def nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[
                       "use --accumulate float64")
 
 
-class OutputWriter:
-    """Writes reduced windows into the output upload (cast to the output dtype) and checksums each chunk.
-
-    Writes go through the store's sequential writer (which on S3 buffers up to a part); :meth:`finish` flushes it
-    and returns the checksums of the chunks written.
-    """
-
-    def __init__(self, store: Store, key: str, upload_id: str, data_start: int, start: int, layout: ModelLayout,
-                 chunk_elems: int, capacity: int, accumulate: str) -> None:
-        self.dtype = np.dtype(layout.flat_dtype)
-        self._out = store.writer(key, upload_id, data_start + start * self.dtype.itemsize)
-        self.cast = None if np.dtype(accumulate) == self.dtype else np.empty(capacity, dtype=self.dtype)
-        self.pos = start
-        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start)
-        self.checksums: dict[int, str] = {}
-
-    def write(self, values: npt.NDArray[Any]) -> None:
-        """Write the next ``len(values)`` elements of this function's range."""
-        out = values
-        if self.cast is not None:
-            out = self.cast[: len(values)]
-            np.copyto(out, values, casting="same_kind")
-        for lo in range(0, len(out), _WRITE_PIECE_ELEMS):
-            self._out.write(out[lo : lo + _WRITE_PIECE_ELEMS])
-        self.pos += len(out)
-        self.checksums.update(self._chunks.feed(out))
-
-    def finish(self) -> dict[int, str]:
-        """Flush what the store's writer buffered; the checksums of every chunk written."""
-        self._out.close()
-        return self.checksums
-
-
 def shard_reduce(args: ShardReduceArgs, store: Store) -> ReduceResult:
     """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
 
@@ -104,8 +70,7 @@ def shard_reduce(args: ShardReduceArgs, store: Store) -> ReduceResult:
     window = min(window_elems(settings.window_bytes, in_dtype.itemsize), args.stop - args.start)
     bufs = np.empty((min(settings.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
     acc = WeightedSum(window, settings.accumulate)
-    writer = OutputWriter(store, args.output.output_key, args.output.upload_id, args.output.data_start, args.start,
-                          layout, grid.chunk_elems, window, settings.accumulate)
+    writer = RangeWriter.to(store, args.output, args.start, layout, grid.chunk_elems, window, settings.accumulate)
     readers = open_clients(store, manifest, layout)
     streams = [r.stream(args.start, args.stop) for r in readers]
     pool = ThreadPoolExecutor(len(bufs), thread_name_prefix="read") if len(bufs) > 1 else None
@@ -160,8 +125,7 @@ def flat_reduce(args: FlatReduceArgs, store: Store) -> ReduceResult:
         raise nonfinite_culprit([c.client for c in manifest.clients],
                                 lambda i: load_whole_update(store, manifest.clients[i], layout), 0,
                                 layout.numel)
-    writer = OutputWriter(store, args.output.output_key, args.output.upload_id, args.output.data_start, 0, layout,
-                          chunk, layout.numel, settings.accumulate)
+    writer = RangeWriter.to(store, args.output, 0, layout, chunk, layout.numel, settings.accumulate)
     writer.write(acc.value)
     return ReduceResult(checksums=writer.finish(), clients=len(manifest.clients), window_elems=layout.numel)
 

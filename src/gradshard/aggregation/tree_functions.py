@@ -18,12 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from gradshard.aggregation.contracts import TreeReduceArgs, TreeReduceResult
-from gradshard.aggregation.functions import OutputWriter, load_whole_update, nonfinite_culprit
+from gradshard.aggregation.functions import load_whole_update, nonfinite_culprit
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite
 from gradshard.errors import RoundError, UpdateError
 from gradshard.format.round import ClientEntry, load_manifest
-from gradshard.format.update import UpdateMeta, open_update, write_update
+from gradshard.format.update import UpdateMeta, open_update
+from gradshard.format.writer import RangeWriter, write_update
 from gradshard.runtime.registry import register
 from gradshard.store import Store, open_store
 
@@ -94,15 +95,14 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
         target = shm if args.output.via == "shm" and shm is not None else store
         meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
                           round=manifest.round, examples=total, layout_digest=sums.digest(), chunk_elems=chunk,
-                          kind="partial")
+                          kind="partial", digest=manifest.spec.digest)
         write_update(target, args.output.key, sums, acc.value, meta)
         return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}})
     if args.target is None:
         raise RoundError("a tree root needs the aggregate's upload (target)")
     mean = acc.value
     np.divide(mean, mean.dtype.type(total), out=mean)
-    writer = OutputWriter(store, args.target.output_key, args.target.upload_id, args.target.data_start, 0, layout,
-                          chunk, layout.numel, settings.accumulate)
+    writer = RangeWriter.to(store, args.target, 0, layout, chunk, layout.numel, settings.accumulate)
     writer.write(mean)
     return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}, "checksums": writer.finish()})
 

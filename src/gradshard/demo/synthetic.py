@@ -19,7 +19,8 @@ import numpy.typing as npt
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.format.keys import update_key
 from gradshard.format.round import RoundSpec, open_round
-from gradshard.format.update import UpdateMeta, UpdateWriter
+from gradshard.format.update import UpdateMeta
+from gradshard.format.writer import UpdateWriter
 from gradshard.store import Store
 
 _PIECE_ELEMS = 8 << 20
@@ -60,7 +61,7 @@ def write_synthetic_update(store: Store, r: int, layout: ModelLayout, spec: Roun
                            examples: int, *, seed: int = 0, lr: float = 0.01) -> UpdateMeta:
     """Generate one client's update piece by piece and write it atomically."""
     meta = UpdateMeta(client=client, round=r, examples=examples, layout_digest=layout.digest(),
-                      chunk_elems=spec.chunk_elems, base_model=spec.base_model)
+                      chunk_elems=spec.chunk_elems, base_model=spec.base_model, digest=spec.digest)
     dtype = np.dtype(layout.flat_dtype)
     with UpdateWriter(store, update_key(r, client), layout, meta) as writer:
         for t, slot in enumerate(layout.slots):

@@ -44,9 +44,9 @@ LAMBDA_RUNTIMES = {r.name: r for r in (
 )}
 ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}  # Lambda's name -> platform.machine()
 # What the numpy aggregation runtime imports (torch is not deployed), and boto3 for the S3 store's client.
-RUNTIME_DISTRIBUTIONS = ("numpy", "safetensors", "xxhash", "psutil", "pydantic", "pydantic-core", "annotated-types",
-                         "typing-extensions", "typing-inspection", "boto3", "botocore", "s3transfer", "jmespath",
-                         "urllib3", "python-dateutil", "six")
+RUNTIME_DISTRIBUTIONS = ("numpy", "safetensors", "xxhash", "blake3", "psutil", "pydantic", "pydantic-core",
+                         "annotated-types", "typing-extensions", "typing-inspection", "boto3", "botocore", "s3transfer",
+                         "jmespath", "urllib3", "python-dateutil", "six")
 MAX_TIMEOUT_S = 900
 EPHEMERAL_STORAGE_MB = 512  # the functions stream through the store; /tmp is not used
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed entry timestamps: the same files give the same zip, byte for byte

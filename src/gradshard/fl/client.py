@@ -18,10 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_safetensors
 
+from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.format.keys import update_key
-from gradshard.format.update import UpdateMeta, read_flat, write_update
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.format.writer import write_update
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
 
@@ -46,6 +48,7 @@ class ClientTask(BaseModel):
     mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight (0: FedAvg)")
     seed: int = 0
     chunk_elems: int = Field(ge=1)
+    digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
 
 
@@ -131,7 +134,7 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     if task.fault.startswith("sleep:"):
         time.sleep(float(task.fault.removeprefix("sleep:")))
     meta = UpdateMeta(client=task.client, round=task.round, examples=len(y), layout_digest=averaged.digest(),
-                      chunk_elems=task.chunk_elems, base_model=task.model_sha256,
+                      chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
                       extra={"loss": f"{loss:.6g}", "accuracy": f"{accuracy:.6g}"})
     write_update(store, update_key(task.round, task.client), averaged, delta, meta)
     return ClientResult(examples=len(y), loss=loss, train_accuracy=accuracy, train_s=time.perf_counter() - started)

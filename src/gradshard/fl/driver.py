@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_safetensors
 
-from gradshard.aggregation.contracts import OutputTarget
 from gradshard.aggregation.driver import aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
@@ -51,9 +50,9 @@ from gradshard.format.keys import (
     state_key,
     update_key,
 )
-from gradshard.format.output import PendingObject, merge_digests
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
-from gradshard.format.update import UpdateMeta, open_update, read_flat, write_update
+from gradshard.format.update import UpdateMeta, open_update, read_flat
+from gradshard.format.writer import ObjectUpload, merge_digests, write_update
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
 from gradshard.store import Store
@@ -198,6 +197,7 @@ class Trainer:
                               model_key=model_key(spec.round), model_sha256=spec.base_model, kept_key=kept,
                               data_key=client_data_key(client), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                               momentum=c.momentum, mu=c.mu, seed=c.seed, chunk_elems=spec.chunk_elems,
+                              digest=spec.digest,
                               fault=self.fault(spec.round, client))
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
@@ -208,9 +208,9 @@ class Trainer:
         numel = self.averaged.numel
         plan_ranges = ShardPlan.contiguous(numel, min(shards, -(-numel // self.chunk_elems)),
                                            align=self.chunk_elems).ranges
-        outputs = {slot: PendingObject.begin(self.store, state_key(r + 1, slot), self.averaged,
-                                             self._model_meta(r + 1)) for slot in opt.slots}
-        outputs["model"] = PendingObject.begin(self.store, model_key(r + 1), self.averaged, self._model_meta(r + 1))
+        outputs = {slot: ObjectUpload.begin(self.store, state_key(r + 1, slot), self.averaged,
+                                            self._model_meta(r + 1)) for slot in opt.slots}
+        outputs["model"] = ObjectUpload.begin(self.store, model_key(r + 1), self.averaged, self._model_meta(r + 1))
         try:
             invocations = []
             for s, (start, stop) in enumerate(plan_ranges):
@@ -218,8 +218,8 @@ class Trainer:
                     layout=self.averaged.to_json(), start=start, stop=stop, optimizer=opt, model_key=model_key(r),
                     delta_key=aggregate_key(r),
                     state_keys={slot: state_key(r, slot) if r > 0 else "" for slot in opt.slots},
-                    model_out=OutputTarget(**outputs["model"].target()),
-                    state_out={slot: OutputTarget(**outputs[slot].target()) for slot in opt.slots})
+                    model_out=outputs["model"].target(),
+                    state_out={slot: outputs[slot].target() for slot in opt.slots})
                 invocations.append(Invocation(f"server-{s:04d}", "server_step", args, 8 << 20))
             reports = self.executor.run(Plan("server", tuple(invocations)), self.store)
             failed = [r_ for r_ in reports if not r_.ok]

@@ -20,10 +20,10 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.aggregation.contracts import OutputTarget
-from gradshard.aggregation.functions import OutputWriter
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError
 from gradshard.format.update import UpdateReader, VerifiedStream, open_update
+from gradshard.format.writer import RangeWriter
 from gradshard.runtime.registry import register
 from gradshard.store import Store
 
@@ -111,8 +111,8 @@ def server_step(args: ServerStepArgs, store: Store) -> ServerStepResult:
         window = min(args.window_elems, args.stop - args.start)
         chunk = readers["model"].grid.chunk_elems
         outputs = {"model": args.model_out, **args.state_out}
-        writers = {name: OutputWriter(store, t.output_key, t.upload_id, t.data_start, args.start, layout, chunk,
-                                      window, "float32") for name, t in outputs.items()}
+        writers = {name: RangeWriter(store, t.output_key, t.upload_id, t.data_start, args.start, layout, chunk,
+                                     t.digest, window, "float32") for name, t in outputs.items()}
         buffers = {name: np.empty(window, dtype=np.float32) for name in ["model", "delta", *args.optimizer.slots]}
         for a in range(args.start, args.stop, window):
             n = min(window, args.stop - a)

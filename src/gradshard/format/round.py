@@ -2,7 +2,7 @@
 
 Keys (``<r>`` is the zero-padded round number)::
 
-    rounds/<r>/round.json                    RoundSpec: expected layout, chunk size, base model, cohort
+    rounds/<r>/round.json                    RoundSpec: expected layout, chunk size and digest, base model, cohort
     rounds/<r>/updates/<client>.safetensors  one update per client
     rounds/<r>/manifest.json                 the validated, canonically ordered clients (and the rejected ones)
     rounds/<r>/aggregate.safetensors         the aggregated update (same format as an update)
@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradshard.core import checksum
+from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
@@ -30,23 +31,29 @@ Policy = Literal["skip", "fail"]
 
 
 class RoundSpec(BaseModel):
-    """What the server expects of a round's updates. ``layout`` is the aggregated layout (one floating dtype)."""
+    """What the server expects of a round's updates. ``layout`` is the aggregated layout (one floating dtype).
+
+    ``digest`` is the chunk digest algorithm every update (and the aggregate) of the round uses: ``xxh3_64``
+    detects accidents, ``blake3`` and ``sha256`` are cryptographic (what a signature over the digests needs).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     round: int = Field(ge=0)
     layout: list[list[Any]]
     chunk_elems: int = Field(ge=1)
+    digest: DigestName = "xxh3_64"
     base_model: str = ""
     cohort: list[str] | None = None
     min_clients: int = Field(default=1, ge=1)
 
     @classmethod
     def create(cls, r: int, layout: ModelLayout, *, chunk_elems: int | None = None, base_model: str = "",
-               cohort: list[str] | None = None, min_clients: int = 1) -> RoundSpec:
+               cohort: list[str] | None = None, min_clients: int = 1,
+               digest: DigestName = "xxh3_64") -> RoundSpec:
         layout.flat_dtype  # noqa: B018 - raises unless the layout has one dtype
         return cls(round=r, layout=layout.to_json(), base_model=base_model, cohort=cohort, min_clients=min_clients,
-                   chunk_elems=chunk_elems or checksum.default_chunk_elems(layout.numel))
+                   chunk_elems=chunk_elems or checksum.default_chunk_elems(layout.numel), digest=digest)
 
     def model_layout(self) -> ModelLayout:
         return ModelLayout.from_json(self.layout)
@@ -132,6 +139,9 @@ def _check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMe
         raise UpdateError(client, "metadata layout digest differs from the round's layout")
     if meta.chunk_elems != spec.chunk_elems:
         raise UpdateError(client, f"chunk size {meta.chunk_elems} differs from the round's {spec.chunk_elems}")
+    if meta.digest != spec.digest:
+        raise UpdateError(client, f"chunk digest algorithm {meta.digest} differs from the round's {spec.digest}; "
+                                  f"write the update with digest={spec.digest!r}")
 
 
 def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifest:

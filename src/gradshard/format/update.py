@@ -1,4 +1,4 @@
-"""The update object: one safetensors file per client per round.
+"""The update object: one safetensors file per client per round, and how it is read and verified.
 
 Layout on the wire (plain safetensors, readable by the ``safetensors`` library)::
 
@@ -8,9 +8,12 @@ Because the tensors are written in the layout's order with one dtype, the data s
 vector, and any element range is one byte range. Files written by the plain safetensors library (which orders
 tensors its own way) are accepted too: the reader maps a flat range to the byte ranges of the tensors it touches.
 
-Metadata (all strings, keys prefixed ``gradshard.``): ``client``, ``round``, ``examples``, ``base_model``,
-``layout`` (digest of the aggregated layout), ``chunk_elems`` and ``checksums`` (xxh3-64 of every chunk of the
-flat vector, 16 hex digits each, concatenated). :func:`update_metadata` computes them for any writer.
+Metadata (all strings, keys prefixed ``gradshard.``): ``format`` (``2``; ``1`` is still read), ``kind``,
+``client``, ``round``, ``examples``, ``base_model``, ``layout`` (digest of the aggregated layout), ``checksum``
+(the chunk digest algorithm: ``xxh3_64``, ``blake3`` or ``sha256``), ``chunk_elems``, ``checksums`` (every chunk's
+digest, fixed-width hex, concatenated), optionally ``coverage``, and in format 2 ``header_digest``: the sha256 of
+the canonical JSON of the parsed header without that one field (:func:`header_digest`), so a changed bit anywhere
+in the header is found before any metadata is trusted. Writing lives in :mod:`gradshard.format.writer`.
 """
 
 from __future__ import annotations
@@ -21,29 +24,121 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from gradshard.core import checksum
-from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype, safetensors_dtype
+from gradshard.core import checksum, digests
+from gradshard.core.digests import DigestName
+from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype
 from gradshard.errors import GradshardError, StoreError, UpdateError
-from gradshard.format.keys import check_client_id
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")  # format 1: xxh3_64 chunk checksums, no header digest
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-_WRITE_PIECE = 64 * 1024 * 1024
+MAX_COVERAGE_BYTES = 64 * 1024
 _P = "gradshard."
+HEADER_DIGEST_KEY = f"{_P}header_digest"
+COVERAGE_KEY = f"{_P}coverage"
+Coverage = dict[str, tuple[int, ...]]
 
 
+# --- the header digest -------------------------------------------------------------------------------------------
+def canonical_header(header: Mapping[str, Any]) -> bytes:
+    """The canonical encoding of a parsed header without ``gradshard.header_digest``: sorted keys, no spaces.
+
+    Padding, key order and JSON formatting do not change it, so a file the plain safetensors library wrote
+    (other key order, other padding) verifies as well as one of ours."""
+    body = dict(header)
+    metadata = body.get("__metadata__")
+    if isinstance(metadata, Mapping):
+        body["__metadata__"] = {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def header_digest(header: Mapping[str, Any]) -> str:
+    """The value of ``gradshard.header_digest`` for a parsed header (sha256, 64 hex digits)."""
+    return hashlib.sha256(canonical_header(header)).hexdigest()
+
+
+# --- coverage ----------------------------------------------------------------------------------------------------
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing duplicate keys (JSON parsers disagree on which one wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """``parse_float`` refusing numbers that overflow to inf (they have no canonical encoding)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows")
+    return value
+
+
+def _loads(text: str | bytes | bytearray) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity, no overflowing numbers."""
+    return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant,
+                      parse_float=_finite_float)
+
+
+def _coverage_problem(coverage: Mapping[str, Any]) -> str | None:
+    for name, extents in coverage.items():
+        if not isinstance(name, str):
+            return f"tensor name {name!r} is not a string"
+        if not isinstance(extents, list | tuple) or not all(type(x) is int and x >= 0 for x in extents):
+            return f"tensor {name!r}: expected a list of integers >= 0 (leading extent per dimension), got {extents!r}"
+    return None
+
+
+def encode_coverage(coverage: Mapping[str, Sequence[int]]) -> str:
+    """The compact JSON stored as ``gradshard.coverage``: ``{"tensor": [leading extent per dim], ...}``."""
+    problem = _coverage_problem(coverage)
+    if problem is not None:
+        raise GradshardError(f"invalid coverage: {problem}")
+    text = json.dumps({k: list(v) for k, v in coverage.items()}, separators=(",", ":"))
+    if len(text.encode()) > MAX_COVERAGE_BYTES:
+        raise GradshardError(f"coverage is {len(text.encode())} bytes of JSON, at most {MAX_COVERAGE_BYTES} fit")
+    return text
+
+
+def parse_coverage(client: str, text: str) -> Coverage:
+    """Parse ``gradshard.coverage`` structurally (an object of tensor name -> list of ints >= 0, at most 64 KiB).
+
+    Whether the names and extents fit the round's layout is checked where the layout is known."""
+    size = len(text.encode())
+    if size > MAX_COVERAGE_BYTES:
+        raise UpdateError(client, f"metadata field '{COVERAGE_KEY}' is {size} bytes, at most {MAX_COVERAGE_BYTES}")
+    try:
+        value = _loads(text)
+    except ValueError as exc:
+        raise UpdateError(client, f"metadata field '{COVERAGE_KEY}' is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UpdateError(client, f"metadata field '{COVERAGE_KEY}' must be a JSON object of tensor name -> "
+                                  f"list of extents, got {type(value).__name__}")
+    problem = _coverage_problem(value)
+    if problem is not None:
+        raise UpdateError(client, f"metadata field '{COVERAGE_KEY}': {problem}")
+    return {name: tuple(extents) for name, extents in value.items()}
+
+
+# --- metadata ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class UpdateMeta:
-    """What an update says about itself."""
+    """What an update says about itself. ``digest`` is the chunk digest algorithm of ``checksums``."""
 
     client: str
     round: int
@@ -54,22 +149,37 @@ class UpdateMeta:
     base_model: str = ""
     kind: str = "update"
     extra: Mapping[str, str] = field(default_factory=dict)
+    digest: DigestName = digests.DEFAULT
+    coverage: Coverage | None = None
+
+    def __post_init__(self) -> None:
+        digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
+        if self.coverage is not None:
+            encode_coverage(self.coverage)
+            object.__setattr__(self, "coverage", {k: tuple(v) for k, v in self.coverage.items()})
+
+    @property
+    def hex_width(self) -> int:
+        return digests.algorithm(self.digest).hex_width
 
     def with_checksums(self, hexes: list[str]) -> UpdateMeta:
         return dataclasses.replace(self, checksums=checksum.pack(hexes))
 
     def to_metadata(self) -> dict[str, str]:
+        """The format-2 metadata strings, without ``header_digest`` (the writer adds it over the whole header)."""
         md = {f"{_P}format": FORMAT_VERSION, f"{_P}kind": self.kind, f"{_P}client": self.client,
               f"{_P}round": str(self.round), f"{_P}examples": str(self.examples),
               f"{_P}base_model": self.base_model, f"{_P}layout": self.layout_digest,
-              f"{_P}checksum": checksum.ALGORITHM, f"{_P}chunk_elems": str(self.chunk_elems),
+              f"{_P}checksum": self.digest, f"{_P}chunk_elems": str(self.chunk_elems),
               f"{_P}checksums": self.checksums}
+        if self.coverage is not None:
+            md[COVERAGE_KEY] = encode_coverage(self.coverage)
         md.update({f"{_P}x.{k}": v for k, v in self.extra.items()})
         return md
 
     @classmethod
     def from_metadata(cls, client: str, md: Mapping[str, str]) -> UpdateMeta:
-        """Parse and validate; errors name ``client`` (the client the object is filed under)."""
+        """Parse and validate (format 1 or 2); errors name ``client`` (the client the object is filed under)."""
 
         def need(name: str) -> str:
             value = md.get(_P + name)
@@ -87,111 +197,21 @@ class UpdateMeta:
                 raise UpdateError(client, f"metadata field '{_P}{name}' must be >= {minimum}, got {value}")
             return value
 
-        if need("format") != FORMAT_VERSION:
-            raise UpdateError(client, f"unsupported update format {md[_P + 'format']!r} (expected {FORMAT_VERSION})")
-        if need("checksum") != checksum.ALGORITHM:
-            raise UpdateError(client, f"unsupported checksum {md[_P + 'checksum']!r} (expected {checksum.ALGORITHM})")
+        version, algorithm = need("format"), need("checksum")
+        if version not in READABLE_FORMATS:
+            raise UpdateError(client, f"unsupported update format {version!r} (expected "
+                                      f"{' or '.join(READABLE_FORMATS)})")
+        allowed = (digests.DEFAULT,) if version == "1" else digests.NAMES
+        if algorithm not in allowed:
+            expected = allowed[0] if len(allowed) == 1 else f"one of {', '.join(allowed)}"
+            raise UpdateError(client, f"unsupported checksum {algorithm!r} for format {version} (expected "
+                                      f"{expected})")
+        coverage = parse_coverage(client, md[COVERAGE_KEY]) if COVERAGE_KEY in md else None
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
         return cls(client=need("client"), round=positive_int("round", 0), examples=positive_int("examples", 1),
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
-                   checksums=need("checksums"), base_model=need("base_model"), kind=need("kind"), extra=extra)
-
-
-# --- writing -----------------------------------------------------------------------------------------------------
-def encode_header(layout: ModelLayout, metadata: Mapping[str, str]) -> bytes:
-    """The 8-byte length and the space-padded JSON header of a safetensors object in layout order."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for spec in layout:
-        header[spec.name] = {"dtype": safetensors_dtype(spec.dtype), "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header with spaces to 8-byte alignment
-    return struct.pack("<Q", len(blob)) + blob
-
-
-class UpdateWriter:
-    """Streams a flat vector into a new object and makes it visible atomically on :meth:`commit`.
-
-    The header (with every chunk's checksum) is written last, at offset 0, so a 10 GB update is written in one
-    pass with constant memory. Use as a context manager: leaving it by an exception aborts the upload.
-    """
-
-    def __init__(self, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> None:
-        self.store, self.key, self.layout, self.meta = store, key, layout, meta
-        self.dtype = np.dtype(layout.flat_dtype)
-        self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
-        self._header_len = len(encode_header(layout, meta.with_checksums(["0" * checksum.HEX_WIDTH] * self.grid.count)
-                                             .to_metadata()))
-        self.upload_id = store.begin_upload(key, self._header_len + layout.nbytes)
-        self._out = store.writer(key, self.upload_id, self._header_len)
-        self._written = 0  # elements
-        self._hashes: list[str] = []
-        self._stream = checksum.ChunkStream(self.grid, 0)
-        self._done = False
-
-    def write(self, values: npt.NDArray[Any]) -> None:
-        """Append the next ``len(values)`` elements of the flat vector."""
-        if values.dtype != self.dtype or values.ndim != 1:
-            raise GradshardError(f"expected a 1-D {self.dtype} array, got {values.ndim}-D {values.dtype}")
-        if self._written + len(values) > self.layout.numel:
-            raise GradshardError(f"writing {len(values)} more elements overflows the layout's {self.layout.numel}")
-        step = _WRITE_PIECE // self.dtype.itemsize
-        for lo in range(0, len(values), step):
-            piece = values[lo : lo + step]
-            self._out.write(piece)
-            self._hashes.extend(h for _, h in self._stream.feed(piece))
-        self._written += len(values)
-
-    def commit(self) -> UpdateMeta:
-        """Write the header and publish the object; returns the metadata with its checksums."""
-        if self._written != self.layout.numel:
-            raise GradshardError(f"update {self.key!r} got {self._written} of {self.layout.numel} elements")
-        self._out.close()
-        meta = self.meta.with_checksums(self._hashes)
-        header = encode_header(self.layout, meta.to_metadata())
-        assert len(header) == self._header_len, "checksums are fixed-width, so the header length cannot change"
-        self.store.write_at(self.key, self.upload_id, 0, header)
-        self.store.complete_upload(self.key, self.upload_id)
-        self._done = True
-        return meta
-
-    def abort(self) -> None:
-        if not self._done:
-            self.store.abort_upload(self.key, self.upload_id)
-            self._done = True
-
-    def __enter__(self) -> UpdateWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None or not self._done:
-            self.abort()
-
-
-def write_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta) -> UpdateMeta:
-    """Write a whole flat vector as an update object (atomically). ``meta.checksums`` is filled in."""
-    if flat.shape != (layout.numel,):
-        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
-    with UpdateWriter(store, key, layout, meta) as writer:
-        writer.write(np.ascontiguousarray(flat))
-        return writer.commit()
-
-
-def update_metadata(layout: ModelLayout, flat: npt.NDArray[Any], *, client: str, round: int, examples: int,
-                    base_model: str = "", chunk_elems: int | None = None) -> dict[str, str]:
-    """Metadata for an update written by any tool (e.g. ``safetensors.numpy.save_file(..., metadata=...)``)."""
-    if flat.shape != (layout.numel,):
-        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
-    chunk = chunk_elems or checksum.default_chunk_elems(layout.numel)
-    grid = checksum.ChunkGrid(layout.numel, chunk)
-    data = np.ascontiguousarray(flat, dtype=layout.flat_dtype)
-    hexes = [checksum.checksum(data[a:b]) for a, b in (grid.bounds(i) for i in range(grid.count))]
-    meta = UpdateMeta(client=check_client_id(client), round=round, examples=examples,
-                      layout_digest=layout.digest(), chunk_elems=chunk, checksums=checksum.pack(hexes),
-                      base_model=base_model)
-    return meta.to_metadata()
+                   checksums=need("checksums"), base_model=need("base_model"), kind=need("kind"), extra=extra,
+                   digest=digests.algorithm(algorithm).name, coverage=coverage)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -213,6 +233,8 @@ class UpdateHeader:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     sha256: str  # of the raw header bytes: identifies the object version
+    format: str = FORMAT_VERSION
+    header_verified: bool = False  # its header digest was checked (format 2); format 1 has none
 
 
 def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry]:
@@ -250,14 +272,15 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
     raw = bytearray(n)
     reader.read_into(8, memoryview(raw))
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = _loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise UpdateError(client, f"object {key!r} has a header that is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise UpdateError(client, f"object {key!r} has a header that is not a JSON object")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UpdateError(client, "header '__metadata__' must map strings to strings")
+    verified = verify_header_digest(header, metadata, key, client)
     tensors = _parse_tensors(client, header)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
@@ -265,7 +288,28 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
         raise UpdateError(client, f"object {key!r} is truncated: {reader.size} bytes, header promises {expected}")
     if reader.size > expected:
         raise UpdateError(client, f"object {key!r} has {reader.size - expected} unexpected trailing bytes")
-    return UpdateHeader(key, 8 + n, reader.size, tensors, metadata, hashlib.sha256(raw).hexdigest())
+    return UpdateHeader(key, 8 + n, reader.size, tensors, metadata, hashlib.sha256(raw).hexdigest(),
+                        metadata.get(f"{_P}format", ""), verified)
+
+
+def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str], key: str, client: str) -> bool:
+    """Check ``gradshard.header_digest`` against the parsed header; False for a format-1 object (it has none).
+
+    Any object that carries a digest is checked, whatever its format field says; an object without one is
+    accepted only if it says format 1, so removing or renaming the digest field is caught as well."""
+    stored = metadata.get(HEADER_DIGEST_KEY)
+    if stored is None:
+        version = metadata.get(f"{_P}format")
+        if version is None or version == "1":
+            return False  # format 1, or no gradshard metadata at all (UpdateMeta says which field is missing)
+        raise UpdateError(client, f"header digest missing: object {key!r} says format {version!r} but has no "
+                                  f"'{HEADER_DIGEST_KEY}'; rewrite it with gradshard.format.writer")
+    computed = header_digest(header)
+    if stored != computed:
+        raise UpdateError(client, f"header digest mismatch: object {key!r} records {stored[:16]!r}, its header "
+                                  f"hashes to {computed[:16]!r}: the header (metadata or tensor table) was altered "
+                                  "after it was written")
+    return True
 
 
 def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None:
@@ -285,7 +329,10 @@ def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None
 
 
 class UpdateReader:
-    """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates."""
+    """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates.
+
+    ``header_verified`` says whether the header's digest was checked (format 2); a format-1 object has none.
+    """
 
     def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
         # Keep only what reads need — never the parsed header (one dict per tensor): a shard function holds one
@@ -293,11 +340,13 @@ class UpdateReader:
         self.client = meta.client
         self.reader, self.layout, self.meta = reader, layout, meta
         self.sha256, self.object_size = header.sha256, header.object_size
+        self.format, self.header_verified = header.format, header.header_verified
         self.dtype = np.dtype(layout.flat_dtype)
         self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
-        if len(meta.checksums) != self.grid.count * checksum.HEX_WIDTH:
+        self._width = meta.hex_width
+        if len(meta.checksums) != self.grid.count * self._width:
             raise UpdateError(self.client, f"checksums do not match the layout: {self.grid.count} chunks need "
-                                           f"{self.grid.count * checksum.HEX_WIDTH} hex digits, got "
+                                           f"{self.grid.count * self._width} hex digits, got "
                                            f"{len(meta.checksums)}")
         # byte runs: (flat start element, flat stop element, file offset); merged when the file is in layout order
         runs: list[list[int]] = []
@@ -332,8 +381,8 @@ class UpdateReader:
             raise UpdateError(self.client, f"read failed: {exc}") from exc
 
     def checksum_of(self, index: int) -> str:
-        """The stored checksum of chunk ``index`` (sliced from the packed metadata string)."""
-        return self.meta.checksums[index * checksum.HEX_WIDTH : (index + 1) * checksum.HEX_WIDTH]
+        """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
+        return self.meta.checksums[index * self._width : (index + 1) * self._width]
 
     def stream(self, start: int, stop: int) -> VerifiedStream:
         """Sequential reads of ``[start, stop)`` (chunk-aligned), each chunk's checksum checked when complete."""
@@ -366,7 +415,7 @@ class VerifiedStream:
     def __init__(self, update: UpdateReader, start: int, stop: int) -> None:
         self.update, self.stop = update, stop
         self.pos = start
-        self._chunks = checksum.ChunkStream(update.grid, start)
+        self._chunks = checksum.ChunkStream(update.grid, start, update.meta.digest)
 
     def read_next(self, out: npt.NDArray[Any]) -> None:
         """Fill ``out`` with the next ``len(out)`` elements."""
@@ -423,6 +472,7 @@ def inspect_update(store: Store, key: str, layout: ModelLayout | None = None,
 
     Without ``layout`` the file order is taken as the layout order and confirmed against the layout digest in
     the metadata (files from other writers may order tensors differently: then pass the round's layout).
+    ``header_verified`` is False for a format-1 object (it has no header digest).
     """
     client = key.rsplit("/", 1)[-1].removesuffix(".safetensors")
     with store.open_reader(key) as reader:
@@ -443,4 +493,6 @@ def inspect_update(store: Store, key: str, layout: ModelLayout | None = None,
             "base_model": meta.base_model, "tensors": len(layout), "elements": layout.numel,
             "dtype": layout.flat_dtype, "bytes": header.object_size, "chunk_elems": meta.chunk_elems,
             "chunks_verified": upd.grid.count, "non_finite_values": nonfinite, "layout_digest": meta.layout_digest,
+            "format": header.format, "header_verified": header.header_verified, "digest": meta.digest,
+            "coverage": ({k: list(v) for k, v in meta.coverage.items()} if meta.coverage is not None else None),
             "extra": dict(meta.extra)}

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradshard.aggregation.contracts import OutputTarget as ContractTarget
-from gradshard.aggregation.contracts import ReduceSettings, RoundRef
+from gradshard.aggregation.contracts import OutputTarget, ReduceSettings, RoundRef
+from gradshard.core.digests import DigestName
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
 from gradshard.errors import PlanError
 
@@ -51,16 +51,19 @@ class ReduceOptions:
 
 
 @dataclass(frozen=True)
-class OutputTarget:
-    """Where functions write: an open upload of the output object and the byte offset of its data section."""
+class PlanOutput:
+    """What a plan reads and writes: the round's manifest and the open upload of the output object (the byte offset
+    of its data section and its digest algorithm)."""
 
     manifest_key: str
     key: str
     upload_id: str
     data_start: int
+    digest: DigestName = "xxh3_64"
 
-    def target(self) -> ContractTarget:
-        return ContractTarget(output_key=self.key, upload_id=self.upload_id, data_start=self.data_start)
+    def target(self) -> OutputTarget:
+        return OutputTarget(output_key=self.key, upload_id=self.upload_id, data_start=self.data_start,
+                            digest=self.digest)
 
     def round_ref(self, manifest_sha256: str) -> RoundRef:
         return RoundRef(manifest_key=self.manifest_key, manifest_sha256=manifest_sha256)

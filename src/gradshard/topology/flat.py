@@ -7,10 +7,10 @@ import numpy as np
 from gradshard.aggregation.contracts import FlatReduceArgs
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
+from gradshard.topology.common import PlanOutput, ReduceOptions, window_memory
 
 
-def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions) -> Plan:
+def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutput, options: ReduceOptions) -> Plan:
     """A single ``flat_reduce`` invocation; it holds the accumulator and one whole update at a time."""
     layout = manifest.spec.model_layout()
     numel = layout.numel

@@ -32,7 +32,7 @@ from gradshard.format.keys import partial_key
 from gradshard.format.round import RoundManifest
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import OutputTarget, ReduceOptions
+from gradshard.topology.common import PlanOutput, ReduceOptions
 from gradshard.topology.tree import groups, tree_args, tree_node_memory
 
 
@@ -63,7 +63,7 @@ def node_memory(nodes: int) -> Iterator[list[dict[str, Any]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions, *,
+def lifl_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutput, options: ReduceOptions, *,
               node_stores: Sequence[dict[str, Any]], branching: int | None = None,
               placement: dict[str, int] | None = None, wait_s: float = 0.0) -> Plan:
     """Leaf, middle and top aggregators placed on ``len(node_stores)`` nodes."""

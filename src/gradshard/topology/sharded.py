@@ -8,7 +8,7 @@ from gradshard.aggregation.contracts import ShardReduceArgs
 from gradshard.core.shards import ShardPlan
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
+from gradshard.topology.common import PlanOutput, ReduceOptions, window_memory
 
 
 def shard_plan_for(manifest: RoundManifest, m: int) -> ShardPlan:
@@ -17,7 +17,7 @@ def shard_plan_for(manifest: RoundManifest, m: int) -> ShardPlan:
     return ShardPlan.contiguous(spec.model_layout().numel, m, align=spec.chunk_elems)
 
 
-def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
+def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutput, options: ReduceOptions,
                  m: int) -> Plan:
     """One ``shard_reduce`` invocation per shard; each needs memory for its window, not the model."""
     shards = shard_plan_for(manifest, m)

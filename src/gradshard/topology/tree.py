@@ -17,7 +17,7 @@ from gradshard.errors import PlanError
 from gradshard.format.keys import partial_key
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import OutputTarget, ReduceOptions, window_memory
+from gradshard.topology.common import PlanOutput, ReduceOptions, window_memory
 
 
 def tree_node_memory(manifest: RoundManifest, options: ReduceOptions, has_clients: bool) -> int:
@@ -32,12 +32,12 @@ def groups(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def tree_args(manifest_sha256: str, upload: OutputTarget, options: ReduceOptions, /, **fields: Any) -> TreeReduceArgs:
+def tree_args(manifest_sha256: str, upload: PlanOutput, options: ReduceOptions, /, **fields: Any) -> TreeReduceArgs:
     """One tree node's arguments; ``target`` (the aggregate's upload) is set for the root only."""
     return TreeReduceArgs(round=upload.round_ref(manifest_sha256), settings=options.settings(), **fields)
 
 
-def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: OutputTarget, options: ReduceOptions,
+def lambda_fl_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutput, options: ReduceOptions,
                    k: int | None = None) -> Plan:
     """Leaves of ``k`` clients (default ⌈√N⌉), combining levels of ``k`` partials, one root."""
     clients = [c.client for c in manifest.clients]

@@ -1,0 +1,289 @@
+"""The one writer of the object format: begin an upload, fill it with range writers, commit it with the digests.
+
+An object (update, partial, aggregate, model, optimizer state) is written in three steps, which may run in
+different processes:
+
+1. :meth:`ObjectUpload.begin` opens a store upload with the header's length reserved. That length is known
+   before any data is: chunk digests are fixed-width hex, the header digest is 64 hex digits, and every other
+   field comes from the :class:`UpdateMeta` given at the start.
+2. One or many :class:`RangeWriter` s write consecutive elements of the data section from a chunk boundary —
+   a shard function builds one from :meth:`ObjectUpload.target` and its start element — casting from the
+   accumulation dtype and digesting every chunk they complete.
+3. :meth:`ObjectUpload.commit` takes every chunk's digest, refuses when one is missing, writes the header at
+   offset 0 and completes the upload; :meth:`ObjectUpload.abort` discards it. Nothing is visible before.
+
+:class:`UpdateWriter` (one stream from element 0) and :func:`write_update` are those steps in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradshard.core import checksum, digests
+from gradshard.core.digests import DigestName
+from gradshard.core.layout import ModelLayout, TensorSpec, safetensors_dtype
+from gradshard.errors import GradshardError, InvocationError
+from gradshard.format.keys import check_client_id
+from gradshard.format.update import HEADER_DIGEST_KEY, Coverage, UpdateMeta, header_digest
+from gradshard.store import Store
+
+_WRITE_PIECE_BYTES = 64 << 20  # bounds what one store write (and one cast) holds
+
+
+# --- headers -----------------------------------------------------------------------------------------------------
+def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The parsed form of a safetensors header with tensors stored in the order of ``specs``, digest included."""
+    header: dict[str, Any] = {"__metadata__": {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": safetensors_dtype(spec.dtype), "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    header["__metadata__"][HEADER_DIGEST_KEY] = header_digest(header)
+    return header
+
+
+def encode_header(layout: ModelLayout, metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and the space-padded JSON header of an object in layout order, with its header digest."""
+    blob = json.dumps(_header(layout, metadata), separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def header_length(layout: ModelLayout, meta: UpdateMeta) -> int:
+    """The bytes :func:`encode_header` will take for ``meta`` once its digests are known (they are fixed-width)."""
+    count = checksum.ChunkGrid(layout.numel, meta.chunk_elems).count
+    return len(encode_header(layout, meta.with_checksums(["0" * meta.hex_width] * count).to_metadata()))
+
+
+def with_header_digest(layout: ModelLayout, metadata: Mapping[str, str],
+                       file_order: Literal["safetensors", "layout"] = "safetensors") -> dict[str, str]:
+    """``metadata`` plus the header digest of the file another writer makes of ``layout``'s tensors.
+
+    ``"safetensors"``: the order ``safetensors.*.save_file`` stores tensors in — by dtype, then by name; an update
+    has one dtype, so by name. ``"layout"``: layout order, as :func:`encode_header` writes."""
+    specs = sorted(layout, key=lambda s: s.name) if file_order == "safetensors" else list(layout)
+    return dict(_header(specs, metadata)["__metadata__"])
+
+
+# --- the upload ----------------------------------------------------------------------------------------------------
+@dataclass
+class ObjectUpload:
+    """An object under construction at ``key``: begun, written by range writers, then committed or aborted."""
+
+    store: Store
+    key: str
+    layout: ModelLayout
+    meta: UpdateMeta
+    upload_id: str
+    header_len: int
+    state: Literal["open", "committed", "aborted"] = "open"
+
+    @classmethod
+    def begin(cls, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> ObjectUpload:
+        header_len = header_length(layout, meta)
+        return cls(store, key, layout, meta, store.begin_upload(key, header_len + layout.nbytes), header_len)
+
+    @property
+    def grid(self) -> checksum.ChunkGrid:
+        return checksum.ChunkGrid(self.layout.numel, self.meta.chunk_elems)
+
+    def target(self) -> OutputTarget:
+        """Where a function writes: with its start element, what :meth:`RangeWriter.to` takes."""
+        return OutputTarget(output_key=self.key, upload_id=self.upload_id, data_start=self.header_len,
+                            digest=self.meta.digest)
+
+    def range_writer(self, start: int = 0, *, capacity: int = 0, accumulate: str | None = None) -> RangeWriter:
+        """A writer of this upload from element ``start`` in this process (``accumulate``: see RangeWriter)."""
+        return RangeWriter(self.store, self.key, self.upload_id, self.header_len, start, self.layout,
+                           self.meta.chunk_elems, self.meta.digest, capacity, accumulate or self.layout.flat_dtype)
+
+    def commit(self, chunk_digests: Mapping[int, str]) -> UpdateMeta:
+        """Write the header with every chunk's digest and publish; refuses if a chunk is missing or malformed."""
+        if self.state != "open":
+            raise GradshardError(f"upload of {self.key!r} is {self.state}; begin a new one")
+        count = self.grid.count
+        missing = [i for i in range(count) if i not in chunk_digests]
+        if missing or len(chunk_digests) != count:
+            raise InvocationError(f"cannot commit {self.key!r}: the range writers returned digests for "
+                                  f"{len(chunk_digests)} of {count} chunks (missing {missing[:8]}); rerun the "
+                                  "invocations that write them")
+        algorithm = digests.algorithm(self.meta.digest)
+        bad = next((i for i in range(count) if not algorithm.is_digest(chunk_digests[i])), None)
+        if bad is not None:
+            raise InvocationError(f"cannot commit {self.key!r}: chunk {bad}'s digest {chunk_digests[bad]!r} is not "
+                                  f"{algorithm.hex_width} hex digits of {algorithm.name}")
+        meta = self.meta.with_checksums([chunk_digests[i] for i in range(count)])
+        header = encode_header(self.layout, meta.to_metadata())
+        if len(header) != self.header_len:  # fixed-width fields: only a bug gets here
+            raise GradshardError(f"header of {self.key!r} is {len(header)} bytes, {self.header_len} were reserved")
+        self.store.write_at(self.key, self.upload_id, 0, header)
+        self.store.complete_upload(self.key, self.upload_id)
+        self.state = "committed"
+        return meta
+
+    def abort(self) -> None:
+        """Discard the upload (nothing becomes visible); a no-op once committed or aborted."""
+        if self.state == "open":
+            self.state = "aborted"
+            self.store.abort_upload(self.key, self.upload_id)
+
+    def __enter__(self) -> ObjectUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # by an exception, or left without commit
+
+
+class OutputTarget(BaseModel):
+    """Where functions write an object: its open upload, the byte offset of its data section, the digest algorithm.
+
+    Part of the invocation contracts of every function that writes a range of an object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_key: str
+    upload_id: str
+    data_start: int = Field(ge=0)
+    digest: DigestName = "xxh3_64"
+
+
+class RangeWriter:
+    """Writes consecutive elements of an upload's data section from ``start`` (a chunk boundary).
+
+    Built from plain values, so a function in another process can write its range: ``data_start`` is the
+    reserved header length. Values in the layout dtype are written as they are; values in ``accumulate`` are
+    cast into a preallocated buffer of ``capacity`` elements, piece by piece. Every chunk the writes complete is
+    digested with ``digest``; :meth:`finish` flushes the store's writer and returns those digests.
+    """
+
+    def __init__(self, store: Store, key: str, upload_id: str, data_start: int, start: int, layout: ModelLayout,
+                 chunk_elems: int, digest: str, capacity: int, accumulate: str) -> None:
+        self.key, self.dtype, self.numel = key, np.dtype(layout.flat_dtype), layout.numel
+        self._chunks = checksum.ChunkStream(checksum.ChunkGrid(layout.numel, chunk_elems), start, digest)
+        self._accepted = {self.dtype, np.dtype(accumulate)}
+        cast = np.dtype(accumulate) != self.dtype
+        if cast and capacity < 1:
+            raise GradshardError(f"casting {accumulate} to {self.dtype} needs a buffer of capacity >= 1 element")
+        self._cast = np.empty(capacity, dtype=self.dtype) if cast else None
+        self._piece = max(1, _WRITE_PIECE_BYTES // self.dtype.itemsize)
+        if self._cast is not None:
+            self._piece = min(self._piece, capacity)
+        self.pos = start
+        self.digests: dict[int, str] = {}  # chunk index -> digest, returned by functions
+        self._out = store.writer(key, upload_id, data_start + start * self.dtype.itemsize)
+
+    def write(self, values: npt.NDArray[Any]) -> None:
+        """Write the next ``len(values)`` elements."""
+        if values.ndim != 1 or values.dtype not in self._accepted:
+            wanted = " or ".join(sorted(str(d) for d in self._accepted))
+            raise GradshardError(f"expected a 1-D {wanted} array, got {values.ndim}-D {values.dtype}")
+        if self.pos + len(values) > self.numel:
+            raise GradshardError(f"writing {len(values)} more elements overflows the layout's {self.numel}")
+        for lo in range(0, len(values), self._piece):
+            piece = np.ascontiguousarray(values[lo : lo + self._piece])
+            if piece.dtype != self.dtype and self._cast is not None:
+                cast = self._cast[: len(piece)]
+                np.copyto(cast, piece, casting="same_kind")
+                piece = cast
+            self._out.write(piece)
+            self.digests.update(self._chunks.feed(piece))
+        self.pos += len(values)
+
+    @classmethod
+    def to(cls, store: Store, target: OutputTarget, start: int, layout: ModelLayout, chunk_elems: int,
+           capacity: int, accumulate: str) -> RangeWriter:
+        """A writer of ``target`` (an :meth:`ObjectUpload.target` that travelled to a function) from ``start``."""
+        return cls(store, target.output_key, target.upload_id, target.data_start, start, layout, chunk_elems,
+                   target.digest, capacity, accumulate)
+
+    def finish(self) -> dict[int, str]:
+        """Flush what the store's writer buffered; the digests of every chunk written."""
+        self._out.close()
+        return self.digests
+
+
+def merge_digests(parts: Iterable[Mapping[int, str]]) -> dict[int, str]:
+    """Merge the ``{chunk: digest}`` maps that functions returned, for :meth:`ObjectUpload.commit`; a chunk reported
+    twice must agree."""
+    merged: dict[int, str] = {}
+    for part in parts:
+        for index, digest in part.items():
+            if merged.setdefault(int(index), digest) != digest:
+                raise InvocationError(f"two functions wrote chunk {index} with different contents")
+    return merged
+
+
+# --- one process, front to back ---------------------------------------------------------------------------------
+class UpdateWriter:
+    """Streams a flat vector into a new object from element 0 and publishes it on :meth:`commit`.
+
+    The header is written last, at offset 0, so a 10 GB update is written in one pass with constant memory. Use
+    as a context manager: leaving it by an exception, or without commit, aborts the upload.
+    """
+
+    def __init__(self, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> None:
+        self.upload = ObjectUpload.begin(store, key, layout, meta)
+        self._range = self.upload.range_writer(0)
+
+    @property
+    def key(self) -> str:
+        return self.upload.key
+
+    @property
+    def upload_id(self) -> str:
+        return self.upload.upload_id
+
+    def write(self, values: npt.NDArray[Any]) -> None:
+        """Append the next ``len(values)`` elements of the flat vector (1-D, the layout's dtype)."""
+        self._range.write(values)
+
+    def commit(self) -> UpdateMeta:
+        """Write the header and publish the object; returns the metadata with its digests."""
+        if self._range.pos != self.upload.layout.numel:
+            raise GradshardError(f"update {self.key!r} got {self._range.pos} of {self.upload.layout.numel} elements")
+        return self.upload.commit({int(i): h for i, h in self._range.finish().items()})
+
+    def abort(self) -> None:
+        self.upload.abort()
+
+    def __enter__(self) -> UpdateWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+def write_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta) -> UpdateMeta:
+    """Write a whole flat vector as an object (atomically); returns ``meta`` with its chunk digests."""
+    if flat.shape != (layout.numel,):
+        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
+    with UpdateWriter(store, key, layout, meta) as writer:
+        writer.write(flat)
+        return writer.commit()
+
+
+def update_metadata(layout: ModelLayout, flat: npt.NDArray[Any], *, client: str, round: int, examples: int,
+                    base_model: str = "", chunk_elems: int | None = None, digest: DigestName = digests.DEFAULT,
+                    coverage: Coverage | None = None) -> dict[str, str]:
+    """Format-2 metadata for an update the plain safetensors library writes (``save_file(..., metadata=...)``).
+
+    The header digest is that of the header the library writes from ``layout.unflatten(flat)``."""
+    if flat.shape != (layout.numel,):
+        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
+    chunk = chunk_elems or checksum.default_chunk_elems(layout.numel)
+    grid = checksum.ChunkGrid(layout.numel, chunk)
+    data = np.ascontiguousarray(flat, dtype=layout.flat_dtype)
+    hexes = [checksum.checksum(data[a:b], digest) for a, b in (grid.bounds(i) for i in range(grid.count))]
+    meta = UpdateMeta(client=check_client_id(client), round=round, examples=examples,
+                      layout_digest=layout.digest(), chunk_elems=chunk, checksums=checksum.pack(hexes),
+                      base_model=base_model, digest=digest, coverage=coverage)
+    return with_header_digest(layout, meta.to_metadata())
