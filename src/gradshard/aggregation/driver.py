@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
 from gradshard.aggregation.contracts import ReduceResult, TreeReduceResult
-from gradshard.core.reduce import fedavg_weights
-from gradshard.errors import InvocationError, PlanError, RoundError
+from gradshard.core.reducers import REDUCERS, normalised_weights, parse_reducer
+from gradshard.errors import GradshardError, InvocationError, PlanError, RoundError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
-from gradshard.format.round import Policy, RoundManifest, check_enough, prepare_round, write_manifest
+from gradshard.format.round import Policy, RoundManifest, Weighting, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
 from gradshard.format.writer import ObjectUpload, merge_digests
 from gradshard.runtime.executor import Executor, ProgressCallback
@@ -34,6 +34,7 @@ from gradshard.topology import Plan, PlanOutput, ReduceOptions, flat_plan, shard
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
 from gradshard.topology.names import Topology
+from gradshard.topology.sharded import Partition
 from gradshard.topology.tree import lambda_fl_plan
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class AggregateConfig(BaseModel):
 
     topology: Topology = "sharded"
     shards: int = Field(default=4, ge=1)
+    partition: Partition = Field(default="contiguous", description="sharded: contiguous (the paper's) or "
+                                                                   "tensor-aligned (cuts only between tensors)")
     group_size: int | None = Field(default=None, ge=1, description="λ-FL clients per leaf (default ⌈√N⌉)")
     branching: int | None = Field(default=None, ge=2, description="LIFL branching (default max(2, ⌈N^(1/3)⌉))")
     nodes: int = Field(default=2, ge=1, description="LIFL nodes to place aggregators on")
@@ -53,11 +56,40 @@ class AggregateConfig(BaseModel):
     window_bytes: int = Field(default=DEFAULT_WINDOW_BYTES, ge=1)
     parallel_reads: int = Field(default=1, ge=1, description="clients a shard function reads at once")
     accumulate: Literal["float32", "float64"] = "float32"
-    weighting: Literal["examples", "uniform"] = "examples"
+    reducer: str = Field(default="mean", description="mean, coverage-mean, median or trimmed-mean:<beta>")
+    weighting: Weighting = "examples"
+    weights: dict[str, float] | None = Field(default=None, description="per-client weights (weighting 'server')")
     policy: Policy = "skip"
 
+    @field_validator("reducer")
+    @classmethod
+    def _known_reducer(cls, value: str) -> str:
+        try:
+            return parse_reducer(value).text
+        except GradshardError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _weights_for_server(self) -> AggregateConfig:
+        if (self.weighting == "server") != (self.weights is not None):
+            raise ValueError("per-client weights go with weighting 'server' (and only with it)")
+        return self
+
     def reduce_options(self) -> ReduceOptions:
-        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads)
+        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads, self.reducer)
+
+
+def check_reducer(config: AggregateConfig, manifest: RoundManifest) -> None:
+    """Refuse a reducer the topology cannot run, or a round whose partial clients the reducer would misread."""
+    spec = parse_reducer(config.reducer)
+    if spec.name != "mean" and config.topology not in ("sharded", "flat"):
+        raise PlanError(f"topology {config.topology!r} sums weighted partials, which only the mean reducer can do; "
+                        f"run reducer {spec.text!r} with topology 'sharded' (or 'flat')")
+    partial = [c.client for c in manifest.clients if c.partial]
+    if partial and not REDUCERS[spec.name].uses_coverage:
+        raise PlanError(f"clients {partial[:5]} trained only part of the model (their updates declare a "
+                        f"coverage), which reducer {spec.text!r} would average as if they covered everything; "
+                        "use reducer 'coverage-mean'")
 
 
 @dataclass
@@ -88,13 +120,14 @@ def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
     """Metadata of the aggregate: what was averaged and how — never which topology (outputs must be identical)."""
     spec = manifest.spec
     clients = [c.client for c in manifest.clients]
-    weights = fedavg_weights([c.examples for c in manifest.clients], config.weighting)
+    weights = normalised_weights([c.weight for c in manifest.clients])
     return UpdateMeta(client="aggregate", round=manifest.round, kind="aggregate",
                       examples=sum(c.examples for c in manifest.clients),
                       layout_digest=spec.model_layout().digest(), chunk_elems=spec.chunk_elems,
                       base_model=spec.base_model, digest=spec.digest,
                       extra={"clients": ",".join(clients), "weights": json.dumps(weights),
-                             "weighting": config.weighting, "accumulate": config.accumulate})
+                             "weighting": config.weighting, "accumulate": config.accumulate,
+                             "reducer": config.reducer})
 
 
 def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: PlanOutput,
@@ -110,7 +143,7 @@ def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256
             raise PlanError("a LIFL plan needs the nodes' shared-memory stores")
         return lifl_plan(manifest, manifest_sha256, output, options, node_stores=node_stores,
                          branching=config.branching, wait_s=config.wait_s)
-    return sharded_plan(manifest, manifest_sha256, output, options, config.shards)
+    return sharded_plan(manifest, manifest_sha256, output, options, config.shards, config.partition)
 
 
 def _remove_partials(store: Store, r: int, upload_id: str) -> None:
@@ -171,7 +204,8 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     """Aggregate round ``r`` and publish ``rounds/<r>/aggregate.safetensors``; reports go to ``reports.json``."""
     config = config or AggregateConfig()
     started = time.perf_counter()
-    manifest = prepare_round(store, r, config.policy)
+    manifest = prepare_round(store, r, config.policy, config.weighting, config.weights)
+    check_reducer(config, manifest)
     history: list[InvocationReport] = []
     for run in range(1, len(manifest.clients) + 2):
         plan, reports, published = _run_once(store, manifest, config, executor, on_done)

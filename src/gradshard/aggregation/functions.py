@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from gradshard.aggregation.contracts import FlatReduceArgs, ReduceResult, ShardReduceArgs
+from gradshard.aggregation.contracts import FlatReduceArgs, OutputTarget, ReduceResult, ReduceSettings, ShardReduceArgs
+from gradshard.aggregation.inputs import ClientInput
 from gradshard.core import checksum
+from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout
-from gradshard.core.reduce import WeightedSum, all_finite, fedavg_weights
+from gradshard.core.reduce import all_finite
+from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse_reducer
 from gradshard.errors import GradshardError, RoundError, UpdateError
-from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
+from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
 from gradshard.runtime.registry import register
@@ -42,92 +46,133 @@ def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> 
     return readers
 
 
-def nonfinite_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[Any]], start: int,
-                       stop: int) -> GradshardError:
-    """Find which client put NaN/inf into a window (re-reading it); else the sum itself overflowed."""
-    for i, client in enumerate(clients):
-        if not np.isfinite(load(i)).all():
-            return UpdateError(client, f"non-finite values (NaN or inf) in elements [{start}, {stop})")
-    return RoundError(f"the weighted sum overflowed to inf in elements [{start}, {stop}); "
-                      "use --accumulate float64")
-
-
 def shard_reduce(args: ShardReduceArgs, store: Store) -> ReduceResult:
-    """Average elements ``[start, stop)`` across all clients, streaming one window at a time.
+    """Reduce elements ``[start, stop)`` across all clients with the round's reducer, one window at a time.
 
-    Memory: ``parallel_reads`` read buffers (default one) and one accumulator of ``window`` elements, whatever N
-    and the shard length. With several buffers, that many clients' windows are read at once (threads; the store
-    releases the GIL while it waits) and still added in canonical client order, so the sum is the same bits.
+    Memory: the reducer's buffers for one window (``mean``: one read buffer, or ``parallel_reads`` of them, and one
+    accumulator; ``median`` / ``trimmed-mean``: N read buffers) — never the shard, whatever its length. With
+    several read buffers, that many clients' windows are read at once (threads; the store releases the GIL while it
+    waits) and still folded in canonical client order, so the result is the same bits.
     """
-    settings = args.settings
     manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
-    layout = manifest.spec.model_layout()
-    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
+    grid = checksum.ChunkGrid(manifest.spec.model_layout().numel, manifest.spec.chunk_elems)
     if not grid.is_aligned(args.start, args.stop):
         raise GradshardError(f"shard [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
-    weights = fedavg_weights([c.examples for c in manifest.clients], settings.weighting)
-    in_dtype = np.dtype(layout.flat_dtype)
-    window = min(window_elems(settings.window_bytes, in_dtype.itemsize), args.stop - args.start)
-    bufs = np.empty((min(settings.parallel_reads, len(manifest.clients)), window), dtype=in_dtype)
-    acc = WeightedSum(window, settings.accumulate)
-    writer = RangeWriter.to(store, args.output, args.start, layout, grid.chunk_elems, window, settings.accumulate)
-    readers = open_clients(store, manifest, layout)
-    streams = [r.stream(args.start, args.stop) for r in readers]
-    pool = ThreadPoolExecutor(len(bufs), thread_name_prefix="read") if len(bufs) > 1 else None
-    try:
-        for a in range(args.start, args.stop, window):
-            b = min(a + window, args.stop)
-            acc.start(b - a)
-            for lo in range(0, len(streams), len(bufs)):
-                batch = list(zip(streams[lo : lo + len(bufs)], bufs[:, : b - a], strict=False))
-                if pool is None:
-                    batch[0][0].read_next(batch[0][1])
-                else:
-                    list(pool.map(lambda job: job[0].read_next(job[1]), batch))
-                for j, (_, x) in enumerate(batch):
-                    acc.add(x, weights[lo + j])
-            if not all_finite(acc.value):
-                def reread(i: int, a: int = a, b: int = b) -> npt.NDArray[Any]:
-                    readers[i].read(a, b, bufs[0, : b - a])
-                    return bufs[0, : b - a]
-                raise nonfinite_culprit([r.client for r in readers], reread, a, b)
-            writer.write(acc.value)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        for reader in readers:
-            reader.close()
-    return ReduceResult(checksums=writer.finish(), clients=len(readers), window_elems=window)
-
-
-def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
-    """Read a whole update into one array (a single ranged read) and verify every chunk's checksum."""
-    with open_update(store, entry.key, entry.client, layout) as update:
-        if update.sha256 != entry.header_sha256:
-            raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
-        values = np.empty(layout.numel, dtype=update.dtype)
-        update.read_verified(0, layout.numel, values)
-        return values
+    return reduce_range(store, manifest, args.settings, args.output, args.start, args.stop)
 
 
 def flat_reduce(args: FlatReduceArgs, store: Store) -> ReduceResult:
-    """The single-aggregator reference: load each whole update in canonical order and average."""
-    settings = args.settings
+    """The single-aggregator reference: the same reducer over the whole model as one window."""
     manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
+    numel = manifest.spec.model_layout().numel
+    itemsize = np.dtype(manifest.spec.model_layout().flat_dtype).itemsize
+    settings = args.settings.model_copy(update={"window_bytes": numel * itemsize,
+                                                "parallel_reads": 1})
+    return reduce_range(store, manifest, settings, args.output, 0, numel)
+
+
+def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings, output: OutputTarget, start: int,
+                 stop: int) -> ReduceResult:
+    """Reduce ``[start, stop)`` of every client in windows and write it to ``output`` (the shared loop)."""
     layout = manifest.spec.model_layout()
-    chunk = manifest.spec.chunk_elems
-    weights = fedavg_weights([c.examples for c in manifest.clients], settings.weighting)
-    acc = WeightedSum(layout.numel, settings.accumulate)
-    acc.start(layout.numel)
-    for entry, weight in zip(manifest.clients, weights, strict=True):
-        acc.add(load_whole_update(store, entry, layout), weight)
-    if not all_finite(acc.value):
-        raise nonfinite_culprit([c.client for c in manifest.clients],
-                                lambda i: load_whole_update(store, manifest.clients[i], layout), 0,
-                                layout.numel)
-    writer = RangeWriter.to(store, args.output, 0, layout, chunk, layout.numel, settings.accumulate)
-    writer.write(acc.value)
-    return ReduceResult(checksums=writer.finish(), clients=len(manifest.clients), window_elems=layout.numel)
+    in_dtype = np.dtype(layout.flat_dtype)
+    window = min(window_elems(settings.window_bytes, in_dtype.itemsize), stop - start)
+    reducer = make_reducer(parse_reducer(settings.reducer), weights=[c.weight for c in manifest.clients],
+                           capacity=window, in_dtype=in_dtype, accumulate=settings.accumulate,
+                           parallel_reads=settings.parallel_reads)
+    batch = len(manifest.clients) if reducer.holds_all_clients else min(settings.parallel_reads,
+                                                                         len(manifest.clients))
+    writer = RangeWriter.to(store, output, start, layout, manifest.spec.chunk_elems, window, settings.accumulate)
+    inputs = open_inputs(store, manifest, layout, start, stop, window)
+    previous = open_previous(store, manifest, layout, start, stop) if reducer.uses_coverage else None
+    pool = ThreadPoolExecutor(min(batch, 8), thread_name_prefix="read") if batch > 1 else None
+    try:
+        for a in range(start, stop, window):
+            b = min(a + window, stop)
+            reducer.start(b - a)
+            for lo in range(0, len(inputs), batch):
+                jobs = [(i, inputs[i]) for i in range(lo, min(lo + batch, len(inputs)))]
+                covered = _read_batch(pool, jobs, a, b, reducer)
+                for (i, _), cov in zip(jobs, covered, strict=True):
+                    if cov is False:
+                        reducer.skip(i)
+                    else:
+                        reducer.add(i, None if cov is True else cov)
+            try:
+                values = reducer.finish(None if previous is None else partial(previous, a, b))
+            except NonFiniteInput as exc:
+                raise UpdateError(inputs[exc.index].client, f"non-finite values (NaN or inf) in elements "
+                                                            f"[{a}, {b})") from None
+            if not all_finite(values):
+                raise nonfinite_culprit(store, manifest, layout, inputs, a, b)
+            writer.write(values)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        for client in inputs:
+            client.close()
+    read_per_client = {c.client: c.bytes_read for c in inputs} if reducer.uses_coverage else {}
+    return ReduceResult(checksums=writer.finish(), clients=len(inputs), window_elems=window,
+                        bytes_read_per_client=read_per_client)
+
+
+def _read_batch(pool: ThreadPoolExecutor | None, jobs: list[tuple[int, ClientInput]], a: int, b: int,
+                reducer: Reducer) -> list[npt.NDArray[np.bool_] | bool | None]:
+    """Read window ``[a, b)`` of a batch of clients into their reducer buffers (at once with a pool)."""
+    def read(job: tuple[int, ClientInput]) -> npt.NDArray[np.bool_] | bool | None:
+        return job[1].read(a, b, reducer.buffer(job[0]))
+
+    return [read(job) for job in jobs] if pool is None else list(pool.map(read, jobs))
+
+
+def open_inputs(store: Store, manifest: RoundManifest, layout: ModelLayout, start: int, stop: int,
+                window: int) -> list[ClientInput]:
+    """Every client's verified input over ``[start, stop)``, with its coverage when it declared one."""
+    readers = open_clients(store, manifest, layout)
+    return [ClientInput(reader, start, stop, None if entry.coverage is None else CoverageMap(layout, entry.coverage),
+                        window) for reader, entry in zip(readers, manifest.clients, strict=True)]
+
+
+def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout, start: int,
+                  stop: int) -> Callable[[int, int, npt.NDArray[Any]], None] | None:
+    """Reads of the previous global model (``RoundSpec.base_key``) for elements nobody covers; None: keep zeros
+    (the updates are deltas)."""
+    key = manifest.spec.base_key
+    if not key:
+        return None
+    base = open_update(store, key, "base model", layout)
+    if manifest.spec.base_model and base.sha256 != manifest.spec.base_model:
+        base.close()
+        raise RoundError(f"the base model {key} is not the round's (header sha256 {base.sha256[:12]}, the round "
+                         f"expects {manifest.spec.base_model[:12]})")
+    buffer = np.empty(0, dtype=base.dtype)
+
+    def load(a: int, b: int, out: npt.NDArray[Any]) -> None:
+        nonlocal buffer
+        lo, hi = base.grid.extent(a, b)  # verified reads cover whole chunks
+        if len(buffer) < hi - lo:
+            buffer = np.empty(hi - lo, dtype=base.dtype)
+        base.read_verified(lo, hi, buffer[: hi - lo])
+        np.copyto(out, buffer[a - lo : b - lo], casting="same_kind")
+
+    return load
+
+
+def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout, inputs: Sequence[ClientInput],
+                      a: int, b: int) -> GradshardError:
+    """Find which client put NaN/inf into window ``[a, b)`` among the elements it covers (re-reading it); else the
+    reduction itself overflowed."""
+    values = np.empty(b - a, dtype=layout.flat_dtype)
+    for entry, client in zip(manifest.clients, inputs, strict=True):
+        lo, hi = client.reader.grid.extent(a, b)
+        whole = np.empty(hi - lo, dtype=layout.flat_dtype)
+        client.reader.read_verified(lo, hi, whole)
+        values[:] = whole[a - lo : b - lo]
+        covered = client.covered(a, b)
+        bad = ~np.isfinite(values) if covered is None else ~np.isfinite(values) & covered
+        if bad.any():
+            return UpdateError(entry.client, f"non-finite values (NaN or inf) in elements [{a}, {b})")
+    return RoundError(f"the reduction overflowed to inf in elements [{a}, {b}); use --accumulate float64")
 
 
 register("shard_reduce", shard_reduce, args=ShardReduceArgs, result=ReduceResult)

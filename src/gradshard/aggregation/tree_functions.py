@@ -12,16 +12,16 @@ Every tree node holds full-size vectors — the memory ceiling GradsSharding rem
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from gradshard.aggregation.contracts import TreeReduceArgs, TreeReduceResult
-from gradshard.aggregation.functions import load_whole_update, nonfinite_culprit
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite
-from gradshard.errors import RoundError, UpdateError
+from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.round import ClientEntry, load_manifest
 from gradshard.format.update import UpdateMeta, open_update
 from gradshard.format.writer import RangeWriter, write_update
@@ -29,12 +29,32 @@ from gradshard.runtime.registry import register
 from gradshard.store import Store, open_store
 
 
+def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
+    """Read a whole update into one array (a single ranged read) and verify every chunk's checksum."""
+    with open_update(store, entry.key, entry.client, layout) as update:
+        if update.sha256 != entry.header_sha256:
+            raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
+        values = np.empty(layout.numel, dtype=update.dtype)
+        update.read_verified(0, layout.numel, values)
+        return values
+
+
+def whole_culprit(clients: Sequence[str], load: Callable[[int], npt.NDArray[Any]], start: int,
+                       stop: int) -> GradshardError:
+    """Find which client put NaN/inf into a window (re-reading it); else the sum itself overflowed."""
+    for i, client in enumerate(clients):
+        if not np.isfinite(load(i)).all():
+            return UpdateError(client, f"non-finite values (NaN or inf) in elements [{start}, {stop})")
+    return RoundError(f"the weighted sum overflowed to inf in elements [{start}, {stop}); "
+                      "use --accumulate float64")
+
+
 def partial_layout(layout: ModelLayout, accumulate: str) -> ModelLayout:
     """A partial sum has the model's tensors in the accumulation dtype."""
     return layout.aggregated(accumulate)
 
 
-def read_partial(store: Store, key: str, layout: ModelLayout, r: int) -> tuple[npt.NDArray[Any], int]:
+def read_partial(store: Store, key: str, layout: ModelLayout, r: int) -> tuple[npt.NDArray[Any], float]:
     """A child's verified partial sum and its weight."""
     name = f"partial {key}"
     with open_update(store, key, name, layout) as upd:
@@ -43,7 +63,7 @@ def read_partial(store: Store, key: str, layout: ModelLayout, r: int) -> tuple[n
                                     f"{upd.meta.round}")
         values = np.empty(layout.numel, dtype=upd.dtype)
         upd.read_verified(0, layout.numel, values)
-        return values, upd.meta.examples
+        return values, float(upd.meta.extra.get("weight", upd.meta.examples))
 
 
 def _wait_for(store: Store, entries: list[ClientEntry], wait_s: float) -> list[ClientEntry]:
@@ -75,13 +95,13 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     entries = _wait_for(store, [by_id[c] for c in args.clients], args.wait_s)
     acc = WeightedSum(layout.numel, settings.accumulate)
     acc.start(layout.numel)
-    total = 0
+    total = 0.0
     for entry in entries:  # each update is folded in as soon as it is loaded: one whole update in memory at a time
-        count = entry.examples if settings.weighting == "examples" else 1
-        acc.add(load_whole_update(store, entry, layout), float(count))
+        count = entry.weight
+        acc.add(load_whole_update(store, entry, layout), count)
         total += count
     if entries and not all_finite(acc.value):
-        raise nonfinite_culprit([e.client for e in entries],
+        raise whole_culprit([e.client for e in entries],
                                 lambda i: load_whole_update(store, entries[i], layout), 0, layout.numel)
     sums = partial_layout(layout, settings.accumulate)
     for ref in args.partials:
@@ -94,7 +114,8 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     if args.output is not None:
         target = shm if args.output.via == "shm" and shm is not None else store
         meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
-                          round=manifest.round, examples=total, layout_digest=sums.digest(), chunk_elems=chunk,
+                          round=manifest.round, examples=max(1, round(total)), layout_digest=sums.digest(),
+                          chunk_elems=chunk, extra={"weight": repr(total)},
                           kind="partial", digest=manifest.spec.digest)
         write_update(target, args.output.key, sums, acc.value, meta)
         return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}})

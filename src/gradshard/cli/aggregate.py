@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 from rich.progress import TaskID
 
 from gradshard.aggregation.compare import CompareEvent, compare_round
@@ -54,6 +55,9 @@ def _aggregate_options(f: Any) -> Any:
                      show_default=True),
         click.option("--weighting", type=click.Choice(["examples", "uniform"]), default="examples",
                      show_default=True),
+        click.option("--reducer", default="mean", show_default=True,
+                     help="mean (weighted FedAvg), coverage-mean (clients that trained part of the model), median or "
+                          "trimmed-mean:<beta> (coordinate-wise, unweighted; sharded or flat topology)."),
         click.option("--policy", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                      help="On a bad update: continue without it, or fail the round."),
         click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True),
@@ -76,10 +80,15 @@ def _aggregate_options(f: Any) -> Any:
 
 
 def _config(kw: dict[str, Any]) -> AggregateConfig:
-    return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
-                           parallel_reads=kw["parallel_reads"],
-                           accumulate=kw["accumulate"], weighting=kw["weighting"], policy=kw["policy"],
-                           group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
+    try:
+        return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
+                               parallel_reads=kw["parallel_reads"], accumulate=kw["accumulate"],
+                               weighting=kw["weighting"], policy=kw["policy"], reducer=kw["reducer"],
+                               group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
+    except ValidationError as exc:
+        raise click.UsageError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: "
+                                         f"{str(e['msg']).removeprefix('Value error, ')}"
+                                         for e in exc.errors())) from None
 
 
 @click.command()

@@ -97,7 +97,8 @@ def parse_reducer(text: str) -> ReducerSpec:
     try:
         return ReducerSpec.model_validate({"name": name, "beta": beta})
     except ValidationError as exc:
-        raise GradshardError(f"reducer {text!r}: {exc.errors()[0]['msg']}; {hint}") from None
+        message = str(exc.errors()[0]['msg']).removeprefix('Value error, ')
+        raise GradshardError(f"reducer {text!r}: {message}; {hint}") from None
 
 
 def trim_count(beta: float, clients: int) -> int:

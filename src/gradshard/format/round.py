@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradshard.core import checksum
+from gradshard.core.coverage import CoverageMap
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError, RoundError, UpdateError
@@ -44,22 +47,28 @@ class RoundSpec(BaseModel):
     chunk_elems: int = Field(ge=1)
     digest: DigestName = "xxh3_64"
     base_model: str = ""
+    base_key: str = Field(default="", description="the base model's key: elements no client covers keep its value "
+                                                  "(coverage-mean); empty: they stay 0, the updates are deltas")
     cohort: list[str] | None = None
     min_clients: int = Field(default=1, ge=1)
 
     @classmethod
     def create(cls, r: int, layout: ModelLayout, *, chunk_elems: int | None = None, base_model: str = "",
                cohort: list[str] | None = None, min_clients: int = 1,
-               digest: DigestName = "xxh3_64") -> RoundSpec:
+               digest: DigestName = "xxh3_64", base_key: str = "") -> RoundSpec:
         layout.flat_dtype  # noqa: B018 - raises unless the layout has one dtype
         return cls(round=r, layout=layout.to_json(), base_model=base_model, cohort=cohort, min_clients=min_clients,
-                   chunk_elems=chunk_elems or checksum.default_chunk_elems(layout.numel), digest=digest)
+                   chunk_elems=chunk_elems or checksum.default_chunk_elems(layout.numel), digest=digest,
+                   base_key=base_key)
 
     def model_layout(self) -> ModelLayout:
         return ModelLayout.from_json(self.layout)
 
 
 class ClientEntry(BaseModel):
+    """One accepted client of a round: its object, its scalar weight and, if it trained only part of the model,
+    its coverage (tensor name -> leading extent per dimension; tensors not named were not trained)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     client: str
@@ -67,6 +76,37 @@ class ClientEntry(BaseModel):
     examples: int
     header_sha256: str
     size: int
+    weight: float = Field(default=0.0, ge=0)  # 0 until weights are assigned (examples, uniform or the server's)
+    coverage: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def partial(self) -> bool:
+        return self.coverage is not None
+
+
+Weighting = Literal["examples", "uniform", "server"]
+
+
+def assign_weights(manifest: RoundManifest, weighting: Weighting,
+                   server_weights: Mapping[str, float] | None = None) -> RoundManifest:
+    """Set every client's scalar weight: its example count, 1, or the value the server set for it.
+
+    With ``server``, a client the server gave no weight (or a weight that is not finite and > 0) is rejected."""
+    clients = []
+    for entry in manifest.clients:
+        if weighting == "examples":
+            weight = float(entry.examples)
+        elif weighting == "uniform":
+            weight = 1.0
+        else:
+            weight = float((server_weights or {}).get(entry.client, math.nan))
+            if not (math.isfinite(weight) and weight > 0):
+                manifest.rejected[entry.client] = (f"the server set no usable weight for it (got {weight!r}); "
+                                                   "weights must be finite and > 0")
+                continue
+        clients.append(entry.model_copy(update={"weight": weight}))
+    manifest.clients = clients
+    return manifest
 
 
 class RoundManifest(BaseModel):
@@ -144,8 +184,10 @@ def _check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMe
                                   f"write the update with digest={spec.digest!r}")
 
 
-def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifest:
-    """Validate every update's header, metadata and layout (reading headers only) and build the manifest.
+def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weighting = "examples",
+                  server_weights: Mapping[str, float] | None = None) -> RoundManifest:
+    """Validate every update's header, metadata, layout and coverage (reading headers only), build the manifest and
+    give every client its weight (:func:`assign_weights`).
 
     Bad updates are rejected with a reason naming the client; with ``policy='fail'`` the first one raises.
     Data-level faults (checksums, non-finite values) are found later by the functions that read the data.
@@ -175,7 +217,8 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifes
                     raise UpdateError(client, "unknown client: not in this round's cohort")
                 _check_meta(spec, digest, client, meta)
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
-                                               header_sha256=upd.sha256, size=upd.object_size)
+                                               header_sha256=upd.sha256, size=upd.object_size,
+                                               coverage=_checked_coverage(client, layout, meta))
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc
@@ -188,8 +231,22 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip") -> RoundManifes
             others = ", ".join(sorted(filers))
             rejected[claimed] = f"duplicate: {len(filers)} objects claim client {claimed!r} ({others})"
     manifest = RoundManifest(round=r, spec=spec, clients=[accepted[c] for c in sorted(accepted)], rejected=rejected)
+    assign_weights(manifest, weighting, server_weights)
     check_enough(manifest)
     return manifest
+
+
+def _checked_coverage(client: str, layout: ModelLayout, meta: UpdateMeta) -> dict[str, tuple[int, ...]] | None:
+    """The update's coverage, validated against the round's layout (a coverage of everything is no coverage)."""
+    if meta.coverage is None:
+        return None
+    try:
+        coverage = CoverageMap(layout, meta.coverage)
+    except GradshardError as exc:
+        raise UpdateError(client, f"bad coverage: {exc}") from None
+    if coverage.full:
+        return None
+    return {name: tuple(extent) for name, extent in coverage.extents.items()}
 
 
 def check_enough(manifest: RoundManifest) -> None:

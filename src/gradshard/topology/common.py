@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradshard.aggregation.contracts import OutputTarget, ReduceSettings, RoundRef
+from gradshard.core import digests
 from gradshard.core.digests import DigestName
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
+from gradshard.core.reducers import REDUCERS, parse_reducer
 from gradshard.errors import PlanError
+from gradshard.format.round import RoundManifest
 
 # A window of each client's input small enough that the read buffer and the accumulator stay in the CPU cache:
 # measured here (pread + xxh3 + multiply + add), 256-512 KiB windows ~5.5 GB/s per core, 4 MiB ~3.9 GB/s.
@@ -79,3 +82,29 @@ def window_memory(window_elems: int, itemsize: int, accumulate: str) -> int:
     acc = np.dtype(accumulate).itemsize
     extra = 0 if acc == itemsize else window_elems * (acc + itemsize)  # tmp in acc dtype + output cast
     return window_elems * (itemsize + acc) + extra + FUNCTION_OVERHEAD_BYTES
+
+
+def reduce_memory(manifest: RoundManifest, options: ReduceOptions, window: int, parallel_reads: int) -> int:
+    """Bytes a reducing function over ``window`` elements holds above the interpreter: the reducer's buffers (its
+    own formula), the writer's cast buffer, coverage masks, the base model's window, headers and overhead."""
+    layout = manifest.spec.model_layout()
+    itemsize = np.dtype(layout.flat_dtype).itemsize
+    spec = parse_reducer(options.reducer)
+    kind = REDUCERS[spec.name]
+    held = kind.memory_bytes(spec, clients=len(manifest.clients), window_elems=window, itemsize=itemsize,
+                             accumulate=options.accumulate, parallel_reads=parallel_reads)
+    cast = window * itemsize if np.dtype(options.accumulate).itemsize != itemsize else 0
+    extra = 0
+    if kind.uses_coverage:
+        extra += window * sum(1 for c in manifest.clients if c.partial)  # one boolean mask per partial client
+        if manifest.spec.base_key:  # the base model's window, rounded out to whole chunks
+            extra += (window + 2 * manifest.spec.chunk_elems) * itemsize
+    return held + cast + extra + FUNCTION_OVERHEAD_BYTES + manifest_header_bytes(manifest)
+
+
+def manifest_header_bytes(manifest: RoundManifest) -> int:
+    """Memory a function spends on headers: every client's packed chunk digests (hex, 16 or 64 bytes a chunk) stay,
+    but a parsed header (~1.5 KiB a tensor, measured) exists for one client at a time."""
+    chunks = -(-manifest.spec.model_layout().numel // manifest.spec.chunk_elems)
+    width = digests.algorithm(manifest.spec.digest).hex_width
+    return width * chunks * len(manifest.clients) + 1536 * len(manifest.spec.layout)

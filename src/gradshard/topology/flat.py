@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from gradshard.aggregation.contracts import FlatReduceArgs
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
-from gradshard.topology.common import PlanOutput, ReduceOptions, window_memory
+from gradshard.topology.common import PlanOutput, ReduceOptions, reduce_memory
 
 
 def flat_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutput, options: ReduceOptions) -> Plan:
     """A single ``flat_reduce`` invocation; it holds the accumulator and one whole update at a time."""
     layout = manifest.spec.model_layout()
     numel = layout.numel
-    itemsize = np.dtype(layout.flat_dtype).itemsize
-    memory = window_memory(numel, itemsize, options.accumulate)  # its window is the whole model
+    memory = reduce_memory(manifest, options, numel, 1)  # its window is the whole model
     args = FlatReduceArgs(round=output.round_ref(manifest_sha256), output=output.target(),
                           settings=options.settings())
     return Plan("flat", (Invocation("flat-0000", "flat_reduce", args, memory),), {"m": 1})
