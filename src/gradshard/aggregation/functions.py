@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gradshard.aggregation.contracts import FlatReduceArgs, OutputTarget, ReduceResult, ReduceSettings, ShardReduceArgs
-from gradshard.aggregation.inputs import ClientInput
+from gradshard.aggregation.inputs import ClientInput, PreviousModel
 from gradshard.core import checksum
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout
@@ -80,26 +80,17 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
     reducer = make_reducer(parse_reducer(settings.reducer), weights=[c.weight for c in manifest.clients],
                            capacity=window, in_dtype=in_dtype, accumulate=settings.accumulate,
                            parallel_reads=settings.parallel_reads)
-    batch = len(manifest.clients) if reducer.holds_all_clients else min(settings.parallel_reads,
-                                                                         len(manifest.clients))
+    batch = min(settings.parallel_reads, len(manifest.clients))  # clients read at once, each into its own buffer
     writer = RangeWriter.to(store, output, start, layout, manifest.spec.chunk_elems, window, settings.accumulate)
     inputs = open_inputs(store, manifest, layout, start, stop, window)
-    previous = open_previous(store, manifest, layout, start, stop) if reducer.uses_coverage else None
-    pool = ThreadPoolExecutor(min(batch, 8), thread_name_prefix="read") if batch > 1 else None
+    previous = open_previous(store, manifest, layout) if reducer.uses_coverage else None
+    pool = ThreadPoolExecutor(batch, thread_name_prefix="read") if batch > 1 else None
     try:
         for a in range(start, stop, window):
             b = min(a + window, stop)
-            reducer.start(b - a)
-            for lo in range(0, len(inputs), batch):
-                jobs = [(i, inputs[i]) for i in range(lo, min(lo + batch, len(inputs)))]
-                covered = _read_batch(pool, jobs, a, b, reducer)
-                for (i, _), cov in zip(jobs, covered, strict=True):
-                    if cov is False:
-                        reducer.skip(i)
-                    else:
-                        reducer.add(i, None if cov is True else cov)
             try:
-                values = reducer.finish(None if previous is None else partial(previous, a, b))
+                values = _reduce_window(reducer, pool, inputs, batch, a, b,
+                                        None if previous is None else previous.load)
             except NonFiniteInput as exc:
                 raise UpdateError(inputs[exc.index].client, f"non-finite values (NaN or inf) in elements "
                                                             f"[{a}, {b})") from None
@@ -111,9 +102,25 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
             pool.shutdown()
         for client in inputs:
             client.close()
+        if previous is not None:
+            previous.close()
     read_per_client = {c.client: c.bytes_read for c in inputs} if reducer.uses_coverage else {}
     return ReduceResult(checksums=writer.finish(), clients=len(inputs), window_elems=window,
                         bytes_read_per_client=read_per_client)
+
+
+def _reduce_window(reducer: Reducer, pool: ThreadPoolExecutor | None, inputs: list[ClientInput], batch: int,
+                   a: int, b: int, previous: Callable[[int, int, npt.NDArray[Any]], None] | None) -> npt.NDArray[Any]:
+    """Feed window ``[a, b)`` of every client to the reducer, ``batch`` clients read at a time, folded in order."""
+    reducer.start(b - a)
+    for lo in range(0, len(inputs), batch):
+        jobs = [(i, inputs[i]) for i in range(lo, min(lo + batch, len(inputs)))]
+        for (i, _), covered in zip(jobs, _read_batch(pool, jobs, a, b, reducer), strict=True):
+            if covered is False:
+                reducer.skip(i)
+            else:
+                reducer.add(i, None if covered is True else covered)
+    return reducer.finish(None if previous is None else partial(previous, a, b))
 
 
 def _read_batch(pool: ThreadPoolExecutor | None, jobs: list[tuple[int, ClientInput]], a: int, b: int,
@@ -133,10 +140,9 @@ def open_inputs(store: Store, manifest: RoundManifest, layout: ModelLayout, star
                         window) for reader, entry in zip(readers, manifest.clients, strict=True)]
 
 
-def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout, start: int,
-                  stop: int) -> Callable[[int, int, npt.NDArray[Any]], None] | None:
-    """Reads of the previous global model (``RoundSpec.base_key``) for elements nobody covers; None: keep zeros
-    (the updates are deltas)."""
+def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout) -> PreviousModel | None:
+    """The previous global model (``RoundSpec.base_key``) for elements nobody covers; None: they stay 0 (the updates
+    are deltas)."""
     key = manifest.spec.base_key
     if not key:
         return None
@@ -145,17 +151,7 @@ def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout, st
         base.close()
         raise RoundError(f"the base model {key} is not the round's (header sha256 {base.sha256[:12]}, the round "
                          f"expects {manifest.spec.base_model[:12]})")
-    buffer = np.empty(0, dtype=base.dtype)
-
-    def load(a: int, b: int, out: npt.NDArray[Any]) -> None:
-        nonlocal buffer
-        lo, hi = base.grid.extent(a, b)  # verified reads cover whole chunks
-        if len(buffer) < hi - lo:
-            buffer = np.empty(hi - lo, dtype=base.dtype)
-        base.read_verified(lo, hi, buffer[: hi - lo])
-        np.copyto(out, buffer[a - lo : b - lo], casting="same_kind")
-
-    return load
+    return PreviousModel(base)
 
 
 def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout, inputs: Sequence[ClientInput],

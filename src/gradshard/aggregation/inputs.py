@@ -88,3 +88,22 @@ class ClientInput:
 
     def close(self) -> None:
         self.reader.close()
+
+
+class PreviousModel:
+    """Verified window reads of the previous global model, for the elements no client covers."""
+
+    def __init__(self, reader: UpdateReader) -> None:
+        self.reader = reader
+        self._buffer = np.empty(0, dtype=reader.dtype)
+
+    def load(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
+        """Fill ``out`` with elements ``[a, b)`` (cast to its dtype); the reads cover whole chunks, to verify them."""
+        lo, hi = self.reader.grid.extent(a, b)
+        if len(self._buffer) < hi - lo:
+            self._buffer = np.empty(hi - lo, dtype=self.reader.dtype)
+        self.reader.read_verified(lo, hi, self._buffer[: hi - lo])
+        np.copyto(out, self._buffer[a - lo : b - lo], casting="same_kind")
+
+    def close(self) -> None:
+        self.reader.close()

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from gradshard.errors import GradshardError
 
 ACCUMULATE_DTYPES = ("float32", "float64")
-WEIGHTINGS = ("examples", "uniform")
+WEIGHTINGS = ("examples", "uniform", "server")  # server: weights set per client by the server
 
 
 def fedavg_weights(examples: Sequence[int], weighting: str = "examples") -> list[float]:
