@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradshard import AggregateConfig, aggregate_round
 from gradshard.aggregation.contracts import ReduceResult
@@ -123,6 +125,8 @@ def test_coverage_mean_equals_the_dense_reference_for_every_m_and_partition(seed
         outputs[f"tensor-aligned M={m}"], _ = aggregate(store, reducer="coverage-mean", shards=m,
                                                         partition="tensor-aligned", window_bytes=28)
     outputs["flat"], _ = aggregate(store, reducer="coverage-mean", topology="flat")
+    outputs["M=3, 2 parallel reads"], _ = aggregate(store, reducer="coverage-mean", shards=3, window_bytes=20,
+                                                    parallel_reads=2)
 
     # Assert: one set of bytes, equal to the reference, bitwise the base model wherever nobody covered
     assert len(set(outputs.values())) == 1, {k: hash(v) for k, v in outputs.items()}
@@ -336,3 +340,27 @@ def test_a_coverage_that_does_not_fit_the_layout_rejects_that_client() -> None:
     assert "bad coverage" in result.manifest.rejected["c01"] and "'b'" in result.manifest.rejected["c01"]
     with pytest.raises(GradshardError):
         aggregate(store, reducer="coverage-mean", policy="fail")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 7), m=st.integers(1, 12), window=st.integers(1, 40), seed=st.integers(0, 2**16),
+       reducer=st.sampled_from(["mean", "coverage-mean", "median", "trimmed-mean:0.25"]))
+def test_every_reducer_gives_the_flat_bytes_for_any_m_and_window(n: int, m: int, window: int, seed: int,
+                                                                   reducer: str) -> None:
+    # Prepare
+    rng = np.random.default_rng(seed)
+    layout = ModelLayout([TensorSpec("a", (7, 9), "float32"), TensorSpec("b", (34,), "float32")])
+    store = MemoryStore()
+    open_round(store, RoundSpec.create(0, layout, chunk_elems=CHUNK))
+    for i in range(n):
+        coverage = None if reducer != "coverage-mean" or i == 0 else {"a": (int(rng.integers(0, 8)), 9)}
+        write_update(store, update_key(0, f"c{i}"), layout, rng.standard_normal(layout.numel).astype(np.float32),
+                     UpdateMeta(client=f"c{i}", round=0, examples=int(rng.integers(1, 9)),
+                                layout_digest=layout.digest(), chunk_elems=CHUNK, coverage=coverage))
+
+    # Execute
+    flat, _ = aggregate(store, reducer=reducer, topology="flat")
+    sharded, _ = aggregate(store, reducer=reducer, shards=m, window_bytes=4 * window)
+
+    # Assert
+    assert sharded == flat
