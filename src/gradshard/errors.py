@@ -35,6 +35,18 @@ class UpdateError(GradshardError, ValueError):
         self.reason = reason
 
 
+class BadUpdatesError(UpdateError):
+    """Several client updates of one function's range are invalid: ``clients`` maps each to its reason (the first
+    one is also ``client`` / ``reason``), so the driver rejects all of them at once and reruns the round once."""
+
+    def __init__(self, clients: dict[str, str]) -> None:
+        first, reason = next(iter(clients.items()))
+        super().__init__(first, reason)
+        self.clients = dict(clients)
+        others = f" (and {len(clients) - 1} more: {', '.join(list(clients)[1:6])})" if len(clients) > 1 else ""
+        self.args = (f"update of client {first!r} rejected: {reason}{others}",)
+
+
 class RoundError(GradshardError):
     """A round cannot be aggregated (too few valid updates, policy 'fail' met a bad update, ...)."""
 

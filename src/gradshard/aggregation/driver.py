@@ -177,7 +177,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
                                 pending.meta.digest)
             plan = build_plan(config, manifest, sha, target, node_stores)
             reports = executor.run(plan, store, on_done)
-        bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
+        bad = {client: reason for r in reports for client, reason in r.bad_updates.items()}
         if bad:
             if config.policy == "fail":
                 raise RoundError(f"round {manifest.round} failed on bad updates: {bad}")

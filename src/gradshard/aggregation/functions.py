@@ -22,7 +22,7 @@ from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import all_finite
 from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse_reducer
-from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.errors import BadUpdatesError, GradshardError, RoundError, UpdateError
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
@@ -97,6 +97,13 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
             if not all_finite(values):
                 raise nonfinite_culprit(store, manifest, layout, inputs, a, b)
             writer.write(values)
+    except UpdateError as first:
+        # The output is void now; find every bad client of this range in one more pass, so that the driver rejects
+        # them all at once and reruns the round once (not once per bad client).
+        bad = find_bad_clients(store, manifest, layout, start, stop, window, first)
+        if len(bad) == 1:
+            raise
+        raise BadUpdatesError(bad) from None
     finally:
         if pool is not None:
             pool.shutdown()
@@ -152,6 +159,41 @@ def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout) ->
         raise RoundError(f"the base model {key} is not the round's (header sha256 {base.sha256[:12]}, the round "
                          f"expects {manifest.spec.base_model[:12]})")
     return PreviousModel(base)
+
+
+def find_bad_clients(store: Store, manifest: RoundManifest, layout: ModelLayout, start: int, stop: int,
+                     window: int, first: UpdateError) -> dict[str, str]:
+    """Every client whose update is bad over ``[start, stop)``: each read whole (its covered chunks), its digests
+    checked and its covered values tested for NaN/inf, one client at a time with one window buffer."""
+    bad: dict[str, str] = {first.client: first.reason}
+    buffer = np.empty(window, dtype=layout.flat_dtype)
+    for entry in manifest.clients:
+        if entry.client in bad:
+            continue
+        try:
+            reader = open_update(store, entry.key, entry.client, layout)
+        except UpdateError as exc:
+            bad[entry.client] = exc.reason
+            continue
+        coverage = None if entry.coverage is None else CoverageMap(layout, entry.coverage)
+        client = ClientInput(reader, start, stop, coverage, window)
+        try:
+            if reader.sha256 != entry.header_sha256:
+                raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
+            for a in range(start, stop, window):
+                b = min(a + window, stop)
+                values = buffer[: b - a]
+                covered = client.read(a, b, values)
+                if covered is False:
+                    continue
+                finite = np.isfinite(values) if covered is None else np.isfinite(values) | ~covered
+                if not finite.all():
+                    raise UpdateError(entry.client, f"non-finite values (NaN or inf) in elements [{a}, {b})")
+        except UpdateError as exc:
+            bad[entry.client] = exc.reason
+        finally:
+            client.close()
+    return bad
 
 
 def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout, inputs: Sequence[ClientInput],

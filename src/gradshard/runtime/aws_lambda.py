@@ -73,6 +73,7 @@ class InvokeResponse(BaseModel):
     error: str | None = None
     client: str | None = None
     reason: str | None = None
+    bad_clients: dict[str, str] = Field(default_factory=dict)
     duration_s: float = 0.0
     io: dict[str, int] = Field(default_factory=dict)
     peak_rss_bytes: int | None = None

@@ -7,8 +7,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 # Errors that will fail again on retry with the same input: reported at once, never retried.
-DETERMINISTIC_ERRORS = frozenset({"UpdateError", "MemoryLimitError", "RoundError", "PlanError", "LayoutError",
-                                  "ValidationError",
+DETERMINISTIC_ERRORS = frozenset({"UpdateError", "BadUpdatesError", "MemoryLimitError", "RoundError", "PlanError",
+                                  "LayoutError", "ValidationError",
                                   # AWS Lambda refusals that a retry cannot change
                                   "ResourceNotFoundException", "AccessDeniedException",
                                   "InvalidParameterValueException", "RequestTooLargeException"})
@@ -35,8 +35,16 @@ class InvocationReport(BaseModel):
     error: str | None = None
     client: str | None = None
     reason: str | None = None
+    bad_clients: dict[str, str] = Field(default_factory=dict)  # every bad update the function found (client: reason)
     host: str | None = None  # where it ran, on executors that span machines (the Ray node id)
     result: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def bad_updates(self) -> dict[str, str]:
+        """The bad client updates this invocation found: ``client -> reason`` (empty unless it failed on them)."""
+        if self.error_type not in ("UpdateError", "BadUpdatesError") or not self.client:
+            return {}
+        return self.bad_clients or {self.client: self.reason or self.error or ""}
 
     @property
     def retryable(self) -> bool:
@@ -53,4 +61,7 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     if client is not None:
         fields["client"] = client
         fields["reason"] = getattr(exc, "reason", None)
+        fields["bad_clients"] = dict(getattr(exc, "clients", None) or {client: fields["reason"] or ""})
     return fields
+
+
