@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-large clean
+.PHONY: demo test test-fast lint bench bench-large clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The inner loop: lint and the in-process tests (no worker processes, servers or slow cases), stopping at the first failure.
+test-fast: $(VENV)/.dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -x -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
