@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import safetensors.numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core.layout import ModelLayout, TensorSpec
@@ -28,6 +30,7 @@ from gradshard.format.update import (
     MAX_JSON_DEPTH,
     UpdateMeta,
     inspect_update,
+    json_depth,
     open_update,
     read_header,
 )
@@ -355,3 +358,23 @@ def test_inspect_reports_a_v1_object_as_unverified_and_a_v2_object_as_verified()
     # Assert
     assert (v1["format"], v1["header_verified"]) == ("1", False)
     assert (v2["format"], v2["header_verified"]) == ("2", True)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\u00e9', max_size=6),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text('[{"\\', max_size=3), inner,
+                                                                                 max_size=3), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_JSON)
+def test_the_depth_scan_agrees_with_the_parsed_json(value: Any) -> None:
+    text = json.dumps(value, ensure_ascii=False).encode()
+    assert json_depth(text, 100) == _depth(value)

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,14 +94,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# A JSON string, or an unterminated one running to the end: it never fails once it starts at a quote, so one pass
-# over the text is linear whatever the input (a failed match would be retried at every later quote).
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEP = np.zeros(256, dtype=np.int64)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
-_DEPTH_BLOCK = 1 << 20
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_DEPTH_BLOCK = 1 << 18
 
 
 class _TooDeep(ValueError):
@@ -113,17 +109,25 @@ def json_depth(text: bytes, limit: int) -> int:
     """How deep arrays and objects nest in the UTF-8 JSON ``text`` (brackets inside strings do not count), or
     ``limit + 1`` as soon as it is deeper than ``limit``.
 
-    A cheap scan (a regular expression and numpy, no recursion) made before parsing: ``json.loads`` recurses once
-    per level and raises ``RecursionError`` on a few thousand. For invalid JSON it never counts less than the
-    parser would descend before failing."""
-    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    A linear scan made before parsing (numpy, blocks of 256 KiB, no recursion): ``json.loads`` recurses once per
+    level and raises ``RecursionError`` at a few thousand. A quote preceded by an odd run of backslashes is escaped.
+    For invalid JSON the count is exact up to the first error, the only part a parser descends into."""
+    data = np.frombuffer(text, np.uint8)
     depth = deepest = 0
-    for offset in range(0, len(brackets), _DEPTH_BLOCK):
-        steps = np.frombuffer(brackets, np.uint8, min(_DEPTH_BLOCK, len(brackets) - offset), offset)
-        levels = np.cumsum(_BRACKET_STEP[steps]) + depth
+    in_string, backslashes = 0, 0  # carried across blocks: inside a string?, the backslash run ending the block
+    for offset in range(0, len(data), _DEPTH_BLOCK):
+        block = data[offset : offset + _DEPTH_BLOCK]
+        index = np.arange(len(block))
+        last_other = np.maximum.accumulate(np.where(block == _BACKSLASH, -1, index))
+        run = index - last_other + np.where(last_other < 0, backslashes, 0)  # backslashes ending at each byte
+        before = np.concatenate(([backslashes], run[:-1]))
+        quotes = (block == _QUOTE) & (before % 2 == 0)
+        inside = (np.cumsum(quotes) + in_string) % 2
+        levels = np.cumsum(_BRACKET_STEP[block] * (inside == 0)) + depth
         deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
         if deepest > limit:
             return limit + 1
+        in_string, backslashes = int(inside[-1]), int(run[-1])
     return deepest
 
 
