@@ -292,7 +292,12 @@ def test_partial_clients_are_refused_by_reducers_that_would_misread_them() -> No
     store, *_ = coverage_round(seed=0)
     for reducer in ("mean", "median"):
         with pytest.raises(PlanError, match="use reducer 'coverage-mean'"):
-            aggregate(store, reducer=reducer)
+            aggregate(store, reducer=reducer, policy="fail")
+        # under policy 'skip' the partial clients are rejected, never the round for one client
+        _, result = aggregate(store, reducer=reducer)
+        assert result.manifest.rejected
+        assert all("aggregate with reducer 'coverage-mean'" in r for r in result.manifest.rejected.values())
+        assert result.manifest.clients and not any(c.partial for c in result.manifest.clients)
 
 
 def test_robust_reducers_refuse_tree_topologies() -> None:

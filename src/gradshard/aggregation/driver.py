@@ -80,16 +80,23 @@ class AggregateConfig(BaseModel):
 
 
 def check_reducer(config: AggregateConfig, manifest: RoundManifest) -> None:
-    """Refuse a reducer the topology cannot run, or a round whose partial clients the reducer would misread."""
+    """Refuse a reducer the topology cannot run, or (policy 'fail') a round whose partial clients the reducer would
+    misread; under policy 'skip' those clients are rejected instead."""
     spec = parse_reducer(config.reducer)
     if spec.name != "mean" and config.topology not in ("sharded", "flat"):
         raise PlanError(f"topology {config.topology!r} sums weighted partials, which only the mean reducer can do; "
                         f"run reducer {spec.text!r} with topology 'sharded' (or 'flat')")
     partial = [c.client for c in manifest.clients if c.partial]
     if partial and not REDUCERS[spec.name].uses_coverage:
-        raise PlanError(f"clients {partial[:5]} trained only part of the model (their updates declare a "
-                        f"coverage), which reducer {spec.text!r} would average as if they covered everything; "
-                        "use reducer 'coverage-mean'")
+        if config.policy == "fail":
+            raise PlanError(f"clients {partial[:5]} trained only part of the model (their updates declare a "
+                            f"coverage), which reducer {spec.text!r} would average as if they covered everything; "
+                            "use reducer 'coverage-mean'")
+        for client in partial:  # under 'skip' one client's coverage must not stop the round
+            manifest.reject(client, f"it trained only part of the model (its update declares a coverage), which "
+                                    f"reducer {spec.text!r} would average as if it covered everything; aggregate "
+                                    "with reducer 'coverage-mean'")
+        check_enough(manifest)
 
 
 @dataclass

@@ -18,6 +18,9 @@ import numpy.typing as npt
 from gradshard.errors import GradshardError
 
 ACCUMULATE_DTYPES = ("float32", "float64")
+# The most examples one client may report per round. Counts, their sums over up to ~9,000 clients and the weights
+# computed from them stay exact in float64 (below 2^53), and a count that big is a lie or a bug anyway.
+MAX_EXAMPLES = 10**12
 WEIGHTINGS = ("examples", "uniform", "server")  # server: weights set per client by the server
 
 
@@ -27,10 +30,11 @@ def fedavg_weights(examples: Sequence[int], weighting: str = "examples") -> list
         raise GradshardError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not examples:
         raise GradshardError("cannot average zero clients")
-    if any(n < 1 for n in examples):
-        raise GradshardError(f"every client needs at least one example, got {list(examples)}")
+    if any(not 1 <= n <= MAX_EXAMPLES for n in examples):
+        shown = ", ".join(str(n) if len(str(n)) < 20 else f"{str(n)[:4]}...({len(str(n))} digits)" for n in examples)
+        raise GradshardError(f"every client needs at least 1 and at most {MAX_EXAMPLES} examples, got [{shown}]")
     counts = [1] * len(examples) if weighting == "uniform" else list(examples)
-    total = float(sum(counts))
+    total = float(sum(counts))  # exact: the sum of at most ~9,000 counts below 10^12 is below 2^53
     return [c / total for c in counts]
 
 

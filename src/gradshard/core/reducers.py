@@ -110,14 +110,34 @@ def trim_count(beta: float, clients: int) -> int:
     return k
 
 
+def _as_float(weight: float) -> float:
+    """``float(weight)``, or NaN for what has no float value (an int beyond the float range)."""
+    try:
+        return float(weight)
+    except (OverflowError, TypeError, ValueError):
+        return math.nan
+
+
 def normalised_weights(weights: Sequence[float]) -> list[float]:
-    """``wᵢ / Σw`` in float64 (the sum by ``math.fsum``): equal to ``fedavg_weights`` for example counts."""
+    """``wᵢ / Σw`` in float64 (the sum by ``math.fsum``): equal to ``fedavg_weights`` for example counts.
+
+    Never overflows: when the sum of finite weights exceeds the float range (server weights near 1.8e308), all are
+    first scaled by one power of two, which is exact (but for weights under 2^-1000 of the largest, which become
+    negligible either way), so each is still ``wᵢ / Σw`` rounded once."""
     if not weights:
         raise GradshardError("a reducer needs at least one client weight")
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise GradshardError(f"client weights must be finite and > 0, got {list(weights)[:8]}")
-    total = math.fsum(weights)
-    return [float(w) / total for w in weights]
+    values = [_as_float(w) for w in weights]
+    if not all(math.isfinite(w) and w > 0 for w in values):
+        raise GradshardError(f"client weights must be finite and > 0, got {values[:8]}")
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # an intermediate partial sum overflowed
+        total = math.inf
+    if math.isinf(total):
+        shift = math.frexp(max(values))[1] + len(values).bit_length()
+        values = [math.ldexp(w, -shift) for w in values]
+        total = math.fsum(values)
+    return [w / total for w in values]
 
 
 def _dtypes(in_dtype: npt.DTypeLike, accumulate: str) -> tuple[np.dtype[Any], np.dtype[Any]]:

@@ -24,6 +24,8 @@ from gradshard.core import checksum
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
+from gradshard.core.reduce import MAX_EXAMPLES
+from gradshard.core.reducers import normalised_weights
 from gradshard.errors import GradshardError, RoundError, UpdateError
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
 from gradshard.format.update import UpdateMeta, open_update
@@ -73,10 +75,11 @@ class ClientEntry(BaseModel):
 
     client: str
     key: str
-    examples: int
+    examples: int = Field(ge=1, le=MAX_EXAMPLES)
     header_sha256: str
     size: int
-    weight: float = Field(default=0.0, ge=0)  # 0 until weights are assigned (examples, uniform or the server's)
+    # 0 until weights are assigned (examples, uniform or the server's)
+    weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     coverage: dict[str, tuple[int, ...]] | None = None
 
     @property
@@ -85,13 +88,17 @@ class ClientEntry(BaseModel):
 
 
 Weighting = Literal["examples", "uniform", "server"]
+# A client holding more than this share of a round's weight while at least two others take part is named in the
+# manifest's ``warnings`` and in the log: the aggregate is then mostly that one client (an inflated example count?).
+DOMINANT_SHARE = 0.5
 
 
 def assign_weights(manifest: RoundManifest, weighting: Weighting,
                    server_weights: Mapping[str, float] | None = None) -> RoundManifest:
     """Set every client's scalar weight: its example count, 1, or the value the server set for it.
 
-    With ``server``, a client the server gave no weight (or a weight that is not finite and > 0) is rejected."""
+    With ``server``, a client the server gave no weight (or a weight that is not finite and > 0) is rejected.
+    A dominant client (:data:`DOMINANT_SHARE`) is warned about, never rejected: it may be honest."""
     clients = []
     for entry in manifest.clients:
         if weighting == "examples":
@@ -106,7 +113,28 @@ def assign_weights(manifest: RoundManifest, weighting: Weighting,
                 continue
         clients.append(entry.model_copy(update={"weight": weight}))
     manifest.clients = clients
+    manifest.warnings = dominance_warnings(clients, weighting)
+    for client, warning in manifest.warnings.items():
+        log.warning("client %r %s", client, warning)
     return manifest
+
+
+def dominance_warnings(clients: list[ClientEntry], weighting: Weighting) -> dict[str, str]:
+    """Client -> warning for each client holding more than :data:`DOMINANT_SHARE` of the weight (N >= 3)."""
+    if len(clients) < 3:
+        return {}
+    shares = normalised_weights([c.weight for c in clients])
+    warnings = {}
+    for entry, share in zip(clients, shares, strict=True):
+        if share > DOMINANT_SHARE:
+            if weighting == "examples":
+                amount = f"{entry.examples} of {sum(c.examples for c in clients)} examples"
+            else:
+                amount = f"server weight {entry.weight!r}"
+            warnings[entry.client] = (f"holds {share:.4%} of the round's weight (more than {DOMINANT_SHARE:.0%}): "
+                                      f"{amount}; the aggregate is mostly this client — check its example count, "
+                                      "or aggregate with weighting 'uniform' or 'server'")
+    return warnings
 
 
 class RoundManifest(BaseModel):
@@ -118,6 +146,7 @@ class RoundManifest(BaseModel):
     spec: RoundSpec
     clients: list[ClientEntry]
     rejected: dict[str, str] = Field(default_factory=dict)
+    warnings: dict[str, str] = Field(default_factory=dict)  # accepted clients to look at (a dominant weight)
 
     def reject(self, client: str, reason: str) -> None:
         self.clients = [c for c in self.clients if c.client != client]
@@ -198,7 +227,6 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
     prefix = f"{round_prefix(r)}/updates/"
     accepted: dict[str, ClientEntry] = {}
     rejected: dict[str, str] = {}
-    claims: dict[str, list[str]] = {}
     for key in store.list(prefix):
         name = key[len(prefix) :]
         if not name.endswith(UPDATE_SUFFIX) or "/" in name:
@@ -209,7 +237,8 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
             check_client_id(client)
             with open_update(store, key, client, layout) as upd:
                 meta = upd.meta
-                claims.setdefault(meta.client, []).append(client)
+                # The key decides identity (one object per key): an object claiming to be another client is an
+                # impostor and only it is rejected; the client it names keeps its own update.
                 if meta.client != client:
                     raise UpdateError(client, f"object is filed as client {client!r} but its metadata names "
                                               f"{meta.client!r}")
@@ -224,12 +253,6 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 raise RoundError(str(exc)) from exc
             log.warning("%s", exc)
             rejected[exc.client] = exc.reason
-    # Under policy 'fail' the misfiled object already raised; under 'skip' its rightful owner is suspect too.
-    for claimed, filers in claims.items():
-        if len(filers) > 1 and claimed in accepted:
-            del accepted[claimed]
-            others = ", ".join(sorted(filers))
-            rejected[claimed] = f"duplicate: {len(filers)} objects claim client {claimed!r} ({others})"
     manifest = RoundManifest(round=r, spec=spec, clients=[accepted[c] for c in sorted(accepted)], rejected=rejected)
     assign_weights(manifest, weighting, server_weights)
     check_enough(manifest)

@@ -34,13 +34,18 @@ import numpy.typing as npt
 from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype
-from gradshard.errors import GradshardError, StoreError, UpdateError
+from gradshard.core.reduce import MAX_EXAMPLES
+from gradshard.errors import GradshardError, UpdateError
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
 FORMAT_VERSION = "2"
 READABLE_FORMATS = ("1", "2")  # format 1: xxh3_64 chunk checksums, no header digest
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# A header of 100,000 tensors with 64-character names and 4-d shapes takes ~17 MB, 4096 chunk digests of 64 hex
+# digits 256 KiB: 32 MiB leaves room for both (the safetensors library itself allows 100 MiB). Parsing is bounded by
+# it, and the nesting depth is checked before parsing (an update's header nests 3 levels: header, tensor, shape).
+MAX_HEADER_BYTES = 32 * 1024 * 1024
+MAX_JSON_DEPTH = 8
 MAX_COVERAGE_BYTES = 64 * 1024
 _P = "gradshard."
 HEADER_DIGEST_KEY = f"{_P}header_digest"
@@ -89,9 +94,54 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_BRACKET_STEP = np.zeros(256, dtype=np.int64)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_DEPTH_BLOCK = 1 << 18
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def json_depth(text: bytes, limit: int) -> int:
+    """How deep arrays and objects nest in the UTF-8 JSON ``text`` (brackets inside strings do not count), or
+    ``limit + 1`` as soon as it is deeper than ``limit``.
+
+    A linear scan made before parsing (numpy, blocks of 256 KiB, no recursion): ``json.loads`` recurses once per
+    level and raises ``RecursionError`` at a few thousand. A quote preceded by an odd run of backslashes is escaped.
+    For invalid JSON the count is exact up to the first error, the only part a parser descends into."""
+    data = np.frombuffer(text, np.uint8)
+    depth = deepest = 0
+    in_string, backslashes = 0, 0  # carried across blocks: inside a string?, the backslash run ending the block
+    for offset in range(0, len(data), _DEPTH_BLOCK):
+        block = data[offset : offset + _DEPTH_BLOCK]
+        index = np.arange(len(block))
+        last_other = np.maximum.accumulate(np.where(block == _BACKSLASH, -1, index))
+        run = index - last_other + np.where(last_other < 0, backslashes, 0)  # backslashes ending at each byte
+        before = np.concatenate(([backslashes], run[:-1]))
+        quotes = (block == _QUOTE) & (before % 2 == 0)
+        inside = (np.cumsum(quotes) + in_string) % 2
+        levels = np.cumsum(_BRACKET_STEP[block] * (inside == 0)) + depth
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        if deepest > limit:
+            return limit + 1
+        in_string, backslashes = int(inside[-1]), int(run[-1])
+    return deepest
+
+
 def _loads(text: str | bytes | bytearray) -> Any:
-    """Strict JSON: no duplicate keys, no NaN/Infinity, no overflowing numbers."""
-    return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant,
+    """Strict JSON: UTF-8, nested at most :data:`MAX_JSON_DEPTH` levels, no duplicate keys, no NaN/Infinity, no
+    overflowing numbers. Raises ``ValueError`` (``_TooDeep`` for the depth)."""
+    if isinstance(text, str):
+        raw, decoded = text.encode("utf-8", "surrogatepass"), text
+    else:
+        raw = bytes(text)
+        decoded = raw.decode("utf-8")  # strict: json.loads would guess UTF-16 or UTF-32 from null bytes
+    if json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise _TooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
+    return json.loads(decoded, object_pairs_hook=_unique_pairs, parse_constant=_reject_constant,
                       parse_float=_finite_float)
 
 
@@ -154,6 +204,9 @@ class UpdateMeta:
 
     def __post_init__(self) -> None:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
+        if self.kind == "update" and not 1 <= self.examples <= MAX_EXAMPLES:
+            raise GradshardError(f"update of client {self.client!r}: examples must be between 1 and {MAX_EXAMPLES} "
+                                 f"(the most one client may report per round), got {self.examples}")
         if self.coverage is not None:
             encode_coverage(self.coverage)
             object.__setattr__(self, "coverage", {k: tuple(v) for k, v in self.coverage.items()})
@@ -187,14 +240,17 @@ class UpdateMeta:
                 raise UpdateError(client, f"metadata field '{_P}{name}' is missing")
             return value
 
-        def positive_int(name: str, minimum: int) -> int:
+        def positive_int(name: str, minimum: int, maximum: int | None = None, why: str = "") -> int:
             raw = need(name)
             try:
-                value = int(raw)
+                value = int(raw)  # at most 4300 digits (Python's limit), or ValueError
             except ValueError:
-                raise UpdateError(client, f"metadata field '{_P}{name}' is not an integer: {raw!r}") from None
+                raise UpdateError(client, f"metadata field '{_P}{name}' is not an integer: {raw[:40]!r}") from None
             if value < minimum:
                 raise UpdateError(client, f"metadata field '{_P}{name}' must be >= {minimum}, got {value}")
+            if maximum is not None and value > maximum:
+                shown = raw if len(raw) <= 20 else f"{raw[:8]}... ({len(raw)} digits)"
+                raise UpdateError(client, f"metadata field '{_P}{name}' must be <= {maximum}{why}, got {shown}")
             return value
 
         version, algorithm = need("format"), need("checksum")
@@ -208,9 +264,13 @@ class UpdateMeta:
                                       f"{expected})")
         coverage = parse_coverage(client, md[COVERAGE_KEY]) if COVERAGE_KEY in md else None
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
-        return cls(client=need("client"), round=positive_int("round", 0), examples=positive_int("examples", 1),
+        kind = need("kind")
+        # an update's count is bounded (its weight must stay exact); an aggregate's is the sum of its clients'
+        examples = positive_int("examples", 1, *((MAX_EXAMPLES, " (the most one client may report per round)")
+                                                 if kind == "update" else ()))
+        return cls(client=need("client"), round=positive_int("round", 0), examples=examples,
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
-                   checksums=need("checksums"), base_model=need("base_model"), kind=need("kind"), extra=extra,
+                   checksums=need("checksums"), base_model=need("base_model"), kind=kind, extra=extra,
                    digest=digests.algorithm(algorithm).name, coverage=coverage)
 
 
@@ -266,13 +326,20 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
     prefix = bytearray(8)
     reader.read_into(0, memoryview(prefix))
     (n,) = struct.unpack("<Q", prefix)
-    if n > MAX_HEADER_BYTES or 8 + n > reader.size:
+    if n > MAX_HEADER_BYTES:
+        raise UpdateError(client, f"object {key!r} has a header length of {n} bytes, over the maximum of "
+                                  f"{MAX_HEADER_BYTES} (enough for 100,000 tensors): it is not an update or it is "
+                                  "corrupted")
+    if 8 + n > reader.size:
         raise UpdateError(client, f"object {key!r} is truncated or not safetensors: header length {n} "
                                   f"but the object has {reader.size} bytes")
     raw = bytearray(n)
     reader.read_into(8, memoryview(raw))
     try:
         header = _loads(raw)
+    except _TooDeep as exc:
+        raise UpdateError(client, f"object {key!r} has a header {exc} (an update's header nests 3): it is not an "
+                                  "update or it is corrupted") from None
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise UpdateError(client, f"object {key!r} has a header that is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -366,19 +433,20 @@ class UpdateReader:
         return len(self._runs) <= 1
 
     def read(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
-        """Fill ``out`` (length ``stop - start``) with elements ``[start, stop)``; no checksum check."""
+        """Fill ``out`` (length ``stop - start``) with elements ``[start, stop)``; no checksum check.
+
+        A :class:`StoreError` propagates as it is: it says nothing about the update's content (a dropped
+        connection, a throttled request), so the executor retries the invocation instead of the round rejecting
+        a healthy client. Only content errors (checksums, values, header) are :class:`UpdateError`."""
         view = as_bytes(out)
         size = self.dtype.itemsize
-        try:
-            for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
-                lo, hi, offset = self._runs[i]
-                if lo >= stop:
-                    break
-                a, b = max(start, lo), min(stop, hi)
-                if a < b:
-                    self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
-        except StoreError as exc:
-            raise UpdateError(self.client, f"read failed: {exc}") from exc
+        for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
+            lo, hi, offset = self._runs[i]
+            if lo >= stop:
+                break
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
 
     def checksum_of(self, index: int) -> str:
         """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
