@@ -31,7 +31,7 @@ from gradshard.format.keys import aggregate_key, manifest_key, update_key, updat
 from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
-from gradshard.runtime import InlineExecutor
+from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore
 
 R = 2
@@ -295,3 +295,25 @@ def test_listing_everything_finds_every_object(tmp_path: Path) -> None:
     store = _listing_store(tmp_path)
     keys = store.list()
     assert len(keys) == 44 and keys == sorted(keys) and "elsewhere/039/x" in keys
+
+
+# --- item 8: function processes never import from the working directory ----------------------------------------
+def test_a_module_in_the_working_directory_never_runs_inside_a_function(
+        honest: LocalStore, layout: ModelLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a json.py (imported by every function process) in the directory the driver runs from
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "imported-from-cwd"
+    (cwd / "json.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.chdir(cwd)
+    executor = LocalExecutor(workers=1)
+
+    # Execute
+    try:
+        aggregate_round(honest, R, executor, CONFIG)
+    finally:
+        executor.close()
+
+    # Assert
+    assert not marker.exists()
+    assert read_flat(honest, aggregate_key(R), layout).tobytes() == _honest_mean()
