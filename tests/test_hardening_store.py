@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +319,56 @@ def test_a_module_in_the_working_directory_never_runs_inside_a_function(
     # Assert
     assert not marker.exists()
     assert read_flat(honest, aggregate_key(R), layout).tobytes() == _honest_mean()
+
+
+# --- item 13: more clients than open files -------------------------------------------------------------------
+@pytest.fixture
+def low_fd_limit() -> Iterator[int]:
+    """Lower this process's soft RLIMIT_NOFILE to 128 while the test starts its executor (the zygote and every
+    function process inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        yield 128
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_round_of_more_clients_than_open_files_aggregates(tmp_path: Path, low_fd_limit: int) -> None:
+    # Prepare: 300 clients, functions limited to 128 open files
+    layout = synthetic(200, tensor_elems=100)
+    store = LocalStore(tmp_path / "store", fsync=False)
+    open_round(store, RoundSpec.create(R, layout, chunk_elems=100))
+    vectors = [np.full(200, i, dtype=np.float32) for i in range(300)]
+    for i, vector in enumerate(vectors):
+        write_update(store, update_key(R, f"c{i:03d}"), layout, vector,
+                     UpdateMeta(client=f"c{i:03d}", round=R, examples=1, layout_digest=layout.digest(),
+                                chunk_elems=100))
+    executor = LocalExecutor(workers=1, retries=0)
+
+    # Execute
+    try:
+        result = aggregate_round(store, R, executor, AggregateConfig(shards=1, window_bytes=400, parallel_reads=4))
+    finally:
+        executor.close()
+
+    # Assert: every client, in canonical order, the exact mean
+    assert len(result.manifest.clients) == 300 and not result.manifest.rejected
+    expected = fedavg(vectors, fedavg_weights([1] * 300), "float32")
+    np.testing.assert_equal(read_flat(store, aggregate_key(R), layout), expected)
+
+
+def test_a_reader_whose_descriptor_was_released_notices_a_replaced_object(tmp_path: Path) -> None:
+    # Prepare: a store that may keep no descriptor between reads
+    store = LocalStore(tmp_path, max_open_files=0)
+    store.put("k", b"0123456789")
+    reader = store.open_reader("k")
+    buf = bytearray(4)
+    reader.read_into(2, memoryview(buf))
+    store.put("k", b"9876543210")  # a new file (os.replace): another inode
+
+    # Execute / Assert
+    with pytest.raises(StoreError, match=r"'k' in .* was replaced"):
+        reader.read_into(0, memoryview(buf))
+    reader.close()
+    assert bytes(buf) == b"2345"

@@ -19,7 +19,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import resource
 import stat
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,45 +68,108 @@ def _scan(dfd: int, base: str, start: str, keys: list[str]) -> None:
         os.close(dfd)
 
 
+class OpenFiles:
+    """The descriptors a store's readers keep open between reads, at most ``limit`` of them.
+
+    The first ``limit`` readers keep theirs; any further reader opens its file for each read and closes it after
+    (for the cyclic access of a shard function over N clients this keeps the most descriptors stable). So a
+    function reading 1,100 clients under ``ulimit -n 1024`` never runs out of descriptors.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[LocalObjectReader, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, reader: LocalObjectReader) -> int | None:
+        """The reader's kept descriptor, now the caller's (None: it has none)."""
+        with self._lock:
+            return self._held.pop(reader, None)
+
+    def keep(self, reader: LocalObjectReader, fd: int) -> None:
+        """Give ``fd`` back to be kept for ``reader``, or close it if the budget is spent."""
+        with self._lock:
+            if len(self._held) < self.limit:
+                self._held[reader] = fd
+                return
+        os.close(fd)
+
+
+def default_open_files() -> int:
+    """How many descriptors a local store's readers keep open: a quarter of the soft ``RLIMIT_NOFILE``, at most
+    256 (the rest is left to the process, and to readers of other stores)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(8, min(256, soft // 4)) if soft != resource.RLIM_INFINITY else 256
+
+
 class LocalObjectReader(ObjectReader):
-    """A file opened once and read with ``pread`` (no shared file position, safe across threads)."""
+    """A file read with ``pread`` (no shared file position, safe across threads), pinned to the file it opened.
+
+    Its descriptor is kept between reads while the store's :class:`OpenFiles` budget allows; otherwise each read
+    reopens the key and checks that it is the same file (device, inode and size), so a replaced object fails
+    loudly instead of mixing two versions — as the S3 store pins an ETag.
+    """
 
     def __init__(self, store: LocalStore, key: str) -> None:
         self._store = store
         self._key = key
-        self._fd, st = store.open_regular(key, os.O_RDONLY)
+        fd, st = store.open_regular(key, os.O_RDONLY)
         self.size = st.st_size
+        self._pin = (st.st_dev, st.st_ino)
+        self._closed = False
+        store.open_files.keep(self, fd)
+
+    def _fd(self) -> int:
+        fd = self._store.open_files.take(self)
+        if fd is not None:
+            return fd
+        if self._closed:
+            raise StoreError(f"object {self._key!r} was read after its reader was closed")
+        fd, st = self._store.open_regular(self._key, os.O_RDONLY)
+        if (st.st_dev, st.st_ino) != self._pin or st.st_size != self.size:
+            os.close(fd)
+            raise StoreError(f"object {self._key!r} in {self._store.root} was replaced while it was being read; "
+                             "rerun the round (objects must not change while a round reads them)")
+        return fd
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         want = len(buf)
         if offset < 0 or offset + want > self.size:
             raise StoreError(f"read of bytes [{offset}, {offset + want}) is outside object {self._key!r} "
                              f"of {self.size} bytes")
-        done = 0
-        while done < want:
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n == 0:
-                raise StoreError(f"object {self._key!r} ended early at byte {offset + done} (truncated?)")
-            done += n
+        fd = self._fd()
+        try:
+            done = 0
+            while done < want:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise StoreError(f"object {self._key!r} ended early at byte {offset + done} (truncated?)")
+                done += n
+        finally:
+            self._store.open_files.keep(self, fd)
         self._store.io.gets += 1
         self._store.io.bytes_read += want
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closed = True
+        fd = self._store.open_files.take(self)
+        if fd is not None:
+            os.close(fd)
 
 
 class LocalStore(Store):
     """Objects as files under ``root`` (created if missing).
 
     ``fsync=True`` (default) makes every published object durable before it becomes visible; ``False`` keeps
-    atomic visibility but leaves flushing to the OS (for scratch stores and benchmarks).
+    atomic visibility but leaves flushing to the OS (for scratch stores and benchmarks). ``max_open_files``
+    bounds the descriptors its readers keep between reads (default :func:`default_open_files`); readers past it
+    reopen their file for each read.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, max_open_files: int | None = None) -> None:
         super().__init__()
         self.fsync = fsync
+        self.open_files = OpenFiles(default_open_files() if max_open_files is None else max_open_files)
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
