@@ -17,14 +17,18 @@ import resource
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from click.testing import CliRunner
+from conftest import new_s3_store
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.cli.main import main
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import fedavg, fedavg_weights
 from gradshard.core.zoo import synthetic
@@ -34,7 +38,8 @@ from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
-from gradshard.store import LocalStore
+from gradshard.store import LocalStore, MemoryStore
+from gradshard.units import MIB
 
 R = 2
 NUMEL = 3000
@@ -372,3 +377,124 @@ def test_a_reader_whose_descriptor_was_released_notices_a_replaced_object(tmp_pa
         reader.read_into(0, memoryview(buf))
     reader.close()
     assert bytes(buf) == b"2345"
+
+
+# --- item 11: stale uploads are collected, live ones never -----------------------------------------------------
+HOUR = 3600.0
+
+
+def _age(store: LocalStore, upload_id: str, seconds: float) -> None:
+    """Make a local upload look idle for ``seconds``."""
+    path = store.root / ".uploads" / upload_id
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_gc_collects_local_uploads_idle_past_the_threshold_and_keeps_live_ones(tmp_path: Path) -> None:
+    # Prepare: an upload abandoned two hours ago, one written a minute ago
+    store = LocalStore(tmp_path)
+    abandoned = store.begin_upload("rounds/000001/aggregate.safetensors", 1 << 20)
+    live = store.begin_upload("rounds/000002/aggregate.safetensors", 100)
+    _age(store, abandoned, 2 * HOUR)
+    _age(store, live, 60)
+
+    # Execute
+    listed = store.collect_stale_uploads(HOUR, dry_run=True)
+    collected = store.collect_stale_uploads(HOUR)
+
+    # Assert
+    assert [u.upload_id for u in listed] == [abandoned] == [u.upload_id for u in collected]
+    assert collected[0].size == 1 << 20 and collected[0].idle_s >= 2 * HOUR - 5
+    assert sorted(p.name for p in (store.root / ".uploads").iterdir()) == [live]
+    store.write_at("rounds/000002/aggregate.safetensors", live, 0, b"x" * 100)  # still usable
+
+
+def test_an_upload_written_after_it_was_listed_is_not_removed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    upload = store.begin_upload("k", 10)
+    _age(store, upload, 2 * HOUR)
+    (stale,) = store.stale_uploads(HOUR)
+
+    store.write_at("k", upload, 0, b"0123456789")  # the round was alive after all
+
+    assert store.remove_stale(stale) is False
+    store.complete_upload("k", upload)
+    assert store.get("k") == b"0123456789"
+
+
+def test_memory_store_collects_stale_uploads_by_key() -> None:
+    store = MemoryStore()
+    first = store.begin_upload("a", 4)
+    store.begin_upload("b", 4)
+
+    found = store.stale_uploads(0, key="a")
+    collected = store.collect_stale_uploads(0, key="a")
+
+    assert [(u.upload_id, u.key) for u in found] == [(first, "a")] == [(u.upload_id, u.key) for u in collected]
+    assert [u.key for u in store.stale_uploads(0)] == ["b"]
+    with pytest.raises(StoreError, match="does not exist"):
+        store.write_at("a", first, 0, b"x")
+
+
+def test_a_round_collects_its_own_abandoned_aggregate_upload_only(honest: LocalStore) -> None:
+    # Prepare: a crashed earlier run of this round (2 h ago), another round's old upload, and a live one
+    own = honest.begin_upload(aggregate_key(R), 1000)
+    other = honest.begin_upload(aggregate_key(R + 1), 1000)
+    live = honest.begin_upload(aggregate_key(R), 1000)
+    _age(honest, own, 2 * HOUR)
+    _age(honest, other, 2 * HOUR)
+
+    # Execute
+    aggregate_round(honest, R, InlineExecutor(), CONFIG)
+
+    # Assert
+    assert sorted(p.name for p in (honest.root / ".uploads").iterdir()) == sorted([other, live])
+
+
+def test_gc_command_lists_then_collects(tmp_path: Path) -> None:
+    # Prepare
+    store = LocalStore(tmp_path)
+    abandoned = store.begin_upload("x", 10)
+    _age(store, abandoned, 3 * HOUR)
+    runner = CliRunner()
+
+    # Execute
+    dry = runner.invoke(main, ["gc", "--store", str(tmp_path), "--older-than", "2h", "--dry-run"])
+    kept = (store.root / ".uploads" / abandoned).exists()
+    real = runner.invoke(main, ["gc", "--store", str(tmp_path)])
+    bad = runner.invoke(main, ["gc", "--store", str(tmp_path), "--older-than", "soon"])
+
+    # Assert
+    assert dry.exit_code == 0 and "would collect 1 stale upload(s), 10 bytes" in dry.output and kept
+    assert real.exit_code == 0 and "collected 1 stale upload(s)" in real.output
+    assert not (store.root / ".uploads" / abandoned).exists()
+    assert bad.exit_code != 0 and "not an age" in bad.output
+
+
+def test_s3_gc_aborts_multipart_uploads_and_deletes_fragments(s3_endpoint: str) -> None:
+    # Prepare: an abandoned multipart upload with a fragment, an orphan multipart upload, a single-cell upload
+    store = new_s3_store(s3_endpoint)
+    big = store.begin_upload("rounds/000001/aggregate.safetensors", 11 * MIB)
+    store.write_at("rounds/000001/aggregate.safetensors", big, 0, b"header")
+    small = store.begin_upload("rounds/000001/manifest.json", 10)
+    store.write_at("rounds/000001/manifest.json", small, 0, b"0123")
+    live = store.collect_stale_uploads(HOUR)
+    # moto reports a fixed start date (2010) for every multipart upload: the orphan is created after that check
+    store.client.create_multipart_upload(Bucket=store.bucket, Key=store.prefix + "orphan")
+    time.sleep(1.1)  # S3 times are whole seconds
+
+    # Execute
+    listed = store.stale_uploads(1)
+    only_big = store.stale_uploads(1, key="rounds/000001/aggregate.safetensors")
+    collected = store.collect_stale_uploads(1)
+
+    # Assert
+    assert live == []
+    assert {u.key for u in listed} == {"rounds/000001/aggregate.safetensors", "rounds/000001/manifest.json",
+                                       "orphan"}
+    assert [u.upload_id for u in only_big] == [big]
+    assert {u.upload_id for u in collected} == {u.upload_id for u in listed}
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+    assert store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0) == 0
+    with pytest.raises(StoreError, match="does not exist"):
+        store.write_at("rounds/000001/manifest.json", small, 4, b"x")

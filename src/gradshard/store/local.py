@@ -15,6 +15,7 @@ directory. Reads of a regular file cannot block: a read that returns no bytes ra
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import hashlib
@@ -22,13 +23,14 @@ import os
 import resource
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gradshard.errors import ObjectNotFoundError, StoreError, UnsafeObjectError
-from gradshard.store.base import BytesLike, ObjectReader, Store, as_bytes, check_key
+from gradshard.store.base import STALE_UPLOAD_S, BytesLike, ObjectReader, StaleUpload, Store, as_bytes, check_key
 
 _UPLOADS = ".uploads"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -392,6 +394,39 @@ class LocalStore(Store):
                 os.unlink(upload_id, dir_fd=dfd)
         finally:
             os.close(dfd)
+
+    def stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, key: str | None = None) -> builtins.list[StaleUpload]:
+        """Files under ``.uploads/`` not modified for ``older_than_s`` seconds (every ``write_at`` touches one)."""
+        dfd = self._uploads_dir()
+        if dfd is None:
+            return []
+        now, found = time.time(), []
+        try:
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    if key is not None and not entry.name.endswith(_key_tag(key)):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if now - st.st_mtime >= older_than_s:
+                        found.append(StaleUpload(entry.name, key, now - st.st_mtime, st.st_size, st.st_mtime))
+        finally:
+            os.close(dfd)
+        return sorted(found, key=lambda u: u.upload_id)
+
+    def remove_stale(self, upload: StaleUpload) -> bool:
+        dfd = self._uploads_dir()
+        if dfd is None:
+            return False
+        try:
+            try:
+                if os.lstat(upload.upload_id, dir_fd=dfd).st_mtime > upload.last_write:
+                    return False  # written since it was listed: live after all
+                os.unlink(upload.upload_id, dir_fd=dfd)
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(dfd)
+        return True
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "local", "root": str(self.root), "fsync": self.fsync}
