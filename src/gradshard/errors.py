@@ -26,6 +26,11 @@ class ObjectNotFoundError(StoreError, KeyError):
         return str(self.args[0]) if self.args else "object not found"
 
 
+class UnsafeObjectError(StoreError):
+    """A store entry is not a regular file inside the store (a symbolic link, a FIFO, a socket, a device, or under
+    a symlinked directory); it was refused without being opened or read."""
+
+
 class UpdateError(GradshardError, ValueError):
     """A client update is invalid. ``client`` names whose update it is; ``reason`` says what is wrong."""
 

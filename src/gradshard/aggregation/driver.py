@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
 from gradshard.aggregation.contracts import ReduceResult, TreeReduceResult
 from gradshard.core.reducers import REDUCERS, normalised_weights, parse_reducer
-from gradshard.errors import GradshardError, InvocationError, PlanError, RoundError
+from gradshard.errors import GradshardError, InvocationError, PlanError, RoundError, StoreError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
 from gradshard.format.round import Policy, RoundManifest, Weighting, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
@@ -29,7 +29,7 @@ from gradshard.format.writer import ObjectUpload, merge_digests
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
-from gradshard.store import Store
+from gradshard.store import STALE_UPLOAD_S, Store
 from gradshard.topology import Plan, PlanOutput, ReduceOptions, flat_plan, sharded_plan
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
@@ -206,11 +206,21 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
         _remove_partials(store, manifest.round, pending.upload_id)
 
 
+def _collect_own_leftovers(store: Store, r: int) -> None:
+    """Abort uploads of this round's aggregate that a crashed earlier run left, idle for ``STALE_UPLOAD_S``."""
+    try:
+        for upload in store.collect_stale_uploads(STALE_UPLOAD_S, key=aggregate_key(r)):
+            log.info("aborted stale upload %s of %s (idle %.0f s)", upload.upload_id, upload.key, upload.idle_s)
+    except StoreError as exc:  # e.g. no permission to list multipart uploads: the round does not need it
+        log.warning("could not collect stale uploads of %s: %s", aggregate_key(r), exc)
+
+
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
                     on_done: ProgressCallback | None = None) -> AggregateResult:
     """Aggregate round ``r`` and publish ``rounds/<r>/aggregate.safetensors``; reports go to ``reports.json``."""
     config = config or AggregateConfig()
     started = time.perf_counter()
+    _collect_own_leftovers(store, r)
     manifest = prepare_round(store, r, config.policy, config.weighting, config.weights)
     check_reducer(config, manifest)
     history: list[InvocationReport] = []

@@ -16,6 +16,7 @@ from gradshard.cli.common import console
 from gradshard.cli.cost import cost, plan
 from gradshard.cli.demo import demo
 from gradshard.cli.deploy import deploy
+from gradshard.cli.gc import gc
 from gradshard.cli.train import train
 from gradshard.errors import GradshardError
 
@@ -29,7 +30,7 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (aggregate, inspect, compare, train, demo, cost, plan, deploy):
+for command in (aggregate, inspect, compare, train, demo, cost, plan, deploy, gc):
     main.add_command(command)
 
 

@@ -35,7 +35,7 @@ from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype
 from gradshard.core.reduce import MAX_EXAMPLES
-from gradshard.errors import GradshardError, UpdateError
+from gradshard.errors import GradshardError, UnsafeObjectError, UpdateError
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
@@ -506,7 +506,10 @@ class VerifiedStream:
 
 def open_update(store: Store, key: str, client: str, layout: ModelLayout) -> UpdateReader:
     """Open ``key``, validate header, metadata and layout, and return a reader; errors name ``client``."""
-    reader = store.open_reader(key)
+    try:
+        reader = store.open_reader(key)
+    except UnsafeObjectError as exc:  # a symlink, FIFO, ... in the store: this client's update is refused
+        raise UpdateError(client, str(exc)) from None
     try:
         header = read_header(reader, key, client)
         meta = UpdateMeta.from_metadata(client, header.metadata)

@@ -7,6 +7,12 @@ use. Unlike ``multiprocessing``'s fork server it never re-imports the caller's `
 Protocol over a Unix socket, one connection per invocation, newline-delimited JSON:
 client sends ``{"function", "args", "store"}``; the child answers ``{"pid": n}`` at once, then the report payload.
 The zygote exits when its stdin closes, so it never outlives the process that started it.
+
+The zygote is started with ``python -P``: the working directory is never on its ``sys.path``, so a ``json.py`` in
+the directory a driver runs from is not imported into any function. Its path is the interpreter's own:
+``PYTHONPATH`` (honoured), the standard library, site-packages (editable installs included), and last the
+directory gradshard itself was imported from if it is not there already. A module with functions of your own must
+be importable from those (installed, or on ``PYTHONPATH``), not only from the working directory.
 """
 
 from __future__ import annotations
@@ -152,13 +158,19 @@ class Zygote:
                 return self.path
             self._dir = tempfile.TemporaryDirectory(prefix="gradshard-zygote-")
             self.path = str(Path(self._dir.name) / "sock")
-            code = f"from gradshard.runtime.zygote import serve; serve({self.path!r}, {self.preload!r})"
-            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+            self._proc = subprocess.Popen([sys.executable, "-P", "-c", self._command()], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE)
             assert self._proc.stdout is not None
             if self._proc.stdout.readline().strip() != b"ready":
                 raise GradshardError("the function zygote process failed to start")
             return self.path
+
+    def _command(self) -> str:
+        """The zygote's ``-c`` program: gradshard's own location appended to ``sys.path`` if missing (never the
+        working directory, never ahead of the standard library), then :func:`serve`."""
+        location = str(Path(__file__).resolve().parents[2])
+        return (f"import sys; sys.path.append({location!r}) if {location!r} not in sys.path else None; "
+                f"from gradshard.runtime.zygote import serve; serve({self.path!r}, {self.preload!r})")
 
     def invoke(self, invocation: Invocation, store_spec: StoreSpec, *, keep: bool = False,
                warm: Child | None = None) -> Child:

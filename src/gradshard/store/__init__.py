@@ -5,14 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from gradshard.errors import StoreError
-from gradshard.store.base import BytesLike, IOCounters, ObjectReader, Store, StoreSpec, check_key
+from gradshard.store.base import (
+    STALE_UPLOAD_S,
+    BytesLike,
+    IOCounters,
+    ObjectReader,
+    StaleUpload,
+    Store,
+    StoreSpec,
+    check_key,
+)
 from gradshard.store.local import LocalStore
 from gradshard.store.memory import MemoryStore
 from gradshard.store.s3 import S3Store, parse_url
 
-__all__ = ["BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "S3Store", "Store", "StoreSpec",
-           "check_key",
-           "open_store"]
+__all__ = ["STALE_UPLOAD_S", "BytesLike", "IOCounters", "LocalStore", "MemoryStore", "ObjectReader", "S3Store",
+           "StaleUpload", "Store", "StoreSpec", "check_key", "open_store"]
 
 
 def open_store(spec: dict[str, Any] | str) -> Store:

@@ -8,6 +8,7 @@ reads only its slice of every client's update.
 
 from __future__ import annotations
 
+import builtins
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import numpy.typing as npt
 
 from gradshard.errors import StoreError
 
+STALE_UPLOAD_S = 3600.0  # an upload nobody wrote for this long is abandoned (longer than any function's timeout)
 BytesLike = bytes | bytearray | memoryview | npt.NDArray[Any]  # numpy arrays must be C-contiguous
 StoreSpec = dict[str, Any]  # JSON-able: what open_store() reopens a store from, in another process
 _KEY = re.compile(r"^[A-Za-z0-9_.=+-]+(/[A-Za-z0-9_.=+-]+)*$")
@@ -75,6 +77,22 @@ class SequentialWriter:
 
     def close(self) -> None:
         """Write out anything buffered."""
+
+
+@dataclass(frozen=True)
+class StaleUpload:
+    """An upload nobody completed, aborted or wrote for ``idle_s`` seconds (a crashed driver's, a killed client's).
+
+    ``upload_id`` is the store's handle for it, ``key`` the object it would have published (None where the store
+    cannot tell: a local upload's file names only a digest of its key), ``size`` the bytes it holds, and
+    ``last_write`` the time (epoch seconds) of its last write, checked again before it is removed.
+    """
+
+    upload_id: str
+    key: str | None
+    idle_s: float
+    size: int
+    last_write: float
 
 
 @dataclass
@@ -169,6 +187,32 @@ class Store(ABC):
     @abstractmethod
     def abort_upload(self, key: str, upload_id: str) -> None:
         """Discard an upload; nothing becomes visible."""
+
+    # --- stale uploads ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, key: str | None = None) -> builtins.list[StaleUpload]:
+        """Uploads (with their parts and fragments) nobody has written for at least ``older_than_s`` seconds;
+        only those of ``key`` if given."""
+
+    @abstractmethod
+    def remove_stale(self, upload: StaleUpload) -> bool:
+        """Abort ``upload`` and delete what it holds, unless it was written since it was listed; True if removed."""
+
+    def collect_stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, *, key: str | None = None,
+                              dry_run: bool = False) -> builtins.list[StaleUpload]:
+        """Abort and delete every upload idle for ``older_than_s`` seconds (default one hour); returns them.
+
+        An upload is live while someone writes it: a round's functions write its output window by window, so an
+        upload idle for longer than the longest function's timeout (15 minutes on AWS Lambda, ``timeout_s`` of an
+        executor) belongs to no live round. Choose ``older_than_s`` above that, and above the time a tree
+        topology's root waits before it writes. ``dry_run`` only lists them.
+        """
+        if older_than_s < 0:
+            raise StoreError(f"the age of a stale upload must be non-negative, got {older_than_s:g} s")
+        found = self.stale_uploads(older_than_s, key)
+        if dry_run:
+            return found
+        return [upload for upload in found if self.remove_stale(upload)]
 
     # --- identity across processes ----------------------------------------------------------------------------
     @abstractmethod

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import threading
+import time
 import uuid
 from typing import Any
 
 from gradshard.errors import ObjectNotFoundError, StoreError
-from gradshard.store.base import BytesLike, ObjectReader, Store, as_bytes, check_key
+from gradshard.store.base import STALE_UPLOAD_S, BytesLike, ObjectReader, StaleUpload, Store, as_bytes, check_key
 
 
 class MemoryObjectReader(ObjectReader):
@@ -31,6 +33,7 @@ class MemoryStore(Store):
         super().__init__()
         self._objects: dict[str, bytes] = {}
         self._uploads: dict[str, tuple[str, bytearray]] = {}
+        self._written: dict[str, float] = {}  # upload id -> time of its last write (or its start)
         self._lock = threading.Lock()
 
     def put(self, key: str, data: BytesLike) -> None:
@@ -66,6 +69,7 @@ class MemoryStore(Store):
         upload_id = uuid.uuid4().hex
         with self._lock:
             self._uploads[upload_id] = (check_key(key), bytearray(size))
+            self._written[upload_id] = time.time()
         return upload_id
 
     def _upload(self, key: str, upload_id: str) -> bytearray:
@@ -81,6 +85,7 @@ class MemoryStore(Store):
             raise StoreError(f"write of bytes [{offset}, {offset + len(view)}) is outside upload of {key!r} "
                              f"({len(buf)} bytes)")
         buf[offset : offset + len(view)] = view
+        self._written[upload_id] = time.time()
         self.io.puts += 1
         self.io.bytes_written += len(view)
 
@@ -89,11 +94,28 @@ class MemoryStore(Store):
             buf = self._upload(key, upload_id)
             self._objects[key] = bytes(buf)
             del self._uploads[upload_id]
+            self._written.pop(upload_id, None)
         self.io.puts += 1
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         with self._lock:
             self._uploads.pop(upload_id, None)
+            self._written.pop(upload_id, None)
+
+    def stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, key: str | None = None) -> builtins.list[StaleUpload]:
+        now = time.time()
+        with self._lock:
+            return [StaleUpload(upload_id, target, now - self._written[upload_id], len(buf), self._written[upload_id])
+                    for upload_id, (target, buf) in sorted(self._uploads.items())
+                    if (key is None or target == key) and now - self._written[upload_id] >= older_than_s]
+
+    def remove_stale(self, upload: StaleUpload) -> bool:
+        with self._lock:
+            if self._written.get(upload.upload_id, float("inf")) > upload.last_write:
+                return False  # written since, or gone
+            self._uploads.pop(upload.upload_id, None)
+            self._written.pop(upload.upload_id, None)
+        return True
 
     def spec(self) -> dict[str, Any]:
         raise StoreError("the memory store lives in one process; use a local or S3 store with process executors")

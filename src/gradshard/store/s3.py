@@ -10,7 +10,9 @@ the ETag, so an object replaced mid-read fails loudly instead of mixing two vers
 ``min_range_bytes`` is split into up to ``read_concurrency`` ranged GETs that run at once and land directly in the
 caller's buffer: the buffer the function already holds is the only one (bounded), and the round trips overlap. A
 connection that breaks mid-body resumes from the last byte received, with exponential back-off; request-level
-failures (5xx, throttling, timeouts) are retried by botocore's ``standard`` retry mode.
+failures (5xx, throttling, timeouts) are retried by botocore's ``standard`` retry mode. No read can hang: botocore
+bounds connecting (``connect_timeout_s``, 10 s) and every socket read (``read_timeout_s``, 60 s without a byte),
+a request is tried at most ``max_attempts`` times, and a body that breaks resumes at most ``max_attempts`` times.
 
 **Uploads.** S3 has no write-at-offset; an upload is a multipart upload whose parts must be at least 5 MiB (all
 but the last) and numbered in byte order. The object is cut into a fixed grid of *cells* of ``cell_bytes(size)``
@@ -21,12 +23,16 @@ edges of each function's range) are kept as small *fragment* objects under ``<pr
 upload composes each such cell from its fragments (at most one cell in memory at a time, unwritten bytes zero),
 uploads it as its part, then completes the multipart upload — the object appears whole or not at all — and
 deletes the fragments. Objects of one cell never start a multipart upload: they are composed and PUT.
+Abandoned uploads (a crashed driver's) are found by :meth:`S3Store.stale_uploads`: marker and fragments under
+``.uploads/<tag>/`` and multipart uploads under the prefix (with or without a marker) that nobody wrote for a given
+time — their newest object, part or start is older; ``gradshard gc`` aborts them.
 :meth:`S3Store.writer` buffers a function's consecutive writes up to cell boundaries so that only its edges
 become fragments.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -43,7 +49,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradshard.errors import ObjectNotFoundError, StoreError
-from gradshard.store.base import BytesLike, ObjectReader, SequentialWriter, Store, as_bytes, check_key
+from gradshard.store.base import (
+    STALE_UPLOAD_S,
+    BytesLike,
+    ObjectReader,
+    SequentialWriter,
+    StaleUpload,
+    Store,
+    as_bytes,
+    check_key,
+)
 from gradshard.units import MIB
 
 log = logging.getLogger(__name__)
@@ -581,6 +596,99 @@ class S3Store(Store):
             for lo in range(0, len(names), 1000):
                 self.client.delete_objects(Bucket=self.bucket, Delete={
                     "Objects": [{"Key": n} for n in names[lo : lo + 1000]], "Quiet": True})
+
+    # --- stale uploads ---------------------------------------------------------------------------------------------
+    def _paginate(self, operation: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        yield from self.client.get_paginator(operation).paginate(Bucket=self.bucket, **kwargs)
+
+    def _parts_activity(self, name: str, s3_id: str) -> tuple[float, int]:
+        """(time of the newest part, bytes in parts) of a multipart upload; (0, 0) if it has none or is gone."""
+        from botocore.exceptions import ClientError
+
+        last, size = 0.0, 0
+        try:
+            for page in self._paginate("list_parts", Key=name, UploadId=s3_id):
+                for part in page.get("Parts", []):
+                    last, size = max(last, part["LastModified"].timestamp()), size + int(part["Size"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+        return last, size
+
+    def _upload_groups(self) -> dict[str, builtins.list[dict[str, Any]]]:
+        """Objects under ``<prefix>.uploads/``, by upload tag."""
+        root = f"{self.prefix}{_UPLOADS}/"
+        groups: dict[str, builtins.list[dict[str, Any]]] = {}
+        for page in self._paginate("list_objects_v2", Prefix=root):
+            for item in page.get("Contents", []):
+                groups.setdefault(item["Key"][len(root):].split("/", 1)[0], []).append(item)
+        return groups
+
+    def stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, key: str | None = None) -> builtins.list[StaleUpload]:
+        """Uploads whose marker, fragments, parts and start are all at least ``older_than_s`` seconds old: those
+        with a marker (ids ``<tag>~<size>~<S3 id or ->``), fragments left without one (``<tag>~0~-``) and multipart
+        uploads under the prefix that no marker names (``-~0~<S3 id>``)."""
+        now, wanted = time.time(), None if key is None else _key_tag(check_key(key))
+        found: builtins.list[StaleUpload] = []
+        with self._errors("listing stale uploads"):
+            multipart = {str(u["UploadId"]): (str(u["Key"]), u["Initiated"].timestamp())
+                         for page in self._paginate("list_multipart_uploads", Prefix=self.prefix)
+                         for u in page.get("Uploads", [])}
+            for tag, items in sorted(self._upload_groups().items()):
+                marker = next((i["Key"] for i in items if i["Key"].endswith(f"/{tag}/upload")), None)
+                info = json.loads(self._read_small(marker)) if marker is not None else {}
+                s3_id = info.get("s3_upload_id")
+                claimed = multipart.pop(s3_id, None) if s3_id else None  # a marker names it: not an orphan
+                if wanted is not None and not tag.endswith(wanted):
+                    continue
+                last = max(i["LastModified"].timestamp() for i in items)
+                size = sum(int(i["Size"]) for i in items)
+                if claimed is not None:
+                    part_last, part_bytes = self._parts_activity(claimed[0], str(s3_id))
+                    last, size = max(last, part_last, claimed[1]), size + part_bytes
+                if now - last >= older_than_s:
+                    found.append(StaleUpload(f"{tag}~{info.get('size', 0)}~{s3_id or '-'}", info.get("key"),
+                                             now - last, size, last))
+            for s3_id, (name, initiated) in sorted(multipart.items()):
+                target = name[len(self.prefix):]
+                if wanted is not None and _key_tag(target) != wanted:
+                    continue
+                part_last, part_bytes = self._parts_activity(name, s3_id)
+                last = max(initiated, part_last)
+                if now - last >= older_than_s:
+                    found.append(StaleUpload(f"-~0~{s3_id}", target, now - last, part_bytes, last))
+        return found
+
+    def _read_small(self, name: str) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        return data
+
+    def remove_stale(self, upload: StaleUpload) -> bool:
+        from botocore.exceptions import ClientError
+
+        tag, _, rest = upload.upload_id.partition("~")
+        s3_id = rest.partition("~")[2]
+        with self._errors(f"removing stale upload {upload.upload_id}"):
+            items = self._upload_groups().get(tag, []) if tag != "-" else []
+            newest = max((i["LastModified"].timestamp() for i in items), default=0.0)
+            if s3_id != "-" and upload.key is not None:
+                newest = max(newest, self._parts_activity(self.prefix + upload.key, s3_id)[0])
+            if newest > upload.last_write:
+                return False  # written since it was listed: live after all
+            if s3_id != "-" and upload.key is not None:
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.prefix + upload.key,
+                                                       UploadId=s3_id)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                        raise
+        if tag != "-":
+            self._remove_upload_objects(_Upload(tag, 0, None), [i["Key"] for i in items])
+        return True
 
     def close(self) -> None:
         if self._pool is not None:
