@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from gradshard.cli.console import untrusted
 from gradshard.cost.model import (
     MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
@@ -136,7 +137,7 @@ def _cost_table(result: RoundCost) -> Table:
     shape = result.shape
     functions = f"M = {shape.shards}" if shape.arch == "sharded" else f"{len(shape.aggregators)} functions"
     table = Table(title=f"{shape.arch}, {result.options.layout} layout: N = {shape.clients}, {functions} of "
-                        f"{result.memory_mb} MB, {result.options.prices.name}", title_justify="left")
+                        f"{result.memory_mb} MB, {untrusted(result.options.prices.name)}", title_justify="left")
     for name in ("", "compute", "requests", "storage PUT", "storage GET", "total"):
         table.add_column(name, justify="left" if not name else "right")
     for label, c, fmt in (("per round", result.per_round, "{:.6f}"), ("per 1000 rounds", result.per_1000_rounds,
@@ -178,13 +179,15 @@ def cost(**kw: Any) -> None:
     console.print(_cost_table(result))
     r = result.requests
     console.print(f"{r.puts} PUTs, {r.gets} GETs, {r.invocations} invocations; round latency "
-                  f"{result.latency_s:.1f} s; prices {options.prices.name} as of {options.prices.as_of}")
+                  f"{result.latency_s:.1f} s; prices {untrusted(options.prices.name)} as of "
+                  f"{untrusted(options.prices.as_of)}")
 
 
 def _plan_table(rec: Recommendation) -> Table:
     req = rec.request
     table = Table(title=f"{req.params:.3g} parameters ({req.model_mb:,.0f} MB), N = {req.clients}, cap "
-                        f"{req.memory_limit_mb:,} MB, deadline {req.deadline_s or '—'} s, {req.model.prices.name}",
+                        f"{req.memory_limit_mb:,} MB, deadline {req.deadline_s or '—'} s, "
+                        f"{untrusted(req.model.prices.name)}",
                   title_justify="left")
     for name in ("architecture", "layout", "M", "memory MB", "latency s", "compute $/1000", "storage $/1000",
                  "total $/1000", "feasible"):
@@ -211,7 +214,7 @@ def _sweep(model: CostModel, kw: dict[str, Any]) -> None:
     for layout, size in crossovers.items():
         where = "none in 1 MB - 100 GB" if size is None else f"{size:,.0f} MB"
         console.print(f"GradsSharding / λ-FL cost crossover, {layout} layout: {where}")
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    console.print("wrote " + untrusted(", ".join(str(p) for p in paths.values())))
 
 
 @click.command()

@@ -10,6 +10,7 @@ import sys
 import click
 from rich.console import Console
 
+from gradshard.cli.console import untrusted
 from gradshard.deploy.aws import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
 from gradshard.errors import GradshardError
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
@@ -45,13 +46,14 @@ def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor:
         except GradshardError as exc:
             if vendor is not None:
                 raise
-            console.print(f"[yellow]not vendoring[/]: {exc}")
+            console.print(f"[yellow]not vendoring[/]: {untrusted(exc)}")
             result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
                                           vendor=False, runtime=runtime)
     for path in result.paths:
-        console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        console.print(f"wrote {untrusted(path)} ({path.stat().st_size:,} bytes)")
     if result.code_key is not None:
-        console.print(f"package.zip holds gradshard and its runtime dependencies; upload it as {result.code_key}")
+        console.print("package.zip holds gradshard and its runtime dependencies; upload it as "
+                      f"{untrusted(result.code_key)}")
     else:
         console.print("package.zip holds gradshard only: run build.sh to add its dependencies for Lambda")
-    console.print(f"next: follow {result.guide}")
+    console.print(f"next: follow {untrusted(result.guide)}")
