@@ -84,3 +84,135 @@ def test_a_training_round_line_shows_hostile_failure_reasons_literally() -> None
     text = console.export_text()
     assert "b rejected (names '[/]')" in text
     assert "c failed (RuntimeError: [bold]x\\x1b[2J\\nround 9 test accuracy 1.0)" in text
+
+
+# --- item 16: conventions: -h, --version, one-line errors on stderr, exit codes, -v / -q ---------------------------
+def _commands() -> list[list[str]]:
+    import click
+
+    paths: list[list[str]] = [[]]
+    for name, command in main.commands.items():
+        paths.append([name])
+        if isinstance(command, click.Group):
+            paths += [[name, sub] for sub in command.commands]
+    return paths
+
+
+@pytest.mark.parametrize("path", _commands(), ids=" ".join)
+def test_every_command_takes_dash_h(path: list[str]) -> None:
+    result = CliRunner().invoke(main, [*path, "-h"])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ")
+
+
+def test_top_level_help_documents_the_exit_codes_and_version_is_printed() -> None:
+    import gradshard
+
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    version = CliRunner().invoke(main, ["--version"])
+
+    assert "Exit codes: 0" in help_text and "130 interrupted" in help_text
+    assert version.exit_code == 0 and gradshard.__version__ in version.output
+
+
+def test_a_gradshard_error_is_one_line_on_stderr_with_exit_code_3(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(tmp_path / "store"), "--round", "0"])
+
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: round 0 has no rounds/000000/round.json")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_a_usage_error_is_one_line_on_stderr_with_exit_code_2() -> None:
+    result = CliRunner().invoke(main, ["aggregate", "--round", "0"])
+
+    assert result.exit_code == 2
+    assert result.stderr == "error: Missing option '--store'. (see 'main aggregate -h')\n"
+    assert result.stdout == ""
+
+
+def test_an_error_of_a_json_run_leaves_stdout_clean() -> None:
+    result = CliRunner().invoke(main, ["cost", "--json", "--arch", "lambda-fl", "-N", "20", "-M", "1",
+                                       "--memory-mb", "1024", "--durations", "1,2,3"])
+
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: lambda-fl with N = 20, M = 1 has 5 functions, got 3 durations")
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_plan_with_nothing_feasible_exits_1(as_json: list[str]) -> None:
+    result = CliRunner().invoke(main, ["plan", "--params", "1e13", "--memory-limit", "128", "--max-shards", "1",
+                                       *as_json])
+
+    assert result.exit_code == 1, result.output
+    if as_json:
+        assert json.loads(result.stdout)["recommended"] is None
+
+
+def test_inspect_json_of_non_finite_values_exits_1(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    _misfiled_round(store)
+    spec = load_spec(store, 0)
+    layout = spec.model_layout()
+    key = update_key(0, "client-0000")
+    store.delete(key)
+    meta = UpdateMeta(client="client-0000", round=0, examples=5, layout_digest=layout.digest(),
+                      chunk_elems=spec.chunk_elems, base_model=spec.base_model, digest=spec.digest)
+    with UpdateWriter(store, key, layout, meta) as writer:
+        writer.write(np.full(layout.numel, np.nan, dtype=layout.flat_dtype))
+        writer.commit()
+
+    result = CliRunner().invoke(main, ["inspect", "--json", str(store.root / key)])
+
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["non_finite_values"] == layout.numel
+
+
+def test_an_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = _misfiled_round(LocalStore(tmp_path / "store"))[0]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gradshard.cli.aggregate.inspect_update", interrupted)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+
+    assert result.exit_code == 130
+    assert result.stderr.endswith("error: interrupted\n")
+
+
+@pytest.mark.parametrize(("flags", "info", "warning"), [([], False, True), (["-v"], True, True),
+                                                        (["-q"], False, False)])
+def test_verbose_logs_round_plan_and_runs_and_quiet_only_errors(tmp_path: Path, flags: list[str], info: bool,
+                                                                warning: bool) -> None:
+    store = LocalStore(tmp_path / "store")
+    _misfiled_round(store)
+
+    result = CliRunner().invoke(main, [*flags, "aggregate", "--store", str(store.root), "--round", "0",
+                                       "--shards", "2", "--executor", "inline"])
+
+    assert result.exit_code == 0, result.output
+    assert ("INFO gradshard.aggregation.driver: round 0: 1 client updates accepted, 3 rejected" in result.stderr) \
+        == info
+    assert ("INFO gradshard.aggregation.driver: round 0: plan sharded of 2 invocations (m=2) over 1 clients"
+            in result.stderr) == info
+    assert ("round 0, run 1: 2 of 2 invocations ok" in result.stderr) == info
+    assert ("WARNING gradshard.format.round: update of client 'client-0001' rejected" in result.stderr) == warning
+    assert "\x1b" not in result.stderr
+
+
+def test_the_gradshard_entry_point_exits_with_the_error_code(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gradshard.cli", "inspect", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: Invalid value for 'PATH'")
+    assert "(see 'gradshard inspect -h')" in done.stderr

@@ -176,6 +176,9 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             target = PlanOutput(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len,
                                 pending.meta.digest)
             plan = build_plan(config, manifest, sha, target, node_stores)
+            params = ", ".join(f"{k}={v}" for k, v in plan.params.items() if isinstance(v, int | str))
+            log.info("round %d: plan %s of %d invocations (%s) over %d clients", manifest.round, plan.topology,
+                     len(plan.invocations), params or "-", len(manifest.clients))
             reports = executor.run(plan, store, on_done)
         bad = {r.client: r.reason or r.error or "" for r in reports if r.error_type == "UpdateError" and r.client}
         if bad:
@@ -206,10 +209,15 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     started = time.perf_counter()
     manifest = prepare_round(store, r, config.policy, config.weighting, config.weights)
     check_reducer(config, manifest)
+    log.info("round %d: %d client updates accepted, %d rejected; %s topology, reducer %s, weighting %s", r,
+             len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)
     history: list[InvocationReport] = []
     for run in range(1, len(manifest.clients) + 2):
         plan, reports, published = _run_once(store, manifest, config, executor, on_done)
         history.extend(reports)
+        log.info("round %d, run %d: %d of %d invocations ok in %.2f s; %s", r, run,
+                 sum(rep.ok for rep in reports), len(plan.invocations), time.perf_counter() - started,
+                 "published " + aggregate_key(r) if published else "bad updates found: run again without them")
         if published:
             result = AggregateResult(r, aggregate_key(r), manifest, plan, reports, run,
                                      time.perf_counter() - started, history)

@@ -14,6 +14,7 @@ from rich.progress import TaskID
 from gradshard.aggregation.compare import CompareEvent, compare_round
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
+    ExitCode,
     console,
     make_executor,
     open_cli_store,
@@ -142,12 +143,13 @@ def inspect(path: str, as_json: bool) -> None:
     info = inspect_update(LocalStore(file.parent), file.name)
     if as_json:
         click.echo(json.dumps(info))
-        return
-    for name, value in info.items():
-        console.print(f"[bold]{name}[/]: {untrusted(value)}")
+    else:
+        for name, value in info.items():
+            console.print(f"[bold]{name}[/]: {untrusted(value)}")
+        if info["non_finite_values"]:
+            console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
     if info["non_finite_values"]:
-        console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)
 
 
 def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -207,4 +209,4 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
     unexpected = [r.architecture for r in result.rows if r.feasible and r.status == "failed"]
     if unexpected:
         console.print(f"[red]failed although predicted feasible[/]: {', '.join(unexpected)}")
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)

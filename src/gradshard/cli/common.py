@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import sys
@@ -18,6 +19,16 @@ from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.units import MIB
 
 console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every ``gradshard`` command (listed in ``gradshard --help`` and the README)."""
+
+    OK = 0
+    NEGATIVE = 1  # the command ran, its verdict is negative (non-finite values, nothing feasible, ...)
+    USAGE = 2  # click's usage errors
+    ERROR = 3  # a GradshardError: bad input, a failed round, an unreachable store
+    INTERRUPTED = 130
 
 
 def progress_bar() -> Progress:

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from gradshard.cli.common import ExitCode
 from gradshard.cli.console import untrusted
 from gradshard.cost.model import (
     MEMORY_CAPS_MB,
@@ -254,7 +255,13 @@ def plan(**kw: Any) -> None:
                                 max_shards=kw["max_shards"], model=model))
     if kw["as_json"]:
         click.echo(json.dumps(rec.to_dict()))
-        return
+    else:
+        _print_recommendation(rec)
+    if rec.best is None:
+        sys.exit(ExitCode.NEGATIVE)
+
+
+def _print_recommendation(rec: Recommendation) -> None:
     console.print(_plan_table(rec))
     if rec.best is None:
         console.print("[red]nothing fits[/]: raise the memory limit or the deadline")

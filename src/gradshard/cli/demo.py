@@ -12,6 +12,7 @@ import click
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult
 from gradshard.cli.common import (
+    ExitCode,
     console,
     progress_bar,
     run_aggregate,
@@ -76,7 +77,7 @@ def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, wor
         identical = _verify_last_round(store, config, len(metrics) - 1, workers)
     console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     if not identical:
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)
 
 
 @click.command()
@@ -147,7 +148,7 @@ def _demo_aggregate(layout_name: str, clients: int, shards: int, memory_mb: floa
         console.print(reports_table(sharded.reports + flat.reports, "invocation reports"))
         _demo_verdict(sharded, flat, sharded_sha, flat_sha, memory_mb)
         if sharded_sha != flat_sha:
-            sys.exit(1)
+            sys.exit(ExitCode.NEGATIVE)
 
 
 def _demo_verdict(sharded: AggregateResult, flat: AggregateResult, sharded_sha: str, flat_sha: str,

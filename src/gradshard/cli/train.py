@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradshard.cli.common import console, make_executor, open_cli_store
+from gradshard.cli.common import ExitCode, console, make_executor, open_cli_store
 from gradshard.cli.console import untrusted
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
@@ -214,8 +215,11 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     try:
         trainer = Trainer(store, config, executor, client_executor)
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
-        run_training(trainer, Path(out_dir) if out_dir else default_out, f"{config.model} on {config.data.name}, "
-                     f"{config.clients} clients, {agg.topology}")
+        metrics = run_training(trainer, Path(out_dir) if out_dir else default_out,
+                               f"{config.model} on {config.data.name}, {config.clients} clients, {agg.topology}")
     finally:
         client_executor.close()
         executor.close()
+    if not any(m["aggregated"] for m in metrics):
+        console.print("[red]no client update was aggregated in any round[/]: the model is still the initial one")
+        sys.exit(ExitCode.NEGATIVE)
