@@ -216,3 +216,18 @@ def test_the_gradshard_entry_point_exits_with_the_error_code(tmp_path: Path) -> 
     assert done.returncode == 2
     assert done.stderr.startswith("error: Invalid value for 'PATH'")
     assert "(see 'gradshard inspect -h')" in done.stderr
+
+
+# --- item 18: one default Lambda runtime ---------------------------------------------------------------------------
+def test_library_and_cli_deploy_the_same_default_runtime(tmp_path: Path) -> None:
+    import yaml
+
+    from gradshard.deploy.aws import write_aws_deployment
+
+    write_aws_deployment(tmp_path / "lib", vendor=False)
+    cli = CliRunner().invoke(main, ["deploy", "aws", "--out", str(tmp_path / "cli"), "--no-vendor"])
+
+    assert cli.exit_code == 0, cli.output
+    runtimes = {yaml.safe_load((tmp_path / where / "template.yaml").read_text())["Resources"]["Function"]
+                ["Properties"]["Runtime"] for where in ("lib", "cli")}
+    assert runtimes == {"python3.12"}  # python3.11 (Amazon Linux 2) has too old a glibc for the pinned numpy

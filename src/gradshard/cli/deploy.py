@@ -11,7 +11,13 @@ import click
 from rich.console import Console
 
 from gradshard.cli.console import untrusted
-from gradshard.deploy.aws import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
+from gradshard.deploy.aws import (
+    ARCHITECTURES,
+    DEFAULT_RUNTIME,
+    LAMBDA_RUNTIMES,
+    MAX_TIMEOUT_S,
+    write_aws_deployment,
+)
 from gradshard.errors import GradshardError
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 
@@ -30,7 +36,7 @@ def deploy() -> None:
 @click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
               help="Function timeout, seconds.")
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
-@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default="python3.12", show_default=True,
+@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default=DEFAULT_RUNTIME, show_default=True,
               help="Lambda Python runtime (python3.11 runs on Amazon Linux 2, whose glibc 2.26 is too old for the "
                    "pinned numpy's wheels; python3.12+ run on Amazon Linux 2023).")
 @click.option("--vendor/--no-vendor", default=None,
