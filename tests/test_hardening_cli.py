@@ -231,3 +231,71 @@ def test_library_and_cli_deploy_the_same_default_runtime(tmp_path: Path) -> None
     runtimes = {yaml.safe_load((tmp_path / where / "template.yaml").read_text())["Resources"]["Function"]
                 ["Properties"]["Runtime"] for where in ("lib", "cli")}
     assert runtimes == {"python3.12"}  # python3.11 (Amazon Linux 2) has too old a glibc for the pinned numpy
+
+
+# --- item 17: the CIFAR-sized models train on digits; config validation ------------------------------------------
+@pytest.mark.slow
+def test_resnet18_trains_a_round_on_digits(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["train", "--store", str(tmp_path / "store"), "--model", "resnet18",
+                                       "--clients", "2", "--rounds", "1", "--epochs", "1", "--batch-size", "64",
+                                       "--shards", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "store" / "metrics.json").read_text())["rounds"][0]["aggregated"] == [
+        "client-0000", "client-0001"]
+
+
+def test_the_vgg16_input_is_a_32x32_image_its_features_can_halve_five_times() -> None:
+    import torch
+
+    from gradshard.fl.config import TrainConfig
+    from gradshard.fl.driver import Trainer
+    from gradshard.fl.models import build_model
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = TrainConfig(model="vgg16")
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+
+    image = trainer._input(x)
+
+    assert image.shape == (2, 3, 32, 32) and image.flags.c_contiguous
+    assert image[1, 2, 31, 31] == x[1, 63] and image[0, 0, 4, 0] == x[0, 8]
+    features = build_model("vgg16").features  # type: ignore[union-attr]
+    assert features(torch.from_numpy(image)).shape == (2, 512, 1, 1)
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("rounds = true", "rounds: Input should be a valid integer"),
+    ("clients = 4\nmin_clients = 5", "min_clients = 5 is more than the 4 clients a round samples"),
+    ("clients = 4\nper_round = 2\nmin_clients = 3", "min_clients = 3 is more than the 2 clients"),
+    ("per_round = 2\nfraction = 0.5", "per_round = 2 and fraction = 0.5 are both set; keep one"),
+    ("lr = false", "lr: Input should be a valid number"),
+])
+def test_train_refuses_an_invalid_config_in_one_line(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(toml + "\n")
+
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--store", str(tmp_path / "store")])
+
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_cost_refuses_negative_durations() -> None:
+    result = CliRunner().invoke(main, ["cost", "-N", "4", "-M", "2", "--memory-mb", "1024",
+                                       "--durations", "1.5,-2"])
+
+    assert result.exit_code == 2
+    assert "--durations" in result.stderr and "-2" in result.stderr and "negative" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_exits_1_when_no_update_was_aggregated_in_any_round(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('clients = 2\nrounds = 1\nepochs = 1\n[faults]\nclient-0000 = "crash"\nclient-0001 = "crash"\n')
+
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--store", str(tmp_path / "store")])
+
+    assert result.exit_code == 1, result.output
+    assert "no client update was aggregated in any round" in result.stdout

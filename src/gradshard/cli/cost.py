@@ -7,6 +7,7 @@ Thin click commands over :mod:`gradshard.cost.model` and :mod:`gradshard.cost.pl
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,10 @@ def _round_from_options(kw: dict[str, Any], options: CostOptions) -> RoundCost:
         given_s = [float(d) for d in kw["durations"].split(",")]
     except ValueError:
         raise click.BadParameter("comma-separated seconds, e.g. 57.3,57.3", param_hint="--durations") from None
+    wrong = [d for d in given_s if not math.isfinite(d) or d < 0]
+    if wrong:
+        raise click.BadParameter(f"{', '.join(map(str, wrong))}: durations are seconds, never negative (nor inf "
+                                 "or nan)", param_hint="--durations")
     return round_cost(shape, kw["memory_mb"], given_s, options)
 
 
