@@ -299,3 +299,82 @@ def test_train_exits_1_when_no_update_was_aggregated_in_any_round(tmp_path: Path
 
     assert result.exit_code == 1, result.output
     assert "no client update was aggregated in any round" in result.stdout
+
+
+# --- item 12: S3 failures through the command line ------------------------------------------------------------
+def _aggregate_s3(location: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["aggregate", "--store", location, "--round", "0", "--executor", "inline"])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_s3_missing_bucket_is_one_line_exit_3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+
+    code, _, stderr = _aggregate_s3("s3://no-such-bucket-h11/run")
+
+    assert code == 3
+    assert stderr.startswith("error: bucket 'no-such-bucket-h11' does not exist at http://127.0.0.1")
+    assert stderr.count("\n") == 1
+
+
+def test_s3_refused_credentials_are_one_line_exit_3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3_server import BAD_ACCESS_KEY, FaultProxy
+
+    proxy = FaultProxy(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", BAD_ACCESS_KEY)
+    try:
+        code, _, stderr = _aggregate_s3("s3://some-bucket/run")
+    finally:
+        proxy.close()
+
+    assert code == 3
+    assert stderr.startswith("error: checking bucket 'some-bucket': S3 refused access to s3://some-bucket/run/")
+    assert stderr.count("\n") == 1
+
+
+def test_s3_missing_credentials_are_one_line_exit_3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+
+    code, _, stderr = _aggregate_s3("s3://some-bucket/run")
+
+    assert code == 3
+    assert stderr.startswith("error: checking bucket 'some-bucket': no usable AWS credentials for s3://some-bucket/")
+    assert stderr.count("\n") == 1
+
+
+def test_an_unreachable_s3_endpoint_fails_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    started = time.perf_counter()
+
+    code, _, stderr = _aggregate_s3("s3://some-bucket/run")
+
+    assert code == 3
+    assert time.perf_counter() - started < 8
+    assert stderr.startswith(f"error: checking bucket 'some-bucket': cannot reach the S3 endpoint for "
+                             f"s3://some-bucket/run/ at http://127.0.0.1:{port}")
+    assert stderr.count("\n") == 1
+
+
+def test_demo_refuses_an_s3_store_and_creates_no_local_folder(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(main, ["demo", "--aggregate-only", "--store", "s3://b/x"])
+
+    assert result.exit_code == 2
+    assert "the demo runs on a local directory" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.errors import StoreError
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.units import MIB
@@ -61,9 +62,9 @@ def open_cli_store(location: str, *, must_exist: bool) -> Store:
     """``s3://bucket/prefix`` (endpoint and credentials from the AWS environment) or a local directory."""
     if location.startswith("s3://"):
         store = open_store(location)
-        if isinstance(store, S3Store) and not store.bucket_exists():
-            raise click.BadParameter(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'}",
-                                     param_hint="--store")
+        if isinstance(store, S3Store) and not store.bucket_exists(quick=True):
+            raise StoreError(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'} (--store "
+                             f"{location}); create it first, or check AWS_ENDPOINT_URL")
         return store
     if must_exist and not Path(location).is_dir():
         raise click.BadParameter(f"directory {location!r} does not exist", param_hint="--store")

@@ -108,6 +108,10 @@ def demo(aggregate_only: bool, clients: int | None, rounds: int | None, model: s
          seed: int, reports: str | None) -> None:
     """Federated training on digits with 20 non-IID clients and GradsSharding on memory-capped functions, then a
     check that the last round is bit-identical to a flat recomputation. --aggregate-only: aggregation alone."""
+    if store_dir is not None and store_dir.startswith("s3://"):
+        raise click.BadParameter("the demo runs on a local directory (it hashes the aggregates there); use "
+                                 "'gradshard train --store s3://...' or 'gradshard aggregate --store s3://...'",
+                                 param_hint="--store")
     if aggregate_only:
         extra = [name for name, value in (("--rounds", rounds), ("--model", model), ("--out", out_dir))
                  if value is not None]
