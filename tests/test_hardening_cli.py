@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from gradshard.cli.main import main
 from gradshard.core.zoo import get_layout
 from gradshard.demo.synthetic import make_round
+from gradshard.errors import StoreError
 from gradshard.format.keys import update_key
 from gradshard.format.round import load_spec
 from gradshard.format.update import UpdateMeta
 from gradshard.format.writer import UpdateWriter
-from gradshard.store import LocalStore
+from gradshard.store import LocalStore, Store
 
 HOSTILE = ["[/]", "[bold]x", "\x1b[31mred"]
 
@@ -378,3 +379,38 @@ def test_demo_refuses_an_s3_store_and_creates_no_local_folder(tmp_path: Path,
     assert result.exit_code == 2
     assert "the demo runs on a local directory" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+class _DyingStore(LocalStore):
+    """A store whose server goes away: once ``dead``, every list and delete fails."""
+
+    dead = False
+
+    def list(self, prefix: str = "") -> list[str]:
+        if self.dead:
+            raise StoreError("connection refused (server gone)")
+        return super().list(prefix)
+
+    def delete(self, key: str) -> None:
+        if self.dead:
+            raise StoreError("connection refused (server gone)")
+        super().delete(key)
+
+
+def test_a_store_dying_mid_round_reports_why_the_round_failed_not_the_cleanup(tmp_path: Path) -> None:
+    from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+    from gradshard.runtime import InlineExecutor
+    from gradshard.runtime.executor import ProgressCallback
+    from gradshard.runtime.report import InvocationReport
+    from gradshard.topology import Plan
+
+    class KilledMidRound(InlineExecutor):
+        def run(self, plan: Plan, store: Store, on_done: ProgressCallback | None = None) -> list[InvocationReport]:
+            store.dead = True  # type: ignore[attr-defined]
+            raise StoreError("reading object 'rounds/000000/updates/client-0000.safetensors': the server is gone")
+
+    store = _DyingStore(tmp_path / "store")
+    make_round(store, 0, get_layout("synthetic-1000"), 2)
+
+    with pytest.raises(StoreError, match="the server is gone"):
+        aggregate_round(store, 0, KilledMidRound(), AggregateConfig(topology="lambda-fl"))

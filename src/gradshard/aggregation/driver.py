@@ -170,6 +170,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
     sha = write_manifest(store, manifest)
     pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
                                  output_meta(manifest, config))
+    failed_already = False
     try:
         with contextlib.ExitStack() as stack:
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
@@ -196,10 +197,19 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
         pending.commit(merge_digests(_result_digests(r) for r in reports))
         return plan, reports, True
     except BaseException:
-        pending.abort()
+        failed_already = True
+        # Best effort: a store that fails (a server killed mid-round) must not hide why the round failed.
+        for what, step in ((f"aborting the upload of {pending.key}", pending.abort),
+                           (f"removing the partials of round {manifest.round}",
+                            lambda: _remove_partials(store, manifest.round, pending.upload_id))):
+            try:
+                step()
+            except Exception as cleanup:
+                log.warning("%s after the round failed also failed: %s", what, cleanup)
         raise
     finally:
-        _remove_partials(store, manifest.round, pending.upload_id)
+        if not failed_already:
+            _remove_partials(store, manifest.round, pending.upload_id)
 
 
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
