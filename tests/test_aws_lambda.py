@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +42,9 @@ SHORT = "gradshard-short"  # a function with a 2 s timeout
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """package.zip and friends, vendored from this environment (glibc check off: this is for local emulation)."""
+    """package.zip and friends, vendored from this environment (its CPython; glibc check off: for local emulation)."""
     out = tmp_path_factory.mktemp("deploy")
-    write_aws_deployment(out, memory_mb=1024, check_glibc=False)
+    write_aws_deployment(out, memory_mb=1024, runtime=f"python3.{sys.version_info.minor}", check_glibc=False)
     return out
 
 
@@ -282,7 +283,7 @@ def test_template_passes_cfn_lint(deployment: Path) -> None:
     template = yaml.safe_load(text)
     function = template["Resources"]["Function"]["Properties"]
     assert function["Handler"] == "gradshard.runtime.aws_lambda.handler"
-    assert function["Runtime"] == "python3.11"
+    assert function["Runtime"] == f"python3.{sys.version_info.minor}"
     assert template["Parameters"]["MemorySize"]["Default"] == 1024
     code_key = template["Parameters"]["CodeKey"]["Default"]
     assert code_key.startswith("gradshard/package-") and code_key in (deployment / "DEPLOY.md").read_text()

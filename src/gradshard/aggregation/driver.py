@@ -177,12 +177,16 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
     sha = write_manifest(store, manifest)
     pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
                                  output_meta(manifest, config))
+    failed_already = False
     try:
         with contextlib.ExitStack() as stack:
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
             target = PlanOutput(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len,
                                 pending.meta.digest)
             plan = build_plan(config, manifest, sha, target, node_stores)
+            params = ", ".join(f"{k}={v}" for k, v in plan.params.items() if isinstance(v, int | str))
+            log.info("round %d: plan %s of %d invocations (%s) over %d clients", manifest.round, plan.topology,
+                     len(plan.invocations), params or "-", len(manifest.clients))
             reports = executor.run(plan, store, on_done)
         bad = {client: reason for r in reports for client, reason in r.bad_updates.items()}
         if bad:
@@ -200,10 +204,19 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
         pending.commit(merge_digests(_result_digests(r) for r in reports))
         return plan, reports, True
     except BaseException:
-        pending.abort()
+        failed_already = True
+        # Best effort: a store that fails (a server killed mid-round) must not hide why the round failed.
+        for what, step in ((f"aborting the upload of {pending.key}", pending.abort),
+                           (f"removing the partials of round {manifest.round}",
+                            lambda: _remove_partials(store, manifest.round, pending.upload_id))):
+            try:
+                step()
+            except Exception as cleanup:
+                log.warning("%s after the round failed also failed: %s", what, cleanup)
         raise
     finally:
-        _remove_partials(store, manifest.round, pending.upload_id)
+        if not failed_already:
+            _remove_partials(store, manifest.round, pending.upload_id)
 
 
 def _collect_own_leftovers(store: Store, r: int) -> None:
@@ -223,10 +236,15 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     _collect_own_leftovers(store, r)
     manifest = prepare_round(store, r, config.policy, config.weighting, config.weights)
     check_reducer(config, manifest)
+    log.info("round %d: %d client updates accepted, %d rejected; %s topology, reducer %s, weighting %s", r,
+             len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)
     history: list[InvocationReport] = []
     for run in range(1, len(manifest.clients) + 2):
         plan, reports, published = _run_once(store, manifest, config, executor, on_done)
         history.extend(reports)
+        log.info("round %d, run %d: %d of %d invocations ok in %.2f s; %s", r, run,
+                 sum(rep.ok for rep in reports), len(plan.invocations), time.perf_counter() - started,
+                 "published " + aggregate_key(r) if published else "bad updates found: run again without them")
         if published:
             result = AggregateResult(r, aggregate_key(r), manifest, plan, reports, run,
                                      time.perf_counter() - started, history)

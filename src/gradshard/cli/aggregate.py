@@ -14,6 +14,7 @@ from rich.progress import TaskID
 from gradshard.aggregation.compare import CompareEvent, compare_round
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
+    ExitCode,
     console,
     make_executor,
     open_cli_store,
@@ -22,9 +23,10 @@ from gradshard.cli.common import (
     write_atomic,
     write_json,
 )
-from gradshard.cli.console import compare_table, reports_table
+from gradshard.cli.console import compare_table, reports_table, untrusted
 from gradshard.cli.plots import compare_png
-from gradshard.cost.model import CostOptions, cost_of_local_run
+from gradshard.cost.model import CostOptions, LocalRunCost, cost_of_local_run
+from gradshard.errors import PlanError
 from gradshard.format.update import inspect_update
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
@@ -108,21 +110,28 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
         result = run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
     finally:
         executor.close()
-    console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     summary = result.summary()
+    try:
+        cloud: LocalRunCost | None = cost_of_local_run(result.plan, result.reports, len(result.manifest.clients),
+                                                       result.manifest.spec.model_layout().nbytes,
+                                                       CostOptions(layout="ranged"))
+    except PlanError as exc:  # e.g. the inline executor measures no peak memory
+        cloud, no_cost = None, str(exc)
+    if reports:  # before anything is printed: the aggregate is published, its reports must not be lost
+        write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict() if cloud else None,
+                                    "reports": [r.model_dump(mode="json") for r in result.reports]})
+    console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     for client, reason in result.manifest.rejected.items():
-        console.print(f"[yellow]rejected[/] {client}: {reason}")
-    console.print(f"published [bold]{result.output_key}[/] from {summary['clients']} clients in "
+        console.print(f"[yellow]rejected[/] {untrusted(client)}: {untrusted(reason)}")
+    console.print(f"published [bold]{untrusted(result.output_key)}[/] from {summary['clients']} clients in "
                   f"{summary['wall_s']:.2f} s")
-    cloud = cost_of_local_run(result.plan, result.reports, len(result.manifest.clients),
-                              result.manifest.spec.model_layout().nbytes, CostOptions(layout="ranged"))
-    console.print(f"on AWS Lambda + S3 ({cloud.predicted.options.prices.name}, ranged layout): predicted "
+    if cloud is None:
+        console.print(f"no cloud cost: {untrusted(no_cost)}")
+        return
+    console.print(f"on AWS Lambda + S3 ({untrusted(cloud.predicted.options.prices.name)}, ranged layout): predicted "
                   f"${cloud.predicted.per_1000_rounds.total:,.3f} per 1000 rounds "
                   f"({cloud.predicted.latency_s:.1f} s a round); this run's own durations and peak billed at those "
                   f"prices: ${cloud.measured.per_1000_rounds.total:,.3f}")
-    if reports:
-        write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict(),
-                                    "reports": [r.model_dump(mode="json") for r in result.reports]})
 
 
 @click.command()
@@ -134,12 +143,13 @@ def inspect(path: str, as_json: bool) -> None:
     info = inspect_update(LocalStore(file.parent), file.name)
     if as_json:
         click.echo(json.dumps(info))
-        return
-    for name, value in info.items():
-        console.print(f"[bold]{name}[/]: {value}")
+    else:
+        for name, value in info.items():
+            console.print(f"[bold]{name}[/]: {untrusted(value)}")
+        if info["non_finite_values"]:
+            console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
     if info["non_finite_values"]:
-        console.print(f"[red]{info['non_finite_values']} non-finite values[/]")
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)
 
 
 def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -183,7 +193,7 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
             elif event.kind == "invocation":
                 progress.advance(tasks[event.architecture])
             elif event.row is not None and event.row.status == "skipped":
-                progress.console.print(f"{event.architecture}: not run ({event.row.reason})")
+                progress.console.print(f"{untrusted(event.architecture)}: not run ({untrusted(event.row.reason)})")
 
         store = open_cli_store(store_dir, must_exist=True)
         result = compare_round(store, round_, architectures=architectures, shards=shards, memory_limit_bytes=limit,
@@ -195,8 +205,8 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
     write_atomic(out / "compare.json", result.to_json().encode())
     write_atomic(out / "compare.csv", result.to_csv().encode())
     write_atomic(out / "compare.png", compare_png(result))
-    console.print(f"wrote compare.json, compare.csv and compare.png to {out}")
+    console.print(f"wrote compare.json, compare.csv and compare.png to {untrusted(out)}")
     unexpected = [r.architecture for r in result.rows if r.feasible and r.status == "failed"]
     if unexpected:
         console.print(f"[red]failed although predicted feasible[/]: {', '.join(unexpected)}")
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import sys
@@ -13,11 +14,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
+from gradshard.errors import StoreError
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.units import MIB
 
 console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every ``gradshard`` command (listed in ``gradshard --help`` and the README)."""
+
+    OK = 0
+    NEGATIVE = 1  # the command ran, its verdict is negative (non-finite values, nothing feasible, ...)
+    USAGE = 2  # click's usage errors
+    ERROR = 3  # a GradshardError: bad input, a failed round, an unreachable store
+    INTERRUPTED = 130
 
 
 def progress_bar() -> Progress:
@@ -50,9 +62,9 @@ def open_cli_store(location: str, *, must_exist: bool) -> Store:
     """``s3://bucket/prefix`` (endpoint and credentials from the AWS environment) or a local directory."""
     if location.startswith("s3://"):
         store = open_store(location)
-        if isinstance(store, S3Store) and not store.bucket_exists():
-            raise click.BadParameter(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'}",
-                                     param_hint="--store")
+        if isinstance(store, S3Store) and not store.bucket_exists(quick=True):
+            raise StoreError(f"bucket {store.bucket!r} does not exist at {store.endpoint_url or 'AWS'} (--store "
+                             f"{location}); create it first, or check AWS_ENDPOINT_URL")
         return store
     if must_exist and not Path(location).is_dir():
         raise click.BadParameter(f"directory {location!r} does not exist", param_hint="--store")

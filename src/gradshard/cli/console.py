@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from gradshard.aggregation.compare import CompareResult, CompareRow
 from gradshard.runtime.report import InvocationReport
 from gradshard.units import MIB
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(c: str) -> str:
+    if not unicodedata.category(c).startswith("C"):
+        return c
+    return _SHORT_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: object) -> str:
+    """``text`` on one line, every control character (ANSI escapes, newlines, carriage returns, ...) written as a
+    visible escape such as ``\\x1b``: a string from a file or a server can neither forge an output line nor move
+    the cursor or recolour the terminal."""
+    return "".join(map(_visible, str(text)))
+
+
+def untrusted(text: object) -> str:
+    """An untrusted string (client ids, object names, reasons, error messages) made safe to embed in rich
+    markup: printed literally, with control characters visible (:func:`printable`)."""
+    return escape(printable(text))
 
 
 def _mib(value: int | None) -> str:
@@ -29,9 +52,9 @@ def reports_table(reports: Sequence[InvocationReport], title: str = "") -> Table
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in reports:
         error = "" if r.ok else f"{r.error_type}: {r.error}"
-        table.add_row(r.invocation, "✓" if r.ok else "✗", str(r.attempts), f"{r.duration_s:.3f}",
+        table.add_row(untrusted(r.invocation), "✓" if r.ok else "✗", str(r.attempts), f"{r.duration_s:.3f}",
                       _mib(r.peak_rss_bytes), _mib(r.memory_cap_bytes), _mib(r.bytes_read), _mib(r.bytes_written),
-                      str(r.gets), str(r.puts), error[:80])
+                      str(r.gets), str(r.puts), untrusted(error[:80]))
     return table
 
 
@@ -40,7 +63,7 @@ def agreement_text(row: CompareRow) -> str:
     if row.reference:
         return "reference"
     if row.status == "failed":
-        return f"✗ {row.error_type}"
+        return f"✗ {untrusted(row.error_type)}"
     if row.status == "skipped":
         return "not run"
     if row.exact:

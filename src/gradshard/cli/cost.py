@@ -7,6 +7,7 @@ Thin click commands over :mod:`gradshard.cost.model` and :mod:`gradshard.cost.pl
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from gradshard.cli.common import ExitCode
+from gradshard.cli.console import untrusted
 from gradshard.cost.model import (
     MEMORY_CAPS_MB,
     OBJECT_LAYOUTS,
@@ -112,6 +115,10 @@ def _round_from_options(kw: dict[str, Any], options: CostOptions) -> RoundCost:
         given_s = [float(d) for d in kw["durations"].split(",")]
     except ValueError:
         raise click.BadParameter("comma-separated seconds, e.g. 57.3,57.3", param_hint="--durations") from None
+    wrong = [d for d in given_s if not math.isfinite(d) or d < 0]
+    if wrong:
+        raise click.BadParameter(f"{', '.join(map(str, wrong))}: durations are seconds, never negative (nor inf "
+                                 "or nan)", param_hint="--durations")
     return round_cost(shape, kw["memory_mb"], given_s, options)
 
 
@@ -136,7 +143,7 @@ def _cost_table(result: RoundCost) -> Table:
     shape = result.shape
     functions = f"M = {shape.shards}" if shape.arch == "sharded" else f"{len(shape.aggregators)} functions"
     table = Table(title=f"{shape.arch}, {result.options.layout} layout: N = {shape.clients}, {functions} of "
-                        f"{result.memory_mb} MB, {result.options.prices.name}", title_justify="left")
+                        f"{result.memory_mb} MB, {untrusted(result.options.prices.name)}", title_justify="left")
     for name in ("", "compute", "requests", "storage PUT", "storage GET", "total"):
         table.add_column(name, justify="left" if not name else "right")
     for label, c, fmt in (("per round", result.per_round, "{:.6f}"), ("per 1000 rounds", result.per_1000_rounds,
@@ -178,13 +185,15 @@ def cost(**kw: Any) -> None:
     console.print(_cost_table(result))
     r = result.requests
     console.print(f"{r.puts} PUTs, {r.gets} GETs, {r.invocations} invocations; round latency "
-                  f"{result.latency_s:.1f} s; prices {options.prices.name} as of {options.prices.as_of}")
+                  f"{result.latency_s:.1f} s; prices {untrusted(options.prices.name)} as of "
+                  f"{untrusted(options.prices.as_of)}")
 
 
 def _plan_table(rec: Recommendation) -> Table:
     req = rec.request
     table = Table(title=f"{req.params:.3g} parameters ({req.model_mb:,.0f} MB), N = {req.clients}, cap "
-                        f"{req.memory_limit_mb:,} MB, deadline {req.deadline_s or '—'} s, {req.model.prices.name}",
+                        f"{req.memory_limit_mb:,} MB, deadline {req.deadline_s or '—'} s, "
+                        f"{untrusted(req.model.prices.name)}",
                   title_justify="left")
     for name in ("architecture", "layout", "M", "memory MB", "latency s", "compute $/1000", "storage $/1000",
                  "total $/1000", "feasible"):
@@ -211,7 +220,7 @@ def _sweep(model: CostModel, kw: dict[str, Any]) -> None:
     for layout, size in crossovers.items():
         where = "none in 1 MB - 100 GB" if size is None else f"{size:,.0f} MB"
         console.print(f"GradsSharding / λ-FL cost crossover, {layout} layout: {where}")
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    console.print("wrote " + untrusted(", ".join(str(p) for p in paths.values())))
 
 
 @click.command()
@@ -251,7 +260,13 @@ def plan(**kw: Any) -> None:
                                 max_shards=kw["max_shards"], model=model))
     if kw["as_json"]:
         click.echo(json.dumps(rec.to_dict()))
-        return
+    else:
+        _print_recommendation(rec)
+    if rec.best is None:
+        sys.exit(ExitCode.NEGATIVE)
+
+
+def _print_recommendation(rec: Recommendation) -> None:
     console.print(_plan_table(rec))
     if rec.best is None:
         console.print("[red]nothing fits[/]: raise the memory limit or the deadline")

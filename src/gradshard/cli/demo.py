@@ -12,13 +12,14 @@ import click
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult
 from gradshard.cli.common import (
+    ExitCode,
     console,
     progress_bar,
     run_aggregate,
     sha256_of,
     write_json,
 )
-from gradshard.cli.console import reports_table
+from gradshard.cli.console import reports_table, untrusted
 from gradshard.cli.train import run_training
 from gradshard.core.zoo import LAYOUTS, get_layout
 from gradshard.demo.synthetic import make_round
@@ -67,7 +68,7 @@ def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, wor
         console.print(f"[bold]gradshard demo[/]: federated training of a {model} on scikit-learn's digits; "
                       f"{clients} non-IID clients (Dirichlet α = {config.data.alpha}), {rounds} rounds of "
                       f"{config.epochs} local epochs; GradsSharding M = {shards} and a sharded server step on "
-                      f"functions capped at {memory_mb:.0f} MiB; store {store.root}")
+                      f"functions capped at {memory_mb:.0f} MiB; store {untrusted(store.root)}")
         with LocalExecutor(workers=workers, memory_cap_bytes=int(memory_mb * MIB)) as capped, \
                 LocalExecutor(workers=workers, retries=0, timeout_s=config.deadline_s) as client_executor:
             trainer = Trainer(store, config, capped, client_executor)
@@ -76,7 +77,7 @@ def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, wor
         identical = _verify_last_round(store, config, len(metrics) - 1, workers)
     console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     if not identical:
-        sys.exit(1)
+        sys.exit(ExitCode.NEGATIVE)
 
 
 @click.command()
@@ -107,6 +108,10 @@ def demo(aggregate_only: bool, clients: int | None, rounds: int | None, model: s
          seed: int, reports: str | None) -> None:
     """Federated training on digits with 20 non-IID clients and GradsSharding on memory-capped functions, then a
     check that the last round is bit-identical to a flat recomputation. --aggregate-only: aggregation alone."""
+    if store_dir is not None and store_dir.startswith("s3://"):
+        raise click.BadParameter("the demo runs on a local directory (it hashes the aggregates there); use "
+                                 "'gradshard train --store s3://...' or 'gradshard aggregate --store s3://...'",
+                                 param_hint="--store")
     if aggregate_only:
         extra = [name for name, value in (("--rounds", rounds), ("--model", model), ("--out", out_dir))
                  if value is not None]
@@ -128,9 +133,9 @@ def _demo_aggregate(layout_name: str, clients: int, shards: int, memory_mb: floa
     layout = get_layout(layout_name)
     with tempfile.TemporaryDirectory(prefix="gradshard-demo-") as tmp:
         store = LocalStore(store_dir or tmp)
-        console.print(f"[bold]gradshard demo[/]: {layout_name}, {layout.aggregated().numel:,} averaged parameters "
-                      f"({layout.aggregated().nbytes / MIB:,.1f} MiB per update), {clients} clients, "
-                      f"store {store.root}")
+        console.print(f"[bold]gradshard demo[/]: {untrusted(layout_name)}, {layout.aggregated().numel:,} averaged "
+                      f"parameters ({layout.aggregated().nbytes / MIB:,.1f} MiB per update), {clients} clients, "
+                      f"store {untrusted(store.root)}")
         with progress_bar() as progress:
             task = progress.add_task("writing client updates", total=clients)
             make_round(store, 0, layout, clients, seed=seed, on_client=lambda _: progress.advance(task))
@@ -141,13 +146,13 @@ def _demo_aggregate(layout_name: str, clients: int, shards: int, memory_mb: floa
         with LocalExecutor(workers=1) as uncapped:
             flat = run_aggregate(store, 0, uncapped, AggregateConfig(topology="flat"), "flat reference")
         flat_sha = sha256_of(store, aggregate_key(0))
-        console.print(reports_table(sharded.reports + flat.reports, "invocation reports"))
-        _demo_verdict(sharded, flat, sharded_sha, flat_sha, memory_mb)
         if reports:
             write_json(Path(reports), {"sharded": [r.model_dump(mode="json") for r in sharded.reports],
                                         "flat": [r.model_dump(mode="json") for r in flat.reports]})
+        console.print(reports_table(sharded.reports + flat.reports, "invocation reports"))
+        _demo_verdict(sharded, flat, sharded_sha, flat_sha, memory_mb)
         if sharded_sha != flat_sha:
-            sys.exit(1)
+            sys.exit(ExitCode.NEGATIVE)
 
 
 def _demo_verdict(sharded: AggregateResult, flat: AggregateResult, sharded_sha: str, flat_sha: str,

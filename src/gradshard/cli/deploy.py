@@ -10,7 +10,14 @@ import sys
 import click
 from rich.console import Console
 
-from gradshard.deploy.aws import ARCHITECTURES, LAMBDA_RUNTIMES, MAX_TIMEOUT_S, write_aws_deployment
+from gradshard.cli.console import untrusted
+from gradshard.deploy.aws import (
+    ARCHITECTURES,
+    DEFAULT_RUNTIME,
+    LAMBDA_RUNTIMES,
+    MAX_TIMEOUT_S,
+    write_aws_deployment,
+)
 from gradshard.errors import GradshardError
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 
@@ -29,7 +36,7 @@ def deploy() -> None:
 @click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
               help="Function timeout, seconds.")
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
-@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default="python3.12", show_default=True,
+@click.option("--runtime", type=click.Choice(list(LAMBDA_RUNTIMES)), default=DEFAULT_RUNTIME, show_default=True,
               help="Lambda Python runtime (python3.11 runs on Amazon Linux 2, whose glibc 2.26 is too old for the "
                    "pinned numpy's wheels; python3.12+ run on Amazon Linux 2023).")
 @click.option("--vendor/--no-vendor", default=None,
@@ -45,13 +52,14 @@ def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor:
         except GradshardError as exc:
             if vendor is not None:
                 raise
-            console.print(f"[yellow]not vendoring[/]: {exc}")
+            console.print(f"[yellow]not vendoring[/]: {untrusted(exc)}")
             result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,
                                           vendor=False, runtime=runtime)
     for path in result.paths:
-        console.print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        console.print(f"wrote {untrusted(path)} ({path.stat().st_size:,} bytes)")
     if result.code_key is not None:
-        console.print(f"package.zip holds gradshard and its runtime dependencies; upload it as {result.code_key}")
+        console.print("package.zip holds gradshard and its runtime dependencies; upload it as "
+                      f"{untrusted(result.code_key)}")
     else:
         console.print("package.zip holds gradshard only: run build.sh to add its dependencies for Lambda")
-    console.print(f"next: follow {result.guide}")
+    console.print(f"next: follow {untrusted(result.guide)}")

@@ -1,18 +1,22 @@
 """The ``gradshard`` command: a thin layer where every command is one library call.
 
-Each command group lives in its own module (aggregate, train, demo, cost, deploy); this module is the group
-and the entry point that turns every gradshard error into one clear line and exit code 2."""
+Each command group lives in its own module (aggregate, train, demo, cost, deploy); this module is the group and
+the entry point. The group turns every failure into one line ``error: ...`` on stderr and a documented exit code
+(:class:`~gradshard.cli.common.ExitCode`), also when it is called from Python or click's test runner."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import click
 
 from gradshard import __version__
 from gradshard.cli.aggregate import aggregate, compare, inspect
-from gradshard.cli.common import console
+from gradshard.cli.common import ExitCode
+from gradshard.cli.console import printable
 from gradshard.cli.cost import cost, plan
 from gradshard.cli.demo import demo
 from gradshard.cli.deploy import deploy
@@ -20,14 +24,74 @@ from gradshard.cli.gc import gc
 from gradshard.cli.train import train
 from gradshard.errors import GradshardError
 
+EXIT_CODES_HELP = ("Exit codes: 0 done; 1 the command ran but its verdict is negative (inspect found non-finite "
+                   "values, plan found nothing feasible, compare or demo found a disagreement, train aggregated no "
+                   "update in any round); 2 usage error; 3 gradshard error (bad input, a failed round, a store that "
+                   "cannot be reached); 130 interrupted. Errors are one line 'error: ...' on stderr.")
 
-@click.group()
-@click.version_option(__version__)
-@click.option("-v", "--verbose", is_flag=True, help="Log what happens (to stderr).")
-def main(verbose: bool) -> None:
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines as ``LEVEL logger: message``, with control characters from untrusted strings made visible."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"error: {printable(message)}", err=True)
+    sys.exit(code)
+
+
+class GradshardGroup(click.Group):
+    """A click group whose standalone run reports every failure as one line on stderr with its exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+            _fail(exc.format_message() + hint, ExitCode.USAGE)
+        except click.ClickException as exc:  # e.g. a file click could not open
+            _fail(exc.format_message(), ExitCode.ERROR)
+        except click.Abort:  # click turns KeyboardInterrupt and EOF into Abort
+            _fail("interrupted", ExitCode.INTERRUPTED)
+        except GradshardError as exc:
+            _fail(str(exc), ExitCode.ERROR)
+        except OSError as exc:  # a file or directory that cannot be read or written
+            _fail(str(exc), ExitCode.ERROR)
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+
+def _log_to_stderr(level: int) -> None:
+    """Log gradshard's records at ``level`` and above to this run's stderr; restored when the command ends."""
+    logger = logging.getLogger("gradshard")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    click.get_current_context().call_on_close(restore)
+
+
+@click.group(cls=GradshardGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version")
+@click.option("-v", "--verbose", is_flag=True, help="Also log what happens (INFO: rounds, plans, runs) to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Log errors only (no warnings).")
+def main(verbose: bool, quiet: bool) -> None:
     """gradshard: federated aggregation sharded across memory-capped functions."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if verbose and quiet:
+        raise click.UsageError("give -v/--verbose or -q/--quiet, not both")
+    _log_to_stderr(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
 
 
 for command in (aggregate, inspect, compare, train, demo, cost, plan, deploy, gc):
@@ -35,21 +99,8 @@ for command in (aggregate, inspect, compare, train, demo, cost, plan, deploy, gc
 
 
 def run() -> None:
-    """Entry point that turns gradshard errors into one clear line and exit code 2."""
-    try:
-        main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except GradshardError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    run()
+    """Entry point of the ``gradshard`` command (``[project.scripts]``)."""
+    main(prog_name="gradshard")
 
 
 if __name__ == "__main__":

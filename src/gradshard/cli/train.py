@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradshard.cli.common import console, make_executor, open_cli_store
+from gradshard.cli.common import ExitCode, console, make_executor, open_cli_store
+from gradshard.cli.console import untrusted
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
 
@@ -73,8 +75,8 @@ def _round_line(m: RoundMetrics, total: int) -> str:
     line = (f"round {m.round:>{width}}  test accuracy [bold]{m.test_accuracy:.4f}[/]  loss {m.test_loss:.4f}  "
             f"clients {len(m.aggregated)}/{len(m.cohort)}  {m.wall_seconds:5.2f} s (clients {m.client_seconds:.2f}, "
             f"aggregation {m.aggregate_seconds:.2f}, server {m.server_seconds:.2f})")
-    problems = [f"{c} rejected ({why})" for c, why in m.rejected.items()]
-    problems += [f"{c} failed ({why})" for c, why in m.failed.items()]
+    problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
+    problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
     return line + "".join(f"\n    [yellow]{p}[/]" for p in problems)
 
 
@@ -109,7 +111,7 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
         metrics = trainer.run(on_round=on_round)
     if out is not None:
         written = report.write_outputs(out, metrics, config_dump, title)
-        console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
+        console.print(f"wrote {untrusted(', '.join(p.name for p in written))} to {untrusted(out)}")
     s = report.summary(metrics)
     if metrics:
         console.print(f"final test accuracy [bold]{s['final_test_accuracy']:.4f}[/] after {s['rounds']} rounds "
@@ -202,18 +204,22 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
         base, source = {}, "defaults + flags"
     config = train_config(base, flags, source)
     agg = config.aggregation
-    console.print(f"[bold]gradshard train[/]: {config.model} on {config.data.name} ({config.data.partition}), "
+    console.print(f"[bold]gradshard train[/]: {untrusted(config.model)} on {config.data.name} "
+                  f"({config.data.partition}), "
                   f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
-                  f"{config.server.name}; store {where}; {executor_kind} executor")
+                  f"{config.server.name}; store {untrusted(where)}; {executor_kind} executor")
     # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
     executor = make_executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address)
     client_executor = make_executor(executor_kind, workers, None, 0, config.deadline_s, ray_address=ray_address)
     try:
         trainer = Trainer(store, config, executor, client_executor)
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
-        run_training(trainer, Path(out_dir) if out_dir else default_out, f"{config.model} on {config.data.name}, "
-                     f"{config.clients} clients, {agg.topology}")
+        metrics = run_training(trainer, Path(out_dir) if out_dir else default_out,
+                               f"{config.model} on {config.data.name}, {config.clients} clients, {agg.topology}")
     finally:
         client_executor.close()
         executor.close()
+    if not any(m["aggregated"] for m in metrics):
+        console.print("[red]no client update was aggregated in any round[/]: the model is still the initial one")
+        sys.exit(ExitCode.NEGATIVE)

@@ -42,6 +42,9 @@ LAMBDA_RUNTIMES = {r.name: r for r in (
     LambdaRuntime("python3.12", (3, 12), (2, 34), "Amazon Linux 2023"),
     LambdaRuntime("python3.13", (3, 13), (2, 34), "Amazon Linux 2023"),
 )}
+#: The runtime a deployment gets unless told otherwise (library and CLI alike): the pinned numpy's manylinux wheels
+#: need a newer glibc than Amazon Linux 2 (python3.11) has.
+DEFAULT_RUNTIME = "python3.12"
 ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}  # Lambda's name -> platform.machine()
 # What the numpy aggregation runtime imports (torch is not deployed), and boto3 for the S3 store's client.
 RUNTIME_DISTRIBUTIONS = ("numpy", "safetensors", "xxhash", "blake3", "psutil", "pydantic", "pydantic-core",
@@ -74,7 +77,7 @@ class AwsDeployment:
 
 
 def write_aws_deployment(out_dir: str | os.PathLike[str], *, memory_mb: int = 3008, timeout_s: int = 900,
-                         architecture: str = "x86_64", vendor: bool = True, runtime: str = "python3.11",
+                         architecture: str = "x86_64", vendor: bool = True, runtime: str = DEFAULT_RUNTIME,
                          check_glibc: bool = True) -> AwsDeployment:
     """Write ``package.zip``, ``template.yaml`` and ``DEPLOY.md`` (and, unvendored, the build files) to ``out_dir``.
 

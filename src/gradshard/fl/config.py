@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.fl.server import ServerOptimizer
+
+#: A float field that takes an int but refuses ``true``/``false`` (pydantic's lax mode reads a bool as 1.0 / 0.0).
+StrictFloat = Annotated[float, Field(strict=True)]
 
 
 class DataConfig(BaseModel):
@@ -17,8 +20,8 @@ class DataConfig(BaseModel):
 
     name: Literal["digits", "synthetic"] = "digits"
     partition: Literal["iid", "dirichlet"] = "dirichlet"
-    alpha: float = Field(default=0.5, gt=0)
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    alpha: StrictFloat = Field(default=0.5, gt=0)
+    test_fraction: StrictFloat = Field(default=0.2, gt=0, lt=1)
 
 
 class TrainConfig(BaseModel):
@@ -28,23 +31,33 @@ class TrainConfig(BaseModel):
 
     model: str = "mlp"
     data: DataConfig = DataConfig()
-    clients: int = Field(default=20, ge=1)
-    per_round: int | None = Field(default=None, ge=1, description="clients sampled per round (default: all)")
-    fraction: float | None = Field(default=None, gt=0, le=1, description="or a fraction of the clients")
-    rounds: int = Field(default=20, ge=1)
+    clients: StrictInt = Field(default=20, ge=1)
+    per_round: StrictInt | None = Field(default=None, ge=1, description="clients sampled per round (default: all)")
+    fraction: StrictFloat | None = Field(default=None, gt=0, le=1, description="or a fraction of the clients")
+    rounds: StrictInt = Field(default=20, ge=1)
     # Defaults as in the acceptance test: 20 non-IID digits clients reach >= 0.93 test accuracy within 20 rounds.
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=0.1, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="clients' SGD momentum")
-    mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight; 0 is FedAvg")
+    epochs: StrictInt = Field(default=5, ge=1)
+    batch_size: StrictInt = Field(default=16, ge=1)
+    lr: StrictFloat = Field(default=0.1, gt=0)
+    momentum: StrictFloat = Field(default=0.9, ge=0, lt=1, description="clients' SGD momentum")
+    mu: StrictFloat = Field(default=0.0, ge=0, description="FedProx proximal weight; 0 is FedAvg")
     server: ServerOptimizer = ServerOptimizer()
     aggregation: AggregateConfig = AggregateConfig()
-    min_clients: int = Field(default=1, ge=1)
-    deadline_s: float = Field(default=300.0, gt=0, description="client functions still running then are late")
-    seed: int = 0
+    min_clients: StrictInt = Field(default=1, ge=1)
+    deadline_s: StrictFloat = Field(default=300.0, gt=0, description="client functions still running then are late")
+    seed: StrictInt = 0
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.per_round is not None and self.fraction is not None:
+            raise ValueError(f"per_round = {self.per_round} and fraction = {self.fraction} are both set; keep one "
+                             "(they say the same thing: how many clients a round samples)")
+        if self.min_clients > self.sample_size():
+            raise ValueError(f"min_clients = {self.min_clients} is more than the {self.sample_size()} clients a "
+                             "round samples: no round could aggregate; lower min_clients or sample more clients")
+        return self
 
     def sample_size(self) -> int:
         if self.per_round is not None:

@@ -59,6 +59,7 @@ from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
 
 log = logging.getLogger(__name__)
+_CIFAR_MODELS = ("resnet18", "vgg16")  # models built for 3×32×32 images
 
 
 @dataclass
@@ -153,7 +154,12 @@ class Trainer:
         _put_arrays(self.store, TEST_DATA_KEY, {"x": self._input(test.x), "y": test.y})
 
     def _input(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """Images for convolutional models (digits: 1×8×8), flat vectors otherwise."""
+        """Images for convolutional models, flat vectors otherwise. 64 features are a 1×8×8 image (digits); the
+        CIFAR-sized models (resnet18, vgg16: 3 channels, five halvings in VGG's features) get it as 3×32×32, each
+        pixel repeated 4×4 and on every channel."""
+        if self.config.model in _CIFAR_MODELS and x.ndim == 2 and x.shape[1] == 64:
+            image = x.reshape(-1, 1, 8, 8).repeat(4, axis=2).repeat(4, axis=3)
+            return np.ascontiguousarray(np.broadcast_to(image, (len(x), 3, 32, 32)))
         if self.config.model == "cnn" and x.ndim == 2 and x.shape[1] == 64:
             return np.ascontiguousarray(x.reshape(-1, 1, 8, 8))
         return np.ascontiguousarray(x)

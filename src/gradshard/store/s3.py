@@ -337,16 +337,29 @@ class S3Store(Store):
             return StoreError(f"object {key!r} in {self.url} changed while it was being read")
         return StoreError(f"{what} on {self._where()} failed: {code}: {message}")
 
-    def bucket_exists(self) -> bool:
+    def bucket_exists(self, *, quick: bool = False) -> bool:
+        """Whether the bucket exists; any other failure (credentials, access, endpoint) is a clear StoreError.
+
+        ``quick`` probes with one try and a 2 s connect timeout (a first check of a store given by a user): an
+        unreachable endpoint fails in seconds instead of after every retry of every connect timeout."""
         from botocore.exceptions import ClientError
 
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-                return False
-            raise
+        with self._errors(f"checking bucket {self.bucket!r}"):
+            try:
+                (self._quick_client() if quick else self.client).head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                    return False
+                raise
         return True
+
+    def _quick_client(self) -> Any:
+        from botocore.config import Config
+
+        config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=10,
+                        s3={"addressing_style": "path"} if self.endpoint_url else None)
+        return _boto_session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region or "us-east-1",
+                                      config=config)
 
     def create_bucket(self) -> None:
         """Create the bucket if it does not exist (for tests and local S3 servers)."""
