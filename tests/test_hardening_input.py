@@ -378,3 +378,50 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabe
 def test_the_depth_scan_agrees_with_the_parsed_json(value: Any) -> None:
     text = json.dumps(value, ensure_ascii=False).encode()
     assert json_depth(text, 100) == _depth(value)
+
+
+class HeaderFlakyStore(MemoryStore):
+    """A memory store whose first ``failures`` opens of one object fail with a store error."""
+
+    def __init__(self, key: str, failures: int) -> None:
+        super().__init__()
+        self.flaky_key, self.failures = key, failures
+
+    def open_reader(self, key: str) -> ObjectReader:
+        if key == self.flaky_key and self.failures > 0:
+            self.failures -= 1
+            raise StoreError(f"connection reset while opening {key}")
+        return super().open_reader(key)
+
+
+def _two_client_round(store: MemoryStore) -> ModelLayout:
+    layout = ModelLayout([TensorSpec("w", (8,), "float32")])
+    open_round(store, RoundSpec.create(0, layout, chunk_elems=4))
+    for client in ("c0", "c1"):
+        write_update(store, update_key(0, client), layout, np.ones(8, dtype=np.float32),
+                     UpdateMeta(client=client, round=0, examples=1, layout_digest=layout.digest(), chunk_elems=4))
+    return layout
+
+
+def test_a_transient_error_while_validating_headers_is_retried_and_keeps_the_client() -> None:
+    store = HeaderFlakyStore(update_key(0, "c1"), failures=2)
+    _two_client_round(store)
+    manifest = prepare_round(store, 0)
+    assert [c.client for c in manifest.clients] == ["c0", "c1"] and store.failures == 0
+
+
+def test_a_persistent_error_while_validating_headers_fails_the_round_naming_the_client() -> None:
+    store = HeaderFlakyStore(update_key(0, "c1"), failures=100)
+    _two_client_round(store)
+    with pytest.raises(RoundError, match=r"reading the header of client 'c1' .* failed 3 times; last: connection"):
+        prepare_round(store, 0)
+
+
+def test_the_writer_refuses_a_header_no_reader_would_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradshard.format import writer
+
+    layout = ModelLayout([TensorSpec(f"t{i:05d}", (1,), "float32") for i in range(200)])
+    monkeypatch.setattr(writer, "MAX_HEADER_BYTES", 4096)
+    with pytest.raises(GradshardError, match="over the 4,096 readers accept"):
+        write_update(MemoryStore(), "u", layout, np.zeros(200, dtype=np.float32),
+                     UpdateMeta(client="c", round=0, examples=1, layout_digest=layout.digest(), chunk_elems=8))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -26,9 +27,9 @@ from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import MAX_EXAMPLES
 from gradshard.core.reducers import normalised_weights
-from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.errors import GradshardError, ObjectNotFoundError, RoundError, StoreError, UnsafeObjectError, UpdateError
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
-from gradshard.format.update import UpdateMeta, open_update
+from gradshard.format.update import UpdateMeta, UpdateReader, open_update
 from gradshard.store import Store
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
         client = name.removesuffix(UPDATE_SUFFIX)
         try:
             check_client_id(client)
-            with open_update(store, key, client, layout) as upd:
+            with _open_retrying(store, key, client, layout) as upd:
                 meta = upd.meta
                 # The key decides identity (one object per key): an object claiming to be another client is an
                 # impostor and only it is rejected; the client it names keeps its own update.
@@ -257,6 +258,25 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
     assign_weights(manifest, weighting, server_weights)
     check_enough(manifest)
     return manifest
+
+
+def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout, attempts: int = 3) -> UpdateReader:
+    """Open an update, retrying store errors (a transient error says nothing about the update: it must neither
+    reject the client nor escape as a traceback); content errors (UpdateError) are raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return open_update(store, key, client, layout)
+        except UnsafeObjectError:
+            raise
+        except ObjectNotFoundError:
+            raise UpdateError(client, f"object {key} disappeared while the round was validated") from None
+        except StoreError as exc:
+            if attempt == attempts:
+                raise RoundError(f"reading the header of client {client!r} ({key}) failed {attempts} times; "
+                                 f"last: {exc}; the round was not aggregated, retry it") from exc
+            log.warning("reading %s failed (%s); retrying (%d/%d)", key, exc, attempt, attempts)
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _checked_coverage(client: str, layout: ModelLayout, meta: UpdateMeta) -> dict[str, tuple[int, ...]] | None:

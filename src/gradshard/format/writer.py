@@ -32,7 +32,7 @@ from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout, TensorSpec, safetensors_dtype
 from gradshard.errors import GradshardError, InvocationError
 from gradshard.format.keys import check_client_id
-from gradshard.format.update import HEADER_DIGEST_KEY, Coverage, UpdateMeta, header_digest
+from gradshard.format.update import HEADER_DIGEST_KEY, MAX_HEADER_BYTES, Coverage, UpdateMeta, header_digest
 from gradshard.store import Store
 
 _WRITE_PIECE_BYTES = 64 << 20  # bounds what one store write (and one cast) holds
@@ -90,6 +90,9 @@ class ObjectUpload:
     @classmethod
     def begin(cls, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> ObjectUpload:
         header_len = header_length(layout, meta)
+        if header_len - 8 > MAX_HEADER_BYTES:  # readers would refuse it: never write what nothing can read
+            raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
+                                 f"{MAX_HEADER_BYTES:,} readers accept; use fewer tensors or larger chunks")
         return cls(store, key, layout, meta, store.begin_upload(key, header_len + layout.nbytes), header_len)
 
     @property
