@@ -105,9 +105,9 @@ def test_aggregate_command_names_a_missing_bucket(s3_endpoint: str, monkeypatch:
     # Execute
     result = CliRunner().invoke(main, ["aggregate", "--store", "s3://no-such-bucket/x", "--round", "1"])
 
-    # Assert
-    assert result.exit_code == 2
-    assert "bucket 'no-such-bucket' does not exist at http://127.0.0.1" in result.output
+    # Assert: a gradshard error, one line on stderr
+    assert result.exit_code == 3
+    assert "bucket 'no-such-bucket' does not exist at http://127.0.0.1" in result.stderr
 
 
 def test_training_with_the_ray_executor_gives_the_models_of_a_local_run(tmp_path: Path) -> None:

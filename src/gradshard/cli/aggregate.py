@@ -14,6 +14,7 @@ from rich.progress import TaskID
 from gradshard.aggregation.compare import CompareEvent, compare_round
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
+    HELP_OPTIONS,
     ExitCode,
     console,
     make_executor,
@@ -93,7 +94,7 @@ def _config(kw: dict[str, Any]) -> AggregateConfig:
                                          for e in exc.errors())) from None
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--store", "store_dir", required=True,
               help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix (endpoint and credentials "
                    "from the AWS environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")
@@ -134,7 +135,7 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
                   f"prices: ${cloud.measured.per_1000_rounds.total:,.3f}")
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:
@@ -160,7 +161,7 @@ def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> li
     return names
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--store", "store_dir", required=True,
               help="Store holding rounds/<r>/...: a local directory or s3://bucket/prefix.")
 @click.option("--round", "round_", type=click.IntRange(min=0), required=True)

@@ -19,6 +19,10 @@ from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.units import MIB
 
+# -h and --help on every command, set on each command itself: click caches a command's help option, so one used
+# under another group first (as tests do) would otherwise keep that group's names.
+HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 

@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gradshard.cli.common import ExitCode
+from gradshard.cli.common import HELP_OPTIONS, ExitCode
 from gradshard.cli.console import untrusted
 from gradshard.cost.model import (
     MEMORY_CAPS_MB,
@@ -153,7 +153,7 @@ def _cost_table(result: RoundCost) -> Table:
     return table
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--arch", type=click.Choice(TOPOLOGIES), default=None,
               help="Topology (default: the reports' topology, else grads-sharding).")
 @click.option("--clients", "-N", type=click.IntRange(min=1), default=None, help="Clients N.")
@@ -223,7 +223,7 @@ def _sweep(model: CostModel, kw: dict[str, Any]) -> None:
     console.print("wrote " + untrusted(", ".join(str(p) for p in paths.values())))
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--params", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Model parameters, e.g. 7e9 (required unless --sweep).")
 @click.option("--clients", "-N", type=click.IntRange(min=1), default=20, show_default=True)

@@ -12,6 +12,7 @@ import click
 
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult
 from gradshard.cli.common import (
+    HELP_OPTIONS,
     ExitCode,
     console,
     progress_bar,
@@ -80,7 +81,7 @@ def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, wor
         sys.exit(ExitCode.NEGATIVE)
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--aggregate-only", is_flag=True,
               help="The aggregation-only demo: synthetic updates of --layout, aggregated sharded (capped) and flat.")
 @click.option("--clients", "-N", type=click.IntRange(min=1), default=None,

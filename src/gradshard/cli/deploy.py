@@ -10,6 +10,7 @@ import sys
 import click
 from rich.console import Console
 
+from gradshard.cli.common import HELP_OPTIONS
 from gradshard.cli.console import untrusted
 from gradshard.deploy.aws import (
     ARCHITECTURES,
@@ -24,12 +25,12 @@ from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
-@click.group()
+@click.group(context_settings=HELP_OPTIONS)
 def deploy() -> None:
     """Write what a cloud deployment needs (nothing is sent anywhere)."""
 
 
-@deploy.command()
+@deploy.command(context_settings=HELP_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the files to.")
 @click.option("--memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
               help="Function memory, MiB (the template's MemorySize default).")

@@ -6,7 +6,7 @@ import re
 
 import click
 
-from gradshard.cli.common import console, open_cli_store
+from gradshard.cli.common import HELP_OPTIONS, console, open_cli_store
 from gradshard.store import STALE_UPLOAD_S
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -21,7 +21,7 @@ def parse_age(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--store", "location", required=True, help="Store: a directory or s3://bucket/prefix.")
 @click.option("--older-than", default=f"{STALE_UPLOAD_S / 3600:g}h", show_default=True,
               help="Collect uploads nobody wrote for this long (s, m, h, d). Keep it above the longest function "

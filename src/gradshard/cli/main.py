@@ -15,7 +15,7 @@ import click
 
 from gradshard import __version__
 from gradshard.cli.aggregate import aggregate, compare, inspect
-from gradshard.cli.common import ExitCode
+from gradshard.cli.common import HELP_OPTIONS, ExitCode
 from gradshard.cli.console import printable
 from gradshard.cli.cost import cost, plan
 from gradshard.cli.demo import demo
@@ -83,7 +83,7 @@ def _log_to_stderr(level: int) -> None:
     click.get_current_context().call_on_close(restore)
 
 
-@click.group(cls=GradshardGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GradshardGroup, epilog=EXIT_CODES_HELP, context_settings=HELP_OPTIONS)
 @click.version_option(__version__, "-V", "--version")
 @click.option("-v", "--verbose", is_flag=True, help="Also log what happens (INFO: rounds, plans, runs) to stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Log errors only (no warnings).")

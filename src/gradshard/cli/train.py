@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradshard.cli.common import ExitCode, console, make_executor, open_cli_store
+from gradshard.cli.common import HELP_OPTIONS, ExitCode, console, make_executor, open_cli_store
 from gradshard.cli.console import untrusted
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
@@ -164,7 +164,7 @@ def _train_options(f: Any) -> Any:
     return f
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="TOML file with the run's settings (the fields of TrainConfig; tables [data], [server], "
                    "[aggregation]). Flags override it.")

@@ -94,11 +94,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_BRACKET_STEP = np.zeros(256, dtype=np.int64)
+_BRACKET_STEP = np.zeros(256, dtype=np.int32)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
-_DEPTH_BLOCK = 1 << 18
+# 64 KiB blocks: the scan's int32 temporaries stay near 2 MiB (a shard function scans N headers, up to 32 MiB each)
+_DEPTH_BLOCK = 1 << 16
 
 
 class _TooDeep(ValueError):
@@ -109,7 +110,7 @@ def json_depth(text: bytes, limit: int) -> int:
     """How deep arrays and objects nest in the UTF-8 JSON ``text`` (brackets inside strings do not count), or
     ``limit + 1`` as soon as it is deeper than ``limit``.
 
-    A linear scan made before parsing (numpy, blocks of 256 KiB, no recursion): ``json.loads`` recurses once per
+    A linear scan made before parsing (numpy, blocks of 64 KiB, no recursion): ``json.loads`` recurses once per
     level and raises ``RecursionError`` at a few thousand. A quote preceded by an odd run of backslashes is escaped.
     For invalid JSON the count is exact up to the first error, the only part a parser descends into."""
     data = np.frombuffer(text, np.uint8)
@@ -117,13 +118,13 @@ def json_depth(text: bytes, limit: int) -> int:
     in_string, backslashes = 0, 0  # carried across blocks: inside a string?, the backslash run ending the block
     for offset in range(0, len(data), _DEPTH_BLOCK):
         block = data[offset : offset + _DEPTH_BLOCK]
-        index = np.arange(len(block))
+        index = np.arange(len(block), dtype=np.int32)
         last_other = np.maximum.accumulate(np.where(block == _BACKSLASH, -1, index))
-        run = index - last_other + np.where(last_other < 0, backslashes, 0)  # backslashes ending at each byte
+        run = index - last_other + np.where(last_other < 0, np.int32(backslashes), np.int32(0))  # backslash run
         before = np.concatenate(([backslashes], run[:-1]))
         quotes = (block == _QUOTE) & (before % 2 == 0)
-        inside = (np.cumsum(quotes) + in_string) % 2
-        levels = np.cumsum(_BRACKET_STEP[block] * (inside == 0)) + depth
+        inside = (np.cumsum(quotes, dtype=np.int32) + in_string) % 2
+        levels = np.cumsum(_BRACKET_STEP[block] * (inside == 0), dtype=np.int32) + depth
         deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
         if deepest > limit:
             return limit + 1
