@@ -186,20 +186,25 @@ def run_flower_process(request: dict[str, Any], timeout_s: float = 900.0) -> dic
 
 
 def flower_child() -> None:
-    """Load the updates as a Flower server holds them (lists of ndarrays), time ``aggregate``, measure memory.
+    """Load the updates as a Flower server holds them (lists of ndarrays), time one of Flower's aggregators, measure
+    memory.
 
     Request: ``paths`` (safetensors files, canonical client order), ``examples``, ``names`` (tensor order),
-    ``repeats``, ``result_path`` (where to save the flat float32 result as .npy).
+    ``repeats``, ``result_path`` (where to save the flat float32 result as .npy), and optionally ``aggregator``:
+    ``mean`` (``aggregate``, the default), ``median`` (``aggregate_median``) or ``trimmed-mean`` with
+    ``proportiontocut`` (``aggregate_trimmed_avg``).
 
     Memory is the address space's high-water mark ``VmHWM``: ``ru_maxrss`` would be wrong here, because Linux
     carries it across ``exec`` from the parent (a process started by a 4 GiB benchmark reports >= 4 GiB). Both are
     returned; ``VmHWM`` is reset to the resident set after the imports, so "before loading" is the interpreter.
     """
     import numpy as np
-    from flwr.server.strategy.aggregate import aggregate
+    from flwr.server.strategy import aggregate as flower_aggregate
     from safetensors.numpy import load_file
 
     request = json.loads(sys.stdin.read())
+    aggregate = _flower_aggregator(flower_aggregate, request.get("aggregator", "mean"),
+                                   request.get("proportiontocut"))
     hwm_reset = reset_hwm()
     rss_interpreter = vm_hwm_bytes()  # numpy, safetensors and Flower imported, nothing loaded
     ru_interpreter = maxrss_bytes()
@@ -228,7 +233,21 @@ def flower_child() -> None:
                       "rss_after_load_bytes": rss_loaded, "rss_peak_bytes": rss_first,
                       "rss_peak_all_repeats_bytes": vm_hwm_bytes(), "hwm_reset": hwm_reset,
                       "ru_maxrss_interpreter_bytes": ru_interpreter, "ru_maxrss_peak_bytes": ru_first,
-                      "result_dtype": str(flat.dtype), "flwr_version": _flwr_version()}))
+                      "result_dtype": str(flat.dtype), "flwr_version": _flwr_version(),
+                      "aggregator": request.get("aggregator", "mean")}))
+
+
+def _flower_aggregator(module: Any, name: str, proportiontocut: float | None) -> Any:
+    """``results -> NDArrays``: Flower's function for ``mean``, ``median`` or ``trimmed-mean``."""
+    if name == "mean":
+        return module.aggregate
+    if name == "median":
+        return module.aggregate_median
+    if name == "trimmed-mean":
+        if proportiontocut is None:
+            raise ValueError("aggregator 'trimmed-mean' needs 'proportiontocut'")
+        return lambda results: module.aggregate_trimmed_avg(results, float(proportiontocut))
+    raise ValueError(f"unknown Flower aggregator {name!r}; known: mean, median, trimmed-mean")
 
 
 def _flwr_version() -> str:
