@@ -52,6 +52,7 @@ from _common import (
     write_section,
 )
 
+from gradshard.aggregation.contracts import ShardReduceArgs
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
@@ -173,12 +174,11 @@ def timed_rounds(store: LocalStore, r: int, executor: LocalExecutor, cfg: Aggreg
 
 def per_function(res: AggregateResult, n_clients: int, itemsize: int, baseline_rss: int) -> list[dict[str, Any]]:
     args = {inv.id: inv.args for inv in res.plan.invocations}
+    numel = res.manifest.spec.model_layout().numel
     rows = []
     for rep in res.reports:
         a = args[rep.invocation]
-        start, stop = int(a.get("start", 0)), int(a.get("stop", -1))
-        if stop < 0:
-            stop = res.manifest.spec.model_layout().numel
+        start, stop = (a.start, a.stop) if isinstance(a, ShardReduceArgs) else (0, numel)  # flat: the whole model
         in_bytes = (stop - start) * itemsize * n_clients
         peak = rep.peak_rss_bytes or 0
         rows.append({"invocation": rep.invocation, "elements": stop - start, "input_bytes": in_bytes,
