@@ -369,3 +369,20 @@ def test_every_reducer_gives_the_flat_bytes_for_any_m_and_window(n: int, m: int,
 
     # Assert
     assert sharded == flat
+
+
+def test_a_header_replaced_after_validation_is_refused_by_the_function_naming_the_client() -> None:
+    """Functions trust a header only by the sha256 the validation recorded: a re-signed, valid header with another
+    example count, swapped in after validation, is refused (it would change the weights behind the driver's back)."""
+    from gradshard.aggregation.driver import prepare_round
+    from gradshard.aggregation.functions import open_clients
+
+    # Prepare: validate, then replace c01 by a valid update of the same values claiming 10x the examples
+    store, layout, stack = stacked_round(3, seed=7)
+    manifest = prepare_round(store, 0)
+    write_update(store, update_key(0, "c01"), layout, stack[1], UpdateMeta(
+        client="c01", round=0, examples=20, layout_digest=layout.digest(), chunk_elems=CHUNK))
+
+    # Execute / Assert
+    with pytest.raises(GradshardError, match="'c01' rejected: object changed since the round was validated"):
+        open_clients(store, manifest, layout)

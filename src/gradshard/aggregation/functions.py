@@ -35,7 +35,7 @@ def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> 
     readers: list[UpdateReader] = []
     try:
         for entry in manifest.clients:
-            reader = open_update(store, entry.key, entry.client, layout)
+            reader = open_update(store, entry.key, entry.client, layout, entry.header_sha256)
             readers.append(reader)
             if reader.sha256 != entry.header_sha256:
                 raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
@@ -171,7 +171,7 @@ def find_bad_clients(store: Store, manifest: RoundManifest, layout: ModelLayout,
         if entry.client in bad:
             continue
         try:
-            reader = open_update(store, entry.key, entry.client, layout)
+            reader = open_update(store, entry.key, entry.client, layout, entry.header_sha256)
         except UpdateError as exc:
             bad[entry.client] = exc.reason
             continue

@@ -320,8 +320,12 @@ def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry
     return entries
 
 
-def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
-    """Read and structurally validate the header of the object ``key`` (filed for ``client``)."""
+def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str | None = None) -> UpdateHeader:
+    """Read and structurally validate the header of the object ``key`` (filed for ``client``).
+
+    ``trusted_sha256``: the sha256 of the raw header bytes as the round's validation found them (the manifest's
+    ``header_sha256``). Bytes that hash to it were already depth-checked and digest-verified, so a function that
+    reopens the object only compares the hash (a changed header is refused at once) and parses it."""
     if reader.size < 8:
         raise UpdateError(client, f"object {key!r} is truncated: {reader.size} bytes, too short for a header")
     prefix = bytearray(8)
@@ -336,8 +340,12 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
                                   f"but the object has {reader.size} bytes")
     raw = bytearray(n)
     reader.read_into(8, memoryview(raw))
+    sha256 = hashlib.sha256(raw).hexdigest()
+    trusted = trusted_sha256 is not None
+    if trusted and sha256 != trusted_sha256:
+        raise UpdateError(client, "object changed since the round was validated (header differs)")
     try:
-        header = _loads(raw)
+        header = json.loads(raw) if trusted else _loads(raw)
     except _TooDeep as exc:
         raise UpdateError(client, f"object {key!r} has a header {exc} (an update's header nests 3): it is not an "
                                   "update or it is corrupted") from None
@@ -348,7 +356,8 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UpdateError(client, "header '__metadata__' must map strings to strings")
-    verified = verify_header_digest(header, metadata, key, client)
+    verified = (metadata.get(HEADER_DIGEST_KEY) is not None if trusted
+                else verify_header_digest(header, metadata, key, client))
     tensors = _parse_tensors(client, header)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
@@ -356,7 +365,7 @@ def read_header(reader: ObjectReader, key: str, client: str) -> UpdateHeader:
         raise UpdateError(client, f"object {key!r} is truncated: {reader.size} bytes, header promises {expected}")
     if reader.size > expected:
         raise UpdateError(client, f"object {key!r} has {reader.size - expected} unexpected trailing bytes")
-    return UpdateHeader(key, 8 + n, reader.size, tensors, metadata, hashlib.sha256(raw).hexdigest(),
+    return UpdateHeader(key, 8 + n, reader.size, tensors, metadata, sha256,
                         metadata.get(f"{_P}format", ""), verified)
 
 
@@ -505,14 +514,17 @@ class VerifiedStream:
                                                       "the object is corrupted")
 
 
-def open_update(store: Store, key: str, client: str, layout: ModelLayout) -> UpdateReader:
-    """Open ``key``, validate header, metadata and layout, and return a reader; errors name ``client``."""
+def open_update(store: Store, key: str, client: str, layout: ModelLayout,
+                trusted_sha256: str | None = None) -> UpdateReader:
+    """Open ``key``, validate header, metadata and layout, and return a reader; errors name ``client``.
+
+    ``trusted_sha256``: see :func:`read_header` (functions pass the manifest's ``header_sha256``)."""
     try:
         reader = store.open_reader(key)
     except UnsafeObjectError as exc:  # a symlink, FIFO, ... in the store: this client's update is refused
         raise UpdateError(client, str(exc)) from None
     try:
-        header = read_header(reader, key, client)
+        header = read_header(reader, key, client, trusted_sha256)
         meta = UpdateMeta.from_metadata(client, header.metadata)
         check_layout(client, header, layout)
         return UpdateReader(reader, header, layout, meta)
