@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +66,11 @@ class RoundSpec(BaseModel):
                    base_key=base_key)
 
     def model_layout(self) -> ModelLayout:
+        """The layout as a :class:`ModelLayout` (built once per spec: plans and functions ask for it often)."""
+        return self.parsed_layout
+
+    @cached_property
+    def parsed_layout(self) -> ModelLayout:
         return ModelLayout.from_json(self.layout)
 
 
