@@ -26,8 +26,8 @@ WEIGHTINGS = ("examples", "uniform", "server")  # server: weights set per client
 
 def fedavg_weights(examples: Sequence[int], weighting: str = "examples") -> list[float]:
     """Normalised client weights (float64): by number of examples, or uniform."""
-    if weighting not in WEIGHTINGS:
-        raise GradshardError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting not in ("examples", "uniform"):  # 'server' weights live in the manifest, not in example counts
+        raise GradshardError(f"fedavg_weights computes 'examples' or 'uniform' weights, got {weighting!r}")
     if not examples:
         raise GradshardError("cannot average zero clients")
     if any(not 1 <= n <= MAX_EXAMPLES for n in examples):

@@ -253,7 +253,7 @@ class UpdateWriter:
         """Write the header and publish the object; returns the metadata with its digests."""
         if self._range.pos != self.upload.layout.numel:
             raise GradshardError(f"update {self.key!r} got {self._range.pos} of {self.upload.layout.numel} elements")
-        return self.upload.commit({int(i): h for i, h in self._range.finish().items()})
+        return self.upload.commit(self._range.finish())
 
     def abort(self) -> None:
         self.upload.abort()
