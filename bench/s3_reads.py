@@ -14,7 +14,10 @@ proportion to the object's size; s3rver streams the range from a file. Then:
    each k — k clients' windows read at once (``parallel_reads``), each read split into up to k ranged GETs —
    alternating; its measured duration and speed-up over k = 1, and every output's sha256 (they must all be
    equal) are reported.
-3. **Memory** (without added latency only): the peak resident set of a no-op function and of a shard function
+3. **Streamed GETs.** The same function over ``--stream-clients`` clients with each client's range read by one
+   streamed GET (``S3Store(max_streams=256)``, the default) and with one ranged GET per window (``max_streams=0``,
+   the reader before streaming), alternating: GETs, duration, peak resident set, output sha256.
+4. **Memory** (without added latency only): the peak resident set of a no-op function and of a shard function
    (M = 2, ``parallel_reads`` 1 and 4) on a local store and on S3, next to the plan's predicted need.
 
 Figures go to stdout and to ``bench/out/s3_reads.json``.
@@ -43,6 +46,7 @@ from gradshard.core.zoo import synthetic
 from gradshard.demo.synthetic import make_round
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore, S3Store, Store
+from gradshard.store.s3 import DEFAULT_MAX_STREAMS
 
 DEFAULT_OUT = BENCH_DIR / "out" / "s3_reads.json"
 MOTO = """
@@ -89,9 +93,9 @@ def start_server(s3rver: str | None, data_dir: Path, latency_s: float,
     return proc, f"http://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
-def store_with(base: S3Store, k: int) -> S3Store:
+def store_with(base: S3Store, k: int, max_streams: int = DEFAULT_MAX_STREAMS) -> S3Store:
     return S3Store(base.bucket, base.prefix, endpoint_url=base.endpoint_url, read_concurrency=k,
-                   min_range_bytes=MIB)
+                   min_range_bytes=MIB, max_streams=max_streams)
 
 
 def bench_reads(base: S3Store, ks: list[int], object_bytes: int, window: int, repeats: int) -> dict[str, Any]:
@@ -133,6 +137,32 @@ def bench_shard_function(base: S3Store, ks: list[int], params: int, clients: int
     return {"params": params, "clients": clients, "window_bytes": window, "output_sha256": digests.pop(),
             "runs": {str(k): {"median_s": medians[k], "read_MB_per_s": read / medians[k] / 1e6,
                               "speedup_vs_sequential": medians[ks[0]] / medians[k]} for k in ks}}
+
+
+def bench_streams(base: S3Store, params: int, clients: int, window: int, repeats: int) -> dict[str, Any]:
+    """One shard function (M = 1) over ``clients``: streamed GETs vs one ranged GET per window, alternating."""
+    make_round(base, 3, synthetic(params), clients, seed=3)
+    modes = {"streamed": DEFAULT_MAX_STREAMS, "per_window": 0}
+    runs: dict[str, dict[str, list[float]]] = {m: {"s": [], "gets": [], "peak": []} for m in modes}
+    digests: set[str] = set()
+    with LocalExecutor(workers=1, retries=0) as executor:
+        for _ in range(repeats):
+            for mode, streams in modes.items():
+                store = store_with(base, 1, streams)
+                result = aggregate_round(store, 3, executor, AggregateConfig(shards=1, window_bytes=window))
+                report = result.reports[0]
+                runs[mode]["s"].append(report.duration_s)
+                runs[mode]["gets"].append(report.gets)
+                runs[mode]["peak"].append(report.peak_rss_bytes or 0)
+                digests.add(hashlib.sha256(store.get(result.output_key)).hexdigest())
+    if len(digests) != 1:
+        raise SystemExit(f"outputs differ between streamed and per-window reads: {digests}")
+    out: dict[str, Any] = {"params": params, "clients": clients, "window_bytes": window,
+                           "output_sha256": digests.pop()}
+    for mode, r in runs.items():
+        out[mode] = {"median_s": statistics.median(r["s"]), "gets": max(r["gets"]), "peak_bytes": max(r["peak"])}
+    out["time_ratio_streamed_vs_per_window"] = out["streamed"]["median_s"] / out["per_window"]["median_s"]
+    return out
 
 
 CLIENT_START = """
@@ -183,6 +213,8 @@ def main() -> None:
     parser.add_argument("--window-mib", type=int, default=4)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--stream-clients", type=int, default=32)
+    parser.add_argument("--stream-params", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--s3rver", default=None,
                         help="directory of the s3rver module (npm install s3rver@3: node_modules/s3rver) to use "
@@ -201,6 +233,7 @@ def main() -> None:
         window = args.window_mib * MIB
         reads = bench_reads(base, ks, args.object_mib * MIB, window, args.repeats)
         function = bench_shard_function(base, ks, args.params, args.clients, window, args.repeats)
+        streams = bench_streams(base, args.stream_params, args.stream_clients, 512 * 1024, args.repeats)
         memory = None if args.latency_ms or args.stream_mb_s or args.s3rver else \
             bench_memory(base, Path(scratch.name) / "local", 8_000_000, 6)
         client_start = bench_client_start()
@@ -212,7 +245,8 @@ def main() -> None:
     section = f"{name}_latency_{args.latency_ms:g}ms_stream_{args.stream_mb_s:g}MBs"
     write_section(args.out, section, {"server": name, "latency_ms": args.latency_ms,
                                       "stream_MB_per_s": args.stream_mb_s, "reads": reads, "shard_function": function,
-                                      "memory": memory, "client_start": client_start})
+                                      "streams": streams, "memory": memory,
+                                      "client_start": client_start})
     pace = f", each response paced at {args.stream_mb_s:g} MB/s" if args.stream_mb_s else ""
     print(f"S3 reads against {name} in its own process, {args.latency_ms:g} ms added latency per request{pace}, "
           f"window {args.window_mib} MiB, ranges >= 1 MiB:")
@@ -220,6 +254,12 @@ def main() -> None:
         print(f"  {title}:")
         for k, run in result["runs"].items():
             print(f"    k = {k}: {run['median_s'] * 1000:8.1f} ms   {run['speedup_vs_sequential']:.2f}x vs k = 1")
+    print(f"  one shard function over {streams['clients']} clients of {streams['params']:,} float32, 512 KiB windows:")
+    for mode in ("streamed", "per_window"):
+        run = streams[mode]
+        print(f"    {mode:10s}: {run['median_s'] * 1000:8.1f} ms  {run['gets']:5d} GETs  peak "
+              f"{run['peak_bytes'] / MIB:6.1f} MiB")
+    print(f"    streamed / per-window time: {streams['time_ratio_streamed_vs_per_window']:.2f}x (same output bytes)")
     print(f"  boto3 import + first S3 client: {client_start['cold_s']:.2f} s; another client after that: "
           f"{client_start['warm_client_s'] * 1000:.0f} ms")
     if memory is not None:

@@ -172,6 +172,19 @@ def test_ranged_layout_one_object_per_client_ranged_reads_one_output() -> None:
     assert tree == count_requests(shape_for("lambda-fl", 20), "paper")
 
 
+def test_clients_past_the_stream_budget_are_counted_per_window() -> None:
+    # 300 clients, 4 shards of a 100 MB model: each function's range is 25 MB = 50 windows of 512 KiB
+    shape = shape_for("sharded", 300, 4)
+
+    within = count_requests(shape, "ranged", model_mb=100, max_streams=300)
+    past = count_requests(shape, "ranged", model_mb=100, max_streams=256)
+    unknown_size = count_requests(shape, "ranged", max_streams=256)
+
+    # 300·4 reads of 1 stream + 2 header GETs; past the budget 44 clients × 4 functions make 49 more GETs each
+    assert within.function_gets == unknown_size.function_gets == 300 * 4 * 3
+    assert past.function_gets == 300 * 4 * 3 + 44 * 4 * 49
+
+
 def fake_manifest(n: int, numel: int = 10_240) -> RoundManifest:
     """A validated-looking manifest for planning only (no objects behind it)."""
     layout = synthetic(numel, tensor_elems=1000)

@@ -157,6 +157,125 @@ def test_large_read_is_split_into_concurrent_ranged_gets(s3_endpoint: str, concu
     assert store.io.gets - gets_before == expected_gets
 
 
+def read_windows(store: S3Store, key: str, start: int, stop: int, window: int, expect: bool = True) -> bytes:
+    """Read ``[start, stop)`` of ``key`` window by window, as a shard function reads one client."""
+    out = bytearray(stop - start)
+    with store.open_reader(key) as reader:
+        if expect:
+            reader.expect(start, stop)
+        for lo in range(start, stop, window):
+            hi = min(lo + window, stop)
+            reader.read_into(lo, memoryview(out)[lo - start : hi - start])
+    return bytes(out)
+
+
+def test_announced_range_read_window_by_window_is_one_streamed_get(s3_store: S3Store) -> None:
+    # Prepare: 3 MiB + 7 bytes read in 64 KiB windows from byte 5 (49 windows)
+    blob = random_bytes(3 * MIB + 12)
+    s3_store.put("x", blob)
+    gets_before = s3_store.io.gets
+
+    # Execute
+    data = read_windows(s3_store, "x", 5, len(blob), 64 * 1024)
+
+    # Assert
+    assert data == blob[5:]
+    assert s3_store.io.gets - gets_before == 1
+    assert s3_store._open_streams == 0  # the stream gave its slot back when it reached the end
+
+
+def test_unannounced_window_reads_are_one_get_each(s3_store: S3Store) -> None:
+    # Prepare
+    blob = random_bytes(MIB)
+    s3_store.put("x", blob)
+    gets_before = s3_store.io.gets
+
+    # Execute: 16 windows of 64 KiB, no announcement
+    data = read_windows(s3_store, "x", 0, len(blob), 64 * 1024, expect=False)
+
+    # Assert
+    assert data == blob
+    assert s3_store.io.gets - gets_before == 16
+
+
+def test_readers_past_the_stream_budget_read_per_window(s3_endpoint: str) -> None:
+    # Prepare: one stream allowed; two clients read in turns, window by window, as a shard function does
+    store = new_s3_store(s3_endpoint, max_streams=1)
+    blobs = [random_bytes(MIB, seed=i) for i in range(2)]
+    for i, blob in enumerate(blobs):
+        store.put(f"c{i}", blob)
+    readers = [store.open_reader(f"c{i}") for i in range(2)]
+    outs = [bytearray(MIB) for _ in blobs]
+    for reader in readers:
+        reader.expect(0, MIB)
+    gets_before = store.io.gets
+
+    # Execute: 8 windows of 128 KiB each
+    for lo in range(0, MIB, 128 * 1024):
+        for reader, out in zip(readers, outs, strict=True):
+            reader.read_into(lo, memoryview(out)[lo : lo + 128 * 1024])
+    for reader in readers:
+        reader.close()
+
+    # Assert: the first client streamed (1 GET), the second read each of its 8 windows with its own GET
+    assert [bytes(o) for o in outs] == blobs
+    assert store.io.gets - gets_before == 1 + 8
+    assert store._open_streams == 0
+
+
+def test_a_stream_left_unfinished_gives_its_slot_back_on_close(s3_endpoint: str) -> None:
+    # Prepare
+    store = new_s3_store(s3_endpoint, max_streams=1)
+    store.put("x", random_bytes(MIB))
+
+    # Execute: read half of an announced range, then close (a function that failed mid-round)
+    with store.open_reader("x") as reader:
+        reader.expect(0, MIB)
+        reader.read_into(0, memoryview(bytearray(1000)))
+        held = store._open_streams
+
+    # Assert
+    assert held == 1
+    assert store._open_streams == 0
+    assert read_windows(store, "x", 0, MIB, 256 * 1024) == store.get("x")
+
+
+def test_a_read_that_is_not_the_next_piece_of_the_stream_is_served_apart(s3_store: S3Store) -> None:
+    # Prepare
+    blob = random_bytes(MIB)
+    s3_store.put("x", blob)
+    part = bytearray(100)
+
+    # Execute: stream from 0, then jump back (a read out of order), then carry on where the stream was
+    with s3_store.open_reader("x") as reader:
+        reader.expect(0, MIB)
+        first = bytearray(1000)
+        reader.read_into(0, memoryview(first))
+        reader.read_into(10, memoryview(part))
+        rest = bytearray(MIB - 1000)
+        reader.read_into(1000, memoryview(rest))
+
+    # Assert: every read got its own bytes
+    assert bytes(first) == blob[:1000] and bytes(part) == blob[10:110] and bytes(rest) == blob[1000:]
+
+
+def test_a_stream_cut_mid_body_resumes_from_the_next_byte(s3_store: S3Store, proxy: FaultProxy) -> None:
+    # Prepare: the first response body is cut half-way
+    blob = random_bytes(2 * MIB)
+    s3_store.put("x", blob)
+    store = via(proxy, s3_store)
+    proxy.inject("GET", "cut", 1)
+    gets_before = store.io.gets
+
+    # Execute
+    data = read_windows(store, "x", 0, len(blob), 256 * 1024)
+
+    # Assert: the cut stream was reopened once from where it broke
+    assert data == blob
+    assert proxy.faults == {"cut": 1}
+    assert store.io.gets - gets_before == 2
+
+
 def test_reader_of_a_versioned_bucket_keeps_reading_the_version_it_opened(s3_store: S3Store) -> None:
     # Prepare
     s3_store.client.put_bucket_versioning(Bucket=s3_store.bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -312,6 +431,28 @@ def test_sharded_round_through_s3_is_bit_identical_to_the_local_store(s3_store: 
     assert len(on_s3) > 3 * MIN_PART_BYTES
     assert on_s3 == local
     assert not [k for k in raw_keys(s3_store) if "/.uploads/" in k]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("max_streams", [256, 0])
+def test_shard_functions_make_one_data_get_per_client_as_the_cost_model_counts(s3_endpoint: str,
+                                                                               max_streams: int) -> None:
+    # Prepare: 4 clients of 4,000,000 float32 (16 MB), 3 shards, 256 KiB windows (~21 per client per shard)
+    store = new_s3_store(s3_endpoint, max_streams=max_streams)
+    config = AggregateConfig(topology="sharded", shards=3, window_bytes=256 * 1024)
+    make_round(store, 1, synthetic(4_000_000, tensor_elems=600_000), 4, seed=3)
+
+    # Execute
+    with LocalExecutor(workers=2) as executor:
+        result = aggregate_round(store, 1, executor, config)
+
+    # Assert: a function GETs the manifest, and per client its header (length prefix, then header: 2) and its data.
+    # The data is one streamed GET per client, or with streaming off one GET per window.
+    assert all(r.ok for r in result.reports)
+    for report, inv in zip(result.reports, result.plan.invocations, strict=True):
+        windows = -(-(inv.args.stop - inv.args.start) * 4 // (256 * 1024))
+        data_gets = 4 * (1 if max_streams else windows)
+        assert report.gets == 1 + 4 * 2 + data_gets, (report.invocation, report.gets, windows)
 
 
 @pytest.mark.integration

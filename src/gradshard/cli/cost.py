@@ -136,7 +136,7 @@ def _predicted(shape: RoundShape, model_mb: float, memory_mb: int | None, option
     if memory_mb is None:
         return predict_cost(shape, model_mb, options)
     durations = predict_durations(shape, model_mb, PAPER_LATENCY, options.layout, options.header_gets)
-    return round_cost(shape, memory_mb, durations, options, PAPER_LATENCY)
+    return round_cost(shape, memory_mb, durations, options, PAPER_LATENCY, model_mb)
 
 
 def _cost_table(result: RoundCost) -> Table:

@@ -31,7 +31,9 @@ from gradshard.aggregation.contracts import FlatReduceArgs, ShardReduceArgs, Tre
 from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
 from gradshard.errors import PlanError
 from gradshard.runtime.report import InvocationReport
+from gradshard.store.s3 import DEFAULT_MAX_STREAMS
 from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import cube_root_ceil
 from gradshard.topology.names import TOPOLOGIES, Topology, topology_name
 from gradshard.units import MIB
@@ -182,17 +184,21 @@ class RequestCounts:
         return {**asdict(self), "puts": self.puts, "gets": self.gets}
 
 
-def count_requests(shape: RoundShape, layout: ObjectLayout = "paper", header_gets: int = 2) -> RequestCounts:
+def count_requests(shape: RoundShape, layout: ObjectLayout = "paper", header_gets: int = 2, *,
+                   model_mb: float | None = None, max_streams: int = DEFAULT_MAX_STREAMS,
+                   window_bytes: int = DEFAULT_WINDOW_BYTES) -> RequestCounts:
     """Requests of a full round (clients' uploads and read-backs included, as the paper counted them).
 
     Trees and flat: each client PUTs one object and GETs the one output; every aggregator GETs each input once
     and PUTs one object (none for hand-offs in shared memory), in either layout. GradsSharding, ``paper``:
     clients PUT N·M shard objects and GET N·M output shards; functions GET N·M and PUT M. ``ranged``: clients
-    PUT N objects and GET the one output; each function makes one ranged GET per client for its range plus
+    PUT N objects and GET the one output; each function reads each client's range with one streamed GET plus
     ``header_gets`` for the client's header (2 as gradshard's reader does it: the length prefix, then the
     header; 0 if offsets came with the manifest), and writes its range as one part of a multipart upload that
-    the driver creates, completes and writes the header part of. The driver's validation reads and the manifest
-    are not counted (nor were they in the paper).
+    the driver creates, completes and writes the header part of. A function streams at most ``max_streams``
+    clients at once (``S3Store(max_streams=…)``); the clients past that are read with one GET per window of
+    ``window_bytes``, which is counted when ``model_mb`` says how large a range is. The driver's validation reads
+    and the manifest are not counted (nor were they in the paper).
     """
     n, aggs = shape.clients, shape.aggregators
     reads = sum(a.store_reads for a in aggs)
@@ -201,7 +207,12 @@ def count_requests(shape: RoundShape, layout: ObjectLayout = "paper", header_get
     m = len(aggs)
     if layout == "paper":
         return RequestCounts(n * m, n * m, m, reads, 0, m)
-    return RequestCounts(n, n, m, reads * (1 + header_gets), RANGED_OUTPUT_EXTRA_PUTS, m)
+    window_gets = 0
+    if model_mb is not None:
+        for a in aggs:
+            windows = max(1, math.ceil(a.fraction * model_mb * MB / window_bytes))
+            window_gets += max(0, a.store_reads - max_streams) * (windows - 1)
+    return RequestCounts(n, n, m, reads * (1 + header_gets) + window_gets, RANGED_OUTPUT_EXTRA_PUTS, m)
 
 
 class MemoryRule(BaseModel):
@@ -367,6 +378,7 @@ class CostOptions(BaseModel):
     prices: PriceSheet = AWS_LAMBDA_X86
     count_request_fees: bool = False
     header_gets: int = Field(default=2, ge=0)
+    max_streams: int = Field(default=DEFAULT_MAX_STREAMS, ge=0)
 
 
 @dataclass(frozen=True)
@@ -399,18 +411,20 @@ class RoundCost:
 
 
 def round_cost(shape: RoundShape, memory_mb: int, durations_s: Sequence[float], options: CostOptions | None = None,
-               latency: LatencyModel | None = None) -> RoundCost:
+               latency: LatencyModel | None = None, model_mb: float | None = None) -> RoundCost:
     """Price one round: compute = Σ billed duration × memory (GB) × $/GB-s, plus requests and operations.
 
     ``durations_s`` are the billed durations of ``shape``'s aggregators, one each (measured or predicted);
-    ``latency`` only adds its per-stage invocation overhead to the reported round latency.
+    ``latency`` only adds its per-stage invocation overhead to the reported round latency; ``model_mb`` lets the
+    request count include the window GETs of clients past ``options.max_streams`` (see :func:`count_requests`).
     """
     options = options or CostOptions()
     if len(durations_s) != len(shape.aggregators):
         raise PlanError(f"{shape.arch} with N = {shape.clients}, M = {shape.shards} has "
                         f"{len(shape.aggregators)} functions, got {len(durations_s)} durations")
     prices = options.prices
-    requests = count_requests(shape, options.layout, options.header_gets)
+    requests = count_requests(shape, options.layout, options.header_gets, model_mb=model_mb,
+                              max_streams=options.max_streams)
     fees = requests.invocations * prices.function.per_million_requests / 1e6 if options.count_request_fees else 0.0
     per_round = CostBreakdown(compute=sum(prices.compute_cost(memory_mb, d) for d in durations_s), requests=fees,
                               storage_put=requests.puts * prices.storage.put_per_1000 / 1000,
@@ -424,7 +438,7 @@ def predict_cost(shape: RoundShape, model_mb: float, options: CostOptions | None
     """The analytic cost of a round: memory from ``rule``, durations from ``latency``."""
     options = options or CostOptions()
     durations = predict_durations(shape, model_mb, latency, options.layout, options.header_gets)
-    return round_cost(shape, rule.memory_mb(shape, model_mb), durations, options, latency)
+    return round_cost(shape, rule.memory_mb(shape, model_mb), durations, options, latency, model_mb)
 
 
 @dataclass(frozen=True)

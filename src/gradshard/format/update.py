@@ -458,6 +458,17 @@ class UpdateReader:
             if a < b:
                 self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
 
+    def expect(self, start: int, stop: int) -> None:
+        """Announce that elements ``[start, stop)`` will be read next, in order (see :meth:`ObjectReader.expect`)."""
+        size = self.dtype.itemsize
+        for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
+            lo, hi, offset = self._runs[i]
+            if lo >= stop:
+                break
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                self.reader.expect(offset + (a - lo) * size, offset + (b - lo) * size)
+
     def checksum_of(self, index: int) -> str:
         """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
         return self.meta.checksums[index * self._width : (index + 1) * self._width]
@@ -494,6 +505,7 @@ class VerifiedStream:
         self.update, self.stop = update, stop
         self.pos = start
         self._chunks = checksum.ChunkStream(update.grid, start, update.meta.digest)
+        update.expect(start, stop)
 
     def read_next(self, out: npt.NDArray[Any]) -> None:
         """Fill ``out`` with the next ``len(out)`` elements."""

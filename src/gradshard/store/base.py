@@ -49,6 +49,10 @@ class ObjectReader(ABC):
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with bytes ``[offset, offset + len(buf))``; raises if the object is shorter."""
 
+    def expect(self, offset: int, stop: int) -> None:  # noqa: B027 - optional hook
+        """Bytes ``[offset, stop)`` will be read next, front to back, in consecutive pieces: a store may serve
+        them from one streamed request (S3) instead of one request per piece."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the handle."""
 

@@ -6,10 +6,15 @@ instance role), so no secret ever travels in a store spec or a plan.
 
 **Reads.** ``open_reader`` pins the object's version: in a versioned bucket every ranged GET asks for the version
 it opened (a reader keeps seeing the object it opened, as on a local disk); otherwise every GET is conditional on
-the ETag, so an object replaced mid-read fails loudly instead of mixing two versions. A read of at least two
-``min_range_bytes`` is split into up to ``read_concurrency`` ranged GETs that run at once and land directly in the
-caller's buffer: the buffer the function already holds is the only one (bounded), and the round trips overlap. A
-connection that breaks mid-body resumes from the last byte received, with exponential back-off; request-level
+the ETag, so an object replaced mid-read fails loudly instead of mixing two versions. A shard function reads each
+client's range window by window: the range is announced (``ObjectReader.expect``) and served by **one streamed
+GET**, whose body is consumed one window at a time into the buffer the function already holds, so requests are one
+per client per function (as the cost model counts them) at the memory of one window; at most ``max_streams`` such
+streams are open per store (a socket each), readers past that make one ranged GET per window. Any other read of at
+least two ``min_range_bytes`` is split into up to ``read_concurrency`` ranged GETs that run at once and land
+directly in the caller's buffer, so the round trips overlap. A
+connection that breaks mid-body (S3 may also close one that a stream left idle) resumes from the last byte
+received, with exponential back-off; request-level
 failures (5xx, throttling, timeouts) are retried by botocore's ``standard`` retry mode. No read can hang: botocore
 bounds connecting (``connect_timeout_s``, 10 s) and every socket read (``read_timeout_s``, 60 s without a byte),
 a request is tried at most ``max_attempts`` times, and a body that breaks resumes at most ``max_attempts`` times.
@@ -67,6 +72,8 @@ MIN_PART_BYTES = 5 * MIB  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000  # S3's most parts in one upload
 SINGLE_PUT_BYTES = 64 * MIB  # ``put`` above this goes through a multipart upload
 _READ_PIECE = 1 * MIB  # bytes taken from a response body at a time
+DEFAULT_MAX_STREAMS = 256  # open streamed GETs per store (a socket each; Lambda allows 1,024 descriptors)
+_MAX_EXPECTED = 4096  # announced ranges a reader remembers (runs of one client in one function)
 _UPLOADS = ".uploads"
 _ACCESS_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                            "InvalidToken", "AuthorizationHeaderMalformed", "AllAccessDisabled", "403", "Forbidden"})
@@ -159,8 +166,71 @@ def _key_tag(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class _RangeStream:
+    """One streamed GET of bytes ``[pos, stop)`` of a pinned object version, consumed front to back.
+
+    A body that breaks (a reset connection, or S3 closing a connection the reader left idle while it read other
+    clients' windows) resumes from the first byte not received with a new ranged GET, after a back-off; a stream
+    that breaks ``max_attempts`` times in a row without delivering a byte fails. ``requests`` counts its GETs."""
+
+    def __init__(self, store: S3Store, key: str, pos: int, stop: int, pin: dict[str, str] | None) -> None:
+        self.store, self.key, self.pos, self.stop, self.pin = store, key, pos, stop, pin
+        self.start = pos
+        self.requests = 0
+        self._body: Any = None
+        self._failures = 0
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` with the next ``len(view)`` bytes of the stream."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        if self.pos + len(view) > self.stop:
+            raise StoreError(f"read past the end of a stream of {self.key!r} at byte {self.stop}")
+        done = 0
+        while done < len(view):
+            try:
+                if self._body is None:
+                    self._open()
+                piece = self._body.read(min(_READ_PIECE, len(view) - done))
+                if not piece:
+                    raise OSError(f"the response ended at byte {self.pos} of [{self.start}, {self.stop})")
+            except (BotoCoreError, HTTPError, OSError) as exc:  # the body broke (request errors are StoreErrors)
+                self.close()
+                self._failures += 1
+                if self._failures >= self.store.max_attempts:
+                    raise StoreError(f"reading bytes [{self.start}, {self.stop}) of {self.key!r} in "
+                                     f"{self.store.url} failed {self._failures} times in a row at byte "
+                                     f"{self.pos}; last: {exc}") from None
+                log.warning("reading %r broke at byte %d (%s); resuming", self.key, self.pos, exc)
+                _backoff(self._failures)
+                continue
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+            self.pos += len(piece)
+            self._failures = 0
+
+    def _open(self) -> None:
+        with self.store._errors(f"reading object {self.key!r}", self.key):
+            response = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store._name(self.key),
+                                                    Range=f"bytes={self.pos}-{self.stop - 1}", **(self.pin or {}))
+        self.requests += 1
+        self._body = response["Body"]
+
+    def close(self) -> None:
+        """Drop the response (its connection is closed, not reused, if the body was not read to the end)."""
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+
 class S3ObjectReader(ObjectReader):
-    """An object opened for ranged reads, pinned to the ETag it had when opened."""
+    """An object opened for ranged reads, pinned to the ETag (or version) it had when opened.
+
+    A range announced with :meth:`expect` and then read in consecutive pieces (a shard function's windows over
+    one client) is served by **one streamed GET** for the whole range, while the store has a stream to spare
+    (``S3Store.max_streams`` open at once); any other read is one ranged GET, split into concurrent GETs when large.
+    """
 
     def __init__(self, store: S3Store, key: str) -> None:
         self._store = store
@@ -169,6 +239,12 @@ class S3ObjectReader(ObjectReader):
         self.size = int(head["ContentLength"])
         version = head.get("VersionId")
         self._pin = {"VersionId": version} if version and version != "null" else {"IfMatch": str(head["ETag"])}
+        self._expected: list[tuple[int, int]] = []
+        self._stream: _RangeStream | None = None
+
+    def expect(self, offset: int, stop: int) -> None:
+        if 0 <= offset < stop <= self.size and len(self._expected) < _MAX_EXPECTED:
+            self._expected.append((offset, stop))
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         want = len(buf)
@@ -177,17 +253,49 @@ class S3ObjectReader(ObjectReader):
                              f"of {self.size} bytes")
         if want == 0:
             return
-        pieces = self._store.split_range(want)
-        if len(pieces) == 1:
-            self._store.get_into(self._key, offset, buf, self._pin)
+        stream = self._stream
+        if stream is None or stream.pos != offset or offset + want > stream.stop:
+            stream = self._open_stream(offset, want)
+        if stream is not None:
+            self._read_stream(stream, buf)
         else:
-            pool = self._store.read_pool()
-            futures = [pool.submit(self._store.get_into, self._key, offset + lo, buf[lo:hi], self._pin)
-                       for lo, hi in pieces]
-            for future in futures:
-                future.result()
-        self._store.io.gets += len(pieces)
+            self._store.io.gets += self._store.read_ranges(self._key, offset, buf, self._pin)
         self._store.io.bytes_read += want
+
+    def _open_stream(self, offset: int, want: int) -> _RangeStream | None:
+        """A stream from ``offset`` to the end of the announced range it starts in, if the read leaves some of
+        that range for later and a stream slot is free; the announcement is consumed either way."""
+        self._drop_stream()
+        for i, (lo, hi) in enumerate(self._expected):
+            if lo <= offset < hi:
+                del self._expected[i]
+                if offset + want < hi and self._store.take_stream():
+                    self._stream = _RangeStream(self._store, self._key, offset, hi, self._pin)
+                    return self._stream
+                return None
+        return None
+
+    def _read_stream(self, stream: _RangeStream, buf: memoryview) -> None:
+        before = stream.requests
+        try:
+            stream.read_into(buf)
+        except BaseException:
+            self._drop_stream()
+            raise
+        finally:
+            self._store.io.gets += stream.requests - before
+        if stream.pos == stream.stop:
+            self._drop_stream()
+
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+            self._store.release_stream()
+
+    def close(self) -> None:
+        self._drop_stream()
+        self._expected.clear()
 
 
 class S3SequentialWriter(SequentialWriter):
@@ -236,12 +344,14 @@ class S3Store(Store):
     ``endpoint_url`` selects any S3-compatible service (path-style addressing is used with one); ``None`` takes
     ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` from the environment, else AWS itself. ``read_concurrency``
     ranged GETs of at least ``min_range_bytes`` each serve one large read; ``max_attempts`` bounds every request's
-    tries.
+    tries. ``max_streams`` streamed GETs stay open at once (one per client a shard function reads, see
+    :class:`S3ObjectReader`); readers beyond it make one ranged GET per read. 0 turns streaming off.
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  read_concurrency: int = 4, min_range_bytes: int = 1 * MIB, max_attempts: int = 5,
-                 connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0) -> None:
+                 connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0,
+                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         super().__init__()
         if not bucket or "/" in bucket:
             raise StoreError(f"invalid bucket name {bucket!r}")
@@ -251,11 +361,15 @@ class S3Store(Store):
             check_key(prefix.rstrip("/"))
         if read_concurrency < 1 or min_range_bytes < 1 or max_attempts < 1:
             raise StoreError("read_concurrency, min_range_bytes and max_attempts must be at least 1")
+        if max_streams < 0:
+            raise StoreError(f"max_streams must be non-negative, got {max_streams}")
         self.bucket, self.prefix = bucket, prefix
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.region = region
         self.read_concurrency, self.min_range_bytes, self.max_attempts = read_concurrency, min_range_bytes, max_attempts
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.max_streams = max_streams
+        self._open_streams = 0
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -272,7 +386,7 @@ class S3Store(Store):
                 from botocore.config import Config
 
                 config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                                max_pool_connections=max(10, 2 * self.read_concurrency),
+                                max_pool_connections=max(10, 2 * self.read_concurrency) + self.max_streams,
                                 connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
                                 request_checksum_calculation="when_required",
                                 response_checksum_validation="when_required",
@@ -379,36 +493,36 @@ class S3Store(Store):
         step = -(-size // n)
         return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
 
-    def get_into(self, key: str, offset: int, view: memoryview, pin: dict[str, str] | None = None) -> None:
-        """Fill ``view`` from bytes ``[offset, offset + len(view))`` of the version ``pin`` names (``VersionId``
-        or ``IfMatch``); a broken body resumes where it stopped."""
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
+    def read_ranges(self, key: str, offset: int, view: memoryview, pin: dict[str, str] | None = None) -> int:
+        """Fill ``view`` from bytes ``[offset, offset + len(view))`` with ranged GETs (concurrent if large, see
+        :meth:`split_range`), each resuming where a broken body stopped; returns the number of GETs made."""
+        pieces = self.split_range(len(view))
+        streams = [_RangeStream(self, key, offset + lo, offset + hi, pin) for lo, hi in pieces]
+        try:
+            if len(streams) == 1:
+                streams[0].read_into(view)
+            else:
+                pool = self.read_pool()
+                futures = [pool.submit(stream.read_into, view[lo:hi])
+                           for stream, (lo, hi) in zip(streams, pieces, strict=True)]
+                for future in futures:
+                    future.result()
+        finally:
+            for stream in streams:
+                stream.close()
+        return sum(stream.requests for stream in streams)
 
-        done, failures = 0, 0
-        while done < len(view):
-            try:
-                with self._errors(f"reading object {key!r}", key):
-                    response = self.client.get_object(Bucket=self.bucket, Key=self._name(key),
-                                                      Range=f"bytes={offset + done}-{offset + len(view) - 1}",
-                                                      **(pin or {}))
-                body = response["Body"]
-                try:
-                    while done < len(view):
-                        piece = body.read(min(_READ_PIECE, len(view) - done))
-                        if not piece:
-                            raise OSError(f"response ended after {done} of {len(view)} bytes")
-                        view[done : done + len(piece)] = piece
-                        done += len(piece)
-                finally:
-                    body.close()
-            except (BotoCoreError, HTTPError, OSError) as exc:  # the body broke (request errors are StoreErrors)
-                failures += 1
-                if failures >= self.max_attempts:
-                    raise StoreError(f"reading bytes [{offset}, {offset + len(view)}) of {key!r} in {self.url} "
-                                     f"failed {failures} times; last: {exc}") from None
-                log.warning("reading %r broke after %d bytes (%s); resuming", key, done, exc)
-                _backoff(failures)
+    def take_stream(self) -> bool:
+        """Reserve one of the ``max_streams`` streamed GETs a store keeps open at once; False if none is free."""
+        with self._lock:
+            if self._open_streams >= self.max_streams:
+                return False
+            self._open_streams += 1
+            return True
+
+    def release_stream(self) -> None:
+        with self._lock:
+            self._open_streams = max(0, self._open_streams - 1)
 
     def size(self, key: str) -> int:
         return int(self.head(key)["ContentLength"])
@@ -711,7 +825,8 @@ class S3Store(Store):
     def spec(self) -> dict[str, Any]:
         return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url,
                 "region": self.region, "read_concurrency": self.read_concurrency,
-                "min_range_bytes": self.min_range_bytes, "max_attempts": self.max_attempts}
+                "min_range_bytes": self.min_range_bytes, "max_attempts": self.max_attempts,
+                "max_streams": self.max_streams}
 
 
 def _backoff(failures: int, base_s: float = 0.05, cap_s: float = 5.0) -> None:
