@@ -41,10 +41,12 @@ from _common import BENCH_DIR, setup_logging, write_section
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.core.layout import ModelLayout
-from gradshard.fl.client import ClientTask, _train, load_arrays, task_seed, train_client, warm_up
+from gradshard.fl.client import ClientTask, load_arrays, task_seed, train_client, warm_up
 from gradshard.fl.config import DataConfig, TrainConfig
+from gradshard.fl.data import Dataset
 from gradshard.fl.driver import Trainer
-from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.models import load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.task import TrainContext, load_task
 from gradshard.format.keys import KEPT_KEY, client_data_key, model_key, update_key
 from gradshard.format.update import read_flat
 from gradshard.runtime import LocalExecutor
@@ -86,13 +88,17 @@ def bare_client(task: ClientTask, global_flat: npt.NDArray[np.float32], kept: di
     """train_client's work from in-memory inputs: (delta, seconds)."""
     started = time.perf_counter()
     seed_everything(task_seed(task.seed, task.round, task.client))
-    model = build_model(task.model, task.num_classes)
+    user = load_task(task.task)
+    model = user.build()
     layout = ModelLayout.from_state_dict(model.state_dict())
     averaged = layout.aggregated()
     load_numpy_state(model, layout.assemble(averaged.unflatten(global_flat), kept))
-    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
-    anchor = [p.detach().clone() for p in model.parameters()]
-    _train(model, x, y, task, anchor)
+    dataset = Dataset(data["x"], data["y"], int(data["classes"][0]))
+    context = TrainContext(round=task.round, client=task.client, epochs=task.epochs, batch_size=task.batch_size,
+                           lr=task.lr, momentum=task.momentum, mu=task.mu, seed=task_seed(task.seed, task.round,
+                                                                                             task.client),
+                           anchor=tuple(p.detach().clone() for p in model.parameters()))
+    user.fit(model, dataset, context)
     floating, _ = layout.split_state(state_to_numpy(model))
     delta = averaged.flatten(floating) - global_flat
     return delta, time.perf_counter() - started

@@ -56,6 +56,10 @@ class RoundError(GradshardError):
     """A round cannot be aggregated (too few valid updates, policy 'fail' met a bad update, ...)."""
 
 
+class TrainingError(GradshardError):
+    """A training run cannot go on: every client of a round failed, or no round aggregated any update."""
+
+
 class InvocationError(GradshardError):
     """A function invocation failed; the message names the invocation and the cause."""
 

@@ -1,6 +1,8 @@
-"""The client function: read the global model and this client's data from the store, train, write the delta.
+"""The client function: read the global model and this client's data, train with the run's task, write the delta.
 
-It runs on any executor like an aggregator does (the local executor forks it from a zygote with torch preloaded).
+The task (:mod:`gradshard.fl.task`) is imported by reference inside the function's process; its data comes from the
+store (written by the driver) or from the task's own ``client_data``. It runs on any executor like an aggregator
+does (the local executor forks it from a zygote with torch preloaded).
 Training is deterministic on the CPU — one thread, deterministic algorithms, a seed derived from (run seed, round,
 client) — so running a client twice (a retry, or a driver restarted mid-round) writes the same update.
 """
@@ -20,7 +22,9 @@ from safetensors.numpy import load as load_safetensors
 
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
+from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.keys import update_key
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
@@ -35,12 +39,13 @@ class ClientTask(BaseModel):
 
     round: int = Field(ge=0)
     client: str
-    model: str
-    num_classes: int = Field(ge=2)
+    task: TaskRef
+    partition: int = Field(default=0, ge=0, description="this client's index among the run's clients")
+    partitions: int = Field(default=1, ge=1)
     model_key: str
     model_sha256: str
     kept_key: str = ""
-    data_key: str
+    data_key: str = Field(default="", description="the client's data in the store; empty: the task loads it")
     epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=0.05, gt=0)
@@ -61,31 +66,6 @@ def task_seed(seed: int, r: int, client: str) -> int:
 def load_arrays(store: Store, key: str) -> dict[str, npt.NDArray[Any]]:
     """A small safetensors object (client data, kept buffers) read whole."""
     return dict(load_safetensors(store.get(key)))
-
-
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: ClientTask,
-           anchor: list[torch.Tensor]) -> tuple[float, float]:
-    """Local SGD epochs (with FedProx's ``mu/2 ||w - w_global||²`` when ``mu > 0``); mean loss and accuracy."""
-    opt = torch.optim.SGD(model.parameters(), lr=task.lr, momentum=task.momentum)
-    gen = torch.Generator().manual_seed(task_seed(task.seed, task.round, task.client))
-    model.train()
-    losses, correct, seen = [], 0, 0
-    for _ in range(task.epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), task.batch_size):
-            idx = order[start : start + task.batch_size]
-            opt.zero_grad()
-            logits = model(x[idx])
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            if task.mu > 0:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                loss = loss + task.mu / 2 * prox
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            losses.append(float(loss.detach()))
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            seen += len(idx)
-    return float(np.mean(losses)), correct / max(1, seen)
 
 
 def warm_up() -> None:
@@ -109,6 +89,21 @@ class ClientResult(BaseModel):
     train_s: float
 
 
+def client_dataset(task: ClientTask, user: Task, store: Store) -> Dataset:
+    """This client's data: its object in the store, or what the task's ``client_data`` loads."""
+    if task.data_key:
+        arrays = load_arrays(store, task.data_key)
+        return Dataset(arrays["x"], arrays["y"], int(arrays["classes"][0]) if "classes" in arrays
+                       else int(arrays["y"].max()) + 1 if arrays["y"].size else 1)
+    if user.client_data is None:
+        raise TaskError(f"task {user.name!r} has no client_data() and the driver wrote no data for {task.client}")
+    data = user.client_data(task.partition, task.partitions)
+    if not isinstance(data, Dataset):
+        raise TaskError(f"task {user.name!r}: client_data() returned a {type(data).__name__}, not a "
+                        "gradshard.fl.data.Dataset (make one with from_arrays or from_torch_dataset)")
+    return data
+
+
 def train_client(task: ClientTask, store: Store) -> ClientResult:
     """Train one client for one round and write ``rounds/<r>/updates/<client>.safetensors`` (the weight delta)."""
     if task.fault == "crash":
@@ -116,28 +111,32 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     started = time.perf_counter()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    seed_everything(task_seed(task.seed, task.round, task.client))
-    model = build_model(task.model, task.num_classes)
+    seed = task_seed(task.seed, task.round, task.client)
+    seed_everything(seed)
+    user = load_task(task.task)
+    model = user.build()
     layout = ModelLayout.from_state_dict(model.state_dict())
     averaged = layout.aggregated()
     global_flat = read_flat(store, task.model_key, averaged, "global model")
     kept = load_arrays(store, task.kept_key) if task.kept_key else {}
     load_numpy_state(model, layout.assemble(averaged.unflatten(global_flat), kept))
-    data = load_arrays(store, task.data_key)
-    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
-    anchor = [p.detach().clone() for p in model.parameters()]
-    loss, accuracy = _train(model, x, y, task, anchor)
+    data = client_dataset(task, user, store)
+    context = TrainContext(round=task.round, client=task.client, epochs=task.epochs, batch_size=task.batch_size,
+                           lr=task.lr, momentum=task.momentum, mu=task.mu, seed=seed,
+                           anchor=tuple(p.detach().clone() for p in model.parameters()))
+    scores = user.fit(model, data, context)
     floating, _ = layout.split_state(state_to_numpy(model))
     delta = averaged.flatten(floating) - global_flat
     if task.fault == "nan":
         delta[0] = np.nan
     if task.fault.startswith("sleep:"):
         time.sleep(float(task.fault.removeprefix("sleep:")))
-    meta = UpdateMeta(client=task.client, round=task.round, examples=len(y), layout_digest=averaged.digest(),
+    meta = UpdateMeta(client=task.client, round=task.round, examples=len(data), layout_digest=averaged.digest(),
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
-                      extra={"loss": f"{loss:.6g}", "accuracy": f"{accuracy:.6g}"})
+                      extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}"})
     write_update(store, update_key(task.round, task.client), averaged, delta, meta)
-    return ClientResult(examples=len(y), loss=loss, train_accuracy=accuracy, train_s=time.perf_counter() - started)
+    return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
+                        train_s=time.perf_counter() - started)
 
 
 # Client functions run in a runtime with torch preloaded (which would add hundreds of MiB to every aggregation

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
@@ -29,7 +29,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "mlp"
+    model: str = Field(default="mlp", description="a built-in task's model (mlp, cnn, resnet18, vgg16)")
+    task: str = Field(default="", description="a task of your own: 'package.module:name' or '/path/file.py:name' "
+                                             "(replaces model and data.name)")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a task factory")
     data: DataConfig = DataConfig()
     clients: StrictInt = Field(default=20, ge=1)
     per_round: StrictInt | None = Field(default=None, ge=1, description="clients sampled per round (default: all)")
@@ -46,6 +49,7 @@ class TrainConfig(BaseModel):
     min_clients: StrictInt = Field(default=1, ge=1)
     deadline_s: StrictFloat = Field(default=300.0, gt=0, description="client functions still running then are late")
     seed: StrictInt = 0
+    stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
 

@@ -24,19 +24,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import save as save_safetensors
 
 from gradshard.aggregation.driver import aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
 from gradshard.core.shards import ShardPlan
-from gradshard.errors import GradshardError, InvocationError, RoundError
+from gradshard.errors import GradshardError, InvocationError, RoundError, TrainingError
 from gradshard.fl import data as fldata
+from gradshard.fl.builtin import builtin_ref, shape_for
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.config import TrainConfig
-from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.models import load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.server import ServerStepArgs, ServerStepResult
+from gradshard.fl.task import Task, TaskError, TaskRef, load_task, parse_task, ref_of
 from gradshard.format.keys import (
     CONFIG_KEY,
     KEPT_KEY,
@@ -59,7 +60,6 @@ from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
 
 log = logging.getLogger(__name__)
-_CIFAR_MODELS = ("resnet18", "vgg16")  # models built for 3×32×32 images
 
 
 @dataclass
@@ -84,6 +84,17 @@ class RoundMetrics:
         return dict(self.__dict__)
 
 
+def _reasons(by_client: dict[str, str], most: int = 4) -> str:
+    """``"a, b: why; c: other"``: clients grouped by reason, the first ``most`` reasons."""
+    groups: dict[str, list[str]] = {}
+    for client, why in by_client.items():
+        groups.setdefault(why, []).append(client)
+    parts = [f"{', '.join(clients[:3])}{f' (+{len(clients) - 3})' if len(clients) > 3 else ''}: {why}"
+             for why, clients in list(groups.items())[:most]]
+    more = f"; and {len(groups) - most} more reasons" if len(groups) > most else ""
+    return "; ".join(parts) + more
+
+
 def client_ids(n: int) -> list[str]:
     return [f"client-{i:04d}" for i in range(n)]
 
@@ -95,34 +106,69 @@ def sample_cohort(config: TrainConfig, r: int) -> list[str]:
     return sorted(rng.choice(ids, size=config.sample_size(), replace=False).tolist())
 
 
+def _put_dataset(store: Store, key: str, data: fldata.Dataset) -> None:
+    _put_arrays(store, key, {"x": np.ascontiguousarray(data.x), "y": np.ascontiguousarray(data.y),
+                             "classes": np.array([data.num_classes], dtype=np.int64)})
+
+
 def _put_arrays(store: Store, key: str, arrays: dict[str, Any]) -> None:
     store.put(key, save_safetensors(arrays))
 
 
 class Trainer:
-    """Runs a :class:`TrainConfig` on a store; client and aggregation functions go to the given executors."""
+    """Runs a :class:`TrainConfig` on a store; client and aggregation functions go to the given executors.
+
+    What is trained is a :class:`~gradshard.fl.task.Task`: ``task`` (an object held by an importable module, a
+    ``"module:name"`` / ``"file.py:name"`` reference, or a :class:`TaskRef`), else ``config.task``, else the built-in
+    ``config.model`` on ``config.data`` (or on ``datasets``, the caller's own ``(train, test)``).
+    """
 
     def __init__(self, store: Store, config: TrainConfig, executor: Executor, client_executor: Executor | None = None,
-                 datasets: tuple[fldata.Dataset, fldata.Dataset] | None = None) -> None:
+                 datasets: tuple[fldata.Dataset, fldata.Dataset] | None = None,
+                 task: Task | TaskRef | str | None = None) -> None:
         self.store, self.config = store, config
         self.executor, self.client_executor = executor, client_executor or executor
+        self.task_ref, self.task = self._resolve(task, datasets)
+        if datasets is not None and not config.task and task is None:
+            datasets = (shape_for(config.model, datasets[0]), shape_for(config.model, datasets[1]))
         self._datasets = datasets
-        self._model = build_model(config.model, self.num_classes)
+        self._model = self.task.build()
         self.layout = ModelLayout.from_state_dict(self._model.state_dict())
         self.averaged = self.layout.aggregated()
+        if self.averaged.numel == 0:
+            raise TaskError(f"task {self.task.name!r}: the model has no floating-point parameters to train")
         self.chunk_elems = checksum.default_chunk_elems(self.averaged.numel)
 
-    @property
-    def num_classes(self) -> int:
-        return self.datasets[0].num_classes
+    def _resolve(self, task: Task | TaskRef | str | None,
+                 datasets: tuple[fldata.Dataset, fldata.Dataset] | None) -> tuple[TaskRef, Task]:
+        c = self.config
+        if isinstance(task, Task):
+            return ref_of(task), task
+        if isinstance(task, str):
+            ref = parse_task(task)
+        elif isinstance(task, TaskRef):
+            ref = task
+        elif c.task:
+            ref = parse_task(c.task, c.task_options)
+        else:
+            ref = builtin_ref(c.model, c.data.name, c.data.test_fraction, c.seed, datasets=datasets)
+        return ref, load_task(ref)
 
     @property
-    def datasets(self) -> tuple[fldata.Dataset, fldata.Dataset]:
-        if self._datasets is None:
-            d = self.config.data
-            load = fldata.load_digits if d.name == "digits" else fldata.make_synthetic
-            self._datasets = load(test_fraction=d.test_fraction, seed=self.config.seed)
+    def datasets(self) -> tuple[fldata.Dataset, fldata.Dataset] | None:
+        """The run's ``(train, test)`` when the driver partitions the data (None: each client loads its own)."""
+        if self._datasets is None and self.task.data is not None:
+            data = self.task.data()
+            if not (isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, fldata.Dataset) for d in data)):
+                raise TaskError(f"task {self.task.name!r}: data() must return (train, test) Datasets, got "
+                                f"{type(data).__name__}")
+            self._datasets = data
         return self._datasets
+
+    @property
+    def data_in_store(self) -> bool:
+        """Whether the driver writes every client's data to the store (else the task's client_data loads it)."""
+        return self._datasets is not None or self.task.data is not None
 
     # --- the run's fixed inputs ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -143,30 +189,28 @@ class Trainer:
         self.store.put(CONFIG_KEY, blob)
 
     def _write_client_data(self) -> None:
-        train, test = self.datasets
+        datasets = self.datasets
+        if datasets is None:  # each client loads its own; the server's test set still goes to the store
+            assert self.task.test_data is not None
+            test = self.task.test_data()
+            if not isinstance(test, fldata.Dataset):
+                raise TaskError(f"task {self.task.name!r}: test_data() must return a Dataset, got "
+                                f"{type(test).__name__}")
+            _put_dataset(self.store, TEST_DATA_KEY, test)
+            return
+        train, test = datasets
         d = self.config.data
         if d.partition == "iid":
             parts = fldata.partition_iid(train, self.config.clients, seed=self.config.seed)
         else:
             parts = fldata.partition_dirichlet(train, self.config.clients, alpha=d.alpha, seed=self.config.seed)
         for client, part in zip(client_ids(self.config.clients), fldata.client_datasets(train, parts), strict=True):
-            _put_arrays(self.store, client_data_key(client), {"x": self._input(part.x), "y": part.y})
-        _put_arrays(self.store, TEST_DATA_KEY, {"x": self._input(test.x), "y": test.y})
-
-    def _input(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """Images for convolutional models, flat vectors otherwise. 64 features are a 1×8×8 image (digits); the
-        CIFAR-sized models (resnet18, vgg16: 3 channels, five halvings in VGG's features) get it as 3×32×32, each
-        pixel repeated 4×4 and on every channel."""
-        if self.config.model in _CIFAR_MODELS and x.ndim == 2 and x.shape[1] == 64:
-            image = x.reshape(-1, 1, 8, 8).repeat(4, axis=2).repeat(4, axis=3)
-            return np.ascontiguousarray(np.broadcast_to(image, (len(x), 3, 32, 32)))
-        if self.config.model == "cnn" and x.ndim == 2 and x.shape[1] == 64:
-            return np.ascontiguousarray(x.reshape(-1, 1, 8, 8))
-        return np.ascontiguousarray(x)
+            _put_dataset(self.store, client_data_key(client), part)
+        _put_dataset(self.store, TEST_DATA_KEY, test)
 
     def _write_initial_model(self) -> None:
         seed_everything(self.config.seed)
-        model = build_model(self.config.model, self.num_classes)
+        model = self.task.build()
         floating, kept = self.layout.split_state(state_to_numpy(model))
         if kept:
             _put_arrays(self.store, KEPT_KEY, kept)
@@ -196,14 +240,15 @@ class Trainer:
         c = self.config
         kept = KEPT_KEY if self.store.exists(KEPT_KEY) else ""
         invocations = []
+        index = {client: i for i, client in enumerate(client_ids(c.clients))}
         for client in spec.cohort or []:
             if self.store.exists(update_key(spec.round, client)):
                 continue  # written before a restart: never trained (or counted) twice
-            task = ClientTask(round=spec.round, client=client, model=c.model, num_classes=self.num_classes,
-                              model_key=model_key(spec.round), model_sha256=spec.base_model, kept_key=kept,
-                              data_key=client_data_key(client), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                              momentum=c.momentum, mu=c.mu, seed=c.seed, chunk_elems=spec.chunk_elems,
-                              digest=spec.digest,
+            task = ClientTask(round=spec.round, client=client, task=self.task_ref, partition=index[client],
+                              partitions=c.clients, model_key=model_key(spec.round), model_sha256=spec.base_model,
+                              kept_key=kept, data_key=client_data_key(client) if self.data_in_store else "",
+                              epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
+                              seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
                               fault=self.fault(spec.round, client))
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
@@ -252,19 +297,15 @@ class Trainer:
         write_update(self.store, model_key(r + 1), self.averaged, flat, self._model_meta(r + 1))
 
     def evaluate(self, r: int) -> tuple[float, float]:
-        """Test loss and accuracy of ``models/<r>``."""
-        model = build_model(self.config.model, self.num_classes)
+        """Test loss and accuracy of ``models/<r>`` (the task's evaluation on the run's test set)."""
+        model = self.task.build()
         kept = load_arrays(self.store, KEPT_KEY) if self.store.exists(KEPT_KEY) else {}
         flat = read_flat(self.store, model_key(r), self.averaged, "global model")
         load_numpy_state(model, self.layout.assemble(self.averaged.unflatten(flat), kept))
         test = load_arrays(self.store, TEST_DATA_KEY)
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.from_numpy(test["x"]))
-            y = torch.from_numpy(test["y"]).long()
-            loss = float(torch.nn.functional.cross_entropy(logits, y))
-            accuracy = float((logits.argmax(1) == y).float().mean())
-        return loss, accuracy
+        classes = int(test["classes"][0]) if "classes" in test else int(test["y"].max(initial=0)) + 1
+        scores = self.task.score(model, fldata.Dataset(test["x"], test["y"], classes))
+        return scores.loss, scores.accuracy
 
     def run_round(self, r: int) -> RoundMetrics:
         started = time.perf_counter()
@@ -297,8 +338,9 @@ class Trainer:
                 shards = self.config.aggregation.shards if self.config.aggregation.topology == "sharded" else 1
                 self._server_step(r, shards)
         except RoundError as exc:
-            log.warning("round %d could not aggregate (%s); the model stays as it was", r, exc)
-            rejected = rejected or {"(round)": str(exc)}
+            why = str(exc) + (f"; failed clients: {_reasons(failed)}" if failed else "")
+            log.warning("round %d could not aggregate (%s); the model stays as it was", r, why)
+            rejected = rejected or {"(round)": why}
             t2 = time.perf_counter()
             if not self.store.exists(model_key(r + 1)):
                 self._copy_model(r)
@@ -311,6 +353,9 @@ class Trainer:
                                aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
                                wall_seconds=time.perf_counter() - started, resumed=resumed)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
+        if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
+            raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "
+                                "stop_when_all_fail = false to keep the model and go on)")
         return metrics
 
     def _client_losses(self, r: int, clients: list[str]) -> list[float]:
@@ -336,5 +381,11 @@ class Trainer:
             metrics = self.run_round(r)
             if on_round is not None:
                 on_round(metrics)
-        return [json.loads(self.store.get(metrics_key(r))) for r in range(self.config.rounds)]
+        history = [json.loads(self.store.get(metrics_key(r))) for r in range(self.config.rounds)]
+        if not any(m["aggregated"] for m in history):
+            last = history[-1]
+            why = {**last.get("failed", {}), **last.get("rejected", {})}
+            raise TrainingError("no client update was aggregated in any round: the model is still the initial one"
+                                + (f" (last round: {_reasons(why)})" if why else ""))
+        return history
 
