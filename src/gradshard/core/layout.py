@@ -58,6 +58,9 @@ def numpy_dtype(st_dtype: str) -> str:
     try:
         return _NP_DTYPES[st_dtype]
     except KeyError:
+        if st_dtype == "BF16":
+            raise LayoutError("safetensors dtype 'BF16' (bfloat16) is not supported in updates: write bfloat16 "
+                              "tensors as float32 (exact; see layout.aggregated())") from None
         raise LayoutError(f"safetensors dtype {st_dtype!r} is not supported; supported: {sorted(_NP_DTYPES)}") from None
 
 
