@@ -346,3 +346,14 @@ def test_update_metadata_round_trips_through_plain_safetensors(
         "c-1", round_, examples, chunk, digest, layout.digest())
     expected = np.concatenate([tensors[t.name].reshape(-1) for t in layout]) if layout.numel else flat
     np.testing.assert_array_equal(flat.view(np.uint8), expected.view(np.uint8))
+
+
+# --- the documentation's example -----------------------------------------------------------------------------
+def test_the_example_in_docs_layouts_md_runs(tmp_path: Path) -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "layouts.md").read_text()
+    example = doc.split("```python\n", 1)[1].split("```", 1)[0]
+
+    done = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['0.bias', '0.weight'] {}"
