@@ -100,8 +100,13 @@ def test_layout_rejects_duplicates_and_bad_dtypes_and_round_trips_json() -> None
         ModelLayout.from_json([["x", "not-a-shape", "float32"]])
 
 
-def test_bfloat16_state_is_refused_with_a_fix() -> None:
+def test_bfloat16_state_is_recorded_and_carried_as_float32_never_as_a_flat_bfloat16_vector() -> None:
     state = {"w": torch.zeros(2, dtype=torch.bfloat16)}
 
-    with pytest.raises(LayoutError, match="cast the model to float32"):
-        ModelLayout.from_state_dict(state)
+    layout = ModelLayout.from_state_dict(state)
+
+    assert layout.tensors == (TensorSpec("w", (2,), "bfloat16"),)
+    assert layout.nbytes == 4
+    assert layout.aggregated().tensors == (TensorSpec("w", (2,), "float32"),)
+    with pytest.raises(LayoutError, match=r"cannot be bfloat16 .* use layout.aggregated\(\)"):
+        layout.flat_dtype  # noqa: B018

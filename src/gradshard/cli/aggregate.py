@@ -28,6 +28,7 @@ from gradshard.cli.console import compare_table, reports_table, untrusted
 from gradshard.cli.plots import compare_png
 from gradshard.cost.model import CostOptions, LocalRunCost, cost_of_local_run
 from gradshard.errors import PlanError
+from gradshard.format.layouts import load_layout
 from gradshard.format.update import inspect_update
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
@@ -138,10 +139,15 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
 @click.command(context_settings=HELP_OPTIONS)
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--layout", "layout_source", default=None,
+              help="The model's or round's layout: a zoo name (resnet18, synthetic-<N>), a layout JSON file (or a "
+                   "round.json), or a safetensors file written by gradshard. Needed for files the plain safetensors "
+                   "library wrote [default: the file's own tensor order].")
+def inspect(path: str, as_json: bool, layout_source: str | None) -> None:
     """Validate an update or aggregate file completely (header, metadata, every checksum, finite values)."""
     file = Path(path).resolve()
-    info = inspect_update(LocalStore(file.parent), file.name)
+    layout = load_layout(layout_source) if layout_source is not None else None
+    info = inspect_update(LocalStore(file.parent), file.name, layout)
     if as_json:
         click.echo(json.dumps(info))
     else:

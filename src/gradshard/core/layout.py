@@ -4,6 +4,9 @@ A :class:`ModelLayout` is the ordered list of ``(name, shape, dtype)`` of a mode
 *aggregated* part: flattened in layout order they form the flat update vector that GradsSharding cuts into shards.
 Integer tensors (BatchNorm's ``num_batches_tracked``, step counters) are *kept*: they are never averaged; the server
 keeps its own value (see :meth:`ModelLayout.split_state`).
+
+A model may hold ``bfloat16`` tensors (numpy has no such dtype): a layout records them, and its aggregated part
+carries them as float32 (a lossless widening, see :mod:`gradshard.core.bfloat16`); no flat vector is ever bfloat16.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gradshard.core import bfloat16
 from gradshard.errors import LayoutError
 
 # safetensors dtype names for the numpy dtypes an update may carry.
@@ -37,6 +41,8 @@ _ST_DTYPES: dict[str, str] = {
 }
 _NP_DTYPES: dict[str, str] = {v: k for k, v in _ST_DTYPES.items()}
 UPDATE_DTYPES = ("float16", "float32", "float64")
+# dtypes a model may hold that no update or flat vector does (numpy cannot hold them): name -> bytes per element
+MODEL_ONLY_DTYPES: dict[str, int] = {"bfloat16": 2}
 
 
 def safetensors_dtype(dtype: str) -> str:
@@ -52,7 +58,43 @@ def numpy_dtype(st_dtype: str) -> str:
     try:
         return _NP_DTYPES[st_dtype]
     except KeyError:
+        if st_dtype == "BF16":
+            raise LayoutError("safetensors dtype 'BF16' (bfloat16) is not supported in updates: write bfloat16 "
+                              "tensors as float32 (exact; see layout.aggregated())") from None
         raise LayoutError(f"safetensors dtype {st_dtype!r} is not supported; supported: {sorted(_NP_DTYPES)}") from None
+
+
+def tensor_dtype(name: str, tensor: Any) -> str:
+    """The dtype name (``float32``, ``bfloat16``, ``int64``) of a numpy array or a torch tensor."""
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        raise LayoutError(f"tensor {name!r} is a {type(tensor).__name__}, not an array or tensor")
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return str(np.dtype(dtype).name)
+    except TypeError:
+        raise LayoutError(f"tensor {name!r} has dtype {text!r}, which gradshard cannot store") from None
+
+
+def as_numpy(name: str, value: Any) -> npt.NDArray[Any]:
+    """``value`` as a numpy array: an array as it is, a torch tensor's CPU data (bfloat16 widened exactly to
+    float32, since numpy has no bfloat16). torch is never imported unless a bfloat16 tensor is given."""
+    if isinstance(value, np.ndarray):
+        return value
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    tensor = value.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        import torch
+
+        return bfloat16.to_float32(tensor.contiguous().view(torch.int16).numpy())
+    try:
+        array: npt.NDArray[Any] = tensor.numpy()
+    except TypeError as exc:
+        raise LayoutError(f"tensor {name!r}: {exc}") from None
+    return array
 
 
 @dataclass(frozen=True)
@@ -68,19 +110,24 @@ class TensorSpec:
             raise LayoutError("a tensor needs a non-empty name")
         if any((not isinstance(d, int)) or d < 0 for d in self.shape):
             raise LayoutError(f"tensor {self.name!r} has an invalid shape {self.shape!r}")
-        safetensors_dtype(self.dtype)
+        if self.dtype not in MODEL_ONLY_DTYPES:
+            safetensors_dtype(self.dtype)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def itemsize(self) -> int:
+        return MODEL_ONLY_DTYPES.get(self.dtype) or np.dtype(self.dtype).itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * np.dtype(self.dtype).itemsize
+        return self.numel * self.itemsize
 
     @property
     def is_floating(self) -> bool:
-        return np.issubdtype(np.dtype(self.dtype), np.floating)
+        return self.dtype in MODEL_ONLY_DTYPES or np.issubdtype(np.dtype(self.dtype), np.floating)
 
 
 @dataclass(frozen=True)
@@ -117,14 +164,28 @@ class ModelLayout:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any]) -> ModelLayout:
-        """Layout of a PyTorch ``state_dict`` (torch tensors) in its order; no torch import needed here."""
+        """Layout of a state in its order: torch tensors (a ``state_dict()``) or numpy arrays, any stored dtype.
+
+        Floating tensors (bfloat16 included) form :meth:`aggregated`, integer and bool buffers :meth:`kept`.
+        No torch import: a tensor is read through its ``dtype`` and ``shape``."""
         specs = []
         for name, tensor in state_dict.items():
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            if dtype == "bfloat16":
-                raise LayoutError(f"tensor {name!r} is bfloat16, which numpy cannot hold; cast the model to float32")
-            specs.append(TensorSpec(name, tuple(int(d) for d in tensor.shape), dtype))
+            dtype = tensor_dtype(name, tensor)
+            try:
+                specs.append(TensorSpec(str(name), tuple(int(d) for d in tensor.shape), dtype))
+            except LayoutError as exc:
+                raise LayoutError(f"tensor {name!r}: {exc}") from None
         return cls(specs)
+
+    @classmethod
+    def from_module(cls, module: Any) -> ModelLayout:
+        """Layout of a ``torch.nn.Module``'s ``state_dict()``: parameters and buffers in state order.
+
+        torch is not imported here (the module brings it), so ``import gradshard`` never loads it."""
+        state_dict = getattr(module, "state_dict", None)
+        if not callable(state_dict):
+            raise LayoutError(f"expected a torch.nn.Module (something with state_dict()), got {type(module).__name__}")
+        return cls.from_state_dict(state_dict())
 
     @classmethod
     def from_json(cls, data: Sequence[Sequence[Any]]) -> ModelLayout:
@@ -210,7 +271,11 @@ class ModelLayout:
             raise LayoutError(
                 f"a flat vector needs one dtype but the layout has {sorted(dtypes)}; use layout.aggregated()"
             )
-        return next(iter(dtypes))
+        dtype = next(iter(dtypes))
+        if dtype in MODEL_ONLY_DTYPES:
+            raise LayoutError(f"a flat vector cannot be {dtype} (numpy has no such dtype); use layout.aggregated(), "
+                              f"which carries {dtype} tensors as float32 without loss")
+        return dtype
 
     def check_arrays(self, arrays: Mapping[str, Any]) -> None:
         """Raise :class:`LayoutError` naming the first tensor that is missing, extra or of the wrong shape."""
@@ -224,7 +289,8 @@ class ModelLayout:
                 raise LayoutError(f"tensor {spec.name!r} has shape {shape}, layout says {spec.shape}")
 
     def flatten(self, arrays: Mapping[str, npt.NDArray[Any]], out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
-        """Concatenate ``arrays`` in layout order into one 1-D vector of the layout's dtype (casting if needed)."""
+        """Concatenate ``arrays`` (numpy arrays or torch tensors) in layout order into one 1-D vector of the layout's
+        dtype (casting if needed)."""
         self.check_arrays(arrays)
         dtype = self.flat_dtype
         if out is None:
@@ -232,7 +298,7 @@ class ModelLayout:
         elif out.shape != (self.numel,) or out.dtype != np.dtype(dtype):
             raise LayoutError(f"output buffer must be ({self.numel},) {dtype}, got {out.shape} {out.dtype}")
         for slot in self.slots:
-            out[slot.start : slot.stop] = np.asarray(arrays[slot.spec.name]).reshape(-1)
+            out[slot.start : slot.stop] = as_numpy(slot.spec.name, arrays[slot.spec.name]).reshape(-1)
         return out
 
     def unflatten(self, flat: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:

@@ -182,6 +182,8 @@ LAYOUTS: dict[str, Callable[[], ModelLayout]] = {
     "gpt2-xl": lambda: gpt2(size="xl"),
 }
 _SYNTHETIC_PREFIX = "synthetic-"
+# A name is untrusted input (a CLI option): at most as many tensors as an update's header may hold (100,000).
+MAX_SYNTHETIC_NUMEL = 100_000 << 24
 
 
 def _parse_synthetic(name: str) -> ModelLayout:
@@ -193,6 +195,9 @@ def _parse_synthetic(name: str) -> ModelLayout:
         raise LayoutError(
             f"bad synthetic model size {text!r} in {name!r}; use e.g. 'synthetic-2.5e9'"
         ) from None
+    if numel > MAX_SYNTHETIC_NUMEL:
+        raise LayoutError(f"synthetic model size {text!r} in {name!r} is over the {MAX_SYNTHETIC_NUMEL:.3g} elements "
+                          "an update can hold")
     return synthetic(numel)
 
 

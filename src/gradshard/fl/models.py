@@ -30,7 +30,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-from gradshard.core.layout import ModelLayout
+from gradshard.core.layout import ModelLayout, as_numpy
 from gradshard.errors import LayoutError
 
 # torchvision vgg16 ("D" config): output channels per conv, "M" for a max-pool.
@@ -225,16 +225,16 @@ def build_model(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
 
 def layout_of(model: nn.Module) -> ModelLayout:
     """The :class:`ModelLayout` of ``model.state_dict()`` (parameters and buffers, in state order)."""
-    return ModelLayout.from_state_dict(model.state_dict())
+    return ModelLayout.from_module(model)
 
 
 # --- state <-> numpy ----------------------------------------------------------------------------------------
 def state_to_numpy(model: nn.Module) -> dict[str, npt.NDArray[Any]]:
-    """A copy of ``model.state_dict()`` as numpy arrays, in state order.
+    """A copy of ``model.state_dict()`` as numpy arrays, in state order; bfloat16 tensors widened (exactly) to float32.
 
     Copied, because ``Tensor.numpy()`` shares memory: later optimiser steps would otherwise change the snapshot.
     """
-    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
+    return {name: np.array(as_numpy(name, t), copy=True) for name, t in model.state_dict().items()}
 
 
 def load_numpy_state(model: nn.Module, arrays: Mapping[str, npt.ArrayLike]) -> None:
@@ -247,8 +247,15 @@ def load_numpy_state(model: nn.Module, arrays: Mapping[str, npt.ArrayLike]) -> N
     layout = layout_of(model)
     given = {name: np.asarray(value) for name, value in arrays.items()}
     layout.check_arrays(given)
-    tensors = {spec.name: torch.from_numpy(_cast_for(spec.name, given[spec.name], spec.dtype)) for spec in layout}
+    tensors = {spec.name: _tensor_for(spec.name, given[spec.name], spec.dtype) for spec in layout}
     model.load_state_dict(tensors, strict=True)
+
+
+def _tensor_for(name: str, array: npt.NDArray[Any], dtype: str) -> Tensor:
+    """``array`` as a tensor of ``dtype``; bfloat16 is narrowed by torch (round to nearest even) from float32."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(_cast_for(name, array, "float32")).to(torch.bfloat16)
+    return torch.from_numpy(_cast_for(name, array, dtype))
 
 
 def _cast_for(name: str, array: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:

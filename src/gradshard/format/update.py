@@ -6,7 +6,10 @@ Layout on the wire (plain safetensors, readable by the ``safetensors`` library):
 
 Because the tensors are written in the layout's order with one dtype, the data section *is* the flat update
 vector, and any element range is one byte range. Files written by the plain safetensors library (which orders
-tensors its own way) are accepted too: the reader maps a flat range to the byte ranges of the tensors it touches.
+tensors its own way) are accepted too: the reader maps a flat range to the byte ranges of the tensors it touches
+(:func:`gradshard.format.writer.update_metadata` computes their metadata). Integer and boolean tensors the round's
+layout does not name — a model's kept buffers, such as BatchNorm's ``num_batches_tracked`` — may be in the file as
+well: they are covered by the header digest and otherwise ignored (the server keeps its own values).
 
 Metadata (all strings, keys prefixed ``gradshard.``): ``format`` (``2``; ``1`` is still read), ``kind``,
 ``client``, ``round``, ``examples``, ``base_model``, ``layout`` (digest of the aggregated layout), ``checksum``
@@ -33,7 +36,7 @@ import numpy.typing as npt
 
 from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
-from gradshard.core.layout import ModelLayout, TensorSpec, numpy_dtype
+from gradshard.core.layout import UPDATE_DTYPES, ModelLayout, TensorSpec, numpy_dtype
 from gradshard.core.reduce import MAX_EXAMPLES
 from gradshard.errors import GradshardError, UnsafeObjectError, UpdateError
 from gradshard.store import ObjectReader, Store
@@ -389,10 +392,18 @@ def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str],
     return True
 
 
+def _is_kept(dtype: str) -> bool:
+    """Whether a tensor of ``dtype`` is a kept buffer (integer or bool), never averaged."""
+    return not np.issubdtype(np.dtype(dtype), np.floating)
+
+
 def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None:
-    """Raise :class:`UpdateError` naming the first tensor that differs from the round's layout."""
+    """Raise :class:`UpdateError` naming the first tensor that differs from the round's layout.
+
+    Integer and bool tensors the layout does not name (kept buffers) are allowed and ignored."""
     missing = [t.name for t in layout if t.name not in header.tensors]
-    extra = sorted(set(header.tensors) - {t.name for t in layout})
+    names = {t.name for t in layout}
+    extra = sorted(n for n, e in header.tensors.items() if n not in names and not _is_kept(e.dtype))
     if missing or extra:
         raise UpdateError(client, f"wrong layout: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
     for spec in layout:
@@ -557,26 +568,49 @@ def read_flat(store: Store, key: str, layout: ModelLayout, client: str = "?") ->
 
 
 def infer_layout(header: UpdateHeader) -> ModelLayout:
-    """The layout of an object's tensors in file order (our writer's order is the layout order)."""
-    ordered = sorted(header.tensors.items(), key=lambda item: item[1].begin)
-    return ModelLayout(TensorSpec(name, entry.shape, entry.dtype) for name, entry in ordered)
+    """The layout of an object's floating tensors in file order (our writer's order is the layout order); integer
+    and bool tensors are kept buffers, not part of it."""
+    ordered = sorted(header.tensors.items(), key=lambda item: (item[1].begin, item[1].end))
+    return ModelLayout(TensorSpec(name, entry.shape, entry.dtype) for name, entry in ordered
+                       if not _is_kept(entry.dtype))
+
+
+def fit_layout(layout: ModelLayout, header: UpdateHeader, client: str) -> ModelLayout:
+    """The layout an object was written with, from a model's ``layout``: as given, or its aggregated part in the
+    object's floating dtype (a model layout with kept buffers, or a float32 model read against a float16 update).
+
+    Raises :class:`UpdateError` when neither matches the layout digest in the object's metadata."""
+    stored = header.metadata.get(f"{_P}layout")
+    floating = {e.dtype for e in header.tensors.values() if not _is_kept(e.dtype)}
+    candidates = [layout] + [layout.aggregated(dtype) for dtype in sorted(floating) if dtype in UPDATE_DTYPES]
+    for candidate in candidates:
+        if candidate.digest() == stored:
+            return candidate
+    raise UpdateError(client, f"the layout ({len(layout)} tensors, {layout.numel:,} elements) does not match the "
+                              "object's layout digest: pass the layout of the model or round it was written for")
 
 
 def inspect_update(store: Store, key: str, layout: ModelLayout | None = None,
                    window_elems: int = 4 << 20) -> dict[str, Any]:
     """Validate one update or aggregate completely (every chunk, every value) and describe it.
 
-    Without ``layout`` the file order is taken as the layout order and confirmed against the layout digest in
-    the metadata (files from other writers may order tensors differently: then pass the round's layout).
-    ``header_verified`` is False for a format-1 object (it has no header digest).
+    Without ``layout`` the file order of the floating tensors is taken as the layout order and confirmed against
+    the layout digest in the metadata (files from other writers may order tensors differently: then pass the
+    model's or the round's layout, see :func:`fit_layout`). ``header_verified`` is False for a format-1 object
+    (it has no header digest).
     """
     client = key.rsplit("/", 1)[-1].removesuffix(".safetensors")
     with store.open_reader(key) as reader:
         header = read_header(reader, key, client)
     meta = UpdateMeta.from_metadata(client, header.metadata)
-    layout = layout or infer_layout(header)
-    if layout.digest() != meta.layout_digest:
-        raise UpdateError(client, "the layout does not match the metadata's layout digest; pass the round's layout")
+    if layout is not None:
+        layout = fit_layout(layout, header, client)
+    else:
+        layout = infer_layout(header)
+        if layout.digest() != meta.layout_digest:
+            raise UpdateError(client, "the tensors in file order do not match the metadata's layout digest (the "
+                                      "plain safetensors library orders them by name): pass the model's or the "
+                                      "round's layout")
     nonfinite = 0
     with open_update(store, key, client, layout) as upd:
         stream = upd.stream(0, layout.numel)

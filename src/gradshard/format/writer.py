@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
-from gradshard.core.layout import ModelLayout, TensorSpec, safetensors_dtype
-from gradshard.errors import GradshardError, InvocationError
+from gradshard.core.layout import ModelLayout, TensorSpec, as_numpy, safetensors_dtype, tensor_dtype
+from gradshard.errors import GradshardError, InvocationError, LayoutError
 from gradshard.format.keys import check_client_id
 from gradshard.format.update import HEADER_DIGEST_KEY, MAX_HEADER_BYTES, Coverage, UpdateMeta, header_digest
 from gradshard.store import Store
@@ -64,13 +64,28 @@ def header_length(layout: ModelLayout, meta: UpdateMeta) -> int:
     return len(encode_header(layout, meta.with_checksums(["0" * meta.hex_width] * count).to_metadata()))
 
 
+def safetensors_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """The order ``safetensors.*.save_file`` stores these tensors in, asked of the installed library.
+
+    The library sorts by dtype, then by name (one dtype: by name); rather than restate its rule, this serializes
+    one-element stand-ins with the same names and dtypes (a few bytes a tensor) and reads their offsets back."""
+    import safetensors.numpy
+
+    specs = list(specs)
+    blob = safetensors.numpy.save({s.name: np.zeros(1, dtype=s.dtype) for s in specs})
+    (n,) = struct.unpack("<Q", blob[:8])
+    offsets = {name: entry["data_offsets"][0] for name, entry in json.loads(blob[8 : 8 + n]).items()
+               if name != "__metadata__"}
+    return sorted(specs, key=lambda s: offsets[s.name])
+
+
 def with_header_digest(layout: ModelLayout, metadata: Mapping[str, str],
                        file_order: Literal["safetensors", "layout"] = "safetensors") -> dict[str, str]:
     """``metadata`` plus the header digest of the file another writer makes of ``layout``'s tensors.
 
-    ``"safetensors"``: the order ``safetensors.*.save_file`` stores tensors in — by dtype, then by name; an update
-    has one dtype, so by name. ``"layout"``: layout order, as :func:`encode_header` writes."""
-    specs = sorted(layout, key=lambda s: s.name) if file_order == "safetensors" else list(layout)
+    ``"safetensors"``: the order ``safetensors.*.save_file`` stores tensors in (:func:`safetensors_order`).
+    ``"layout"``: layout order, as :func:`encode_header` writes."""
+    specs = safetensors_order(layout) if file_order == "safetensors" else list(layout)
     return dict(_header(specs, metadata)["__metadata__"])
 
 
@@ -274,19 +289,55 @@ def write_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[
         return writer.commit()
 
 
-def update_metadata(layout: ModelLayout, flat: npt.NDArray[Any], *, client: str, round: int, examples: int,
-                    base_model: str = "", chunk_elems: int | None = None, digest: DigestName = digests.DEFAULT,
-                    coverage: Coverage | None = None) -> dict[str, str]:
-    """Format-2 metadata for an update the plain safetensors library writes (``save_file(..., metadata=...)``).
+def update_metadata(layout: ModelLayout, tensors: Mapping[str, Any] | npt.NDArray[Any], *, client: str, round: int,
+                    examples: int, base_model: str = "", chunk_elems: int | None = None,
+                    digest: DigestName = digests.DEFAULT, coverage: Coverage | None = None) -> dict[str, str]:
+    """Format-2 metadata for an update the plain safetensors library writes::
 
-    The header digest is that of the header the library writes from ``layout.unflatten(flat)``."""
-    if flat.shape != (layout.numel,):
-        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
+        safetensors.torch.save_file(tensors, path, metadata=update_metadata(layout, tensors, client=..., ...))
+
+    ``layout`` is the round's (aggregated) layout. ``tensors`` is exactly what will be saved, by name (numpy
+    arrays or torch tensors): every tensor of ``layout`` in its dtype and shape, plus any integer or bool buffers
+    (kept: the reader ignores them); or the flat vector of ``layout`` (then save ``layout.unflatten(flat)``).
+    Computed here is everything the reader verifies: the layout digest, every chunk's digest and the header digest
+    of the file the library writes from these tensors (in the order it stores them, :func:`safetensors_order`)."""
+    if isinstance(tensors, np.ndarray):
+        if tensors.shape != (layout.numel,):
+            raise GradshardError(f"flat vector has shape {tensors.shape}, layout needs ({layout.numel},)")
+        tensors = layout.unflatten(tensors)
+    files = _file_specs(layout, tensors)
     chunk = chunk_elems or checksum.default_chunk_elems(layout.numel)
     grid = checksum.ChunkGrid(layout.numel, chunk)
-    data = np.ascontiguousarray(flat, dtype=layout.flat_dtype)
-    hexes = [checksum.checksum(data[a:b], digest) for a, b in (grid.bounds(i) for i in range(grid.count))]
+    stream = checksum.ChunkStream(grid, 0, digest)
+    hexes: dict[int, str] = {}
+    for spec in layout:
+        hexes.update(stream.feed(np.ascontiguousarray(as_numpy(spec.name, tensors[spec.name]).reshape(-1))))
     meta = UpdateMeta(client=check_client_id(client), round=round, examples=examples,
-                      layout_digest=layout.digest(), chunk_elems=chunk, checksums=checksum.pack(hexes),
+                      layout_digest=layout.digest(), chunk_elems=chunk,
+                      checksums=checksum.pack([hexes[i] for i in range(grid.count)]),
                       base_model=base_model, digest=digest, coverage=coverage)
-    return with_header_digest(layout, meta.to_metadata())
+    header = _header(safetensors_order(files), meta.to_metadata())
+    if len(json.dumps(header, separators=(",", ":"))) > MAX_HEADER_BYTES:  # readers would refuse the file
+        raise GradshardError(f"the header of {client!r}'s update would be over the {MAX_HEADER_BYTES:,} bytes "
+                             "readers accept; use fewer tensors or larger chunks")
+    return dict(header["__metadata__"])
+
+
+def _file_specs(layout: ModelLayout, tensors: Mapping[str, Any]) -> list[TensorSpec]:
+    """The specs of the tensors to be saved, checked against ``layout``: its tensors exactly, the rest kept buffers."""
+    given = {name: TensorSpec(name, tuple(int(d) for d in t.shape), tensor_dtype(name, t))
+             for name, t in tensors.items()}
+    for spec in layout:
+        found = given.get(spec.name)
+        if found is None:
+            raise LayoutError(f"tensor {spec.name!r} of the layout is missing from the tensors to save")
+        if found != spec:
+            hint = " (bfloat16 tensors are saved as float32: tensor.float())" if found.dtype == "bfloat16" else ""
+            raise LayoutError(f"tensor {spec.name!r} is {found.dtype} {found.shape}, the layout says {spec.dtype} "
+                              f"{spec.shape}{hint}")
+    names = {spec.name for spec in layout}
+    floating = [s.name for s in given.values() if s.name not in names and s.is_floating]
+    if floating:
+        raise LayoutError(f"floating tensors {floating[:5]} are not in the layout; only integer and bool buffers "
+                          "may be saved besides it")
+    return list(given.values())
