@@ -140,7 +140,7 @@ def test_float64_models_are_averaged_in_float64_like_flower() -> None:
     assert_same_bytes(arrays, flower_fedavg(NODES, "float64"))
 
 
-def test_the_plain_product_order_matters_so_the_check_is_not_vacuous() -> None:
+def test_flowers_legacy_inplace_average_has_other_bytes_so_the_api_version_matters() -> None:
     # Flower's legacy aggregate_inplace (float64 products) differs from the Message API's float32 products.
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server.strategy.aggregate import aggregate_inplace
