@@ -14,18 +14,23 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_safetensors
 
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
+from gradshard.extras import missing_extra_error
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.format.keys import update_key
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
+
+try:
+    import torch
+except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
+    raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 
 class ClientTask(BaseModel):

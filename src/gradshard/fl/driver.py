@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import save as save_safetensors
 
 from gradshard.aggregation.driver import aggregate_round
@@ -32,6 +31,7 @@ from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
 from gradshard.core.shards import ShardPlan
 from gradshard.errors import GradshardError, InvocationError, RoundError
+from gradshard.extras import missing_extra_error
 from gradshard.fl import data as fldata
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.config import TrainConfig
@@ -57,6 +57,11 @@ from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
+
+try:
+    import torch
+except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
+    raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 log = logging.getLogger(__name__)
 _CIFAR_MODELS = ("resnet18", "vgg16")  # models built for 3×32×32 images
