@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench bench-large clean
+.PHONY: demo test test-fast lint bench bench-large dist clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,10 @@ bench: $(VENV)/.dev
 bench-large: $(VENV)/.dev
 	$(BIN)/python bench/aggregate.py --large
 
+# The wheel, dist/gradshard-<version>-py3-none-any.whl (pip builds it with setuptools in an isolated environment).
+dist: | $(BIN)/activate
+	rm -f dist/gradshard-*.whl
+	$(BIN)/pip wheel --no-deps --quiet -w dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis build
+	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis build dist

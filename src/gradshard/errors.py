@@ -70,3 +70,16 @@ class MemoryLimitError(InvocationError):
 
 class InvocationTimeoutError(InvocationError):
     """An invocation ran longer than its timeout."""
+
+
+class MissingExtraError(GradshardError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names the ``pip install`` to run.
+
+    ``extra`` is the extra's name (``"train"``), ``feature`` what needed it, ``missing`` the modules not found.
+    """
+
+    def __init__(self, message: str, *, extra: str, feature: str, missing: tuple[str, ...]) -> None:
+        super().__init__(message, name=missing[0] if missing else None)
+        self.extra = extra
+        self.feature = feature
+        self.missing = missing

@@ -28,6 +28,7 @@ from gradshard.cli.console import compare_table, reports_table, untrusted
 from gradshard.cli.plots import compare_png
 from gradshard.cost.model import CostOptions, LocalRunCost, cost_of_local_run
 from gradshard.errors import PlanError
+from gradshard.extras import require_extra
 from gradshard.format.layouts import load_layout
 from gradshard.format.update import inspect_update
 from gradshard.store import LocalStore
@@ -190,6 +191,7 @@ def _architectures(ctx: click.Context, param: click.Parameter, value: str) -> li
 def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: float | None, workers: int,
             nodes: int, architectures: list[str], window_kb: int, run_infeasible: bool, out_dir: str) -> None:
     """Aggregate one round with each architecture; compare memory, time, traffic and agreement with flat."""
+    require_extra("plots", "gradshard compare (for compare.png)")
     limit = None if memory_limit_mb is None else int(memory_limit_mb * MIB)
     with progress_bar() as progress:
         tasks: dict[str, TaskID] = {}

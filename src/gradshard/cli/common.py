@@ -33,6 +33,7 @@ class ExitCode(enum.IntEnum):
     NEGATIVE = 1  # the command ran, its verdict is negative (non-finite values, nothing feasible, ...)
     USAGE = 2  # click's usage errors
     ERROR = 3  # a GradshardError: bad input, a failed round, an unreachable store
+    MISSING_EXTRA = 4  # the command needs an optional extra that is not installed (gradshard.extras)
     INTERRUPTED = 130
 
 

@@ -44,6 +44,7 @@ from gradshard.cost.planner import (
     write_sweep,
 )
 from gradshard.cost.pricing import DEFAULT_PRICES, PRICE_SHEETS, price_sheet
+from gradshard.extras import require_extra
 from gradshard.runtime.report import InvocationReport
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.names import TOPOLOGIES, Topology, topology_name
@@ -207,6 +208,7 @@ def _plan_table(rec: Recommendation) -> Table:
 
 
 def _sweep(model: CostModel, kw: dict[str, Any]) -> None:
+    require_extra("plots", "gradshard plan --sweep")
     rows = sweep(default_sweep_sizes(), kw["clients"], kw["shards"], kw["memory_limit"], model)
     crossovers = {layout: crossover_mb(kw["clients"], kw["shards"], layout, model=model)
                   for layout in OBJECT_LAYOUTS}

@@ -24,6 +24,7 @@ from gradshard.cli.console import reports_table, untrusted
 from gradshard.cli.train import run_training
 from gradshard.core.zoo import LAYOUTS, get_layout
 from gradshard.demo.synthetic import make_round
+from gradshard.extras import require_extra
 from gradshard.format.keys import aggregate_key
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
@@ -58,6 +59,7 @@ def _verify_last_round(store: LocalStore, config: TrainConfig, r: int, workers: 
 
 def _demo_training(clients: int, rounds: int, shards: int, memory_mb: float, workers: int, store_dir: str | None,
                    seed: int, model: str, out_dir: str | None) -> None:
+    require_extra("train", "gradshard demo (without --aggregate-only)")
     from gradshard.fl.config import TrainConfig
     from gradshard.fl.driver import Trainer
 

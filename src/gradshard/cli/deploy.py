@@ -20,6 +20,7 @@ from gradshard.deploy.aws import (
     write_aws_deployment,
 )
 from gradshard.errors import GradshardError
+from gradshard.extras import require_extra
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -46,6 +47,7 @@ def deploy() -> None:
                    "environment can, else build.sh].")
 def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor: bool | None) -> None:
     """Write package.zip, template.yaml and DEPLOY.md for an AWS Lambda aggregation function."""
+    require_extra("s3", "gradshard deploy aws")  # the functions' S3 client; vendored or pinned from here
     with console.status("writing package.zip"):
         try:
             result = write_aws_deployment(out, memory_mb=memory_mb, timeout_s=timeout, architecture=arch,

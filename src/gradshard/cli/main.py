@@ -22,12 +22,14 @@ from gradshard.cli.demo import demo
 from gradshard.cli.deploy import deploy
 from gradshard.cli.gc import gc
 from gradshard.cli.train import train
-from gradshard.errors import GradshardError
+from gradshard.errors import GradshardError, MissingExtraError
+from gradshard.extras import extra_of_module, missing_extra_error
 
 EXIT_CODES_HELP = ("Exit codes: 0 done; 1 the command ran but its verdict is negative (inspect found non-finite "
                    "values, plan found nothing feasible, compare or demo found a disagreement, train aggregated no "
                    "update in any round); 2 usage error; 3 gradshard error (bad input, a failed round, a store that "
-                   "cannot be reached); 130 interrupted. Errors are one line 'error: ...' on stderr.")
+                   "cannot be reached); 4 an optional extra the command needs is not installed (the line names the "
+                   "pip install); 130 interrupted. Errors are one line 'error: ...' on stderr.")
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -58,8 +60,15 @@ class GradshardGroup(click.Group):
             _fail(exc.format_message(), ExitCode.ERROR)
         except click.Abort:  # click turns KeyboardInterrupt and EOF into Abort
             _fail("interrupted", ExitCode.INTERRUPTED)
+        except MissingExtraError as exc:
+            _fail(str(exc), ExitCode.MISSING_EXTRA)
         except GradshardError as exc:
             _fail(str(exc), ExitCode.ERROR)
+        except ModuleNotFoundError as exc:  # an import no require_extra() guarded: still name the extra
+            needed = extra_of_module(exc.name or "")
+            if needed is None:
+                raise
+            _fail(str(missing_extra_error(needed, "this command", [exc.name or needed])), ExitCode.MISSING_EXTRA)
         except OSError as exc:  # a file or directory that cannot be read or written
             _fail(str(exc), ExitCode.ERROR)
         sys.exit(code if isinstance(code, int) else ExitCode.OK)

@@ -11,6 +11,7 @@ import io
 from typing import Any
 
 from gradshard.aggregation.compare import CompareResult, CompareRow
+from gradshard.extras import require_extra
 from gradshard.units import MIB
 
 _COLOURS = {"ok": "#4c72b0", "failed": "#c44e52", "skipped": "#dddddd"}
@@ -81,6 +82,7 @@ def _time_panel(ax: Any, result: CompareResult) -> None:
 
 def compare_png(result: CompareResult, *, dpi: int = 120) -> bytes:
     """Two panels, peak memory per function and wall time, one bar per architecture; returns the PNG bytes."""
+    require_extra("plots", "the comparison plot (compare.png)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -13,12 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gradshard.cli.common import HELP_OPTIONS, ExitCode, console, make_executor, open_cli_store
 from gradshard.cli.console import untrusted
+from gradshard.extras import EXTRAS, has_extra, require_extra
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
 
 if TYPE_CHECKING:  # the training modules import torch: only the commands that train load them
     from gradshard.fl.config import TrainConfig
     from gradshard.fl.driver import RoundMetrics, Trainer
+
+log = logging.getLogger(__name__)
 
 #: Where each ``gradshard train`` flag goes in the TOML / :class:`TrainConfig` (a path through its tables).
 TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
@@ -89,6 +93,9 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
     from gradshard.format.keys import metrics_key
 
     config = trainer.config
+    png = has_extra("plots")
+    if out is not None and not png:
+        log.warning("%s is not written: it needs matplotlib: %s", report.ACCURACY_PNG, EXTRAS["plots"].install)
     config_dump = config.model_dump(mode="json")
     trainer.prepare()  # refuses a store holding a different run before anything is shown
     done = min(trainer.completed_rounds(), config.rounds)
@@ -104,13 +111,13 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
         def on_round(m: RoundMetrics) -> None:
             history.append(m.to_dict())
             if out is not None:
-                report.write_outputs(out, history, config_dump, title)
+                report.write_outputs(out, history, config_dump, title, png=png)
             bar.update(task, advance=1, accuracy=f"{m.test_accuracy:.4f}")
             bar.console.print(_round_line(m, config.rounds))
 
         metrics = trainer.run(on_round=on_round)
     if out is not None:
-        written = report.write_outputs(out, metrics, config_dump, title)
+        written = report.write_outputs(out, metrics, config_dump, title, png=png)
         console.print(f"wrote {untrusted(', '.join(p.name for p in written))} to {untrusted(out)}")
     s = report.summary(metrics)
     if metrics:
@@ -191,6 +198,7 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     them. The run's state lives in the store: rerun the same command to resume it after a crash or a kill, or
     raise --rounds to extend it.
     """
+    require_extra("train", "gradshard train")
     from gradshard.fl.driver import Trainer
     from gradshard.format.keys import CONFIG_KEY
 

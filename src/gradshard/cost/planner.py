@@ -34,6 +34,7 @@ from gradshard.cost.model import (
     shape_for,
 )
 from gradshard.cost.pricing import AWS_LAMBDA_X86, PriceSheet
+from gradshard.extras import require_extra
 from gradshard.topology.names import TOPOLOGIES, Topology
 
 # Lambda's default concurrency per account and region: more shard functions than this queue up.
@@ -234,6 +235,7 @@ def plot_sweep(rows: Sequence[SweepRow], title: str = "") -> bytes:
     """
     import io
 
+    require_extra("plots", "the cost sweep plot (gradshard plan --sweep)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

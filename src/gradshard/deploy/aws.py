@@ -24,6 +24,7 @@ from typing import Any
 
 import gradshard
 from gradshard.errors import GradshardError
+from gradshard.extras import require_extra
 from gradshard.runtime.aws_lambda import HANDLER, LAMBDA_MEMORY_MB
 
 
@@ -124,6 +125,7 @@ def _check_options(memory_mb: int, timeout_s: int, architecture: str, runtime: s
 
 
 def _distributions() -> list[metadata.Distribution]:
+    require_extra("s3", "a Lambda deployment (its functions use boto3)")
     dists, missing = [], []
     for name in RUNTIME_DISTRIBUTIONS:
         try:

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_safetensors
 
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
+from gradshard.extras import missing_extra_error
 from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
@@ -30,6 +30,11 @@ from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
+
+try:
+    import torch
+except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
+    raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 
 class ClientTask(BaseModel):

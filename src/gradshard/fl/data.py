@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gradshard.errors import GradshardError
+from gradshard.extras import require_extra
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.int64]
@@ -238,6 +239,7 @@ def _torch_item(item: Any, i: int) -> tuple[npt.NDArray[Any], Any]:
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """scikit-learn's bundled digits (1797 x 64 pixel counts 0..16, labels 0..9), read once, read-only."""
+    require_extra("train", "the bundled digits data set (scikit-learn's)")
     from sklearn.datasets import load_digits as sk_load_digits  # type: ignore[import-untyped]
 
     x_raw, y_raw = sk_load_digits(return_X_y=True)

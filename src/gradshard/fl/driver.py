@@ -31,6 +31,7 @@ from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
 from gradshard.core.shards import ShardPlan
 from gradshard.errors import GradshardError, InvocationError, RoundError, TrainingError
+from gradshard.extras import missing_extra_error
 from gradshard.fl import data as fldata
 from gradshard.fl.builtin import builtin_ref, shape_for
 from gradshard.fl.client import ClientTask, load_arrays
@@ -58,6 +59,11 @@ from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
+
+try:
+    import torch
+except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
+    raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import Tensor, nn
 
 from gradshard.core.layout import ModelLayout, as_numpy
 from gradshard.errors import LayoutError
+from gradshard.extras import missing_extra_error
+
+try:
+    import torch
+    from torch import Tensor, nn
+except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
+    raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 # torchvision vgg16 ("D" config): output channels per conv, "M" for a max-pool.
 _VGG16_CFG: tuple[int | str, ...] = (

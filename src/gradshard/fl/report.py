@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradshard.extras import require_extra
+
 if TYPE_CHECKING:
     from gradshard.fl.config import TrainConfig
     from gradshard.runtime.executor import Executor
@@ -88,6 +90,7 @@ def metrics_json(metrics: Metrics, config: Mapping[str, Any] | None = None) -> s
 
 def accuracy_png(metrics: Metrics, title: str = "test accuracy per round") -> bytes:
     """Test accuracy (left axis) and test loss (right axis) after every round, as PNG bytes."""
+    require_extra("plots", "the accuracy plot (accuracy.png)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradshard.errors import GradshardError, StoreError
+from gradshard.extras import require_extra
 from gradshard.runtime import registry, worker
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport
@@ -137,6 +138,7 @@ def _refused(message: str) -> dict[str, Any]:
 def lambda_client(*, region: str | None = None, endpoint_url: str | None = None, timeout_s: float = 900.0,
                   max_connections: int = 10) -> Any:
     """A boto3 Lambda client that retries throttling (standard mode) and waits longer than a function runs."""
+    require_extra("s3", "the AWS Lambda executor")
     import boto3
     from botocore.config import Config
 

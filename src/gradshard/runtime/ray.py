@@ -17,16 +17,20 @@ import threading
 import time
 from typing import Any
 
-import ray
-import ray.exceptions
-
 from gradshard.errors import StoreError
+from gradshard.extras import missing_extra_error
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.local import LocalExecutor
 from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store, open_store
 from gradshard.topology.base import Invocation, Plan
 from gradshard.units import MIB
+
+try:
+    import ray
+    import ray.exceptions
+except ModuleNotFoundError as exc:  # the ray extra: name it instead of a bare "No module named 'ray'"
+    raise missing_extra_error("ray", "the Ray executor") from exc
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradshard.errors import ObjectNotFoundError, StoreError
+from gradshard.extras import require_extra
 from gradshard.store.base import (
     STALE_UPLOAD_S,
     BytesLike,
@@ -363,6 +364,7 @@ class S3Store(Store):
             raise StoreError("read_concurrency, min_range_bytes and max_attempts must be at least 1")
         if max_streams < 0:
             raise StoreError(f"max_streams must be non-negative, got {max_streams}")
+        require_extra("s3", f"the S3 store s3://{bucket}/{prefix}")
         self.bucket, self.prefix = bucket, prefix
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.region = region
