@@ -9,6 +9,7 @@ Aggregation (``<r>`` is the zero-padded round number)::
     rounds/<r>/reports.json                  the invocation reports of the aggregation
     rounds/<r>/client_reports.json           training runs: the invocation reports of the client functions
     rounds/<r>/server_reports.json           training runs: the invocation reports of the server step
+    rounds/<r>/flat_check.json               the demo's bit-identity check of the round against a flat recomputation
     rounds/<r>/partials/<run>/<node>.safetensors   scratch partial sums of tree topologies
 
 Training runs add ``run/config.json``, ``data/``, ``models/<r>.safetensors``, ``server/<r>/<slot>.safetensors``
@@ -67,6 +68,10 @@ def client_reports_key(r: int) -> str:
 
 def server_reports_key(r: int) -> str:
     return f"{round_prefix(r)}/server_reports.json"
+
+
+def flat_check_key(r: int) -> str:
+    return f"{round_prefix(r)}/flat_check.json"
 
 
 def partials_prefix(r: int, upload_id: str) -> str:
