@@ -5,7 +5,7 @@ explicit Agg canvas (no pyplot, no global backend switch), there is no JavaScrip
 forbids scripts and every fetch except ``data:`` images. Every string from the store is untrusted and escaped by
 the template engine (autoescape on for every template, whatever its name); plots carry numbers only.
 
-matplotlib is optional: without it the page says so in place of each plot (the tables hold every number).
+matplotlib is optional: without it the page leaves the plots out and says so (the tables hold every number).
 """
 
 from __future__ import annotations
