@@ -34,7 +34,8 @@ EXTRAS: dict[str, Extra] = {extra.name: extra for extra in (
     Extra("s3", ("boto3", "botocore"), "boto3"),
     Extra("ray", ("ray",), "Ray"),
     Extra("plots", ("matplotlib",), "matplotlib"),
-    Extra("flower", ("flwr",), "Flower (flwr)"),  # for gradshard.flower; the extra itself is added with it
+    Extra("report", ("jinja2", "matplotlib"), "Jinja2 and matplotlib"),
+    Extra("flower", ("flwr",), "Flower (flwr)"),
 )}
 
 

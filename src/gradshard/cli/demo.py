@@ -42,10 +42,11 @@ DEMO_TRAINING: dict[str, Any] = {"model": "cnn", "clients": 20, "rounds": 20, "e
 
 
 def _verify_last_round(store: LocalStore, config: TrainConfig, r: int, workers: int) -> bool:
-    from gradshard.fl.report import recompute_flat
+    from gradshard.fl.report import recompute_flat, save_flat_check
 
     with LocalExecutor(workers=workers) as uncapped:
         check = recompute_flat(store, config, r, uncapped)
+    save_flat_check(store, check)
     if check.identical:
         console.print(f"[green]bit-identical[/]: round {r} recomputed with one flat aggregator and an unsharded "
                       f"server step gives the same aggregate (sha256 {check.sharded_aggregate[:16]}…) and the same "

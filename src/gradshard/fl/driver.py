@@ -45,9 +45,11 @@ from gradshard.format.keys import (
     TEST_DATA_KEY,
     aggregate_key,
     client_data_key,
+    client_reports_key,
     manifest_key,
     metrics_key,
     model_key,
+    server_reports_key,
     spec_key,
     state_key,
     update_key,
@@ -57,11 +59,12 @@ from gradshard.format.update import UpdateMeta, open_update, read_flat
 from gradshard.format.writer import ObjectUpload, merge_digests, write_update
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
+from gradshard.runtime.report import InvocationReport
 from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
 
 try:
-    import torch
+    import torch  # noqa: F401 - the train extra, checked here
 except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
     raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
@@ -115,6 +118,12 @@ def sample_cohort(config: TrainConfig, r: int) -> list[str]:
 def _put_dataset(store: Store, key: str, data: fldata.Dataset) -> None:
     _put_arrays(store, key, {"x": np.ascontiguousarray(data.x), "y": np.ascontiguousarray(data.y),
                              "classes": np.array([data.num_classes], dtype=np.int64)})
+
+
+def _reports_json(r: int, function: str, reports: list[InvocationReport], exclude: set[str] | None = None) -> bytes:
+    """The invocation reports of one kind of function of round ``r``, as stored next to the aggregation's."""
+    return json.dumps({"round": r, "function": function,
+                       "reports": [rep.model_dump(mode="json", exclude=exclude) for rep in reports]}, indent=1).encode()
 
 
 def _put_arrays(store: Store, key: str, arrays: dict[str, Any]) -> None:
@@ -279,6 +288,8 @@ class Trainer:
                     state_out={slot: outputs[slot].target() for slot in opt.slots})
                 invocations.append(Invocation(f"server-{s:04d}", "server_step", args, 8 << 20))
             reports = self.executor.run(Plan("server", tuple(invocations)), self.store)
+            # Without the results (every chunk's digest, committed below): the record is about time and memory.
+            self.store.put(server_reports_key(r), _reports_json(r, "server_step", reports, exclude={"result"}))
             failed = [r_ for r_ in reports if not r_.ok]
             if failed or len(reports) != len(invocations):
                 # Not a RoundError: the round's updates are fine, so the driver stops (and a restart redoes the
@@ -323,6 +334,8 @@ class Trainer:
         settled = self.store.exists(aggregate_key(r)) or self.store.exists(model_key(r + 1))
         plan = Plan("clients", ()) if settled else self._client_plan(spec)
         client_reports = self.client_executor.run(plan, self.store)
+        if plan.invocations:
+            self._record_client_reports(r, client_reports)
         tasks = {inv.id: inv.args for inv in plan.invocations if isinstance(inv.args, ClientTask)}
         failed = {tasks[rep.invocation].client: f"{rep.error_type}: {rep.error}"
                   for rep in client_reports if not rep.ok}
@@ -363,6 +376,15 @@ class Trainer:
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "
                                 "stop_when_all_fail = false to keep the model and go on)")
         return metrics
+
+    def _record_client_reports(self, r: int, reports: list[InvocationReport]) -> None:
+        """``rounds/<r>/client_reports.json``: this start's client reports over those of an earlier start (a
+        restarted round invokes only the clients without an update, so the others keep their first report)."""
+        key = client_reports_key(r)
+        earlier = json.loads(self.store.get(key))["reports"] if self.store.exists(key) else []
+        rerun = {rep.invocation for rep in reports}
+        kept = [InvocationReport.model_validate(d) for d in earlier if d["invocation"] not in rerun]
+        self.store.put(key, _reports_json(r, "train_client", [*kept, *reports]))
 
     def _client_losses(self, r: int, clients: list[str]) -> list[float]:
         """The training losses the aggregated clients wrote into their updates (the same after a restart)."""

@@ -6,7 +6,8 @@ that the driver stores as ``metrics/<r>.json``); each function here is pure and 
 rewritten after every round and a reader never sees half a file.
 
 :func:`recompute_flat` is the demo's bit-identity check: it redoes one round with the flat topology and an
-unsharded server step in a scratch store and compares the bytes with the run's own.
+unsharded server step in a scratch store and compares the bytes with the run's own; :func:`save_flat_check` records
+the result in the run's store (``gradshard report`` shows it).
 
 matplotlib is imported inside :func:`accuracy_png` and draws on an explicit Agg canvas (no pyplot, no global
 backend switch): importing this module stays cheap and the figure renders headless.
@@ -158,6 +159,18 @@ class FlatCheck:
     @property
     def identical(self) -> bool:
         return self.sharded_aggregate == self.flat_aggregate and self.sharded_model == self.flat_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "identical": self.identical}
+
+
+def save_flat_check(store: Store, check: FlatCheck) -> str:
+    """Record ``check`` in the run's store (``rounds/<r>/flat_check.json``, one atomic put); returns the key."""
+    from gradshard.format.keys import flat_check_key
+
+    key = flat_check_key(check.round)
+    store.put(key, (json.dumps(check.to_dict(), indent=1) + "\n").encode())
+    return key
 
 
 def recompute_flat(store: Store, config: TrainConfig, r: int, executor: Executor) -> FlatCheck:

@@ -7,6 +7,9 @@ Aggregation (``<r>`` is the zero-padded round number)::
     rounds/<r>/manifest.json                 the validated, canonically ordered clients (and the rejected ones)
     rounds/<r>/aggregate.safetensors         the aggregated update (same format as an update)
     rounds/<r>/reports.json                  the invocation reports of the aggregation
+    rounds/<r>/client_reports.json           training runs: the invocation reports of the client functions
+    rounds/<r>/server_reports.json           training runs: the invocation reports of the server step
+    rounds/<r>/flat_check.json               the demo's bit-identity check of the round against a flat recomputation
     rounds/<r>/partials/<run>/<node>.safetensors   scratch partial sums of tree topologies
 
 Training runs add ``run/config.json``, ``data/``, ``models/<r>.safetensors``, ``server/<r>/<slot>.safetensors``
@@ -57,6 +60,18 @@ def aggregate_key(r: int) -> str:
 
 def reports_key(r: int) -> str:
     return f"{round_prefix(r)}/reports.json"
+
+
+def client_reports_key(r: int) -> str:
+    return f"{round_prefix(r)}/client_reports.json"
+
+
+def server_reports_key(r: int) -> str:
+    return f"{round_prefix(r)}/server_reports.json"
+
+
+def flat_check_key(r: int) -> str:
+    return f"{round_prefix(r)}/flat_check.json"
 
 
 def partials_prefix(r: int, upload_id: str) -> str:
