@@ -61,10 +61,8 @@ def test_modules_map_back_to_their_extra() -> None:
 
 def test_the_extras_agree_with_pyproject() -> None:
     optional = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
-    declared = {name for name in EXTRAS if name != "flower"}  # flower: added with gradshard.flower
-    assert declared <= set(optional)
-    everything = " ".join(optional["all"])
-    assert all(name in everything for name in declared) and "flwr" in everything
+    assert set(EXTRAS) | {"all"} == set(optional)
+    assert optional["all"] == [f"gradshard[{','.join(sorted(EXTRAS, key=list(optional).index))}]"]
 
 
 def test_an_s3_store_without_boto3_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "epochs": ("epochs",), "batch_size": ("batch_size",), "lr": ("lr",), "momentum": ("momentum",), "mu": ("mu",),
     "server_optimizer": ("server", "name"), "server_lr": ("server", "lr"), "topology": ("aggregation", "topology"),
     "shards": ("aggregation", "shards"), "min_clients": ("min_clients",), "deadline": ("deadline_s",),
-    "seed": ("seed",),
+    "seed": ("seed",), "task": ("task",), "task_options": ("task_options",),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -127,8 +127,37 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
     return metrics
 
 
+def _task_options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any] | None:
+    if not value:
+        return None
+    options: dict[str, Any] = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r}: give KEY=VALUE with KEY a Python identifier")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
+def _task_target(spec: str | None) -> str | None:
+    """A task reference with its file made absolute (function processes and a resumed run find the same file)."""
+    if spec is None:
+        return None
+    from gradshard.fl.task import parse_task
+
+    return parse_task(spec).target
+
+
 def _train_options(f: Any) -> Any:
     options = [
+        click.option("--task", default=None,
+                     help="Your own task: 'package.module:name' or 'path/to/file.py:name', a gradshard.fl.task.Task "
+                          "or a function returning one (replaces --model and --data)."),
+        click.option("--task-option", "task_options", multiple=True, callback=_task_options,
+                     help="KEY=VALUE passed to a task factory (VALUE as JSON, else a string); repeatable."),
         click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "vgg16"]), default=None,
                      help="Model to train [default: mlp]."),
         click.option("--data", type=click.Choice(["digits", "synthetic"]), default=None,
@@ -185,13 +214,16 @@ def _train_options(f: Any) -> Any:
               show_default=True, help="Run clients, aggregation and server functions as local processes or as Ray "
                                       "tasks (capped the same way).")
 @click.option("--ray-address", default=None, help="Ray cluster to join [default: a local Ray].")
+@click.option("--client-memory-mb", type=click.FloatRange(min=1), default=None,
+              help="Memory cap of every client function, MiB: a client that needs more fails with a memory error, "
+                   "reported [default: none].")
 @click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
               help="Memory cap of every aggregation and server function, MiB [default: none].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Function invocations running at once (clients, and aggregation/server functions).")
 @_train_options
 def train(config_path: str | None, store_dir: str, out_dir: str | None, executor_kind: str, ray_address: str | None,
-          memory_mb: float | None, workers: int, **flags: Any) -> None:
+          client_memory_mb: float | None, memory_mb: float | None, workers: int, **flags: Any) -> None:
     """Federated training: clients, aggregation and the server step all run as functions on a store.
 
     Settings come from --config (TOML), else from the run already in --store, else the defaults; flags override
@@ -210,24 +242,30 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
         base, source = json.loads(store.get(CONFIG_KEY)), f"{where}/{CONFIG_KEY} + flags"
     else:
         base, source = {}, "defaults + flags"
+    flags["task"] = _task_target(flags.get("task"))
     config = train_config(base, flags, source)
     agg = config.aggregation
-    console.print(f"[bold]gradshard train[/]: {untrusted(config.model)} on {config.data.name} "
-                  f"({config.data.partition}), "
+    what = f"task {untrusted(config.task)}" if config.task else f"{untrusted(config.model)} on {config.data.name}"
+    console.print(f"[bold]gradshard train[/]: {what} ({config.data.partition}), "
                   f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
                   f"{config.server.name}; store {untrusted(where)}; {executor_kind} executor")
     # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
     executor = make_executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address)
-    client_executor = make_executor(executor_kind, workers, None, 0, config.deadline_s, ray_address=ray_address)
+    client_executor = make_executor(executor_kind, workers, client_memory_mb, 0, config.deadline_s,
+                                    ray_address=ray_address)
+    from gradshard.cli.console import printable
+    from gradshard.errors import TrainingError
+
     try:
         trainer = Trainer(store, config, executor, client_executor)
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
-        metrics = run_training(trainer, Path(out_dir) if out_dir else default_out,
-                               f"{config.model} on {config.data.name}, {config.clients} clients, {agg.topology}")
+        title = config.task or f"{config.model} on {config.data.name}"
+        run_training(trainer, Path(out_dir) if out_dir else default_out,
+                     f"{title}, {config.clients} clients, {agg.topology}")
+    except TrainingError as exc:  # the run ran and its verdict is negative: every client failed, nothing aggregated
+        click.echo(f"error: {printable(str(exc))}", err=True)
+        sys.exit(ExitCode.NEGATIVE)
     finally:
         client_executor.close()
         executor.close()
-    if not any(m["aggregated"] for m in metrics):
-        console.print("[red]no client update was aggregated in any round[/]: the model is still the initial one")
-        sys.exit(ExitCode.NEGATIVE)
