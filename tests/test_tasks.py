@@ -4,8 +4,10 @@ on capped client functions; failures of a task are loud (the CLI exits non-zero 
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -97,6 +99,11 @@ def train_cli(tmp_path: Path, store: str, task: str, *extra: str) -> object:
     return CliRunner().invoke(main, args)
 
 
+def rounds_of(out: Path) -> list[dict[str, Any]]:
+    rounds: list[dict[str, Any]] = json.loads((out / "metrics.json").read_text())["rounds"]
+    return rounds
+
+
 def final_model(tmp_path: Path, store: str) -> bytes:
     return LocalStore(tmp_path / store).get(model_key(3))
 
@@ -113,8 +120,7 @@ def test_a_tabular_task_on_breast_cancer_learns_and_sharded_equals_flat(tmp_path
     # Assert: 30 features, 2 classes; chance (the majority class) is 0.63
     assert sharded.exit_code == 0, sharded.output
     assert flat.exit_code == 0, flat.output
-    metrics = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
-    accuracy = metrics["rounds"][-1]["test_accuracy"] if "rounds" in metrics else metrics[-1]["test_accuracy"]
+    accuracy = rounds_of(tmp_path / "sharded")[-1]["test_accuracy"]
     assert accuracy >= 0.9
     assert final_model(tmp_path, "sharded") == final_model(tmp_path, "flat")
 
@@ -126,9 +132,6 @@ def test_an_lstm_task_with_client_side_data_learns(tmp_path: Path) -> None:
     package.mkdir()
     (package / "__init__.py").write_text("")
     write_task(package, "sequences", LSTM)
-    ref = None
-    import sys
-
     sys.path.insert(0, str(tmp_path))
     try:
         ref = parse_task("mytasks.sequences:task")
@@ -139,8 +142,7 @@ def test_an_lstm_task_with_client_side_data_learns(tmp_path: Path) -> None:
     # Assert: binary labels, chance 0.5
     assert ref.paths == (str(tmp_path.resolve()),)
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "store" / "metrics.json").read_text())
-    rounds = metrics["rounds"] if "rounds" in metrics else metrics
+    rounds = rounds_of(tmp_path / "store")
     assert rounds[-1]["test_accuracy"] >= 0.85, [r["test_accuracy"] for r in rounds]
 
 
@@ -214,5 +216,5 @@ def test_the_python_api_raises_when_every_client_fails(tmp_path: Path) -> None:
     trainer = Trainer(LocalStore(tmp_path / "store"), config, InlineExecutor())
 
     # Execute / Assert
-    with pytest.raises(TrainingError, match="round 0: every client failed.*diverged on purpose"):
+    with pytest.raises(TrainingError, match=r"round 0: every client failed.*diverged on purpose"):
         trainer.run()
