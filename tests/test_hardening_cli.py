@@ -249,15 +249,13 @@ def test_resnet18_trains_a_round_on_digits(tmp_path: Path) -> None:
 def test_the_vgg16_input_is_a_32x32_image_its_features_can_halve_five_times() -> None:
     import torch
 
-    from gradshard.fl.config import TrainConfig
-    from gradshard.fl.driver import Trainer
+    from gradshard.fl.builtin import shape_for
+    from gradshard.fl.data import Dataset
     from gradshard.fl.models import build_model
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.config = TrainConfig(model="vgg16")
     x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
 
-    image = trainer._input(x)
+    image = shape_for("vgg16", Dataset(x, np.zeros(2, dtype=np.int64), 10)).x
 
     assert image.shape == (2, 3, 32, 32) and image.flags.c_contiguous
     assert image[1, 2, 31, 31] == x[1, 63] and image[0, 0, 4, 0] == x[0, 8]
