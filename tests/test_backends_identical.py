@@ -110,16 +110,42 @@ def test_aggregate_command_names_a_missing_bucket(s3_endpoint: str, monkeypatch:
     assert "bucket 'no-such-bucket' does not exist at http://127.0.0.1" in result.stderr
 
 
+USER_TASK = """
+import torch
+from sklearn.datasets import load_wine
+
+from gradshard.fl.data import from_arrays, stratified_split
+from gradshard.fl.task import Task
+
+
+def data():
+    x, y = load_wine(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    train, test = stratified_split(y, 0.25, seed=0)
+    return from_arrays(x[train], y[train], 3), from_arrays(x[test], y[test], 3)
+
+
+task = Task(model=lambda: torch.nn.Sequential(torch.nn.Linear(13, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+            data=data, name="wine")
+"""
+
+
 def test_training_with_the_ray_executor_gives_the_models_of_a_local_run(tmp_path: Path) -> None:
-    # Prepare: each run in its own process, as a user runs it (this one starts and stops its own local Ray)
-    flags = ["--rounds", "2", "--clients", "4", "--epochs", "1", "--workers", "2"]
+    # Prepare: each run in its own process, as a user runs it (this one starts and stops its own local Ray); the
+    # task is the user's own package, importable from the driver's working directory only (the functions get it
+    # through the task reference, on Ray as locally)
+    (tmp_path / "usertasks").mkdir()
+    (tmp_path / "usertasks" / "__init__.py").write_text("")
+    (tmp_path / "usertasks" / "wine.py").write_text(USER_TASK)
+    flags = ["--rounds", "2", "--clients", "4", "--epochs", "1", "--workers", "2", "--task", "usertasks.wine:task"]
     runs = {}
 
     # Execute
     for executor in ("local", "ray"):
         store = tmp_path / executor
         done = subprocess.run([sys.executable, "-m", "gradshard.cli", "train", "--store", str(store),
-                               "--executor", executor, *flags], capture_output=True, text=True, timeout=300)
+                               "--executor", executor, *flags], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         runs[executor] = [(store / model_key(r)).read_bytes() for r in range(3)]
 

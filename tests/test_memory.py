@@ -95,6 +95,7 @@ def test_shard_peak_does_not_grow_with_the_number_of_clients(tmp_path: Path, exe
     _check_peak_independent_of_n(tmp_path, executor, numel=1 << 20, few=4, many=64)
 
 
+@pytest.mark.slow  # ~42 s; the same property without many tensors runs by default
 def test_shard_peak_does_not_grow_with_n_for_a_model_of_many_tensors(tmp_path: Path, executor: LocalExecutor) -> None:
     """4096 tensors: a reader that kept each client's parsed header (a dict per tensor) grew ~10 MiB per client."""
     _check_peak_independent_of_n(tmp_path, executor, numel=1 << 20, few=4, many=64, tensor_elems=256)
