@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,16 +461,17 @@ class UpdateReader:
         a healthy client. Only content errors (checksums, values, header) are :class:`UpdateError`."""
         view = as_bytes(out)
         size = self.dtype.itemsize
-        for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
-            lo, hi, offset = self._runs[i]
-            if lo >= stop:
-                break
-            a, b = max(start, lo), min(stop, hi)
-            if a < b:
-                self.reader.read_into(offset + (a - lo) * size, view[(a - start) * size : (b - start) * size])
+        for a, b, offset in self._byte_runs(start, stop):
+            self.reader.read_into(offset, view[(a - start) * size : (b - start) * size])
 
     def expect(self, start: int, stop: int) -> None:
         """Announce that elements ``[start, stop)`` will be read next, in order (see :meth:`ObjectReader.expect`)."""
+        size = self.dtype.itemsize
+        for a, b, offset in self._byte_runs(start, stop):
+            self.reader.expect(offset, offset + (b - a) * size)
+
+    def _byte_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(a, b, byte offset of a)`` for each stored run of elements that ``[start, stop)`` touches, in order."""
         size = self.dtype.itemsize
         for i in range(max(0, bisect.bisect_right(self._run_starts, start) - 1), len(self._runs)):
             lo, hi, offset = self._runs[i]
@@ -478,7 +479,7 @@ class UpdateReader:
                 break
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                self.reader.expect(offset + (a - lo) * size, offset + (b - lo) * size)
+                yield a, b, offset + (a - lo) * size
 
     def checksum_of(self, index: int) -> str:
         """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
