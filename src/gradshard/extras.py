@@ -36,6 +36,7 @@ EXTRAS: dict[str, Extra] = {extra.name: extra for extra in (
     Extra("plots", ("matplotlib",), "matplotlib"),
     Extra("report", ("jinja2", "matplotlib"), "Jinja2 and matplotlib"),
     Extra("flower", ("flwr",), "Flower (flwr)"),
+    Extra("privacy", ("dp_accounting", "opacus"), "dp-accounting and Opacus"),
 )}
 
 
