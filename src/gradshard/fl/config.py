@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.fl.server import ServerOptimizer
+from gradshard.privacy.config import PrivacyConfig
 
 #: A float field that takes an int but refuses ``true``/``false`` (pydantic's lax mode reads a bool as 1.0 / 0.0).
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -49,6 +50,10 @@ class TrainConfig(BaseModel):
     min_clients: StrictInt = Field(default=1, ge=1)
     deadline_s: StrictFloat = Field(default=300.0, gt=0, description="client functions still running then are late")
     seed: StrictInt = 0
+    sampling: Literal["fixed", "poisson"] = Field(
+        default="fixed", description="how a round samples clients: fixed (per_round of them, without replacement) or "
+                                     "poisson (each client with probability per_round / clients)")
+    privacy: PrivacyConfig = PrivacyConfig()
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
