@@ -60,6 +60,14 @@ class TrainingError(GradshardError):
     """A training run cannot go on: every client of a round failed, or no round aggregated any update."""
 
 
+class PrivacyError(GradshardError):
+    """Differential privacy settings or a privacy ledger that cannot be used as they are."""
+
+
+class PrivacyBudgetError(PrivacyError):
+    """A release would take the privacy loss past ``max_epsilon``; it was refused before any noise was drawn."""
+
+
 class InvocationError(GradshardError):
     """A function invocation failed; the message names the invocation and the cause."""
 

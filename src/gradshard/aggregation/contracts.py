@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FieldSerializationInfo, field_serializer
 
 from gradshard.core.reduce import ACCUMULATE_DTYPES
 from gradshard.format.writer import OutputTarget
@@ -33,6 +33,20 @@ class RoundRef(Contract):
     manifest_sha256: str
 
 
+class NoiseSpec(Contract):
+    """Gaussian noise added to every element of the aggregate (central DP): ``σ · z_j``, where ``z_j`` is a pure
+    function of the round's secret ``key`` and the element index (:mod:`gradshard.privacy.noise`).
+
+    The key travels with the invocation only: plans written to reports show it as ``<redacted>``."""
+
+    sigma: float = Field(ge=0, allow_inf_nan=False)
+    key: str = Field(pattern=r"^[0-9a-f]{32,128}$")
+
+    @field_serializer("key")
+    def _redact(self, key: str, info: FieldSerializationInfo) -> str:
+        return "<redacted>" if isinstance(info.context, dict) and info.context.get("redact") else key
+
+
 class ReduceSettings(Contract):
     """How a reducing function reduces (the plan's :class:`~gradshard.topology.common.ReduceOptions`)."""
 
@@ -41,6 +55,7 @@ class ReduceSettings(Contract):
     weighting: Weighting = "examples"
     reducer: str = "mean"
     parallel_reads: int = Field(default=1, ge=1)
+    noise: NoiseSpec | None = None
 
 
 class ShardReduceArgs(Contract):

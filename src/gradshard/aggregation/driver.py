@@ -19,13 +19,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
-from gradshard.aggregation.contracts import ReduceResult, TreeReduceResult
+from gradshard.aggregation.contracts import NoiseSpec, ReduceResult, TreeReduceResult
 from gradshard.core.reducers import REDUCERS, normalised_weights, parse_reducer
 from gradshard.errors import GradshardError, InvocationError, PlanError, RoundError, StoreError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
 from gradshard.format.round import Policy, RoundManifest, Weighting, check_enough, prepare_round, write_manifest
 from gradshard.format.update import UpdateMeta
 from gradshard.format.writer import ObjectUpload, merge_digests
+from gradshard.privacy import central
+from gradshard.privacy.central import check_config as check_central_dp
+from gradshard.privacy.config import CentralDPRound
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
@@ -60,6 +63,8 @@ class AggregateConfig(BaseModel):
     weighting: Weighting = "examples"
     weights: dict[str, float] | None = Field(default=None, description="per-client weights (weighting 'server')")
     policy: Policy = "skip"
+    central_dp: CentralDPRound | None = Field(default=None, description="clip every update and add Gaussian noise "
+                                                                         "(uniform weighting, reducer mean)")
 
     @field_validator("reducer")
     @classmethod
@@ -73,10 +78,17 @@ class AggregateConfig(BaseModel):
     def _weights_for_server(self) -> AggregateConfig:
         if (self.weighting == "server") != (self.weights is not None):
             raise ValueError("per-client weights go with weighting 'server' (and only with it)")
+        if self.central_dp is not None:
+            try:
+                check_central_dp(self.central_dp, weighting=self.weighting, reducer=self.reducer,
+                                 topology=self.topology)
+            except GradshardError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
-    def reduce_options(self) -> ReduceOptions:
-        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads, self.reducer)
+    def reduce_options(self, noise: NoiseSpec | None = None) -> ReduceOptions:
+        return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads, self.reducer,
+                             noise)
 
 
 def check_reducer(config: AggregateConfig, manifest: RoundManifest) -> None:
@@ -128,19 +140,23 @@ def output_meta(manifest: RoundManifest, config: AggregateConfig) -> UpdateMeta:
     spec = manifest.spec
     clients = [c.client for c in manifest.clients]
     weights = normalised_weights([c.weight for c in manifest.clients])
+    scales = manifest.scales()
+    if scales is not None:
+        weights = [w * s for w, s in zip(weights, scales, strict=True)]
+    extra = {"clients": ",".join(clients), "weights": json.dumps(weights), "weighting": config.weighting,
+             "accumulate": config.accumulate, "reducer": config.reducer}
+    if manifest.privacy is not None:  # what was released (never the noise key)
+        extra["central_dp"] = json.dumps(manifest.privacy, sort_keys=True)
     return UpdateMeta(client="aggregate", round=manifest.round, kind="aggregate",
                       examples=sum(c.examples for c in manifest.clients),
                       layout_digest=spec.model_layout().digest(), chunk_elems=spec.chunk_elems,
-                      base_model=spec.base_model, digest=spec.digest,
-                      extra={"clients": ",".join(clients), "weights": json.dumps(weights),
-                             "weighting": config.weighting, "accumulate": config.accumulate,
-                             "reducer": config.reducer})
+                      base_model=spec.base_model, digest=spec.digest, extra=extra)
 
 
 def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256: str, output: PlanOutput,
-               node_stores: list[dict[str, Any]] | None = None) -> Plan:
+               node_stores: list[dict[str, Any]] | None = None, noise: NoiseSpec | None = None) -> Plan:
     """The plan of ``config.topology``; LIFL needs one shared-memory store spec per node."""
-    options = config.reduce_options()
+    options = config.reduce_options(noise)
     if config.topology == "flat":
         return flat_plan(manifest, manifest_sha256, output, options)
     if config.topology == "lambda-fl":
@@ -172,7 +188,8 @@ def _result_digests(report: InvocationReport) -> dict[int, str]:
 
 
 def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, executor: Executor,
-              on_done: ProgressCallback | None) -> tuple[Plan, list[InvocationReport], bool]:
+              on_done: ProgressCallback | None, noise: NoiseSpec | None = None
+              ) -> tuple[Plan, list[InvocationReport], bool]:
     """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
     sha = write_manifest(store, manifest)
     pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
@@ -183,7 +200,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             node_stores = stack.enter_context(node_memory(config.nodes)) if config.topology == "lifl" else None
             target = PlanOutput(manifest_key(manifest.round), pending.key, pending.upload_id, pending.header_len,
                                 pending.meta.digest)
-            plan = build_plan(config, manifest, sha, target, node_stores)
+            plan = build_plan(config, manifest, sha, target, node_stores, noise)
             params = ", ".join(f"{k}={v}" for k, v in plan.params.items() if isinstance(v, int | str))
             log.info("round %d: plan %s of %d invocations (%s) over %d clients", manifest.round, plan.topology,
                      len(plan.invocations), params or "-", len(manifest.clients))
@@ -239,8 +256,14 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     log.info("round %d: %d client updates accepted, %d rejected; %s topology, reducer %s, weighting %s", r,
              len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)
     history: list[InvocationReport] = []
+    noise = None
+    if config.central_dp is not None:  # phase 1: exact norms, clip factors, the release in the ledger
+        noise, norm_reports = central.prepare_round(store, manifest, config.central_dp, executor,
+                                                    shards=config.shards if config.topology == "sharded" else 1,
+                                                    partition=config.partition, on_done=on_done)
+        history.extend(norm_reports)
     for run in range(1, len(manifest.clients) + 2):
-        plan, reports, published = _run_once(store, manifest, config, executor, on_done)
+        plan, reports, published = _run_once(store, manifest, config, executor, on_done, noise)
         history.extend(reports)
         log.info("round %d, run %d: %d of %d invocations ok in %.2f s; %s", r, run,
                  sum(rep.ok for rep in reports), len(plan.invocations), time.perf_counter() - started,

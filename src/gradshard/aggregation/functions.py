@@ -26,6 +26,7 @@ from gradshard.errors import BadUpdatesError, GradshardError, RoundError, Update
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
+from gradshard.privacy.noise import ChunkNoise
 from gradshard.runtime.registry import register
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
@@ -75,9 +76,12 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
     layout = manifest.spec.model_layout()
     in_dtype = np.dtype(layout.flat_dtype)
     window = min(window_elems(settings.window_bytes, in_dtype.itemsize), stop - start)
+    scales = manifest.scales()
     reducer = make_reducer(parse_reducer(settings.reducer), weights=[c.weight for c in manifest.clients],
                            capacity=window, in_dtype=in_dtype, accumulate=settings.accumulate,
-                           parallel_reads=settings.parallel_reads)
+                           parallel_reads=settings.parallel_reads, **({} if scales is None else {"scales": scales}))
+    noise = None if settings.noise is None else ChunkNoise(settings.noise.key, checksum.ChunkGrid(
+        layout.numel, manifest.spec.chunk_elems))
     batch = min(settings.parallel_reads, len(manifest.clients))  # clients read at once, each into its own buffer
     writer = RangeWriter.to(store, output, start, layout, manifest.spec.chunk_elems, window, settings.accumulate)
     inputs = open_inputs(store, manifest, layout, start, stop, window)
@@ -94,6 +98,8 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
                                                             f"[{a}, {b})") from None
             if not all_finite(values):
                 raise nonfinite_culprit(store, manifest, layout, inputs, a, b)
+            if noise is not None and settings.noise is not None:
+                noise.add(a, values, settings.noise.sigma)
             writer.write(values)
     except UpdateError as first:
         # The output is void now; find every bad client of this range in one more pass, so that the driver rejects

@@ -178,7 +178,7 @@ class Reducer(ABC):
         """Bytes of the buffers an instance allocates (``itemsize``: of the input dtype)."""
 
     def __init__(self, spec: ReducerSpec, *, weights: Sequence[float], capacity: int, in_dtype: npt.DTypeLike,
-                 accumulate: str, parallel_reads: int = 1) -> None:
+                 accumulate: str, parallel_reads: int = 1, scales: Sequence[float] | None = None) -> None:
         if spec.name != self.name:
             raise GradshardError(f"{type(self).__name__} implements {self.name!r}, got spec {spec.text!r}")
         if capacity < 1:
@@ -188,6 +188,10 @@ class Reducer(ABC):
         self.spec = spec
         self.in_dtype, self.dtype = _dtypes(in_dtype, accumulate)
         self.weights = normalised_weights(weights)
+        if scales is not None:  # central DP: clip factors (times N / the expected N) applied after normalising
+            if len(scales) != len(self.weights) or not all(math.isfinite(s) and s >= 0 for s in scales):
+                raise GradshardError(f"scales must be {len(self.weights)} finite values >= 0, got {list(scales)[:8]}")
+            self.weights = [w * s for w, s in zip(self.weights, scales, strict=True)]
         self.clients = len(self.weights)
         self.capacity = capacity
         self._n = 0
@@ -301,9 +305,9 @@ class MeanReducer(Reducer):
         return window_elems * (_read_buffers(clients, parallel_reads) * itemsize + acc + scratch)
 
     def __init__(self, spec: ReducerSpec, *, weights: Sequence[float], capacity: int, in_dtype: npt.DTypeLike,
-                 accumulate: str, parallel_reads: int = 1) -> None:
+                 accumulate: str, parallel_reads: int = 1, scales: Sequence[float] | None = None) -> None:
         super().__init__(spec, weights=weights, capacity=capacity, in_dtype=in_dtype, accumulate=accumulate,
-                         parallel_reads=parallel_reads)
+                         parallel_reads=parallel_reads, scales=scales)
         self._bufs = np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
         self._sum = _PreallocatedSum(capacity, accumulate, scratch=self.in_dtype != self.dtype and self.clients >= 2)
 

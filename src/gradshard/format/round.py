@@ -88,6 +88,9 @@ class ClientEntry(BaseModel):
     # 0 until weights are assigned (examples, uniform or the server's)
     weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     coverage: dict[str, tuple[int, ...]] | None = None
+    # central DP: the update's L2 norm (phase 1) and its clip factor min(1, C / norm); 1 and None otherwise
+    scale: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    norm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
     @property
     def partial(self) -> bool:
@@ -154,6 +157,18 @@ class RoundManifest(BaseModel):
     clients: list[ClientEntry]
     rejected: dict[str, str] = Field(default_factory=dict)
     warnings: dict[str, str] = Field(default_factory=dict)  # accepted clients to look at (a dominant weight)
+    # central DP: the mean divides by this many clients (the expected cohort), not by the number accepted
+    denominator: int | None = Field(default=None, ge=1)
+    privacy: dict[str, float | int | str] | None = None  # central DP: what this round's release cost
+
+    def scales(self) -> list[float] | None:
+        """Per-client factors on the normalised weights: clip factor × (accepted / denominator); None when every
+        factor is 1 (no central DP), so plain rounds keep their exact bytes."""
+        if self.denominator is None and all(c.scale == 1.0 for c in self.clients):
+            return None
+        n = len(self.clients)
+        ratio = n / (self.denominator or n)
+        return [c.scale * ratio for c in self.clients]
 
     def reject(self, client: str, reason: str) -> None:
         self.clients = [c for c in self.clients if c.client != client]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Sampler = Literal["poisson", "fixed"]
 
@@ -52,3 +52,41 @@ class PrivacyConfig(BaseModel):
 
     client: ClientDP | None = None
     central: CentralDP | None = None
+
+
+class CentralDPRound(BaseModel):
+    """Central DP for one aggregation (``AggregateConfig.central_dp``; ``gradshard aggregate --dp-*``).
+
+    ``expected_clients`` is the mean's denominator (the expected cohort: sensitivity ``clip / expected_clients``
+    holds only for a fixed denominator; None: the number of accepted clients). The release's amplification comes
+    from ``sampler``: ``poisson`` with ``sample_rate`` (default expected_clients / population), ``fixed``
+    (expected_clients of population without replacement) or ``none`` (every member, every round).
+    ``noise_multiplier`` 0 clips without noise: no privacy (ε = ∞), refused when ``max_epsilon`` is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip: float = Field(gt=0, allow_inf_nan=False)
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False)
+    sampler: Literal["poisson", "fixed", "none"] = "none"
+    population: int | None = Field(default=None, ge=1)
+    expected_clients: int | None = Field(default=None, ge=1)
+    sample_rate: float | None = Field(default=None, gt=0, le=1)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0)
+    key_file: str = ""
+
+    @model_validator(mode="after")
+    def _sampler_needs(self) -> CentralDPRound:
+        if self.sampler == "fixed" and (self.population is None or self.expected_clients is None
+                                        or self.expected_clients > self.population):
+            raise ValueError("sampler 'fixed' needs population and expected_clients <= population")
+        if self.sampler == "poisson" and self.sample_rate is None and (self.population is None
+                                                                        or self.expected_clients is None):
+            raise ValueError("sampler 'poisson' needs sample_rate, or population and expected_clients")
+        return self
+
+    def rate(self) -> float:
+        if self.sample_rate is not None:
+            return self.sample_rate
+        assert self.population is not None and self.expected_clients is not None
+        return min(1.0, self.expected_clients / self.population)

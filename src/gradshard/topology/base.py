@@ -80,9 +80,11 @@ class Plan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as JSON-able data (what every invocation runs, on what, needing how much memory)."""
+        """The plan as JSON-able data (what every invocation runs, on what, needing how much memory); secrets in
+        the arguments (a central-DP noise key) are redacted: this is what reports store."""
         return {"topology": self.topology, "params": self.params,
-                "invocations": [{"id": i.id, "function": i.function, "module": i.module, "args": i.payload(),
+                "invocations": [{"id": i.id, "function": i.function, "module": i.module,
+                                 "args": i.args.model_dump(mode="json", context={"redact": True}),
                                  "memory_bytes": i.memory_bytes, "depends_on": list(i.depends_on), "node": i.node,
                                  "warm_key": i.warm_key} for i in self.invocations]}
 

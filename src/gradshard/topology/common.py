@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradshard.aggregation.contracts import OutputTarget, ReduceSettings, RoundRef
+from gradshard.aggregation.contracts import NoiseSpec, OutputTarget, ReduceSettings, RoundRef
 from gradshard.core import digests
 from gradshard.core.digests import DigestName
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WEIGHTINGS
@@ -32,6 +32,7 @@ class ReduceOptions:
     weighting: str = "examples"
     parallel_reads: int = 1
     reducer: str = "mean"
+    noise: NoiseSpec | None = None  # central DP: added to every element of the aggregate
 
     def __post_init__(self) -> None:
         if self.accumulate not in ACCUMULATE_DTYPES:
@@ -50,7 +51,7 @@ class ReduceOptions:
         """The options as the functions' contract carries them."""
         return ReduceSettings(window_bytes=self.window_bytes, accumulate=self.accumulate,  # type: ignore[arg-type]
                               weighting=self.weighting, reducer=self.reducer,  # type: ignore[arg-type]
-                              parallel_reads=self.parallel_reads)
+                              parallel_reads=self.parallel_reads, noise=self.noise)
 
 
 @dataclass(frozen=True)
