@@ -63,6 +63,13 @@ class TrainConfig(BaseModel):
         if self.per_round is not None and self.fraction is not None:
             raise ValueError(f"per_round = {self.per_round} and fraction = {self.fraction} are both set; keep one "
                              "(they say the same thing: how many clients a round samples)")
+        if self.privacy.central is not None and self.aggregation.weighting != "uniform":
+            raise ValueError(f"central DP needs aggregation.weighting = 'uniform' (it is "
+                             f"{self.aggregation.weighting!r}): example counts come from the clients, so with them "
+                             "a client's influence, and the noise needed to hide it, has no bound")
+        if self.privacy.central is not None and self.aggregation.central_dp is not None:
+            raise ValueError("set central DP once: [privacy.central] (the trainer fills in the sampling) or "
+                             "[aggregation.central_dp], not both")
         if self.min_clients > self.sample_size():
             raise ValueError(f"min_clients = {self.min_clients} is more than the {self.sample_size()} clients a "
                              "round samples: no round could aggregate; lower min_clients or sample more clients")

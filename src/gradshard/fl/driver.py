@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as save_safetensors
 
-from gradshard.aggregation.driver import aggregate_round
+from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
 from gradshard.core.shards import ShardPlan
@@ -57,6 +57,7 @@ from gradshard.format.keys import (
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
 from gradshard.format.update import UpdateMeta, open_update, read_flat
 from gradshard.format.writer import ObjectUpload, merge_digests, write_update
+from gradshard.privacy.config import CentralDPRound
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
@@ -88,6 +89,7 @@ class RoundMetrics:
     server_seconds: float
     wall_seconds: float
     resumed: bool = False
+    central_dp: dict[str, Any] | None = None  # this round's release: clip, σ, clipped clients, ε so far
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,10 +111,27 @@ def client_ids(n: int) -> list[str]:
 
 
 def sample_cohort(config: TrainConfig, r: int) -> list[str]:
-    """The round's clients: a seeded sample without replacement, sorted (the same after a restart)."""
+    """The round's clients, seeded by (run seed, round), sorted (the same after a restart): ``fixed`` draws
+    ``sample_size()`` without replacement; ``poisson`` takes each client with probability sample_size / clients
+    (the sampler central DP's accountant amplifies by), so a round may have more, fewer or no clients."""
     ids = client_ids(config.clients)
     rng = np.random.default_rng([config.seed, r])
+    if config.sampling == "poisson":
+        keep = rng.random(config.clients) < config.sample_size() / config.clients
+        return [client for client, kept in zip(ids, keep, strict=True) if kept]
     return sorted(rng.choice(ids, size=config.sample_size(), replace=False).tolist())
+
+
+def aggregation_config(config: TrainConfig) -> AggregateConfig:
+    """The run's aggregation settings, with ``[privacy.central]`` turned into the round's central DP: the mean
+    divides by the expected cohort, and the accountant amplifies by the run's sampler."""
+    central = config.privacy.central
+    if central is None:
+        return config.aggregation
+    dp = CentralDPRound(clip=central.clip, noise_multiplier=central.noise_multiplier, sampler=config.sampling,
+                        population=config.clients, expected_clients=config.sample_size(), delta=central.delta,
+                        max_epsilon=central.max_epsilon, key_file=central.key_file)
+    return config.aggregation.model_copy(update={"central_dp": dp})
 
 
 def _put_dataset(store: Store, key: str, data: fldata.Dataset) -> None:
@@ -345,13 +364,15 @@ class Trainer:
         t1 = time.perf_counter()
         aggregated: list[str] = []
         rejected: dict[str, str] = {}
+        central_dp = None
         try:
             if not self.store.exists(aggregate_key(r)):
                 if settled:  # the model was kept unchanged before a restart; the round stays unaggregated
                     raise RoundError(f"round {r} could not aggregate (before a restart)")
-                aggregate_round(self.store, r, self.executor, self.config.aggregation)
+                aggregate_round(self.store, r, self.executor, aggregation_config(self.config))
             manifest = load_manifest(self.store, manifest_key(r))
             aggregated, rejected = [c.client for c in manifest.clients], dict(manifest.rejected)
+            central_dp = manifest.privacy
             t2 = time.perf_counter()
             if not self.store.exists(model_key(r + 1)):
                 shards = self.config.aggregation.shards if self.config.aggregation.topology == "sharded" else 1
@@ -370,7 +391,7 @@ class Trainer:
                                failed=failed, test_loss=test_loss, test_accuracy=test_accuracy,
                                client_loss=float(np.mean(losses)) if losses else None, client_seconds=t1 - t0,
                                aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
-                               wall_seconds=time.perf_counter() - started, resumed=resumed)
+                               wall_seconds=time.perf_counter() - started, resumed=resumed, central_dp=central_dp)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
         if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "

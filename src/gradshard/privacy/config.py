@@ -29,15 +29,13 @@ class CentralDP(BaseModel):
     """Central DP at the server: each client's update clipped to L2 norm ``clip``, then Gaussian noise of std
     ``noise_multiplier · clip / expected clients`` added to the (uniform) mean, element by element.
 
-    ``sampler`` is how clients are drawn each round (the accountant's amplification): ``poisson`` (each of the
-    ``population`` with probability per_round / population) or ``fixed`` (per_round of the population without
-    replacement)."""
+    The accountant's sampling amplification follows the run's ``sampling`` (``fixed``: per_round of the clients
+    without replacement; ``poisson``: each client with probability per_round / clients)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
     clip: float = Field(gt=0, allow_inf_nan=False)
-    sampler: Sampler = "poisson"
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_epsilon: float | None = Field(default=None, gt=0, description="a round whose release would take ε past "
                                                                        "this is refused before noise is drawn")

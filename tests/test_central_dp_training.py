@@ -1,0 +1,69 @@
+"""Central DP in a training run (issue 13): the trainer turns [privacy.central] into each round's release, with the
+run's sampler; a run stopped after a release and resumed counts it once and ends with the same model bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.fl.config import TrainConfig
+from gradshard.fl.driver import Trainer, sample_cohort
+from gradshard.format.keys import aggregate_key, manifest_key, metrics_key, model_key, state_key
+from gradshard.privacy.accountant import Release, epsilon
+from gradshard.privacy.config import CentralDP, PrivacyConfig
+from gradshard.privacy.ledger import PrivacyLedger
+from gradshard.runtime import LocalExecutor
+from gradshard.store import LocalStore
+
+
+def config(tmp_path: Path, **changes: object) -> TrainConfig:
+    central = CentralDP(noise_multiplier=0.8, clip=1.0, key_file=str(tmp_path / "dp.key"))
+    settings: dict[str, object] = {
+        "clients": 8, "per_round": 4, "rounds": 2, "epochs": 1, "batch_size": 16, "lr": 0.1, "momentum": 0.9,
+        "aggregation": AggregateConfig(shards=3, weighting="uniform"), "privacy": PrivacyConfig(central=central)}
+    settings.update(changes)
+    return TrainConfig.model_validate(settings)
+
+
+def test_example_weighting_is_refused_for_central_dp(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="weighting = 'uniform'"):
+        config(tmp_path, aggregation=AggregateConfig(shards=3))
+
+
+def test_poisson_sampling_draws_each_client_independently_and_reproducibly(tmp_path: Path) -> None:
+    c = config(tmp_path, clients=200, per_round=20, sampling="poisson")
+    sizes = [len(sample_cohort(c, r)) for r in range(40)]
+    assert sample_cohort(c, 3) == sample_cohort(c, 3)
+    assert len(set(sizes)) > 3  # not a fixed size
+    assert 14 < sum(sizes) / len(sizes) < 26  # mean 20 = 200 · 0.1 (std of the mean ≈ 0.67)
+
+
+def test_a_run_resumed_after_a_release_counts_it_once_and_gives_the_same_model(tmp_path: Path) -> None:
+    # Prepare
+    c = config(tmp_path)
+    with LocalExecutor(workers=2) as aggregation, LocalExecutor(workers=2, timeout_s=120.0) as clients:
+        once = LocalStore(tmp_path / "once", fsync=False)
+        metrics = Trainer(once, c, aggregation, clients).run()
+
+        # Execute: the same run, stopped after round 1 was released (its ledger entry written) but before the
+        # aggregate was published, then resumed
+        twice = LocalStore(tmp_path / "twice", fsync=False)
+        Trainer(twice, c, aggregation, clients).run()
+        for key in (aggregate_key(1), model_key(2), metrics_key(1), manifest_key(1)):
+            twice.delete(key)
+        for slot in c.server.slots:
+            twice.delete(state_key(2, slot))
+        resumed = Trainer(twice, c, aggregation, clients).run()
+
+    # Assert: two releases in each ledger; ε is the accountant's for fixed-size sampling (4 of 8) after each round
+    for store in (once, twice):
+        assert [e.round for e in PrivacyLedger(store).entries()] == [0, 1]
+    for r, m in enumerate(metrics):
+        assert m["aggregated"] and m["central_dp"]["sigma"] == pytest.approx(0.8 * 1.0 / 4)
+        assert m["central_dp"]["epsilon"] == pytest.approx(epsilon(
+            [Release(noise_multiplier=0.8, sampler="fixed", population=8, sampled=4, steps=r + 1)], 1e-5))
+    assert resumed[1]["central_dp"] == metrics[1]["central_dp"]
+    assert once.get(model_key(2)) == twice.get(model_key(2))
