@@ -246,3 +246,36 @@ def test_worker_processes_give_the_bytes_of_the_inline_run(tmp_path: Path) -> No
     assert sha_of(store, 0) == inline
     assert json.loads(store.get(reports_key(0)))["summary"]["invocations"] == 3
     assert sorted(r.function for r in result.all_reports) == ["client_norms"] * 3 + ["shard_reduce"] * 3
+
+
+def test_the_cli_refuses_an_over_budget_release_with_exit_code_five(tmp_path: Path) -> None:
+    # Prepare: a local store with two rounds
+    from click.testing import CliRunner
+
+    from gradshard.cli.main import main
+
+    store = LocalStore(tmp_path / "store")
+    for r in range(2):
+        open_dp_round(store, r, random_updates(3, seed=r))
+    dp_flags = ["--weighting", "uniform", "--dp-clip", "2", "--dp-noise-multiplier", "1", "--dp-key-file",
+                str(tmp_path / "k"), "--executor", "inline"]
+    one = epsilon([Release(noise_multiplier=1.0, sampler="none")], 1e-5)
+    budget = str((one + epsilon([Release(noise_multiplier=1.0, sampler="none", steps=2)], 1e-5)) / 2)
+
+    # Execute
+    runner = CliRunner()
+    first = runner.invoke(main, ["aggregate", "--store", str(store.root), "--round", "0", *dp_flags,
+                                 "--dp-max-epsilon", budget])
+    second = runner.invoke(main, ["aggregate", "--store", str(store.root), "--round", "1", *dp_flags,
+                                  "--dp-max-epsilon", budget])
+    examples = runner.invoke(main, ["aggregate", "--store", str(store.root), "--round", "1", "--dp-clip", "2",
+                                    "--dp-noise-multiplier", "1"])
+    alone = runner.invoke(main, ["aggregate", "--store", str(store.root), "--round", "1", "--dp-clip", "2"])
+
+    # Assert
+    assert first.exit_code == 0, first.output
+    assert "central DP: " in first.output and f"ε = {one:.4g}" in first.output
+    assert second.exit_code == 5 and "past max_epsilon" in second.output
+    assert not store.exists(aggregate_key(1))
+    assert examples.exit_code == 2 and "needs weighting 'uniform'" in examples.output
+    assert alone.exit_code == 2 and "--dp-clip needs --dp-noise-multiplier" in alone.output

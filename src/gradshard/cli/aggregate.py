@@ -31,6 +31,7 @@ from gradshard.errors import PlanError
 from gradshard.extras import require_extra
 from gradshard.format.layouts import load_layout
 from gradshard.format.update import inspect_update
+from gradshard.privacy.config import CentralDPRound
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
 from gradshard.units import MIB
@@ -84,15 +85,61 @@ def _aggregate_options(f: Any) -> Any:
     return f
 
 
+def _central_dp_options(f: Any) -> Any:
+    options = [
+        click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Central DP: clip every update to this L2 norm, then add Gaussian noise (needs --weighting "
+                          "uniform)."),
+        click.option("--dp-noise-multiplier", type=click.FloatRange(min=0), default=None,
+                     help="Central DP: noise std / sensitivity (σ = z · clip / expected clients); 0 clips only."),
+        click.option("--dp-sampler", type=click.Choice(["none", "poisson", "fixed"]), default="none",
+                     show_default=True, help="How this round's clients were sampled (the accountant's amplification)."),
+        click.option("--dp-population", type=click.IntRange(min=1), default=None,
+                     help="Clients the round was sampled from (poisson, fixed)."),
+        click.option("--dp-expected-clients", type=click.IntRange(min=1), default=None,
+                     help="The mean's denominator: the expected cohort [default: the clients accepted]."),
+        click.option("--dp-sample-rate", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                     help="Poisson sampling probability [default: expected clients / population]."),
+        click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
+                     show_default=True),
+        click.option("--dp-max-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Refuse a release that takes the store's ledger past this ε (exit code 5)."),
+        click.option("--dp-key-file", type=click.Path(dir_okay=False), default=None,
+                     help="Secret noise key (32 bytes, mode 0600; created if missing) [default: fresh per run]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _central_dp(kw: dict[str, Any]) -> CentralDPRound | None:
+    if kw.get("dp_clip") is None:
+        if kw.get("dp_noise_multiplier") is not None:
+            raise click.UsageError("--dp-noise-multiplier needs --dp-clip (the sensitivity the noise is scaled to)")
+        return None
+    if kw.get("dp_noise_multiplier") is None:
+        raise click.UsageError("--dp-clip needs --dp-noise-multiplier (0 to clip without noise)")
+    try:
+        return CentralDPRound(clip=kw["dp_clip"], noise_multiplier=kw["dp_noise_multiplier"],
+                              sampler=kw["dp_sampler"], population=kw["dp_population"],
+                              expected_clients=kw["dp_expected_clients"], sample_rate=kw["dp_sample_rate"],
+                              delta=kw["dp_delta"], max_epsilon=kw["dp_max_epsilon"], key_file=kw["dp_key_file"] or "")
+    except ValidationError as exc:
+        raise click.UsageError("; ".join(f"--dp-{'-'.join(map(str, e['loc'])).replace('_', '-') or 'sampler'}: "
+                                         f"{str(e['msg']).removeprefix('Value error, ')}"
+                                         for e in exc.errors())) from None
+
+
 def _config(kw: dict[str, Any]) -> AggregateConfig:
     try:
         return AggregateConfig(topology=kw["topology"], shards=kw["shards"], window_bytes=kw["window_kb"] * 1024,
                                parallel_reads=kw["parallel_reads"], accumulate=kw["accumulate"],
                                weighting=kw["weighting"], policy=kw["policy"], reducer=kw["reducer"],
-                               group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"])
+                               group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"],
+                               central_dp=_central_dp(kw))
     except ValidationError as exc:
-        raise click.UsageError("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: "
-                                         f"{str(e['msg']).removeprefix('Value error, ')}"
+        raise click.UsageError("; ".join((f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "")
+                                         + str(e["msg"]).removeprefix("Value error, ")
                                          for e in exc.errors())) from None
 
 
@@ -104,6 +151,7 @@ def _config(kw: dict[str, Any]) -> AggregateConfig:
 @click.option("--reports", type=click.Path(dir_okay=False), default=None,
               help="Also write the reports as JSON here (they are always stored in rounds/<r>/reports.json).")
 @_aggregate_options
+@_central_dp_options
 def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> None:
     """Aggregate one round of client updates and print what every function did."""
     store = open_cli_store(store_dir, must_exist=True)
@@ -126,6 +174,11 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
     console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     for client, reason in result.manifest.rejected.items():
         console.print(f"[yellow]rejected[/] {untrusted(client)}: {untrusted(reason)}")
+    if result.manifest.privacy is not None:
+        p = result.manifest.privacy
+        console.print(f"central DP: {p['clipped']} of {summary['clients']} updates clipped to {p['clip']}, noise "
+                      f"σ = {float(p['sigma']):.4g}; the store's ledger is at ε = {float(p['epsilon']):.4g} "
+                      f"(δ = {p['delta']})")
     console.print(f"published [bold]{untrusted(result.output_key)}[/] from {summary['clients']} clients in "
                   f"{summary['wall_s']:.2f} s")
     if cloud is None:

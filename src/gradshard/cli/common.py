@@ -34,6 +34,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # click's usage errors
     ERROR = 3  # a GradshardError: bad input, a failed round, an unreachable store
     MISSING_EXTRA = 4  # the command needs an optional extra that is not installed (gradshard.extras)
+    PRIVACY_BUDGET = 5  # a central-DP release would exceed max_epsilon: refused before any noise was drawn
     INTERRUPTED = 130
 
 

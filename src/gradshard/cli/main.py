@@ -23,14 +23,15 @@ from gradshard.cli.deploy import deploy
 from gradshard.cli.gc import gc
 from gradshard.cli.report import report
 from gradshard.cli.train import train
-from gradshard.errors import GradshardError, MissingExtraError
+from gradshard.errors import GradshardError, MissingExtraError, PrivacyBudgetError
 from gradshard.extras import extra_of_module, missing_extra_error
 
 EXIT_CODES_HELP = ("Exit codes: 0 done; 1 the command ran but its verdict is negative (inspect found non-finite "
                    "values, plan found nothing feasible, compare or demo found a disagreement, train aggregated no "
                    "update in any round); 2 usage error; 3 gradshard error (bad input, a failed round, a store that "
                    "cannot be reached); 4 an optional extra the command needs is not installed (the line names the "
-                   "pip install); 130 interrupted. Errors are one line 'error: ...' on stderr.")
+                   "pip install); 5 a differential-privacy release would exceed max_epsilon (refused, nothing "
+                   "released); 130 interrupted. Errors are one line 'error: ...' on stderr.")
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -63,6 +64,8 @@ class GradshardGroup(click.Group):
             _fail("interrupted", ExitCode.INTERRUPTED)
         except MissingExtraError as exc:
             _fail(str(exc), ExitCode.MISSING_EXTRA)
+        except PrivacyBudgetError as exc:
+            _fail(str(exc), ExitCode.PRIVACY_BUDGET)
         except GradshardError as exc:
             _fail(str(exc), ExitCode.ERROR)
         except ModuleNotFoundError as exc:  # an import no require_extra() guarded: still name the extra

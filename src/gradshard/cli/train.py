@@ -32,6 +32,12 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "server_optimizer": ("server", "name"), "server_lr": ("server", "lr"), "topology": ("aggregation", "topology"),
     "shards": ("aggregation", "shards"), "min_clients": ("min_clients",), "deadline": ("deadline_s",),
     "seed": ("seed",), "task": ("task",), "task_options": ("task_options",),
+    "sampling": ("sampling",), "weighting": ("aggregation", "weighting"),
+    "central_dp_clip": ("privacy", "central", "clip"),
+    "central_dp_noise_multiplier": ("privacy", "central", "noise_multiplier"),
+    "central_dp_delta": ("privacy", "central", "delta"),
+    "central_dp_max_epsilon": ("privacy", "central", "max_epsilon"),
+    "central_dp_key_file": ("privacy", "central", "key_file"),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -81,6 +87,9 @@ def _round_line(m: RoundMetrics, total: int) -> str:
             f"aggregation {m.aggregate_seconds:.2f}, server {m.server_seconds:.2f})")
     problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
     problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
+    if m.central_dp is not None:
+        line += (f"\n    central DP: {m.central_dp['clipped']} clipped, σ = {float(m.central_dp['sigma']):.3g}, "
+                 f"ε = {float(m.central_dp['epsilon']):.3g} (δ = {m.central_dp['delta']})")
     return line + "".join(f"\n    [yellow]{p}[/]" for p in problems)
 
 
@@ -194,6 +203,22 @@ def _train_options(f: Any) -> Any:
         click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Seconds a client function may run; later ones are left out [default: 300]."),
         click.option("--seed", type=int, default=None, help="[default: 0]"),
+        click.option("--sampling", type=click.Choice(["fixed", "poisson"]), default=None,
+                     help="Clients per round: a fixed-size sample, or each client with probability per-round / "
+                          "clients (what central DP's accountant amplifies by) [default: fixed]."),
+        click.option("--weighting", type=click.Choice(["examples", "uniform"]), default=None,
+                     help="FedAvg weights: examples, or uniform (central DP needs it) [default: examples]."),
+        click.option("--central-dp-clip", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Central DP: clip each update to this L2 norm ([privacy.central] clip)."),
+        click.option("--central-dp-noise-multiplier", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Central DP: noise σ = z · clip / clients per round."),
+        click.option("--central-dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+                     default=None, help="Central DP: the δ of the reported ε [default: 1e-5]."),
+        click.option("--central-dp-max-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Central DP: stop (exit code 5) before a round would take ε past this."),
+        click.option("--central-dp-key-file", default=None,
+                     help="Central DP: the secret noise key file (created, mode 0600); a resumed run redraws the "
+                          "same noise [default: a fresh key per start]."),
     ]
     for option in reversed(options):
         f = option(f)
