@@ -100,6 +100,8 @@ def reduce_memory(manifest: RoundManifest, options: ReduceOptions, window: int, 
         extra += window * sum(1 for c in manifest.clients if c.partial)  # one boolean mask per partial client
         if manifest.spec.base_key:  # the base model's window, rounded out to whole chunks
             extra += (window + 2 * manifest.spec.chunk_elems) * itemsize
+    if options.noise is not None:  # central DP: one chunk of float64 noise and its scaled temporary
+        extra += 2 * 8 * min(manifest.spec.chunk_elems, layout.numel)
     return held + cast + extra + FUNCTION_OVERHEAD_BYTES + manifest_header_bytes(manifest)
 
 
