@@ -32,6 +32,9 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "server_optimizer": ("server", "name"), "server_lr": ("server", "lr"), "topology": ("aggregation", "topology"),
     "shards": ("aggregation", "shards"), "min_clients": ("min_clients",), "deadline": ("deadline_s",),
     "seed": ("seed",), "task": ("task",), "task_options": ("task_options",),
+    "dp_noise_multiplier": ("privacy", "client", "noise_multiplier"),
+    "dp_max_grad_norm": ("privacy", "client", "max_grad_norm"), "dp_delta": ("privacy", "client", "delta"),
+    "dp_max_epsilon": ("privacy", "client", "max_epsilon"),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -79,9 +82,23 @@ def _round_line(m: RoundMetrics, total: int) -> str:
     line = (f"round {m.round:>{width}}  test accuracy [bold]{m.test_accuracy:.4f}[/]  loss {m.test_loss:.4f}  "
             f"clients {len(m.aggregated)}/{len(m.cohort)}  {m.wall_seconds:5.2f} s (clients {m.client_seconds:.2f}, "
             f"aggregation {m.aggregate_seconds:.2f}, server {m.server_seconds:.2f})")
+    dp = m.client_privacy
+    if dp is not None:
+        line += f"\n    client DP (δ = {dp.delta:g}): "
+        if dp.round_epsilon:
+            rounds, composed = dp.round_epsilon.values(), dp.epsilon.values()
+            line += (f"ε this round {_span(rounds)}, composed {_span(composed)} over {len(dp.round_epsilon)} "
+                     f"clients; ")
+        line += f"max composed ε {dp.max_epsilon:.3f}"
     problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
+    problems += [f"{untrusted(c)} left out ({untrusted(why)})" for c, why in (dp.excluded if dp else {}).items()]
     problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
     return line + "".join(f"\n    [yellow]{p}[/]" for p in problems)
+
+
+def _span(values: Any) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f}–{high:.3f}"
 
 
 def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[str, Any]]:
@@ -194,6 +211,14 @@ def _train_options(f: Any) -> Any:
         click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Seconds a client function may run; later ones are left out [default: 300]."),
         click.option("--seed", type=int, default=None, help="[default: 0]"),
+        click.option("--dp-noise-multiplier", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD (Opacus): noise std / clip norm; turns client DP on ([privacy.client])."),
+        click.option("--dp-max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD: every example's gradient is clipped to this L2 norm."),
+        click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+                     help="Client DP-SGD: the δ each client's ε is reported at [default: 1e-5]."),
+        click.option("--dp-max-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD: a client whose composed ε would pass this is left out of later rounds."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -203,7 +228,7 @@ def _train_options(f: Any) -> Any:
 @click.command(context_settings=HELP_OPTIONS)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="TOML file with the run's settings (the fields of TrainConfig; tables [data], [server], "
-                   "[aggregation]). Flags override it.")
+                   "[aggregation], [privacy.client]). Flags override it.")
 @click.option("--store", "store_dir", required=True,
               help="Where the run's state lives: a directory (created if missing) or s3://bucket/prefix. Rerunning "
                    "on the same store resumes.")
