@@ -33,7 +33,7 @@ from gradshard.fl.config import DataConfig, TrainConfig
 from gradshard.fl.driver import Trainer
 from gradshard.fl.task import load_task
 from gradshard.privacy.accountant import Release
-from gradshard.privacy.ledger import composed_epsilon
+from gradshard.privacy.client_ledger import composed_epsilon
 from gradshard.runtime import InlineExecutor
 from gradshard.store import MemoryStore
 

@@ -31,7 +31,7 @@ from gradshard.fl.driver import RoundMetrics, Trainer, client_ids
 from gradshard.fl.task import Scores, Task, TaskError, TrainContext, default_train, load_task
 from gradshard.format.keys import client_data_key, metrics_key, update_key
 from gradshard.format.update import open_update, read_flat
-from gradshard.privacy import ledger
+from gradshard.privacy import client_ledger
 from gradshard.privacy.accountant import Release, epsilon
 from gradshard.privacy.config import ClientDP, PrivacyConfig
 from gradshard.privacy.dpsgd import train_private

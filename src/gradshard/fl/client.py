@@ -32,7 +32,7 @@ from gradshard.format.writer import write_update
 from gradshard.privacy.accountant import Release
 from gradshard.privacy.config import ClientDP
 from gradshard.privacy.dpsgd import train_private
-from gradshard.privacy.ledger import release_extra
+from gradshard.privacy.client_ledger import release_extra
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
 

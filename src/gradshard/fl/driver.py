@@ -57,7 +57,7 @@ from gradshard.format.keys import (
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
 from gradshard.format.update import UpdateMeta, open_update, read_flat
 from gradshard.format.writer import ObjectUpload, merge_digests, write_update
-from gradshard.privacy import ledger as dp_ledger
+from gradshard.privacy import client_ledger as dp_ledger
 from gradshard.privacy.accountant import Release
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
@@ -391,7 +391,7 @@ class Trainer:
                                 "stop_when_all_fail = false to keep the model and go on)")
         return metrics
 
-    # --- client DP-SGD accounting (gradshard.privacy.ledger) ----------------------------------------------------
+    # --- client DP-SGD accounting (gradshard.privacy.client_ledger) ----------------------------------------------------
     def _within_budget(self, r: int, cohort: list[str]) -> list[str]:
         """The cohort without the clients whose composed ε would pass ``max_epsilon`` after round ``r``.
 

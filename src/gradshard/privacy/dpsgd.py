@@ -16,7 +16,7 @@ The round's release is ``Release(noise_multiplier=z, sampler="poisson", sample_r
 read from what Opacus's own accountant recorded during training, and its ε at δ is computed with
 :func:`gradshard.privacy.accountant.epsilon` (dp-accounting's RDP accountant; Opacus's RDP accountant gives the same
 value to ~1e-3 relative, different order grids). The driver composes a client's releases across rounds
-(:mod:`gradshard.privacy.ledger`).
+(:mod:`gradshard.privacy.client_ledger`).
 
 Deterministic given the client's seed: the Poisson sampler and the noise each draw from a ``torch.Generator`` seeded
 from it (``secure_mode=False``), so a retried client writes the same update. That noise is torch's Mersenne Twister,
