@@ -38,6 +38,9 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "central_dp_delta": ("privacy", "central", "delta"),
     "central_dp_max_epsilon": ("privacy", "central", "max_epsilon"),
     "central_dp_key_file": ("privacy", "central", "key_file"),
+    "dp_noise_multiplier": ("privacy", "client", "noise_multiplier"),
+    "dp_max_grad_norm": ("privacy", "client", "max_grad_norm"), "dp_delta": ("privacy", "client", "delta"),
+    "dp_max_epsilon": ("privacy", "client", "max_epsilon"),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -85,12 +88,26 @@ def _round_line(m: RoundMetrics, total: int) -> str:
     line = (f"round {m.round:>{width}}  test accuracy [bold]{m.test_accuracy:.4f}[/]  loss {m.test_loss:.4f}  "
             f"clients {len(m.aggregated)}/{len(m.cohort)}  {m.wall_seconds:5.2f} s (clients {m.client_seconds:.2f}, "
             f"aggregation {m.aggregate_seconds:.2f}, server {m.server_seconds:.2f})")
+    dp = m.client_privacy
+    if dp is not None:
+        line += f"\n    client DP (δ = {dp.delta:g}): "
+        if dp.round_epsilon:
+            rounds, composed = dp.round_epsilon.values(), dp.epsilon.values()
+            line += (f"ε this round {_span(rounds)}, composed {_span(composed)} over {len(dp.round_epsilon)} "
+                     f"clients; ")
+        line += f"max composed ε {dp.max_epsilon:.3f}"
     problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
+    problems += [f"{untrusted(c)} left out ({untrusted(why)})" for c, why in (dp.excluded if dp else {}).items()]
     problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
     if m.central_dp is not None:
         line += (f"\n    central DP: {m.central_dp['clipped']} clipped, σ = {float(m.central_dp['sigma']):.3g}, "
                  f"ε = {float(m.central_dp['epsilon']):.3g} (δ = {m.central_dp['delta']})")
     return line + "".join(f"\n    [yellow]{p}[/]" for p in problems)
+
+
+def _span(values: Any) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f}–{high:.3f}"
 
 
 def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[str, Any]]:
@@ -219,6 +236,14 @@ def _train_options(f: Any) -> Any:
         click.option("--central-dp-key-file", default=None,
                      help="Central DP: the secret noise key file (created, mode 0600); a resumed run redraws the "
                           "same noise [default: a fresh key per start]."),
+        click.option("--dp-noise-multiplier", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD (Opacus): noise std / clip norm; turns client DP on ([privacy.client])."),
+        click.option("--dp-max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD: every example's gradient is clipped to this L2 norm."),
+        click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+                     help="Client DP-SGD: the δ each client's ε is reported at [default: 1e-5]."),
+        click.option("--dp-max-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Client DP-SGD: a client whose composed ε would pass this is left out of later rounds."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -228,7 +253,7 @@ def _train_options(f: Any) -> Any:
 @click.command(context_settings=HELP_OPTIONS)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="TOML file with the run's settings (the fields of TrainConfig; tables [data], [server], "
-                   "[aggregation]). Flags override it.")
+                   "[aggregation], [privacy.client]). Flags override it.")
 @click.option("--store", "store_dir", required=True,
               help="Where the run's state lives: a directory (created if missing) or s3://bucket/prefix. Rerunning "
                    "on the same store resumes.")

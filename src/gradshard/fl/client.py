@@ -3,6 +3,7 @@
 The task (:mod:`gradshard.fl.task`) is imported by reference inside the function's process; its data comes from the
 store (written by the driver) or from the task's own ``client_data``. It runs on any executor like an aggregator
 does (the local executor forks it from a zygote with torch preloaded).
+With ``dp`` set, training is DP-SGD (:mod:`gradshard.privacy.dpsgd`) and the update carries the round's release.
 Training is deterministic on the CPU — one thread, deterministic algorithms, a seed derived from (run seed, round,
 client) — so running a client twice (a retry, or a driver restarted mid-round) writes the same update.
 """
@@ -28,6 +29,10 @@ from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.keys import update_key
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
+from gradshard.privacy.accountant import Release
+from gradshard.privacy.client_ledger import release_extra
+from gradshard.privacy.config import ClientDP
+from gradshard.privacy.dpsgd import train_private
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
 
@@ -60,6 +65,7 @@ class ClientTask(BaseModel):
     chunk_elems: int = Field(ge=1)
     digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
+    dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
 
 
 def task_seed(seed: int, r: int, client: str) -> int:
@@ -92,6 +98,9 @@ class ClientResult(BaseModel):
     loss: float
     train_accuracy: float
     train_s: float
+    epsilon: float | None = Field(default=None, description="client DP-SGD: this round's ε at delta")
+    delta: float | None = None
+    release: Release | None = Field(default=None, description="client DP-SGD: this round's release (z, q, steps)")
 
 
 def client_dataset(task: ClientTask, user: Task, store: Store) -> Dataset:
@@ -129,7 +138,8 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     context = TrainContext(round=task.round, client=task.client, epochs=task.epochs, batch_size=task.batch_size,
                            lr=task.lr, momentum=task.momentum, mu=task.mu, seed=seed,
                            anchor=tuple(p.detach().clone() for p in model.parameters()))
-    scores = user.fit(model, data, context)
+    private = train_private(user, model, data, context, task.dp) if task.dp is not None else None
+    scores = private.scores if private is not None else user.fit(model, data, context)
     floating, _ = layout.split_state(state_to_numpy(model))
     delta = averaged.flatten(floating) - global_flat
     if task.fault == "nan":
@@ -138,10 +148,14 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
         time.sleep(float(task.fault.removeprefix("sleep:")))
     meta = UpdateMeta(client=task.client, round=task.round, examples=len(data), layout_digest=averaged.digest(),
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
-                      extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}"})
+                      extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}",
+                             **(release_extra(private.release, private.delta) if private is not None else {})})
     write_update(store, update_key(task.round, task.client), averaged, delta, meta)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
-                        train_s=time.perf_counter() - started)
+                        train_s=time.perf_counter() - started,
+                        epsilon=private.epsilon if private is not None else None,
+                        delta=private.delta if private is not None else None,
+                        release=private.release if private is not None else None)
 
 
 # Client functions run in a runtime with torch preloaded (which would add hundreds of MiB to every aggregation

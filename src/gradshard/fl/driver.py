@@ -57,6 +57,8 @@ from gradshard.format.keys import (
 from gradshard.format.round import RoundSpec, load_manifest, load_spec, open_round
 from gradshard.format.update import UpdateMeta, open_update, read_flat
 from gradshard.format.writer import ObjectUpload, merge_digests, write_update
+from gradshard.privacy import client_ledger as dp_ledger
+from gradshard.privacy.accountant import Release
 from gradshard.privacy.config import CentralDPRound
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
@@ -90,9 +92,14 @@ class RoundMetrics:
     wall_seconds: float
     resumed: bool = False
     central_dp: dict[str, Any] | None = None  # this round's release: clip, σ, clipped clients, ε so far
+    client_privacy: dp_ledger.ClientPrivacyRound | None = None  # client DP-SGD runs only
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        privacy = d.pop("client_privacy")
+        if privacy is not None:
+            d["client_privacy"] = privacy.model_dump(mode="json")
+        return d
 
 
 def _reasons(by_client: dict[str, str], most: int = 4) -> str:
@@ -171,6 +178,10 @@ class Trainer:
         self.averaged = self.layout.aggregated()
         if self.averaged.numel == 0:
             raise TaskError(f"task {self.task.name!r}: the model has no floating-point parameters to train")
+        if config.privacy.client is not None:  # refuse before any round what no client could train privately
+            from gradshard.privacy.dpsgd import check_private
+
+            check_private(self.task, self._model, mu=config.mu)
         self.chunk_elems = checksum.default_chunk_elems(self.averaged.numel)
 
     def _resolve(self, task: Task | TaskRef | str | None,
@@ -266,7 +277,8 @@ class Trainer:
         if self.store.exists(spec_key(r)):
             return load_spec(self.store, r)
         spec = RoundSpec.create(r, self.averaged, chunk_elems=self.chunk_elems, base_model=self.model_sha(r),
-                                cohort=sample_cohort(self.config, r), min_clients=self.config.min_clients)
+                                cohort=self._within_budget(r, sample_cohort(self.config, r)),
+                                min_clients=self.config.min_clients)
         open_round(self.store, spec)
         return spec
 
@@ -283,7 +295,7 @@ class Trainer:
                               kept_key=kept, data_key=client_data_key(client) if self.data_in_store else "",
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
-                              fault=self.fault(spec.round, client))
+                              fault=self.fault(spec.round, client), dp=c.privacy.client)
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 
@@ -361,6 +373,7 @@ class Trainer:
         if settled:
             failed = {c: "no update before the round was aggregated (before a restart)" for c in spec.cohort or []
                       if not self.store.exists(update_key(r, c))}
+        client_privacy = self._account_clients(r, list(spec.cohort or []))
         t1 = time.perf_counter()
         aggregated: list[str] = []
         rejected: dict[str, str] = {}
@@ -391,12 +404,74 @@ class Trainer:
                                failed=failed, test_loss=test_loss, test_accuracy=test_accuracy,
                                client_loss=float(np.mean(losses)) if losses else None, client_seconds=t1 - t0,
                                aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
-                               wall_seconds=time.perf_counter() - started, resumed=resumed, central_dp=central_dp)
+                               wall_seconds=time.perf_counter() - started, resumed=resumed,
+                               client_privacy=client_privacy, central_dp=central_dp)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
         if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "
                                 "stop_when_all_fail = false to keep the model and go on)")
         return metrics
+
+    # --- client DP-SGD accounting (gradshard.privacy.client_ledger) -----------------------------------------------
+    def _within_budget(self, r: int, cohort: list[str]) -> list[str]:
+        """The cohort without the clients whose composed ε would pass ``max_epsilon`` after round ``r``.
+
+        Decided before training (the client is not invoked, so it releases nothing) and recorded in its ledger. This
+        round's release is predicted as the client's last one (its data and the run's settings do not change), or,
+        for a client that has not trained yet, from its data in the store; a task whose clients load their own data
+        cannot be predicted before a client's first round, which is therefore not checked."""
+        dp = self.config.privacy.client
+        if dp is None or dp.max_epsilon is None:
+            return cohort
+        kept = []
+        for client in cohort:
+            ledger = dp_ledger.load_ledger(self.store, client, dp.delta)
+            predicted = self._predicted_release(client, ledger)
+            after = ledger.composed(extra=(predicted,) if predicted is not None else ())
+            if after > dp.max_epsilon:
+                why = (f"privacy budget: composed ε would be {after:.3f} > max_epsilon {dp.max_epsilon} after round "
+                       f"{r} (δ = {dp.delta})")
+                dp_ledger.record_exclusion(self.store, client, r, why, dp.delta)
+                log.info("round %d: %s left out: %s", r, client, why)
+            else:
+                kept.append(client)
+        return kept
+
+    def _predicted_release(self, client: str, ledger: dp_ledger.ClientLedger) -> Release | None:
+        dp = self.config.privacy.client
+        assert dp is not None
+        if ledger.rounds:
+            return ledger.rounds[max(ledger.rounds)].release
+        if not self.data_in_store:
+            return None
+        examples = len(load_arrays(self.store, client_data_key(client))["y"])
+        return dp_ledger.predicted_release(dp.noise_multiplier, examples, self.config.batch_size, self.config.epochs)
+
+    def _account_clients(self, r: int, cohort: list[str]) -> dp_ledger.ClientPrivacyRound | None:
+        """Record the release of every update of round ``r`` in the store (idempotent: keyed by round) and sum up.
+
+        Every update that reached the store counts — a rejected one was released too."""
+        dp = self.config.privacy.client
+        if dp is None:
+            return None
+        participants = []
+        for client in cohort:
+            key = update_key(r, client)
+            if not self.store.exists(key):
+                continue
+            try:
+                with open_update(self.store, key, client, self.averaged) as upd:
+                    found = dp_ledger.release_from_extra(upd.meta.extra)
+            except GradshardError as exc:  # unreadable: the aggregation rejects it too
+                log.warning("round %d: %s's update is unreadable (%s); its release is not accounted", r, client, exc)
+                continue
+            if found is None:
+                raise TrainingError(f"round {r}: {client}'s update carries no DP-SGD release although the run has "
+                                    "[privacy.client]; it was not trained by this run's client function")
+            release, delta = found
+            dp_ledger.record_release(self.store, client, r, release, delta)
+            participants.append(client)
+        return dp_ledger.round_summary(self.store, r, dp.delta, participants)
 
     def _record_client_reports(self, r: int, reports: list[InvocationReport]) -> None:
         """``rounds/<r>/client_reports.json``: this start's client reports over those of an earlier start (a
