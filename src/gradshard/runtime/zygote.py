@@ -78,6 +78,9 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
     preloaded module's ``warm_up()`` runs once here, so lazy initialisation is not paid by every child.
     """
     import gradshard.runtime.worker  # noqa: F401 - preload for the children
+    from gradshard.security import tokens
+
+    tokens.warm_up()  # Ed25519 sign/verify initialised once here, not in every child
 
     for name in preload:
         module = importlib.import_module(name)

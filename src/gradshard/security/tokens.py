@@ -316,3 +316,13 @@ def collect_spent_token_ids(store: Store, *, grace_s: float = 300.0, now: float 
         for key in spent:
             store.delete(key)
     return spent
+
+
+def warm_up() -> None:
+    """Sign and verify one token, so a runtime's zygote pays the lazy initialisation of the Ed25519 code paths
+    once, not every forked function."""
+    issuer = TokenIssuer.generate()
+    token = issuer.mint("warm-up", scope={}, args={})
+    from gradshard.store.memory import MemoryStore
+
+    TokenVerifier(issuer.public_key, jti_store=MemoryStore()).decode(token, "warm-up")
