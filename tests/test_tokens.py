@@ -15,12 +15,14 @@ from typing import Any
 
 import jwt
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradshard.aggregation.contracts import ShardReduceArgs
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+from gradshard.cli.main import main
 from gradshard.core.zoo import synthetic
 from gradshard.demo.synthetic import make_round
 from gradshard.format.keys import aggregate_key
@@ -417,3 +419,38 @@ def test_an_issuer_reads_its_key_from_the_environment() -> None:
     # Assert
     assert issuer.issuer == "ci"
     assert issuer.public_key_b64() == TokenIssuer(key).public_key_b64()
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------------
+def test_gc_collects_the_ids_of_expired_tokens_only(tmp_path: Path) -> None:
+    # Prepare: one id of a token that expired in 2020, one of a token that is still valid
+    store = LocalStore(tmp_path, fsync=False)
+    old = tk.jti_key("00000000-0000-4000-8000-000000000000", 1_577_836_800)
+    issuer = TokenIssuer.generate()
+    issuer.verifier(store).verify(issuer.mint("noop", scope={}, args={}, store_spec=store.spec()), "noop",
+                                  scope={}, args={}, store_spec=store.spec())
+    store.put(old, b"{}")
+    live = [key for key in store.list(tk.JTI_PREFIX) if key != old]
+
+    # Execute
+    result = CliRunner().invoke(main, ["gc", "--store", str(tmp_path)])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "collected 1 spent token id(s)" in result.output
+    assert store.list(tk.JTI_PREFIX) == live
+
+
+@pytest.mark.parametrize("flag", ["--scoped-tokens", "--no-scoped-tokens"])
+def test_aggregate_command_runs_with_and_without_tokens(tmp_path: Path, flag: str) -> None:
+    # Prepare
+    store = LocalStore(tmp_path, fsync=False)
+    make_round(store, R, LAYOUT, 3, seed=4)
+
+    # Execute
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(tmp_path), "--round", str(R), "--shards", "2",
+                                       "--executor", "inline", flag])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert len(store.list(tk.JTI_PREFIX)) == (2 if flag == "--scoped-tokens" else 0)
