@@ -454,3 +454,29 @@ def test_aggregate_command_runs_with_and_without_tokens(tmp_path: Path, flag: st
     # Assert
     assert result.exit_code == 0, result.output
     assert len(store.list(tk.JTI_PREFIX)) == (2 if flag == "--scoped-tokens" else 0)
+
+
+# --- the Lambda contract ----------------------------------------------------------------------------------------
+def test_the_lambda_event_carries_the_token_and_a_configured_handler_verifies_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the handler's environment is a deployed function's, configured with the issuer's key
+    from gradshard.runtime.aws_lambda import handler, invoke_event
+
+    issuer = TokenIssuer.generate()
+    for name, value in issuer.worker_env().items():
+        monkeypatch.setenv(name, value)
+    store = LocalStore(tmp_path, fsync=False)
+    inv = Invocation("only", "noop", {}, 0)
+    token = token_for(issuer, inv, store)
+
+    # Execute
+    plain = invoke_event(inv, store.spec())
+    ok = handler(invoke_event(inv, store.spec(), token))
+    replayed = handler(invoke_event(inv, store.spec(), token))
+    missing = handler(plain)
+
+    # Assert
+    assert "token" not in plain
+    assert ok["ok"], ok
+    assert replayed["error_type"] == "TokenReplayError"
+    assert missing["error_type"] == "TokenMissingError"

@@ -80,7 +80,8 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
     import gradshard.runtime.worker  # noqa: F401 - preload for the children
     from gradshard.security import tokens
 
-    tokens.warm_up()  # Ed25519 sign/verify initialised once here, not in every child
+    if tokens.configured():  # the functions verify tokens: load and initialise Ed25519 once here, not per child
+        tokens.warm_up()
 
     for name in preload:
         module = importlib.import_module(name)

@@ -39,14 +39,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import jwt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING, Any
 
 from gradshard.errors import StoreError, TokenError
 from gradshard.store.base import Store
+
+if TYPE_CHECKING:  # PyJWT and cryptography load when a token is minted or checked, not with every function
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALGORITHM = "EdDSA"
 DEFAULT_ISSUER = "gradshard-driver"
@@ -133,7 +132,14 @@ def _raw(text: str, what: str) -> bytes:
 
 
 def public_key_from_b64(text: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(_raw(text, PUBLIC_KEY_ENV))
+
+
+def configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether an environment configures a function to verify tokens."""
+    return bool((os.environ if environ is None else environ).get(PUBLIC_KEY_ENV))
 
 
 def jti_key(jti: str, exp: float) -> str:
@@ -157,6 +163,8 @@ class TokenIssuer:
     @classmethod
     def generate(cls, *, issuer: str = DEFAULT_ISSUER, ttl_s: float = 300.0) -> TokenIssuer:
         """An issuer with a fresh key (for executors that hand the public key to their own workers)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.generate(), issuer=issuer, ttl_s=ttl_s)
 
     @classmethod
@@ -168,6 +176,8 @@ class TokenIssuer:
         seed = env.get(PRIVATE_KEY_ENV)
         if not seed:
             return cls.generate(issuer=issuer, ttl_s=ttl_s)
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.from_private_bytes(_raw(seed, PRIVATE_KEY_ENV)), issuer=issuer, ttl_s=ttl_s)
 
     @property
@@ -175,6 +185,8 @@ class TokenIssuer:
         return self._key.public_key()
 
     def public_key_b64(self) -> str:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         return _b64(self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
     def worker_env(self) -> dict[str, str]:
@@ -187,6 +199,8 @@ class TokenIssuer:
     def mint(self, function: str, *, scope: Mapping[str, Any], args: Mapping[str, Any],
              store_spec: Mapping[str, Any] | None = None, now: float | None = None) -> str:
         """A token for one attempt of ``function(args)`` against the store ``store_spec``; ``now`` for tests."""
+        import jwt
+
         iat = int(time.time() if now is None else now)
         claims = {"iss": self.issuer, "aud": function, "scope": dict(scope), "args": digest_of(dict(args)),
                   "store": digest_of(None if store_spec is None else dict(store_spec)), "iat": iat, "nbf": iat,
@@ -231,6 +245,8 @@ class TokenVerifier:
 
     def decode(self, token: str | None, function: str) -> VerifiedToken:
         """Check presence, size, signature (EdDSA only), issuer, audience, times and claim types."""
+        import jwt
+
         if token is None or token == "":
             raise TokenMissingError(f"invocation of {function!r} carries no token; this function requires one "
                                     f"({PUBLIC_KEY_ENV} is set in its environment)")
