@@ -91,3 +91,8 @@ class MissingExtraError(GradshardError, ImportError):
         self.extra = extra
         self.feature = feature
         self.missing = missing
+
+
+class TokenError(GradshardError):
+    """A function refused its invocation token; the subclass names the check that failed
+    (:mod:`gradshard.security.tokens`). Never retried with the same token."""

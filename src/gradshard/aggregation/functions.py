@@ -23,6 +23,7 @@ from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import all_finite
 from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse_reducer
 from gradshard.errors import BadUpdatesError, GradshardError, RoundError, UpdateError
+from gradshard.format.keys import round_of_key
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
@@ -215,5 +216,7 @@ def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout
     return RoundError(f"the reduction overflowed to inf in elements [{a}, {b}); use --accumulate float64")
 
 
-register("shard_reduce", shard_reduce, args=ShardReduceArgs, result=ReduceResult)
-register("flat_reduce", flat_reduce, args=FlatReduceArgs, result=ReduceResult)
+register("shard_reduce", shard_reduce, args=ShardReduceArgs, result=ReduceResult,
+         scope=lambda a: {"round": round_of_key(a.round.manifest_key), "range": [a.start, a.stop]})
+register("flat_reduce", flat_reduce, args=FlatReduceArgs, result=ReduceResult,
+         scope=lambda a: {"round": round_of_key(a.round.manifest_key), "range": [0, "all"]})

@@ -22,6 +22,7 @@ from gradshard.aggregation.contracts import TreeReduceArgs, TreeReduceResult
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import WeightedSum, all_finite
 from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.format.keys import round_of_key
 from gradshard.format.round import ClientEntry, load_manifest
 from gradshard.format.update import UpdateMeta, open_update
 from gradshard.format.writer import RangeWriter, write_update
@@ -128,4 +129,6 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}, "checksums": writer.finish()})
 
 
-register("tree_reduce", tree_reduce, args=TreeReduceArgs, result=TreeReduceResult)
+register("tree_reduce", tree_reduce, args=TreeReduceArgs, result=TreeReduceResult,
+         scope=lambda a: {"round": round_of_key(a.round.manifest_key), "clients": list(a.clients),
+                          "partials": [p.key for p in a.partials], "root": a.output is None})

@@ -15,6 +15,7 @@ from gradshard.aggregation.compare import CompareEvent, compare_round
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
     HELP_OPTIONS,
+    SCOPED_TOKENS_HELP,
     ExitCode,
     console,
     make_executor,
@@ -79,6 +80,7 @@ def _aggregate_options(f: Any) -> Any:
                      "[default: a local Ray]."),
         click.option("--lambda-function", default=None, help="Name or ARN of the Lambda function (--executor lambda)."),
         click.option("--region", default=None, help="AWS region of the Lambda function [default: AWS environment]."),
+        click.option("--scoped-tokens/--no-scoped-tokens", default=True, show_default=True, help=SCOPED_TOKENS_HELP),
     ]
     for option in reversed(options):
         f = option(f)
@@ -156,7 +158,8 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
     """Aggregate one round of client updates and print what every function did."""
     store = open_cli_store(store_dir, must_exist=True)
     executor = make_executor(kw["executor_kind"], kw["workers"], kw["memory_mb"], kw["retries"], kw["timeout"],
-                         kw["warm"], kw["ray_address"], kw["lambda_function"], kw["region"])
+                         kw["warm"], kw["ray_address"], kw["lambda_function"], kw["region"],
+                         scoped_tokens=kw["scoped_tokens"])
     try:
         result = run_aggregate(store, round_, executor, _config(kw), f"aggregating round {round_}")
     finally:

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gradshard.aggregation.driver import AggregateConfig, AggregateResult, aggregate_round
 from gradshard.errors import StoreError
 from gradshard.runtime import Executor, InlineExecutor, LocalExecutor
+from gradshard.security.tokens import TokenIssuer
 from gradshard.store import LocalStore, S3Store, Store, open_store
 from gradshard.units import MIB
 
@@ -45,23 +46,34 @@ def progress_bar() -> Progress:
 
 def make_executor(kind: str, workers: int, memory_mb: float | None, retries: int, timeout: float,
               warm: bool = False, ray_address: str | None = None, lambda_function: str | None = None,
-              region: str | None = None) -> Executor:
-    """An executor by name (close it when done). Ray and boto3 are imported only when asked for."""
+              region: str | None = None, scoped_tokens: bool = False) -> Executor:
+    """An executor by name (close it when done). Ray and boto3 are imported only when asked for.
+
+    ``scoped_tokens``: every attempt carries an invocation token (the key from ``GRADSHARD_TOKEN_PRIVATE_KEY`` if
+    set, which a deployed Lambda function's public key must match, else a fresh one per executor)."""
     cap = None if memory_mb is None else int(memory_mb * MIB)
+    tokens = TokenIssuer.from_env() if scoped_tokens else None
     if kind == "inline":
-        return InlineExecutor(retries=retries)
+        return InlineExecutor(retries=retries, tokens=tokens)
     if kind == "ray":
         from gradshard.runtime.ray import RayExecutor
 
         return RayExecutor(address=ray_address, workers=workers, retries=retries, memory_cap_bytes=cap,
-                           timeout_s=timeout)
+                           timeout_s=timeout, tokens=tokens)
     if kind == "lambda":
         from gradshard.runtime.aws_lambda import LambdaExecutor
 
         if not lambda_function:
             raise click.UsageError("--executor lambda needs --lambda-function (the deployed function's name or ARN)")
-        return LambdaExecutor(lambda_function, region=region, workers=workers, retries=retries, timeout_s=timeout)
-    return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm)
+        return LambdaExecutor(lambda_function, region=region, workers=workers, retries=retries, timeout_s=timeout,
+                              tokens=tokens)
+    return LocalExecutor(workers=workers, retries=retries, memory_cap_bytes=cap, timeout_s=timeout, warm=warm,
+                         tokens=tokens)
+
+
+SCOPED_TOKENS_HELP = ("Every function invocation carries a short-lived Ed25519-signed token scoped to its function, "
+                      "round and range, used once; the functions refuse any other (docs/invocation-tokens.md). "
+                      "Costs about 3 ms per invocation.")
 
 
 def open_cli_store(location: str, *, must_exist: bool) -> Store:

@@ -1,4 +1,5 @@
-"""``gradshard gc``: abort and delete the uploads nobody finished (one call: :meth:`Store.collect_stale_uploads`)."""
+"""``gradshard gc``: abort and delete the uploads nobody finished (one call: :meth:`Store.collect_stale_uploads`),
+and the records of spent invocation-token ids (:func:`gradshard.security.tokens.collect_spent_token_ids`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import click
 
 from gradshard.cli.common import HELP_OPTIONS, console, open_cli_store
+from gradshard.security.tokens import collect_spent_token_ids
 from gradshard.store import STALE_UPLOAD_S
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -28,7 +30,8 @@ def parse_age(text: str) -> float:
                    "timeout of any round that may be running: a live round's upload is written while it runs.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be collected.")
 def gc(location: str, older_than: str, dry_run: bool) -> None:
-    """Abort and delete stale uploads: incomplete local uploads, S3 multipart uploads and their fragments."""
+    """Abort and delete stale uploads: incomplete local uploads, S3 multipart uploads and their fragments; and the
+    recorded ids of invocation tokens that have expired."""
     store = open_cli_store(location, must_exist=True)
     found = store.collect_stale_uploads(parse_age(older_than), dry_run=dry_run)
     for upload in found:
@@ -36,3 +39,7 @@ def gc(location: str, older_than: str, dry_run: bool) -> None:
                       f"{upload.key or '(unknown key)'}: {upload.size} bytes, idle {upload.idle_s / 3600:.1f} h")
     total = sum(u.size for u in found)
     console.print(f"{'would collect' if dry_run else 'collected'} {len(found)} stale upload(s), {total} bytes")
+    spent = collect_spent_token_ids(store, dry_run=dry_run)
+    if spent:
+        console.print(f"{'would collect' if dry_run else 'collected'} {len(spent)} spent token id(s) of expired "
+                      "invocation tokens")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradshard.cli.common import HELP_OPTIONS, ExitCode, console, make_executor, open_cli_store
+from gradshard.cli.common import HELP_OPTIONS, SCOPED_TOKENS_HELP, ExitCode, console, make_executor, open_cli_store
 from gradshard.cli.console import untrusted
 from gradshard.extras import EXTRAS, has_extra, require_extra
 from gradshard.store import LocalStore
@@ -271,9 +271,11 @@ def _train_options(f: Any) -> Any:
               help="Memory cap of every aggregation and server function, MiB [default: none].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Function invocations running at once (clients, and aggregation/server functions).")
+@click.option("--scoped-tokens/--no-scoped-tokens", default=True, show_default=True, help=SCOPED_TOKENS_HELP)
 @_train_options
 def train(config_path: str | None, store_dir: str, out_dir: str | None, executor_kind: str, ray_address: str | None,
-          client_memory_mb: float | None, memory_mb: float | None, workers: int, **flags: Any) -> None:
+          client_memory_mb: float | None, memory_mb: float | None, workers: int, scoped_tokens: bool,
+          **flags: Any) -> None:
     """Federated training: clients, aggregation and the server step all run as functions on a store.
 
     Settings come from --config (TOML), else from the run already in --store, else the defaults; flags override
@@ -301,9 +303,10 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
                   f"{config.server.name}; store {untrusted(where)}; {executor_kind} executor")
     # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
-    executor = make_executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address)
+    executor = make_executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address,
+                             scoped_tokens=scoped_tokens)
     client_executor = make_executor(executor_kind, workers, client_memory_mb, 0, config.deadline_s,
-                                    ray_address=ray_address)
+                                    ray_address=ray_address, scoped_tokens=scoped_tokens)
     from gradshard.cli.console import printable
     from gradshard.errors import TrainingError
 

@@ -161,4 +161,5 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
 # Client functions run in a runtime with torch preloaded (which would add hundreds of MiB to every aggregation
 # function's baseline if the numpy runtime had it).
 register_runtime("torch", preload=("torch",))
-register("train_client", train_client, args=ClientTask, result=ClientResult, runtime="torch")
+register("train_client", train_client, args=ClientTask, result=ClientResult, runtime="torch",
+         scope=lambda task: {"round": task.round, "client": task.client})

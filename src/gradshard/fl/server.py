@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.aggregation.contracts import OutputTarget
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError
+from gradshard.format.keys import round_of_key
 from gradshard.format.update import UpdateReader, VerifiedStream, open_update
 from gradshard.format.writer import RangeWriter
 from gradshard.runtime.registry import register
@@ -132,4 +133,5 @@ def server_step(args: ServerStepArgs, store: Store) -> ServerStepResult:
     return ServerStepResult(checksums={name: w.finish() for name, w in writers.items()})
 
 
-register("server_step", server_step, args=ServerStepArgs, result=ServerStepResult)
+register("server_step", server_step, args=ServerStepArgs, result=ServerStepResult,
+         scope=lambda a: {"round": round_of_key(a.delta_key), "range": [a.start, a.stop]})

@@ -103,3 +103,12 @@ def metrics_key(r: int) -> str:
 
 def client_data_key(client: str) -> str:
     return f"data/clients/{client}.safetensors"
+
+
+_ROUND_KEY = re.compile(r"^rounds/(\d+)/")
+
+
+def round_of_key(key: str) -> int | None:
+    """The round a ``rounds/<r>/...`` key belongs to (None for any other key): what invocation tokens scope to."""
+    match = _ROUND_KEY.match(key)
+    return int(match.group(1)) if match else None

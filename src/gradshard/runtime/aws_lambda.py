@@ -1,6 +1,8 @@
 """AWS Lambda: the invoke contract, its handler, and an executor that invokes a deployed function.
 
-The contract is versioned JSON. The event is ``{"contract": 1, "invocation", "function", "args", "store"}``; the
+The contract is versioned JSON. The event is ``{"contract": 1, "invocation", "function", "args", "store"}`` and,
+when the executor has ``tokens``, the attempt's invocation token as the top-level field ``"token"`` (a function
+deployed with ``GRADSHARD_TOKEN_PUBLIC_KEY`` in its environment refuses events without a valid one); the
 response is what a local worker returns (``ok, result, error_type, error, client, reason, duration_s, io,
 peak_rss_bytes``) plus ``request_id`` and ``memory_limit_mb`` from the Lambda context. The handler runs exactly
 what a :class:`~gradshard.runtime.local.LocalExecutor` worker runs (:func:`gradshard.runtime.worker.execute`), so a
@@ -25,6 +27,7 @@ from gradshard.extras import require_extra
 from gradshard.runtime import registry, worker
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.report import InvocationReport
+from gradshard.security.tokens import TokenIssuer
 from gradshard.store import Store
 from gradshard.topology.base import Invocation
 from gradshard.units import MIB
@@ -61,6 +64,7 @@ class InvokeEvent(BaseModel):
     module: str = ""  # the module registering the function (imported if needed, trusted packages only)
     args: dict[str, Any]
     store: dict[str, Any]
+    token: str | None = Field(default=None, max_length=8192)  # the attempt's invocation token (tokens on)
 
 
 class InvokeResponse(BaseModel):
@@ -82,10 +86,15 @@ class InvokeResponse(BaseModel):
     memory_limit_mb: int | None = None
 
 
-def invoke_event(invocation: Invocation, store_spec: dict[str, Any]) -> dict[str, Any]:
-    """The contract's event for ``invocation`` against the store described by ``store_spec``."""
-    return InvokeEvent(contract=CONTRACT, invocation=invocation.id, function=invocation.function,
-                       module=invocation.module, args=invocation.payload(), store=store_spec).model_dump()
+def invoke_event(invocation: Invocation, store_spec: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+    """The contract's event for ``invocation`` against the store described by ``store_spec``; ``token`` is left
+    out when None, so an event without tokens is what functions deployed before tokens accept."""
+    event = InvokeEvent(contract=CONTRACT, invocation=invocation.id, function=invocation.function,
+                        module=invocation.module, args=invocation.payload(), store=store_spec,
+                        token=token).model_dump()
+    if token is None:
+        del event["token"]
+    return event
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:
@@ -126,7 +135,7 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
         except (GradshardError, ImportError) as exc:
             payload = _refused(f"invalid invoke event (contract {CONTRACT}): field 'function': {exc}")
         else:
-            payload = worker.execute(request.function, request.args, request.store, request.module)
+            payload = worker.execute(request.function, request.args, request.store, request.module, request.token)
     payload.update(_context_fields(context))
     return payload
 
@@ -172,7 +181,7 @@ class LambdaExecutor(Executor):
     def __init__(self, function_name: str, *, region: str | None = None, endpoint_url: str | None = None,
                  memory_mb: int | None = None, workers: int = 8, retries: int = 2, timeout_s: float = 900.0,
                  baseline_mb: float = DEFAULT_BASELINE_MB, allow_local_store: bool = False,
-                 client: Any = None) -> None:
+                 client: Any = None, tokens: TokenIssuer | None = None) -> None:
         if client is None:
             client = lambda_client(region=region, endpoint_url=endpoint_url, timeout_s=timeout_s,
                                    max_connections=workers)
@@ -181,7 +190,8 @@ class LambdaExecutor(Executor):
         low, high = LAMBDA_MEMORY_MB
         if not low <= memory_mb <= high:
             raise GradshardError(f"Lambda memory must be {low}–{high} MiB, got {memory_mb} for {function_name!r}")
-        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_mb * MIB, timeout_s=timeout_s)
+        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_mb * MIB, timeout_s=timeout_s,
+                         tokens=tokens)
         self.function_name = function_name
         self.memory_mb = memory_mb
         self.baseline_bytes = int(baseline_mb * MIB)
@@ -218,20 +228,20 @@ class LambdaExecutor(Executor):
             return self.allow_local_store
         return True
 
-    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+    def attempt(self, invocation: Invocation, store: Store, token: str | None = None) -> InvocationReport:
         started = time.perf_counter()
         failure = self.refusal(invocation, store)
         payload: dict[str, Any] | None = None
         if failure is None:
-            payload, failure = self._invoke(invocation, store)
+            payload, failure = self._invoke(invocation, store, token)
         return self._report(invocation, payload, failure, time.perf_counter() - started)
 
-    def _invoke(self, invocation: Invocation,
-                store: Store) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    def _invoke(self, invocation: Invocation, store: Store,
+                token: str | None = None) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
         """Call the function once: (response payload, None) or (None, (error type, message))."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        event = json.dumps(invoke_event(invocation, store.spec())).encode()
+        event = json.dumps(invoke_event(invocation, store.spec(), token)).encode()
         if len(event) > MAX_PAYLOAD_BYTES:
             return None, ("PlanError", f"invocation {invocation.id}'s event is {len(event)} bytes, over Lambda's "
                                        f"{MAX_PAYLOAD_BYTES} byte limit")

@@ -7,6 +7,10 @@ The parent samples the worker's resident set every few milliseconds and kills it
 the worker reports the kernel's peak (``VmHWM``, reset when each invocation starts) at the end, so a spike
 between samples still fails the invocation. Either way the report says ``MemoryLimitError`` with the peak and
 the cap — a cap is never ignored.
+
+With ``tokens`` the workers are configured like deployed functions: their environment carries the issuer's public
+key and name (``GRADSHARD_TOKEN_PUBLIC_KEY``, ``GRADSHARD_TOKEN_ISSUER``), so they refuse any invocation without a
+valid token. The token settings of this process's own environment are never inherited by the workers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import preload_of
 from gradshard.runtime.report import InvocationReport
 from gradshard.runtime.zygote import Child, Zygote
+from gradshard.security.tokens import ISSUER_ENV, PUBLIC_KEY_ENV, TokenIssuer
 from gradshard.store import Store
 from gradshard.topology.base import Invocation
 from gradshard.units import MIB
@@ -44,11 +49,18 @@ def _kill(pid: int) -> None:
 
 
 class LocalExecutor(Executor):
-    """Runs invocations as memory-capped worker processes on this machine. Call :meth:`close` when done."""
+    """Runs invocations as memory-capped worker processes on this machine. Call :meth:`close` when done.
+
+    ``tokens`` mints a token per attempt and configures the workers to verify it; ``worker_env`` configures the
+    workers' verifier without minting here (an executor inside a Ray task forwards tokens minted by the driver).
+    """
 
     def __init__(self, *, workers: int = 2, retries: int = 2, memory_cap_bytes: int | None = None,
-                 timeout_s: float = 900.0, poll_s: float = 0.005, warm: bool = False) -> None:
-        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
+                 timeout_s: float = 900.0, poll_s: float = 0.005, warm: bool = False,
+                 tokens: TokenIssuer | None = None, worker_env: dict[str, str] | None = None) -> None:
+        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s,
+                         tokens=tokens)
+        self.worker_env = tokens.worker_env() if tokens is not None else dict(worker_env or {})
         self.poll_s = poll_s
         self.warm = warm
         self._zygotes: dict[tuple[str, ...], Zygote] = {}  # one per set of preloaded modules, started on first use
@@ -68,10 +80,10 @@ class LocalExecutor(Executor):
         preload = preload_of(invocation.function, str(store.spec().get("kind")), invocation.module)
         with self._idle_lock:
             if preload not in self._zygotes:
-                self._zygotes[preload] = Zygote(preload)
+                self._zygotes[preload] = Zygote(preload, self.worker_env, unset=(PUBLIC_KEY_ENV, ISSUER_ENV))
             return self._zygotes[preload]
 
-    def _start(self, invocation: Invocation, store: Store) -> tuple[Child, str | None, bool]:
+    def _start(self, invocation: Invocation, store: Store, token: str | None) -> tuple[Child, str | None, bool]:
         """A child running ``invocation``: the warm worker of its ``warm_key`` if one is idle, else a fresh one."""
         key = invocation.warm_key if self.warm else None
         with self._idle_lock:
@@ -79,16 +91,16 @@ class LocalExecutor(Executor):
         zygote = self._zygote(invocation, store)
         if idle is not None:
             try:
-                child = zygote.invoke(invocation, store.spec(), keep=True, warm=idle)
+                child = zygote.invoke(invocation, store.spec(), keep=True, warm=idle, token=token)
                 return child, key, True
             except (GradshardError, OSError):  # the warm worker died meanwhile: start a fresh one
                 idle.close()
-        child = zygote.invoke(invocation, store.spec(), keep=key is not None)
+        child = zygote.invoke(invocation, store.spec(), keep=key is not None, token=token)
         return child, key, False
 
-    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+    def attempt(self, invocation: Invocation, store: Store, token: str | None = None) -> InvocationReport:
         started = time.perf_counter()
-        child, key, reused = self._start(invocation, store)
+        child, key, reused = self._start(invocation, store, token)
         running_since = time.perf_counter()  # the timeout does not count a runtime's cold start
         cap = self.memory_cap_bytes
         peak, payload, failure = 0, None, None

@@ -4,7 +4,9 @@ Each task asks Ray for the invocation's memory as Ray's ``memory`` resource, so 
 with that much unreserved memory. Inside the task a per-worker :class:`~gradshard.runtime.local.LocalExecutor`
 runs the function in a forked, capped, measured worker process, so a report from Ray carries the same figures
 and the same errors (``MemoryLimitError``, ``InvocationTimeoutError``, ``WorkerCrash``) as a local one, plus the
-node it ran on. The store must be reachable from every node: a local directory on one machine (or on a shared
+node it ran on. With ``tokens`` the driver mints each attempt's token and sends it, with the verifier's public
+configuration (key and issuer), as task arguments; the task's capped executor gives both to its workers. The store
+must be reachable from every node: a local directory on one machine (or on a shared
 filesystem), an object store on any cluster; an in-memory store is refused.
 
 Import this module explicitly (``from gradshard.runtime.ray import RayExecutor``): it imports ``ray``.
@@ -22,6 +24,7 @@ from gradshard.extras import missing_extra_error
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.local import LocalExecutor
 from gradshard.runtime.report import InvocationReport
+from gradshard.security.tokens import TokenIssuer
 from gradshard.store import Store, open_store
 from gradshard.topology.base import Invocation, Plan
 from gradshard.units import MIB
@@ -39,19 +42,22 @@ log = logging.getLogger(__name__)
 # reducers' own FUNCTION_OVERHEAD_BYTES is already part of that need), so a task reserves the sum.
 INTERPRETER_BASELINE_BYTES = 32 * MIB
 
-# Capped executors kept per Ray worker process, by (cap, timeout): their zygote is started once per worker.
-_TASK_EXECUTORS: dict[tuple[int | None, float], LocalExecutor] = {}
+# Capped executors kept per Ray worker process, by (cap, timeout, worker environment): their zygote is started once
+# per worker.
+_TASK_EXECUTORS: dict[tuple[int | None, float, tuple[tuple[str, str], ...]], LocalExecutor] = {}
 
 
 def run_in_task(invocation: Invocation, store_spec: dict[str, Any], memory_cap_bytes: int | None,
-                timeout_s: float) -> dict[str, Any]:
+                timeout_s: float, token: str | None = None,
+                worker_env: dict[str, str] | None = None) -> dict[str, Any]:
     """The body of a Ray task: one capped attempt of ``invocation`` in a forked worker on this node."""
-    key = (memory_cap_bytes, timeout_s)
+    env = dict(worker_env or {})
+    key = (memory_cap_bytes, timeout_s, tuple(sorted(env.items())))
     executor = _TASK_EXECUTORS.get(key)
     if executor is None:
         executor = _TASK_EXECUTORS[key] = LocalExecutor(workers=1, retries=0, memory_cap_bytes=memory_cap_bytes,
-                                                        timeout_s=timeout_s)
-    report = executor.attempt(invocation, open_store(store_spec))
+                                                        timeout_s=timeout_s, worker_env=env)
+    report = executor.attempt(invocation, open_store(store_spec), token)
     report.host = ray.get_runtime_context().get_node_id()
     return report.model_dump()
 
@@ -72,8 +78,9 @@ class RayExecutor(Executor):
 
     def __init__(self, *, address: str | None = None, workers: int = 2, retries: int = 2,
                  memory_cap_bytes: int | None = None, timeout_s: float = 900.0,
-                 init_kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s)
+                 init_kwargs: dict[str, Any] | None = None, tokens: TokenIssuer | None = None) -> None:
+        super().__init__(workers=workers, retries=retries, memory_cap_bytes=memory_cap_bytes, timeout_s=timeout_s,
+                         tokens=tokens)
         self.address = address
         self.init_kwargs = dict(init_kwargs or {})
         self._lock = threading.Lock()
@@ -128,7 +135,7 @@ class RayExecutor(Executor):
                         len(totals), store_spec.get("root"))
         return max(totals, default=0)
 
-    def attempt(self, invocation: Invocation, store: Store) -> InvocationReport:
+    def attempt(self, invocation: Invocation, store: Store, token: str | None = None) -> InvocationReport:
         spec = self._store_spec(store)
         remote = self._connect()
         request = self.memory_request(invocation)
@@ -142,8 +149,9 @@ class RayExecutor(Executor):
                          f"the largest node of the Ray cluster offers {largest / MIB:.0f} MiB, so Ray would never "
                          "schedule it; use more shards, a smaller memory cap, or add a larger node"})
         started = time.perf_counter()
+        env = self.tokens.worker_env() if self.tokens is not None else None
         ref = remote.options(memory=request, num_cpus=1).remote(invocation, spec, self.memory_cap_bytes,
-                                                                self.timeout_s)
+                                                                self.timeout_s, token, env)
         report = InvocationReport.model_validate(self._result(ref, invocation, base))
         report.wall_s = time.perf_counter() - started  # submission to result, scheduling included
         return report

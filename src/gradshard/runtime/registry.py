@@ -43,6 +43,7 @@ class FunctionSpec:
     result: type[BaseModel]
     runtime: str
     module: str
+    scope: Callable[[Any], dict[str, Any]] | None = None  # what an invocation token of it is scoped to
 
 
 _RUNTIMES: dict[str, Runtime] = {"numpy": Runtime("numpy")}
@@ -72,12 +73,15 @@ def trust_package(prefix: str) -> None:
 
 
 def register(name: str, fn: Callable[[ArgsT, Store], ResultT], *, args: type[ArgsT], result: type[ResultT],
-             runtime: str = "numpy") -> FunctionSpec:
-    """Register ``fn`` under ``name``. Registering the same function again is a no-op; another one is refused."""
+             runtime: str = "numpy", scope: Callable[[ArgsT], dict[str, Any]] | None = None) -> FunctionSpec:
+    """Register ``fn`` under ``name``. Registering the same function again is a no-op; another one is refused.
+
+    ``scope`` derives, from an invocation's arguments, what its invocation token is scoped to (JSON: e.g. the
+    round and the element range); the driver signs it and the function compares it exactly. None: ``{}``."""
     if runtime not in _RUNTIMES:
         raise GradshardError(f"function {name!r} names runtime {runtime!r}, which is not registered; known: "
                              f"{sorted(_RUNTIMES)} (register_runtime first)")
-    spec = FunctionSpec(name, fn, args, result, runtime, fn.__module__)
+    spec = FunctionSpec(name, fn, args, result, runtime, fn.__module__, scope)
     known = _FUNCTIONS.get(name)
     if known is not None and (known.fn is not fn or known.args is not args or known.result is not result):
         raise GradshardError(f"function name {name!r} is already registered by {known.module}")
@@ -133,10 +137,25 @@ def validate_args(function: str, args: BaseModel | dict[str, Any]) -> BaseModel:
     return spec_of(function).args.model_validate(args)
 
 
-def call(function: str, args: dict[str, Any], store: Store, module: str = "") -> dict[str, Any]:
-    """Run a function on JSON arguments (as a worker receives them) and return its JSON result."""
+def scope_of(function: str, args: BaseModel) -> dict[str, Any]:
+    """The token scope of ``function(args)`` as its registration derives it (``{}`` if it declares none)."""
+    spec = spec_of(function)
+    return {} if spec.scope is None else dict(spec.scope(args))
+
+
+Authorize = Callable[[dict[str, Any]], None]  # called with the invocation's scope; raises to refuse it
+
+
+def call(function: str, args: dict[str, Any], store: Store, module: str = "",
+         authorize: Authorize | None = None) -> dict[str, Any]:
+    """Run a function on JSON arguments (as a worker receives them) and return its JSON result.
+
+    ``authorize`` (a verified token's remaining checks) sees the scope derived from the parsed arguments and
+    runs before the function does."""
     spec = resolve(function, module)
     parsed = spec.args.model_validate(args)  # a ValidationError is reported as such (and never retried)
+    if authorize is not None:
+        authorize(scope_of(function, parsed))
     result = spec.fn(parsed, store)
     if not isinstance(result, spec.result):
         raise GradshardError(f"function {function!r} returned {type(result).__name__}, not {spec.result.__name__}")

@@ -6,12 +6,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-# Errors that will fail again on retry with the same input: reported at once, never retried.
+from gradshard.security.tokens import REFUSALS
+
+# Errors that will fail again on retry with the same input: reported at once, never retried. A function's refusal
+# of its invocation token (REFUSALS) is one too: a token that fails a check means a misconfigured or forged call.
 DETERMINISTIC_ERRORS = frozenset({"UpdateError", "BadUpdatesError", "MemoryLimitError", "RoundError", "PlanError",
                                   "LayoutError", "ValidationError",
                                   # AWS Lambda refusals that a retry cannot change
                                   "ResourceNotFoundException", "AccessDeniedException",
-                                  "InvalidParameterValueException", "RequestTooLargeException"})
+                                  "InvalidParameterValueException", "RequestTooLargeException"}) | REFUSALS
 
 
 class InvocationReport(BaseModel):

@@ -5,7 +5,8 @@ with the zygote) and nothing else, so its measured memory is the interpreter bas
 use. Unlike ``multiprocessing``'s fork server it never re-imports the caller's ``__main__`` module.
 
 Protocol over a Unix socket, one connection per invocation, newline-delimited JSON:
-client sends ``{"function", "args", "store"}``; the child answers ``{"pid": n}`` at once, then the report payload.
+client sends ``{"function", "module", "args", "store", "keep", "token"}``; the child answers ``{"pid": n}`` at once,
+then the report payload.
 The zygote exits when its stdin closes, so it never outlives the process that started it.
 
 The zygote is started with ``python -P``: the working directory is never on its ``sys.path``, so a ``json.py`` in
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,8 @@ def _child(conn: socket.socket) -> None:
             request = json.loads(line)
             f.write(json.dumps({"pid": os.getpid()}).encode() + b"\n")
             f.flush()
-            payload = worker.execute(request["function"], request["args"], request["store"], request["module"])
+            payload = worker.execute(request["function"], request["args"], request["store"], request["module"],
+                                     request.get("token"))
             f.write(json.dumps(payload).encode() + b"\n")
             f.flush()
             if not request.get("keep"):
@@ -76,6 +78,10 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
     preloaded module's ``warm_up()`` runs once here, so lazy initialisation is not paid by every child.
     """
     import gradshard.runtime.worker  # noqa: F401 - preload for the children
+    from gradshard.security import tokens
+
+    if tokens.configured():  # the functions verify tokens: load and initialise Ed25519 once here, not per child
+        tokens.warm_up()
 
     for name in preload:
         module = importlib.import_module(name)
@@ -143,10 +149,16 @@ class Child:
 
 
 class Zygote:
-    """Client side: starts the zygote process lazily and opens invocations on it."""
+    """Client side: starts the zygote process lazily and opens invocations on it.
 
-    def __init__(self, preload: Sequence[str] = ()) -> None:
+    The zygote (and so every function) starts with this process's environment as it is then, less the variables
+    named in ``unset``, plus ``env``."""
+
+    def __init__(self, preload: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 unset: Sequence[str] = ()) -> None:
         self.preload = tuple(preload)
+        self.env = dict(env or {})
+        self.unset = tuple(unset)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -159,11 +171,18 @@ class Zygote:
             self._dir = tempfile.TemporaryDirectory(prefix="gradshard-zygote-")
             self.path = str(Path(self._dir.name) / "sock")
             self._proc = subprocess.Popen([sys.executable, "-P", "-c", self._command()], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE)
+                                          stdout=subprocess.PIPE, env=self._environment())
             assert self._proc.stdout is not None
             if self._proc.stdout.readline().strip() != b"ready":
                 raise GradshardError("the function zygote process failed to start")
             return self.path
+
+    def _environment(self) -> dict[str, str] | None:
+        if not self.env and not any(name in os.environ for name in self.unset):
+            return None  # inherit
+        env = {k: v for k, v in os.environ.items() if k not in self.unset}
+        env.update(self.env)
+        return env
 
     def _command(self) -> str:
         """The zygote's ``-c`` program: gradshard's own location appended to ``sys.path`` if missing (never the
@@ -173,7 +192,7 @@ class Zygote:
                 f"from gradshard.runtime.zygote import serve; serve({self.path!r}, {self.preload!r})")
 
     def invoke(self, invocation: Invocation, store_spec: StoreSpec, *, keep: bool = False,
-               warm: Child | None = None) -> Child:
+               warm: Child | None = None, token: str | None = None) -> Child:
         """Start an invocation in a fresh child, or in the ``warm`` child of an earlier ``keep`` invocation.
 
         With ``keep`` the child stays alive after answering, ready to be passed back as ``warm``.
@@ -184,7 +203,7 @@ class Zygote:
             sock.connect(self._ensure())
             handle = Child(sock)
         request = {"function": invocation.function, "module": invocation.module, "args": invocation.payload(),
-                   "store": store_spec, "keep": keep}
+                   "store": store_spec, "keep": keep, "token": token}
         handle.sock.sendall(json.dumps(request).encode() + b"\n")
         line = handle.read_line(timeout=60.0)
         if line is None:

@@ -140,6 +140,12 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove an object; removing a missing object is not an error."""
 
+    def put_new(self, key: str, data: BytesLike) -> bool:
+        """Write a whole object only if ``key`` does not exist yet, atomically: of any number of concurrent
+        callers exactly one gets True; False (nothing written) if the object exists. Used for single-use records
+        (a consumed token id); stores that cannot create exclusively refuse."""
+        raise StoreError(f"{type(self).__name__} cannot create an object exclusively (put_new)")
+
     def exists(self, key: str) -> bool:
         try:
             self.size(key)

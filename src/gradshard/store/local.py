@@ -273,6 +273,36 @@ class LocalStore(Store):
             raise
         self.io.puts -= 1  # begin/complete counted one put; write_at counted the bytes
 
+    def put_new(self, key: str, data: BytesLike) -> bool:
+        """A fully written (and fsynced) temporary file hard-linked to the key (``linkat`` fails if any entry of
+        that name exists, a symlink included, and never follows one); the temporary is removed either way."""
+        view = as_bytes(data)
+        parts = check_key(key).split("/")
+        upload_id = self.begin_upload(key, len(view))
+        try:
+            self.write_at(key, upload_id, 0, view)
+            if self.fsync:
+                fd = self._open_upload(key, upload_id, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            dst = self._open_dir(parts[:-1], f"publishing {key!r}", create=True)
+            src = self._uploads_dir()
+            assert dst is not None and src is not None
+            try:
+                os.link(upload_id, parts[-1], src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+            except FileExistsError:
+                self.io.puts -= 1
+                self.io.bytes_written -= len(view)
+                return False
+            finally:
+                os.close(dst)
+                os.close(src)
+            return True
+        finally:
+            self.abort_upload(key, upload_id)
+
     def size(self, key: str) -> int:
         dfd, st = self._lstat(key)
         os.close(dfd)

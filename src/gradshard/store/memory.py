@@ -43,6 +43,16 @@ class MemoryStore(Store):
         self.io.puts += 1
         self.io.bytes_written += len(blob)
 
+    def put_new(self, key: str, data: BytesLike) -> bool:
+        blob = bytes(as_bytes(data))
+        with self._lock:
+            if check_key(key) in self._objects:
+                return False
+            self._objects[key] = blob
+        self.io.puts += 1
+        self.io.bytes_written += len(blob)
+        return True
+
     def _get_object(self, key: str) -> bytes:
         try:
             return self._objects[check_key(key)]

@@ -373,6 +373,7 @@ class S3Store(Store):
         self.max_streams = max_streams
         self._open_streams = 0
         self._client: Any = None
+        self._presign_client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -555,6 +556,66 @@ class S3Store(Store):
             return
         with self.upload(key, len(view)) as writer:
             writer.write(view)
+
+    def put_new(self, key: str, data: BytesLike, *, conflict_retries: int = 3) -> bool:
+        """A conditional PUT (``If-None-Match: *``): S3 answers 412 PreconditionFailed if the object exists (False).
+        A 409 ConditionalRequestConflict (another write of the key raced this one) is retried, as AWS advises.
+        Objects up to ``SINGLE_PUT_BYTES`` only (one request is what makes the create exclusive)."""
+        from botocore.exceptions import ClientError
+
+        view = as_bytes(data)
+        if len(view) > SINGLE_PUT_BYTES:
+            raise StoreError(f"put_new of {key!r}: {len(view)} bytes is over the {SINGLE_PUT_BYTES} of one PUT")
+        for attempt in range(conflict_retries + 1):
+            try:
+                with self._errors(f"creating object {key!r}", key):
+                    try:
+                        self.client.put_object(Bucket=self.bucket, Key=self._name(key), Body=_ViewBody(view),
+                                               IfNoneMatch="*")
+                    except ClientError as exc:
+                        code = str(exc.response.get("Error", {}).get("Code", ""))
+                        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                        if code == "PreconditionFailed" or status == 412:
+                            return False
+                        if (code == "ConditionalRequestConflict" or status == 409) and attempt < conflict_retries:
+                            _backoff(attempt)
+                            continue
+                        raise
+            finally:
+                self.io.puts += 1
+            self.io.bytes_written += len(view)
+            return True
+        raise AssertionError("unreachable")
+
+    def _presigner(self) -> Any:
+        """A client that presigns with SigV4 (botocore presigns with the legacy SigV2 query scheme otherwise,
+        which signs no header)."""
+        with self._lock:
+            if self._presign_client is None:
+                from botocore.config import Config
+
+                config = Config(signature_version="s3v4",
+                                s3={"addressing_style": "path"} if self.endpoint_url else None)
+                self._presign_client = _boto_session().client("s3", endpoint_url=self.endpoint_url,
+                                                              region_name=self.region or "us-east-1", config=config)
+            return self._presign_client
+
+    def presign_range(self, key: str, start: int, stop: int, expires_s: int = 300) -> str:
+        """A presigned GET of bytes ``[start, stop)`` of ``key``: SigV4 query authentication with the ``Range``
+        header among the signed headers, so the URL reads that range and no other. Read it with
+        :class:`PresignedRangeReader` (which sends the same ``Range``)."""
+        if not 0 <= start < stop:
+            raise StoreError(f"a presigned range needs 0 <= start < stop, got [{start}, {stop})")
+        if not 1 <= expires_s <= 7 * 86400:
+            raise StoreError(f"a presigned URL expires in 1 s to 7 days, got {expires_s} s")
+        with self._errors(f"presigning bytes [{start}, {stop}) of {key!r}", key):
+            url: str = self._presigner().generate_presigned_url(
+                "get_object", ExpiresIn=expires_s,
+                Params={"Bucket": self.bucket, "Key": self._name(key), "Range": range_header(start, stop)})
+        if "range" not in signed_headers(url):
+            raise StoreError(f"botocore did not sign the Range header of a presigned GET of {key!r} (signed: "
+                             f"{signed_headers(url)}); refusing a URL that would read any range")
+        return url
 
     def delete(self, key: str) -> None:
         with self._errors(f"deleting object {key!r}", key):
@@ -843,3 +904,66 @@ def parse_url(url: str) -> tuple[str, str]:
     bucket, _, prefix = url[len("s3://"):].partition("/")
     return bucket, prefix
 
+
+
+def range_header(start: int, stop: int) -> str:
+    """The HTTP ``Range`` of bytes ``[start, stop)``."""
+    return f"bytes={start}-{stop - 1}"
+
+
+def signed_headers(url: str) -> list[str]:
+    """The ``X-Amz-SignedHeaders`` of a SigV4 presigned URL (lower-case names)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get("X-Amz-SignedHeaders", [""])
+    return [name for name in values[0].split(";") if name]
+
+
+class PresignedRangeReader:
+    """Reads exactly the byte range a URL of :meth:`S3Store.presign_range` was signed for, through that URL only
+    (no credentials): one GET with the signed ``Range``, a 206 whose ``Content-Range`` must be that range, and a
+    body of exactly ``stop - start`` bytes read into the caller's buffer."""
+
+    def __init__(self, url: str, start: int, stop: int, *, timeout_s: float = 60.0) -> None:
+        if not 0 <= start < stop:
+            raise StoreError(f"a presigned range needs 0 <= start < stop, got [{start}, {stop})")
+        if "range" not in signed_headers(url):
+            raise StoreError("the presigned URL does not sign a Range header; refusing to read through it")
+        self.url, self.start, self.stop, self.timeout_s = url, start, stop, timeout_s
+        self.size = stop - start
+
+    def read_into(self, buf: memoryview) -> None:
+        """Fill ``buf`` (exactly ``stop - start`` bytes) with the range."""
+        import urllib3
+
+        if len(buf) != self.size:
+            raise StoreError(f"a presigned read of [{self.start}, {self.stop}) needs a buffer of {self.size} bytes, "
+                             f"got {len(buf)}")
+        http = urllib3.PoolManager(retries=urllib3.Retry(total=3, backoff_factor=0.1, status_forcelist=(500, 502,
+                                                                                                      503, 504)))
+        response = http.request("GET", self.url, headers={"Range": range_header(self.start, self.stop)},
+                                preload_content=False, timeout=urllib3.Timeout(connect=10, read=self.timeout_s))
+        try:
+            where = f"presigned GET of bytes [{self.start}, {self.stop})"
+            if response.status != 206:
+                body = response.read(4096).decode(errors="replace")
+                raise StoreError(f"{where} answered {response.status}, not 206: {body[:300]}")
+            content_range = str(response.headers.get("Content-Range", ""))
+            if content_range.partition("/")[0] != f"bytes {self.start}-{self.stop - 1}":
+                raise StoreError(f"{where} answered Content-Range {content_range!r}")
+            done = 0
+            while done < self.size:
+                n = response.readinto(buf[done:])
+                if not n:
+                    raise StoreError(f"{where} ended early at byte {self.start + done}")
+                done += n
+            if response.read(1):
+                raise StoreError(f"{where} answered more than {self.size} bytes")
+        finally:
+            response.release_conn()
+            http.clear()
+
+    def read(self) -> bytes:
+        buf = bytearray(self.size)
+        self.read_into(memoryview(buf))
+        return bytes(buf)
