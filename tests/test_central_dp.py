@@ -25,6 +25,7 @@ from gradshard.privacy.config import CentralDPRound
 from gradshard.privacy.ledger import PrivacyLedger
 from gradshard.privacy.noise import load_secret, noise, round_key
 from gradshard.runtime.local import LocalExecutor
+from gradshard.security.tokens import TokenIssuer
 from gradshard.store import LocalStore, Store
 
 # five tensors, boundaries off the chunk grid, so contiguous and tensor-aligned plans cut differently
@@ -235,13 +236,13 @@ def test_a_release_past_max_epsilon_is_refused_before_any_noise(tmp_path: Path) 
     assert [e.round for e in PrivacyLedger(store).entries()] == [0]
 
 
-def test_worker_processes_give_the_bytes_of_the_inline_run(tmp_path: Path) -> None:
+def test_worker_processes_with_scoped_tokens_give_the_bytes_of_the_inline_run(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     open_dp_round(store, 0, random_updates(4, seed=9))
     config = AggregateConfig(shards=3, weighting="uniform", central_dp=dp(tmp_path / "k"))
     aggregate_round(store, 0, InlineExecutor(), config)
     inline = sha_of(store, 0)
-    with LocalExecutor(workers=2) as executor:
+    with LocalExecutor(workers=2, tokens=TokenIssuer.generate()) as executor:  # both phases carry tokens
         result = aggregate_round(store, 0, executor, config)
     assert sha_of(store, 0) == inline
     assert json.loads(store.get(reports_key(0)))["summary"]["invocations"] == 3

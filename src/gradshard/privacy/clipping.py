@@ -23,6 +23,7 @@ from gradshard.aggregation.contracts import Contract, RoundRef
 from gradshard.aggregation.functions import open_clients
 from gradshard.core import checksum
 from gradshard.errors import GradshardError, PrivacyError, UpdateError
+from gradshard.format.keys import round_of_key
 from gradshard.format.round import load_manifest
 from gradshard.runtime.registry import register
 from gradshard.store import Store
@@ -122,4 +123,5 @@ def clip_factors(norms: Mapping[str, float], clip: float) -> dict[str, float]:
     return {client: 1.0 if norm <= clip else clip / norm for client, norm in norms.items()}
 
 
-register("client_norms", client_norms, args=NormArgs, result=NormResult)
+register("client_norms", client_norms, args=NormArgs, result=NormResult,
+         scope=lambda a: {"round": round_of_key(a.round.manifest_key), "range": [a.start, a.stop]})
