@@ -15,7 +15,7 @@ from scipy import stats
 
 from gradshard import AggregateConfig, InlineExecutor, MemoryStore, ModelLayout, TensorSpec, aggregate_round
 from gradshard.core.checksum import ChunkGrid
-from gradshard.errors import PrivacyBudgetError
+from gradshard.errors import PrivacyBudgetError, RoundError
 from gradshard.format.keys import aggregate_key, reports_key, update_key
 from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, read_flat
@@ -280,3 +280,27 @@ def test_the_cli_refuses_an_over_budget_release_with_exit_code_five(tmp_path: Pa
     assert not store.exists(aggregate_key(1))
     assert examples.exit_code == 2 and "needs weighting 'uniform'" in examples.output
     assert alone.exit_code == 2 and "--dp-clip needs --dp-noise-multiplier" in alone.output
+
+
+def test_a_tampered_client_is_rejected_in_the_norm_phase_before_any_noise(tmp_path: Path) -> None:
+    # Prepare: 4 clients, one with a flipped bit in its payload
+    updates = random_updates(4, seed=5)
+    store = MemoryStore()
+    open_dp_round(store, 0, updates)
+    blob = bytearray(store.get(update_key(0, "c02")))
+    blob[-4 * 300] ^= 0x08
+    store.put(update_key(0, "c02"), bytes(blob))
+    reference = MemoryStore()
+    open_dp_round(reference, 0, {c: x for c, x in updates.items() if c != "c02"})
+    config = AggregateConfig(shards=3, weighting="uniform", central_dp=dp(tmp_path / "k", expected_clients=4))
+
+    # Execute
+    result = aggregate_round(store, 0, InlineExecutor(), config)
+    aggregate_round(reference, 0, InlineExecutor(), config)
+
+    # Assert: rejected by name with its reason, one phase-2 run, the bytes of the round without it; 'fail' raises
+    assert "checksum mismatch" in result.manifest.rejected["c02"]
+    assert result.runs == 1
+    assert sha_of(store, 0) == sha_of(reference, 0)
+    with pytest.raises(RoundError, match="bad updates"):
+        aggregate_round(store, 0, InlineExecutor(), config.model_copy(update={"policy": "fail"}))

@@ -260,7 +260,8 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     if config.central_dp is not None:  # phase 1: exact norms, clip factors, the release in the ledger
         noise, norm_reports = central.prepare_round(store, manifest, config.central_dp, executor,
                                                     shards=config.shards if config.topology == "sharded" else 1,
-                                                    partition=config.partition, on_done=on_done)
+                                                    partition=config.partition, on_done=on_done,
+                                                    policy=config.policy)
         history.extend(norm_reports)
     for run in range(1, len(manifest.clients) + 2):
         plan, reports, published = _run_once(store, manifest, config, executor, on_done, noise)

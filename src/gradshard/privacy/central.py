@@ -82,7 +82,7 @@ def norms_plan(manifest: RoundManifest, manifest_sha256: str, shards: int, parti
 
 
 def _norms(store: Store, manifest: RoundManifest, executor: Executor, shards: int, partition: Partition,
-           on_done: ProgressCallback | None) -> tuple[dict[str, float], list[InvocationReport]]:
+           on_done: ProgressCallback | None, policy: str) -> tuple[dict[str, float], list[InvocationReport]]:
     sha = write_manifest(store, manifest)
     plan = norms_plan(manifest, sha, shards, partition)
     reports = executor.run(plan, store, on_done)
@@ -93,6 +93,8 @@ def _norms(store: Store, manifest: RoundManifest, executor: Executor, shards: in
     results = [parse_result("client_norms", r.result, NormResult) for r in reports]
     chunks = -(-manifest.spec.model_layout().numel // manifest.spec.chunk_elems)
     norms, bad = combine_norms(results, chunks)
+    if bad and policy == "fail":
+        raise RoundError(f"round {manifest.round} failed on bad updates: {bad}")
     for client, reason in bad.items():
         log.warning("rejecting client %s: %s", client, reason)
         manifest.reject(client, reason)
@@ -100,7 +102,7 @@ def _norms(store: Store, manifest: RoundManifest, executor: Executor, shards: in
 
 
 def prepare_round(store: Store, manifest: RoundManifest, dp: CentralDPRound, executor: Executor, *,
-                  shards: int, partition: Partition, on_done: ProgressCallback | None = None
+                  shards: int, partition: Partition, on_done: ProgressCallback | None = None, policy: str = "skip"
                   ) -> tuple[NoiseSpec | None, list[InvocationReport]]:
     """Run phase 1, set every client's clip factor in ``manifest``, record the release; returns phase 2's noise."""
     secret = load_secret(dp.key_file) if dp.key_file else _PROCESS_SECRET
@@ -110,7 +112,7 @@ def prepare_round(store: Store, manifest: RoundManifest, dp: CentralDPRound, exe
     entry = None if release is None else LedgerEntry(round=manifest.round, key_id=key_id(key), release=release)
     if entry is not None:  # refuse an over-budget round before reading any update
         check_budget(ledger.would_spend(entry, dp.delta), dp.delta, dp.max_epsilon, manifest.round)
-    norms, reports = _norms(store, manifest, executor, shards, partition, on_done)
+    norms, reports = _norms(store, manifest, executor, shards, partition, on_done, policy)
     check_enough(manifest)
     factors = clip_factors(norms, dp.clip)
     manifest.clients = [c.model_copy(update={"scale": factors[c.client], "norm": norms[c.client]})
