@@ -114,6 +114,9 @@ def prepare_round(store: Store, manifest: RoundManifest, dp: CentralDPRound, exe
         check_budget(ledger.would_spend(entry, dp.delta), dp.delta, dp.max_epsilon, manifest.round)
     norms, reports = _norms(store, manifest, executor, shards, partition, on_done, policy)
     check_enough(manifest)
+    missing = [c.client for c in manifest.clients if c.client not in norms]
+    if missing:
+        raise PrivacyError(f"round {manifest.round}: the norm phase returned no norm for clients {missing[:5]}")
     factors = clip_factors(norms, dp.clip)
     manifest.clients = [c.model_copy(update={"scale": factors[c.client], "norm": norms[c.client]})
                         for c in manifest.clients]
