@@ -32,6 +32,7 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "server_optimizer": ("server", "name"), "server_lr": ("server", "lr"), "topology": ("aggregation", "topology"),
     "shards": ("aggregation", "shards"), "min_clients": ("min_clients",), "deadline": ("deadline_s",),
     "seed": ("seed",), "task": ("task",), "task_options": ("task_options",),
+    "require_signatures": ("aggregation", "require_signatures"), "keys_dir": ("keys_dir",),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -194,6 +195,12 @@ def _train_options(f: Any) -> Any:
         click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Seconds a client function may run; later ones are left out [default: 300]."),
         click.option("--seed", type=int, default=None, help="[default: 0]"),
+        click.option("--require-signatures/--no-require-signatures", default=None,
+                     help="Every client signs its update with its own Ed25519 key (registered in the store) and "
+                          "the aggregation accepts only signed updates (blake3 chunk digests) [default: no]."),
+        click.option("--keys-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where the simulated clients' private keys live (with --require-signatures) [default: "
+                          "a temporary directory for the run]."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -60,6 +60,8 @@ class ClientTask(BaseModel):
     chunk_elems: int = Field(ge=1)
     digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
+    signing_key: str = Field(default="", description="path of the client's private key PEM: its update is signed "
+                                                     "(rounds that require signatures); empty: unsigned")
 
 
 def task_seed(seed: int, r: int, client: str) -> int:
@@ -139,7 +141,12 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     meta = UpdateMeta(client=task.client, round=task.round, examples=len(data), layout_digest=averaged.digest(),
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
                       extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}"})
-    write_update(store, update_key(task.round, task.client), averaged, delta, meta)
+    signer = None
+    if task.signing_key:  # cryptography loads only for signed runs
+        from gradshard.security.keys import load_private_key
+
+        signer = load_private_key(task.signing_key)
+    write_update(store, update_key(task.round, task.client), averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
                         train_s=time.perf_counter() - started)
 
