@@ -156,3 +156,13 @@ def test_a_signed_training_run_ends_with_every_client_signed(tmp_path: Path) -> 
         for entry in manifest.clients:  # each signed by its own registered key, whose private half is in keys_dir
             assert entry.signer == keys.fingerprint(keys.load_private_key(keys_dir / f"{entry.client}.pem"))
             registry.lookup(entry.client, entry.signer)
+
+
+def test_require_signatures_is_valid_in_a_toml_aggregation_table_and_the_flag_overrides_it() -> None:
+    pytest.importorskip("torch")
+    from gradshard.cli.train import train_config
+
+    from_toml = train_config({"aggregation": {"require_signatures": True}, "keys_dir": "/k"}, {}, "test")
+    assert from_toml.aggregation.require_signatures and from_toml.keys_dir == "/k"
+    overridden = train_config({"aggregation": {"require_signatures": True}}, {"require_signatures": False}, "test")
+    assert not overridden.aggregation.require_signatures
