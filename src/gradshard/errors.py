@@ -52,6 +52,22 @@ class BadUpdatesError(UpdateError):
         self.args = (f"update of client {first!r} rejected: {reason}{others}",)
 
 
+class SecurityError(GradshardError):
+    """A key, a key file or the key registry cannot be used as it is (malformed, too large, unknown, revoked)."""
+
+
+class KeyRejectedError(SecurityError):
+    """The registry refuses a key for a client; ``reason`` says why (unregistered, revoked, another client's)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SignatureError(SecurityError):
+    """A signature cannot be made or does not verify (forged, altered, or over a non-cryptographic digest)."""
+
+
 class RoundError(GradshardError):
     """A round cannot be aggregated (too few valid updates, policy 'fail' met a bad update, ...)."""
 

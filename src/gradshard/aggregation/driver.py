@@ -65,6 +65,8 @@ class AggregateConfig(BaseModel):
     policy: Policy = "skip"
     central_dp: CentralDPRound | None = Field(default=None, description="clip every update and add Gaussian noise "
                                                                          "(uniform weighting, reducer mean)")
+    require_signatures: bool = Field(default=False, description="every update must be signed by a registered, "
+                                                                "unrevoked key of its client (blake3/sha256 rounds)")
 
     @field_validator("reducer")
     @classmethod
@@ -251,7 +253,8 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     config = config or AggregateConfig()
     started = time.perf_counter()
     _collect_own_leftovers(store, r)
-    manifest = prepare_round(store, r, config.policy, config.weighting, config.weights)
+    manifest = prepare_round(store, r, config.policy, config.weighting, config.weights,
+                             require_signatures=config.require_signatures)
     check_reducer(config, manifest)
     log.info("round %d: %d client updates accepted, %d rejected; %s topology, reducer %s, weighting %s", r,
              len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)

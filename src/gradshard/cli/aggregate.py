@@ -67,6 +67,9 @@ def _aggregate_options(f: Any) -> Any:
                           "trimmed-mean:<beta> (coordinate-wise, unweighted; sharded or flat topology)."),
         click.option("--policy", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                      help="On a bad update: continue without it, or fail the round."),
+        click.option("--require-signatures", is_flag=True,
+                     help="Every update must be signed by a key registered for its client in the store and not "
+                          "revoked (gradshard keys); the round's digest must be blake3 or sha256."),
         click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=900.0, show_default=True,
                      help="Per-invocation timeout, seconds."),
@@ -138,7 +141,7 @@ def _config(kw: dict[str, Any]) -> AggregateConfig:
                                parallel_reads=kw["parallel_reads"], accumulate=kw["accumulate"],
                                weighting=kw["weighting"], policy=kw["policy"], reducer=kw["reducer"],
                                group_size=kw["group_size"], branching=kw["branching"], nodes=kw["nodes"],
-                               central_dp=_central_dp(kw))
+                               central_dp=_central_dp(kw), require_signatures=kw["require_signatures"])
     except ValidationError as exc:
         raise click.UsageError("; ".join((f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "")
                                          + str(e["msg"]).removeprefix("Value error, ")
@@ -175,6 +178,9 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
         write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict() if cloud else None,
                                     "reports": [r.model_dump(mode="json") for r in result.reports]})
     console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
+    for entry in result.manifest.clients:
+        if entry.signer is not None:
+            console.print(f"[green]signed[/] {untrusted(entry.client)}: key {untrusted(entry.signer[:12])}")
     for client, reason in result.manifest.rejected.items():
         console.print(f"[yellow]rejected[/] {untrusted(client)}: {untrusted(reason)}")
     if result.manifest.privacy is not None:

@@ -1,8 +1,8 @@
 """The ``gradshard`` command: a thin layer where every command is one library call.
 
-Each command group lives in its own module (aggregate, train, report, demo, cost, deploy); this module is the group
-and the entry point. The group turns every failure into one line ``error: ...`` on stderr and a documented exit code
-(:class:`~gradshard.cli.common.ExitCode`), also when it is called from Python or click's test runner."""
+Each command group lives in its own module (aggregate, train, report, demo, cost, deploy, keys); this module is the
+group and the entry point. The group turns every failure into one line ``error: ...`` on stderr and a documented exit
+code (:class:`~gradshard.cli.common.ExitCode`), also when it is called from Python or click's test runner."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gradshard.cli.cost import cost, plan
 from gradshard.cli.demo import demo
 from gradshard.cli.deploy import deploy
 from gradshard.cli.gc import gc
+from gradshard.cli.keys import keys
 from gradshard.cli.report import report
 from gradshard.cli.train import train
 from gradshard.errors import GradshardError, MissingExtraError, PrivacyBudgetError
@@ -107,7 +108,7 @@ def main(verbose: bool, quiet: bool) -> None:
     _log_to_stderr(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
 
 
-for command in (aggregate, inspect, compare, train, report, demo, cost, plan, deploy, gc):
+for command in (aggregate, inspect, compare, train, report, demo, cost, plan, deploy, gc, keys):
     main.add_command(command)
 
 

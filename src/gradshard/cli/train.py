@@ -41,6 +41,7 @@ TRAIN_FLAGS: dict[str, tuple[str, ...]] = {
     "dp_noise_multiplier": ("privacy", "client", "noise_multiplier"),
     "dp_max_grad_norm": ("privacy", "client", "max_grad_norm"), "dp_delta": ("privacy", "client", "delta"),
     "dp_max_epsilon": ("privacy", "client", "max_epsilon"),
+    "require_signatures": ("aggregation", "require_signatures"), "keys_dir": ("keys_dir",),
 }
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -244,6 +245,12 @@ def _train_options(f: Any) -> Any:
                      help="Client DP-SGD: the δ each client's ε is reported at [default: 1e-5]."),
         click.option("--dp-max-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Client DP-SGD: a client whose composed ε would pass this is left out of later rounds."),
+        click.option("--require-signatures/--no-require-signatures", default=None,
+                     help="Every client signs its update with its own Ed25519 key (registered in the store) and "
+                          "the aggregation accepts only signed updates (blake3 chunk digests) [default: no]."),
+        click.option("--keys-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where the simulated clients' private keys live (with --require-signatures) [default: "
+                          "a temporary directory for the run]."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -66,6 +66,8 @@ class ClientTask(BaseModel):
     digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
+    signing_key: str = Field(default="", description="path of the client's private key PEM: its update is signed "
+                                                     "(rounds that require signatures); empty: unsigned")
 
 
 def task_seed(seed: int, r: int, client: str) -> int:
@@ -150,7 +152,12 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
                       extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}",
                              **(release_extra(private.release, private.delta) if private is not None else {})})
-    write_update(store, update_key(task.round, task.client), averaged, delta, meta)
+    signer = None
+    if task.signing_key:  # cryptography loads only for signed runs
+        from gradshard.security.keys import load_private_key
+
+        signer = load_private_key(task.signing_key)
+    write_update(store, update_key(task.round, task.client), averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
                         train_s=time.perf_counter() - started,
                         epsilon=private.epsilon if private is not None else None,

@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+    keys_dir: str = Field(default="", description="with aggregation.require_signatures: the directory of the "
+                                                  "simulated clients' private keys (<client>.pem; made if missing, "
+                                                  "reused if present); empty: a temporary directory for the run")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,6 +185,8 @@ class Trainer:
 
             check_private(self.task, self._model, mu=config.mu)
         self.chunk_elems = checksum.default_chunk_elems(self.averaged.numel)
+        self._signing_keys: dict[str, str] | None = None  # client -> private key path (signed runs)
+        self._keys_tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def _resolve(self, task: Task | TaskRef | str | None,
                  datasets: tuple[fldata.Dataset, fldata.Dataset] | None) -> tuple[TaskRef, Task]:
@@ -276,14 +280,45 @@ class Trainer:
     def _open(self, r: int) -> RoundSpec:
         if self.store.exists(spec_key(r)):
             return load_spec(self.store, r)
+        # a signature needs a cryptographic chunk digest: blake3 (the faster one) when signatures are required
         spec = RoundSpec.create(r, self.averaged, chunk_elems=self.chunk_elems, base_model=self.model_sha(r),
                                 cohort=self._within_budget(r, sample_cohort(self.config, r)),
-                                min_clients=self.config.min_clients)
+                                min_clients=self.config.min_clients,
+                                digest="blake3" if self.config.aggregation.require_signatures else "xxh3_64")
         open_round(self.store, spec)
         return spec
 
+    def signing_keys(self) -> dict[str, str]:
+        """With ``aggregation.require_signatures``: one key pair per simulated client, private keys as
+        ``<client>.pem`` in ``keys_dir`` (or a temporary directory the trainer keeps while it lives), public keys
+        registered in the store's registry; ``client -> private key path``. Empty when signatures are not required.
+        """
+        if not self.config.aggregation.require_signatures:
+            return {}
+        if self._signing_keys is None:
+            from gradshard.security import keys
+            from gradshard.security.registry import KeyRegistry
+
+            if self.config.keys_dir:
+                directory = Path(self.config.keys_dir)
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            else:
+                self._keys_tmp = tempfile.TemporaryDirectory(prefix="gradshard-keys-")
+                directory = Path(self._keys_tmp.name)
+            registry, paths = KeyRegistry(self.store), {}
+            for client in client_ids(self.config.clients):
+                path = directory / f"{client}.pem"
+                key = keys.load_private_key(path) if path.exists() else keys.generate()
+                if not path.exists():
+                    keys.save_private_key(key, path)
+                registry.register(client, key.public_key())
+                paths[client] = str(path.resolve())
+            self._signing_keys = paths
+        return self._signing_keys
+
     def _client_plan(self, spec: RoundSpec) -> Plan:
         c = self.config
+        signing = self.signing_keys()
         kept = KEPT_KEY if self.store.exists(KEPT_KEY) else ""
         invocations = []
         index = {client: i for i, client in enumerate(client_ids(c.clients))}
@@ -295,7 +330,8 @@ class Trainer:
                               kept_key=kept, data_key=client_data_key(client) if self.data_in_store else "",
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
-                              fault=self.fault(spec.round, client), dp=c.privacy.client)
+                              fault=self.fault(spec.round, client), dp=c.privacy.client,
+                              signing_key=signing.get(client, ""))
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 

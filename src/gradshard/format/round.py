@@ -18,20 +18,31 @@ import math
 import time
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gradshard.core import checksum
+from gradshard.core import checksum, digests
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import MAX_EXAMPLES
 from gradshard.core.reducers import normalised_weights
-from gradshard.errors import GradshardError, ObjectNotFoundError, RoundError, StoreError, UnsafeObjectError, UpdateError
+from gradshard.errors import (
+    GradshardError,
+    ObjectNotFoundError,
+    RoundError,
+    SecurityError,
+    StoreError,
+    UnsafeObjectError,
+    UpdateError,
+)
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
 from gradshard.format.update import UpdateMeta, UpdateReader, open_update
 from gradshard.store import Store
+
+if TYPE_CHECKING:
+    from gradshard.security.registry import KeyRegistry
 
 log = logging.getLogger(__name__)
 Policy = Literal["skip", "fail"]
@@ -91,6 +102,8 @@ class ClientEntry(BaseModel):
     # central DP: the update's L2 norm (phase 1) and its clip factor min(1, C / norm); 1 and None otherwise
     scale: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
     norm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # the fingerprint of the key whose signature was verified at validation (rounds that require signatures only)
+    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @property
     def partial(self) -> bool:
@@ -236,14 +249,21 @@ def _check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMe
 
 
 def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weighting = "examples",
-                  server_weights: Mapping[str, float] | None = None) -> RoundManifest:
+                  server_weights: Mapping[str, float] | None = None,
+                  require_signatures: bool = False) -> RoundManifest:
     """Validate every update's header, metadata, layout and coverage (reading headers only), build the manifest and
     give every client its weight (:func:`assign_weights`).
 
     Bad updates are rejected with a reason naming the client; with ``policy='fail'`` the first one raises.
     Data-level faults (checksums, non-finite values) are found later by the functions that read the data.
+
+    ``require_signatures``: the round's digest must be cryptographic, and every update must be signed by a key the
+    store's registry holds for its client (not revoked), over its own metadata and verified header digest
+    (:func:`gradshard.security.signing.verify_signed_update`); the manifest records each signer. Without it,
+    signatures are ignored: neither checked nor recorded (an unverified signer must not show up as an identity).
     """
     spec = load_spec(store, r)
+    registry = _registry_for(store, spec) if require_signatures else None
     layout = spec.model_layout()
     digest = layout.digest()
     prefix = f"{round_prefix(r)}/updates/"
@@ -266,10 +286,11 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                                               f"{meta.client!r}")
                 if spec.cohort is not None and client not in spec.cohort:
                     raise UpdateError(client, "unknown client: not in this round's cohort")
+                signer = _verified_signer(registry, client, upd) if registry is not None else None
                 _check_meta(spec, digest, client, meta)
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
-                                               coverage=_checked_coverage(client, layout, meta))
+                                               coverage=_checked_coverage(client, layout, meta), signer=signer)
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc
@@ -279,6 +300,28 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
     assign_weights(manifest, weighting, server_weights)
     check_enough(manifest)
     return manifest
+
+
+def _registry_for(store: Store, spec: RoundSpec) -> KeyRegistry:
+    """The store's key registry, once the round's digest is found fit to back signatures."""
+    if not digests.algorithm(spec.digest).cryptographic:
+        raise RoundError(f"round {spec.round} requires signatures but its chunk digest is {spec.digest}, which "
+                         "authenticates nothing (a signature over xxh3 digests does not cover the data); open the "
+                         "round with digest 'blake3' or 'sha256'")
+    from gradshard.security.registry import KeyRegistry  # cryptography loads only for signed rounds
+
+    return KeyRegistry(store)
+
+
+def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader) -> str:
+    """The fingerprint of the registered key whose signature over ``upd`` verifies; :class:`UpdateError` with the
+    reason otherwise."""
+    from gradshard.security.signing import verify_signed_update
+
+    try:
+        return verify_signed_update(registry, client, upd.meta, upd.header_digest)
+    except SecurityError as exc:
+        raise UpdateError(client, str(exc)) from None
 
 
 def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout, attempts: int = 3) -> UpdateReader:

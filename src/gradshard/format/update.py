@@ -15,8 +15,10 @@ Metadata (all strings, keys prefixed ``gradshard.``): ``format`` (``2``; ``1`` i
 ``client``, ``round``, ``examples``, ``base_model``, ``layout`` (digest of the aggregated layout), ``checksum``
 (the chunk digest algorithm: ``xxh3_64``, ``blake3`` or ``sha256``), ``chunk_elems``, ``checksums`` (every chunk's
 digest, fixed-width hex, concatenated), optionally ``coverage``, and in format 2 ``header_digest``: the sha256 of
-the canonical JSON of the parsed header without that one field (:func:`header_digest`), so a changed bit anywhere
-in the header is found before any metadata is trusted. Writing lives in :mod:`gradshard.format.writer`.
+the canonical JSON of the parsed header without that field and ``signature`` (:func:`header_digest`), so a changed
+bit anywhere in the header is found before any metadata is trusted. A signed update adds ``signer`` (the key's
+fingerprint, 64 hex digits) and ``signature`` (128 hex digits, over the header digest and the chunk digests:
+:mod:`gradshard.security.signing`); older readers ignore both. Writing lives in :mod:`gradshard.format.writer`.
 """
 
 from __future__ import annotations
@@ -53,19 +55,24 @@ MAX_COVERAGE_BYTES = 64 * 1024
 _P = "gradshard."
 HEADER_DIGEST_KEY = f"{_P}header_digest"
 COVERAGE_KEY = f"{_P}coverage"
+SIGNER_KEY = f"{_P}signer"  # the signing key's fingerprint: 64 hex digits (gradshard.security.keys.fingerprint)
+SIGNATURE_KEY = f"{_P}signature"  # the Ed25519 signature: 128 hex digits (gradshard.security.signing)
+SIGNER_HEX, SIGNATURE_HEX = 64, 128
+_UNSIGNED = (HEADER_DIGEST_KEY, SIGNATURE_KEY)  # what the header digest leaves out
 Coverage = dict[str, tuple[int, ...]]
 
 
 # --- the header digest -------------------------------------------------------------------------------------------
 def canonical_header(header: Mapping[str, Any]) -> bytes:
-    """The canonical encoding of a parsed header without ``gradshard.header_digest``: sorted keys, no spaces.
+    """The canonical encoding of a parsed header without ``gradshard.header_digest`` and ``gradshard.signature``
+    (the signature covers the header digest): sorted keys, no spaces.
 
     Padding, key order and JSON formatting do not change it, so a file the plain safetensors library wrote
     (other key order, other padding) verifies as well as one of ours."""
     body = dict(header)
     metadata = body.get("__metadata__")
     if isinstance(metadata, Mapping):
-        body["__metadata__"] = {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}
+        body["__metadata__"] = {k: v for k, v in metadata.items() if k not in _UNSIGNED}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -205,6 +212,8 @@ class UpdateMeta:
     extra: Mapping[str, str] = field(default_factory=dict)
     digest: DigestName = digests.DEFAULT
     coverage: Coverage | None = None
+    signer: str = ""  # fingerprint of the key that signed it ("" unsigned); see gradshard.security.signing
+    signature: str = ""  # hex of the Ed25519 signature, set at commit
 
     def __post_init__(self) -> None:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
@@ -231,6 +240,10 @@ class UpdateMeta:
               f"{_P}checksums": self.checksums}
         if self.coverage is not None:
             md[COVERAGE_KEY] = encode_coverage(self.coverage)
+        if self.signer:
+            md[SIGNER_KEY] = self.signer
+        if self.signature:
+            md[SIGNATURE_KEY] = self.signature
         md.update({f"{_P}x.{k}": v for k, v in self.extra.items()})
         return md
 
@@ -269,13 +282,41 @@ class UpdateMeta:
         coverage = parse_coverage(client, md[COVERAGE_KEY]) if COVERAGE_KEY in md else None
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
         kind = need("kind")
+        signer, signature = _parse_signature(client, md)
         # an update's count is bounded (its weight must stay exact); an aggregate's is the sum of its clients'
         examples = positive_int("examples", 1, *((MAX_EXAMPLES, " (the most one client may report per round)")
                                                  if kind == "update" else ()))
         return cls(client=need("client"), round=positive_int("round", 0), examples=examples,
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
                    checksums=need("checksums"), base_model=need("base_model"), kind=kind, extra=extra,
-                   digest=digests.algorithm(algorithm).name, coverage=coverage)
+                   digest=digests.algorithm(algorithm).name, coverage=coverage, signer=signer,
+                   signature=signature)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signer)
+
+
+def _is_hex(text: str, width: int) -> bool:
+    return len(text) == width and all(c in "0123456789abcdef" for c in text)
+
+
+def _parse_signature(client: str, md: Mapping[str, str]) -> tuple[str, str]:
+    """``(signer, signature)`` checked structurally (fixed-width lowercase hex, both or neither); ("", "") when the
+    update is unsigned. Whether the signature verifies is decided where the registry is known."""
+    signer, signature = md.get(SIGNER_KEY), md.get(SIGNATURE_KEY)
+    if signer is None and signature is None:
+        return "", ""
+    if signer is None or signature is None:
+        missing = SIGNER_KEY if signer is None else SIGNATURE_KEY
+        raise UpdateError(client, f"metadata has a signer or a signature but not both ('{missing}' is missing)")
+    if not _is_hex(signer, SIGNER_HEX):
+        raise UpdateError(client, f"metadata field '{SIGNER_KEY}' must be {SIGNER_HEX} lowercase hex digits (a key "
+                                  f"fingerprint), got {signer[:20]!r}")
+    if not _is_hex(signature, SIGNATURE_HEX):
+        raise UpdateError(client, f"metadata field '{SIGNATURE_KEY}' must be {SIGNATURE_HEX} lowercase hex digits, "
+                                  f"got {signature[:20]!r}")
+    return signer, signature
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -429,6 +470,8 @@ class UpdateReader:
         self.reader, self.layout, self.meta = reader, layout, meta
         self.sha256, self.object_size = header.sha256, header.object_size
         self.format, self.header_verified = header.format, header.header_verified
+        # the header digest this reader's header was verified against ("" if none): what a signature covers
+        self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
         self.dtype = np.dtype(layout.flat_dtype)
         self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
         self._width = meta.hex_width
@@ -626,4 +669,4 @@ def inspect_update(store: Store, key: str, layout: ModelLayout | None = None,
             "chunks_verified": upd.grid.count, "non_finite_values": nonfinite, "layout_digest": meta.layout_digest,
             "format": header.format, "header_verified": header.header_verified, "digest": meta.digest,
             "coverage": ({k: list(v) for k, v in meta.coverage.items()} if meta.coverage is not None else None),
-            "extra": dict(meta.extra)}
+            "extra": dict(meta.extra), "signer": meta.signer or None}

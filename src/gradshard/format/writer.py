@@ -17,11 +17,12 @@ different processes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -32,36 +33,69 @@ from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout, TensorSpec, as_numpy, safetensors_dtype, tensor_dtype
 from gradshard.errors import GradshardError, InvocationError, LayoutError
 from gradshard.format.keys import check_client_id
-from gradshard.format.update import HEADER_DIGEST_KEY, MAX_HEADER_BYTES, Coverage, UpdateMeta, header_digest
+from gradshard.format.update import (
+    HEADER_DIGEST_KEY,
+    MAX_HEADER_BYTES,
+    SIGNATURE_HEX,
+    SIGNATURE_KEY,
+    Coverage,
+    UpdateMeta,
+    header_digest,
+)
 from gradshard.store import Store
+
+if TYPE_CHECKING:  # cryptography loads only when an update is signed (function packages may lack it)
+    from gradshard.security.keys import PrivateKey
+
+#: Signs a header digest: returns the signature's hex (see :func:`signer_for`).
+Sign = Callable[[str], str]
 
 _WRITE_PIECE_BYTES = 64 << 20  # bounds what one store write (and one cast) holds
 
 
 # --- headers -----------------------------------------------------------------------------------------------------
-def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The parsed form of a safetensors header with tensors stored in the order of ``specs``, digest included."""
-    header: dict[str, Any] = {"__metadata__": {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}}
+def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str], sign: Sign | None = None) -> dict[str, Any]:
+    """The parsed form of a safetensors header with tensors stored in the order of ``specs``, digest included, and
+    with ``sign``: the signature of that digest (the last field)."""
+    header: dict[str, Any] = {"__metadata__": {k: v for k, v in metadata.items()
+                                               if k not in (HEADER_DIGEST_KEY, SIGNATURE_KEY)}}
     offset = 0
     for spec in specs:
         header[spec.name] = {"dtype": safetensors_dtype(spec.dtype), "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
-    header["__metadata__"][HEADER_DIGEST_KEY] = header_digest(header)
+    digest = header_digest(header)
+    header["__metadata__"][HEADER_DIGEST_KEY] = digest
+    if sign is not None:
+        header["__metadata__"][SIGNATURE_KEY] = sign(digest)
     return header
 
 
-def encode_header(layout: ModelLayout, metadata: Mapping[str, str]) -> bytes:
-    """The 8-byte length and the space-padded JSON header of an object in layout order, with its header digest."""
-    blob = json.dumps(_header(layout, metadata), separators=(",", ":")).encode()
+def signer_for(meta: UpdateMeta, key: PrivateKey) -> Sign:
+    """What :func:`encode_header` takes to sign ``meta`` (its chunk digests included) with ``key``."""
+    from gradshard.security.signing import sign_update_meta
+
+    return lambda digest: sign_update_meta(meta, digest, key)
+
+
+def _placeholder_signature(digest: str) -> str:
+    return "0" * SIGNATURE_HEX
+
+
+def encode_header(layout: ModelLayout, metadata: Mapping[str, str], sign: Sign | None = None) -> bytes:
+    """The 8-byte length and the space-padded JSON header of an object in layout order, with its header digest
+    (and with ``sign``, its signature)."""
+    blob = json.dumps(_header(layout, metadata, sign), separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors pads the header with spaces to 8-byte alignment
     return struct.pack("<Q", len(blob)) + blob
 
 
 def header_length(layout: ModelLayout, meta: UpdateMeta) -> int:
-    """The bytes :func:`encode_header` will take for ``meta`` once its digests are known (they are fixed-width)."""
+    """The bytes :func:`encode_header` will take for ``meta`` once its digests (and, when ``meta.signer`` is set,
+    its signature) are known: they are all fixed-width hex."""
     count = checksum.ChunkGrid(layout.numel, meta.chunk_elems).count
-    return len(encode_header(layout, meta.with_checksums(["0" * meta.hex_width] * count).to_metadata()))
+    placeholder = dataclasses.replace(meta, signature="").with_checksums(["0" * meta.hex_width] * count)
+    return len(encode_header(layout, placeholder.to_metadata(), _placeholder_signature if meta.signer else None))
 
 
 def safetensors_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
@@ -101,14 +135,20 @@ class ObjectUpload:
     upload_id: str
     header_len: int
     state: Literal["open", "committed", "aborted"] = "open"
+    signer: PrivateKey | None = None
 
     @classmethod
-    def begin(cls, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> ObjectUpload:
+    def begin(cls, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta,
+              signer: PrivateKey | None = None) -> ObjectUpload:
+        """Open the upload; with ``signer`` (an Ed25519 private key) the object is signed at commit: its header
+        reserves room for the fingerprint and the signature (a cryptographic chunk digest is required)."""
+        meta = _signing_meta(key, meta, signer)
         header_len = header_length(layout, meta)
         if header_len - 8 > MAX_HEADER_BYTES:  # readers would refuse it: never write what nothing can read
             raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
                                  f"{MAX_HEADER_BYTES:,} readers accept; use fewer tensors or larger chunks")
-        return cls(store, key, layout, meta, store.begin_upload(key, header_len + layout.nbytes), header_len)
+        return cls(store, key, layout, meta, store.begin_upload(key, header_len + layout.nbytes), header_len,
+                   signer=signer)
 
     @property
     def grid(self) -> checksum.ChunkGrid:
@@ -140,13 +180,22 @@ class ObjectUpload:
             raise InvocationError(f"cannot commit {self.key!r}: chunk {bad}'s digest {chunk_digests[bad]!r} is not "
                                   f"{algorithm.hex_width} hex digits of {algorithm.name}")
         meta = self.meta.with_checksums([chunk_digests[i] for i in range(count)])
-        header = encode_header(self.layout, meta.to_metadata())
+        signatures: list[str] = []
+        sign: Sign | None = None
+        if self.signer is not None:
+            make = signer_for(meta, self.signer)
+
+            def sign(digest: str) -> str:
+                signatures.append(make(digest))
+                return signatures[-1]
+
+        header = encode_header(self.layout, meta.to_metadata(), sign)
         if len(header) != self.header_len:  # fixed-width fields: only a bug gets here
             raise GradshardError(f"header of {self.key!r} is {len(header)} bytes, {self.header_len} were reserved")
         self.store.write_at(self.key, self.upload_id, 0, header)
         self.store.complete_upload(self.key, self.upload_id)
         self.state = "committed"
-        return meta
+        return dataclasses.replace(meta, signature=signatures[0]) if signatures else meta
 
     def abort(self) -> None:
         """Discard the upload (nothing becomes visible); a no-op once committed or aborted."""
@@ -241,6 +290,20 @@ def merge_digests(parts: Iterable[Mapping[int, str]]) -> dict[int, str]:
 
 
 # --- one process, front to back ---------------------------------------------------------------------------------
+def _signing_meta(key: str, meta: UpdateMeta, signer: PrivateKey | None) -> UpdateMeta:
+    """``meta`` naming ``signer``'s fingerprint (refused for an xxh3 digest), or ``meta`` when unsigned."""
+    if signer is None:
+        if meta.signer or meta.signature:
+            raise GradshardError(f"the metadata of {key!r} names signer {meta.signer[:12]!r} but no private key was "
+                                 "given: pass signer=<the private key>")
+        return meta
+    from gradshard.security.keys import fingerprint
+    from gradshard.security.signing import require_cryptographic
+
+    require_cryptographic(meta.digest, f"signing {key!r}")
+    return dataclasses.replace(meta, signer=fingerprint(signer), signature="")
+
+
 class UpdateWriter:
     """Streams a flat vector into a new object from element 0 and publishes it on :meth:`commit`.
 
@@ -248,8 +311,9 @@ class UpdateWriter:
     as a context manager: leaving it by an exception, or without commit, aborts the upload.
     """
 
-    def __init__(self, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta) -> None:
-        self.upload = ObjectUpload.begin(store, key, layout, meta)
+    def __init__(self, store: Store, key: str, layout: ModelLayout, meta: UpdateMeta,
+                 signer: PrivateKey | None = None) -> None:
+        self.upload = ObjectUpload.begin(store, key, layout, meta, signer)
         self._range = self.upload.range_writer(0)
 
     @property
@@ -280,18 +344,21 @@ class UpdateWriter:
         self.abort()
 
 
-def write_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta) -> UpdateMeta:
-    """Write a whole flat vector as an object (atomically); returns ``meta`` with its chunk digests."""
+def write_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta, *,
+                 signer: PrivateKey | None = None) -> UpdateMeta:
+    """Write a whole flat vector as an object (atomically); returns ``meta`` with its chunk digests (and, with
+    ``signer``, its signer and signature: the update is signed, see :mod:`gradshard.security.signing`)."""
     if flat.shape != (layout.numel,):
         raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
-    with UpdateWriter(store, key, layout, meta) as writer:
+    with UpdateWriter(store, key, layout, meta, signer) as writer:
         writer.write(flat)
         return writer.commit()
 
 
 def update_metadata(layout: ModelLayout, tensors: Mapping[str, Any] | npt.NDArray[Any], *, client: str, round: int,
                     examples: int, base_model: str = "", chunk_elems: int | None = None,
-                    digest: DigestName = digests.DEFAULT, coverage: Coverage | None = None) -> dict[str, str]:
+                    digest: DigestName = digests.DEFAULT, coverage: Coverage | None = None,
+                    signer: PrivateKey | None = None) -> dict[str, str]:
     """Format-2 metadata for an update the plain safetensors library writes::
 
         safetensors.torch.save_file(tensors, path, metadata=update_metadata(layout, tensors, client=..., ...))
@@ -300,7 +367,8 @@ def update_metadata(layout: ModelLayout, tensors: Mapping[str, Any] | npt.NDArra
     arrays or torch tensors): every tensor of ``layout`` in its dtype and shape, plus any integer or bool buffers
     (kept: the reader ignores them); or the flat vector of ``layout`` (then save ``layout.unflatten(flat)``).
     Computed here is everything the reader verifies: the layout digest, every chunk's digest and the header digest
-    of the file the library writes from these tensors (in the order it stores them, :func:`safetensors_order`)."""
+    of the file the library writes from these tensors (in the order it stores them, :func:`safetensors_order`), and
+    with ``signer`` the signer's fingerprint and the signature (``digest`` must then be blake3 or sha256)."""
     if isinstance(tensors, np.ndarray):
         if tensors.shape != (layout.numel,):
             raise GradshardError(f"flat vector has shape {tensors.shape}, layout needs ({layout.numel},)")
@@ -316,7 +384,9 @@ def update_metadata(layout: ModelLayout, tensors: Mapping[str, Any] | npt.NDArra
                       layout_digest=layout.digest(), chunk_elems=chunk,
                       checksums=checksum.pack([hexes[i] for i in range(grid.count)]),
                       base_model=base_model, digest=digest, coverage=coverage)
-    header = _header(safetensors_order(files), meta.to_metadata())
+    meta = _signing_meta(f"{client}'s update", meta, signer)
+    header = _header(safetensors_order(files), meta.to_metadata(),
+                     signer_for(meta, signer) if signer is not None else None)
     if len(json.dumps(header, separators=(",", ":"))) > MAX_HEADER_BYTES:  # readers would refuse the file
         raise GradshardError(f"the header of {client!r}'s update would be over the {MAX_HEADER_BYTES:,} bytes "
                              "readers accept; use fewer tensors or larger chunks")
