@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load
 from pydantic import ValidationError
 
 from gradshard.aggregation.driver import AggregateConfig
@@ -67,3 +69,48 @@ def test_a_run_resumed_after_a_release_counts_it_once_and_gives_the_same_model(t
             [Release(noise_multiplier=0.8, sampler="fixed", population=8, sampled=4, steps=r + 1)], 1e-5))
     assert resumed[1]["central_dp"] == metrics[1]["central_dp"]
     assert once.get(model_key(2)) == twice.get(model_key(2))
+
+
+BATCHNORM_TASK = '''
+import torch
+from sklearn.datasets import load_breast_cancer
+
+from gradshard.fl.data import from_arrays, stratified_split
+from gradshard.fl.task import Task
+
+
+def data():
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    train, test = stratified_split(y, 0.25, seed=0)
+    return from_arrays(x[train], y[train], 2), from_arrays(x[test], y[test], 2)
+
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(30, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+task = Task(model=model, data=data, name="bn")
+'''
+
+
+def test_integer_buffers_are_never_clipped_or_noised(tmp_path: Path) -> None:
+    # Prepare: a model with BatchNorm (its num_batches_tracked is int64)
+    (tmp_path / "bn_task.py").write_text(BATCHNORM_TASK)
+    c = config(tmp_path, clients=4, per_round=4, rounds=1)
+    store = LocalStore(tmp_path / "run", fsync=False)
+
+    # Execute
+    with LocalExecutor(workers=2) as aggregation, LocalExecutor(workers=2, timeout_s=120.0) as clients:
+        trainer = Trainer(store, c, aggregation, clients, task=f"{tmp_path / 'bn_task.py'}:task")
+        metrics = trainer.run()
+
+    # Assert: the counter is a kept buffer (not in the aggregated, noised layout) and the server's copy is untouched;
+    # the float running statistics are data-dependent, so they are aggregated (clipped and noised) with the weights
+    names = {t.name: t.dtype for t in trainer.layout}
+    assert names["1.num_batches_tracked"] == "int64"
+    assert "1.num_batches_tracked" not in {t.name for t in trainer.averaged}
+    assert "1.running_mean" in {t.name for t in trainer.averaged}
+    assert metrics[0]["central_dp"] is not None and metrics[0]["aggregated"]
+    kept = load(store.get("models/kept.safetensors"))  # the server's initial value: clients trained 1 round
+    assert kept["1.num_batches_tracked"].dtype == np.int64 and int(kept["1.num_batches_tracked"][()]) == 0
