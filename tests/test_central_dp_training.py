@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load
 from pydantic import ValidationError
+from safetensors.numpy import load
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.fl.config import TrainConfig
