@@ -299,3 +299,26 @@ def test_closing_an_executor_leaves_a_ray_it_did_not_start_running(make_executor
 
     # Assert
     assert ray.is_initialized()
+
+
+def test_ray_tasks_verify_scoped_tokens_and_give_the_local_bytes(
+        make_executor: MakeExecutor, tmp_path: Path) -> None:
+    # Prepare: one round in two stores; the Ray executor mints a token per attempt, its tasks verify them
+    from gradshard.security.tokens import TokenIssuer
+
+    layout = synthetic(200_000, tensor_elems=50_000)
+    stores = [LocalStore(tmp_path / name, fsync=False) for name in ("local", "ray")]
+    for s in stores:
+        make_round(s, 0, layout, 4, seed=5)
+    config = AggregateConfig(topology="sharded", shards=3)
+    issuer = TokenIssuer.generate()
+
+    # Execute
+    with LocalExecutor(workers=2, retries=0) as local:
+        aggregate_round(stores[0], 0, local, config)
+    result = aggregate_round(stores[1], 0, make_executor(workers=2, retries=0, tokens=issuer), config)
+
+    # Assert: the same bytes, every task's token consumed once (one replay record per invocation)
+    assert stores[1].get(aggregate_key(0)) == stores[0].get(aggregate_key(0))
+    assert all(r.ok for r in result.reports)
+    assert len(stores[1].list("security/jti/")) == 3
