@@ -637,8 +637,8 @@ def arrive_late(monkeypatch: pytest.MonkeyPatch, rnd: TreeRound, client: str, de
     key = update_key(R, client)
     timers: list[threading.Timer] = []
 
-    def prepare_then_vanish(store: Store, r: int, *args: Any) -> RoundManifest:
-        manifest = real(store, r, *args)
+    def prepare_then_vanish(store: Store, r: int, *args: Any, **kwargs: Any) -> RoundManifest:
+        manifest = real(store, r, *args, **kwargs)
         if store.exists(key):
             blob = store.get(key)
             store.delete(key)
