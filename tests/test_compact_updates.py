@@ -402,3 +402,78 @@ def test_compact_updates_aggregate_in_worker_processes_on_a_local_store(tmp_path
     assert not result.manifest.rejected
     np.testing.assert_array_equal(bits(read_flat(rnd.store, aggregate_key(0), rnd.layout)), bits(expected))
     assert got == aggregate(rnd.store, shards=1)[0]
+
+
+def test_a_signed_compact_update_is_verified_at_validation_and_a_tampered_signature_rejected() -> None:
+    # Prepare: a blake3 round; c00 signs its compact update, c01 signs then has its signature replaced
+    from gradshard.security import keys
+    from gradshard.security.registry import KeyRegistry
+
+    rng = np.random.default_rng(13)
+    store = MemoryStore()
+    layout, channels = supernet(rng)
+    open_round(store, RoundSpec.create(0, layout, chunk_elems=32, digest="blake3"))
+    registry = KeyRegistry(store)
+    for client in ("c00", "c01"):
+        signer = keys.generate()
+        registry.register(client, signer.public_key())
+        coverage = subnetwork(rng, layout, channels)
+        values = rng.standard_normal(int(dense_mask(layout, coverage).sum())).astype(np.float32)
+        write_compact_update(store, update_key(0, client), layout, coverage, values, UpdateMeta(
+            client=client, round=0, examples=3, layout_digest=layout.digest(), chunk_elems=32, digest="blake3"),
+            signer=signer if client == "c00" else keys.generate())
+
+    # Execute
+    manifest = prepare_round(store, 0, require_signatures=True)
+
+    # Assert
+    assert [c.client for c in manifest.clients] == ["c00"] and manifest.clients[0].signer is not None
+    assert manifest.clients[0].compact
+    assert "unregistered" in manifest.rejected["c01"]
+
+
+def test_a_shard_function_holds_window_buffers_not_the_model() -> None:
+    # Prepare: a 2M-element supernet (8 MiB of float32), 3 compact clients, 64 KiB windows; the output upload is
+    # opened before tracing (the memory store allocates the whole object there)
+    import tracemalloc
+
+    from gradshard.aggregation.contracts import ReduceSettings
+    from gradshard.aggregation.functions import reduce_range
+    from gradshard.format.round import write_manifest
+    from gradshard.format.writer import ObjectUpload
+
+    layout = ModelLayout([TensorSpec("conv.weight", (512, 512, 2, 2), "float32"),
+                          TensorSpec("fc.weight", (1000, 1024), "float32")])
+    store = MemoryStore()
+    open_round(store, RoundSpec.create(0, layout, chunk_elems=1 << 14))
+    rng = np.random.default_rng(0)
+    for i, width in enumerate((512, 300, 128)):
+        coverage = {"conv.weight": (width, width, 2, 2), "fc.weight": (1000, 2 * width)}
+        k = int(dense_mask(layout, coverage).sum())
+        write_compact_update(store, update_key(0, f"c{i}"), layout, coverage,
+                             rng.standard_normal(k).astype(np.float32),
+                             UpdateMeta(client=f"c{i}", round=0, examples=1, layout_digest=layout.digest(),
+                                        chunk_elems=1 << 14))
+    manifest = prepare_round(store, 0)
+    write_manifest(store, manifest)
+    upload = ObjectUpload.begin(store, "out.safetensors", layout, UpdateMeta(
+        client="server", round=0, examples=3, kind="aggregate", layout_digest=layout.digest(),
+        chunk_elems=1 << 14))
+    settings = ReduceSettings(window_bytes=64 << 10, reducer="coverage-mean")
+
+    # Execute
+    tracemalloc.start()
+    try:
+        result = reduce_range(store, manifest, settings, upload.target(), 0, layout.numel)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Assert: well under one dense vector (8 MiB); bytes read are the compact sizes
+    assert peak < 1 << 20, peak
+    assert result.bytes_read_per_client == {c.client: c.size - _header_len(store, c.key) for c in manifest.clients}
+
+
+def _header_len(store: Store, key: str) -> int:
+    (n,) = struct.unpack("<Q", store.get(key)[:8])
+    return 8 + int(n)
