@@ -32,7 +32,7 @@ from gradshard.format.compact import (
 )
 from gradshard.format.keys import aggregate_key, update_key
 from gradshard.format.round import RoundSpec, open_round, prepare_round
-from gradshard.format.update import UpdateMeta, open_update, read_flat
+from gradshard.format.update import UpdateMeta, UpdateReader, open_update, read_flat
 from gradshard.format.writer import write_update
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.runtime.registry import parse_result
@@ -189,6 +189,48 @@ def test_covered_before_is_the_prefix_count_of_the_dense_mask(seed: int) -> None
 
     # Assert
     np.testing.assert_array_equal(got, prefix)
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=4), min_size=1, max_size=5),
+       data=st.data())
+def test_covered_before_handles_scalars_empty_extents_and_absent_tensors(shapes: list[list[int]],
+                                                                         data: st.DataObject) -> None:
+    # Prepare: any shapes (0-d included); each tensor absent, or any extents (0 included)
+    layout = ModelLayout(TensorSpec(f"t{i}", tuple(s), "float32") for i, s in enumerate(shapes))
+    coverage: Coverage = {}
+    for spec in layout:
+        if data.draw(st.booleans()):
+            coverage[spec.name] = tuple(data.draw(st.integers(0, d)) for d in spec.shape)
+    prefix = np.concatenate(([0], np.cumsum(dense_mask(layout, coverage))))
+
+    # Execute
+    cov = CoverageMap(layout, coverage)
+
+    # Assert
+    np.testing.assert_array_equal([cov.covered_before(j) for j in range(layout.numel + 1)], prefix)
+    with pytest.raises(GradshardError):
+        cov.covered_before(layout.numel + 1)
+
+
+def test_the_streaming_writer_in_pieces_writes_the_bytes_of_the_one_shot_writer() -> None:
+    # Prepare
+    from gradshard.format.compact import CompactWriter
+
+    rnd = Round(seed=15, n=2)
+    client = "c01"
+    packed = rnd.vecs[client][dense_mask(rnd.layout, rnd.coverages[client])]
+
+    # Execute: pieces of 1, 7, 50 elements, then the rest
+    with CompactWriter(rnd.store, "streamed.safetensors", rnd.layout, rnd.coverages[client],
+                       rnd.meta(client)) as writer:
+        for lo, hi in ((0, 1), (1, 8), (8, 58), (58, len(packed))):
+            writer.write(packed[lo:hi])
+        meta = writer.commit()
+
+    # Assert
+    assert rnd.store.get("streamed.safetensors") == rnd.store.get(update_key(0, client))
+    assert meta.compact and meta.coverage == rnd.coverages[client]
 
 
 @settings(max_examples=40, deadline=None)
@@ -477,3 +519,36 @@ def test_a_shard_function_holds_window_buffers_not_the_model() -> None:
 def _header_len(store: Store, key: str) -> int:
     (n,) = struct.unpack("<Q", store.get(key)[:8])
     return 8 + int(n)
+
+
+def test_on_s3_a_compact_input_reads_its_shard_with_one_ranged_get(s3_store: Any) -> None:
+    # Prepare: one compact client on S3, a shard of 5 chunks read in windows of 37 elements
+    from gradshard.aggregation.inputs import CompactInput
+
+    rnd = Round(seed=14, n=2, store=s3_store)
+    client, chunk = "c01", rnd.chunk
+    start, stop = 2 * chunk, 7 * chunk
+    mask = dense_mask(rnd.layout, rnd.coverages[client])
+    assert mask[start:stop].any() and not mask[start:stop].all()  # a partly covered shard
+    reader = open_client_update(s3_store, update_key(0, client), client, rnd.layout)
+    buffer = np.empty(37, dtype=np.float32)
+    gets_before = s3_store.io.gets
+
+    # Execute
+    got = np.full(stop - start, np.nan, dtype=np.float32)
+    with reader:
+        assert not isinstance(reader, UpdateReader)
+        source = CompactInput(reader, start, stop, len(buffer))
+        for a in range(start, stop, len(buffer)):
+            b = min(a + len(buffer), stop)
+            covered = source.read(a, b, buffer[: b - a])
+            if covered is False:
+                continue
+            window = got[a - start : b - start]
+            np.copyto(window, buffer[: b - a], where=np.ones(b - a, dtype=bool) if covered is None else covered)
+
+    # Assert: the covered values in place, one GET, exactly the covered bytes
+    assert s3_store.io.gets - gets_before == 1
+    assert source.bytes_read == 4 * int(mask[start:stop].sum())
+    np.testing.assert_array_equal(got[mask[start:stop]], rnd.vecs[client][start:stop][mask[start:stop]])
+    assert np.isnan(got[~mask[start:stop]]).all()

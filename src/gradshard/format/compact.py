@@ -28,6 +28,7 @@ from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
 from gradshard.format.update import (
+    HEADER_DIGEST_KEY,
     MAX_HEADER_BYTES,
     SIGNATURE_HEX,
     UpdateHeader,
@@ -36,7 +37,7 @@ from gradshard.format.update import (
     check_layout,
     read_header,
 )
-from gradshard.format.writer import _signing_meta, encode_header, signer_for
+from gradshard.format.writer import _signing_meta, encode_header, signer_for  # the writer's signing rules
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
@@ -258,7 +259,7 @@ class CompactReader:
         self.client, self.reader, self.layout, self.meta = client, reader, layout, meta
         self.sha256, self.object_size = header.sha256, header.object_size
         self.format, self.header_verified = header.format, header.header_verified
-        self.header_digest = header.metadata.get("gradshard.header_digest", "") if header.header_verified else ""
+        self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
         self.dtype = np.dtype(layout.flat_dtype)
         self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
         names = sorted(n for n in header.tensors)
@@ -275,7 +276,7 @@ class CompactReader:
         if len(meta.checksums) != self.grid.count * meta.hex_width:
             raise UpdateError(client, f"checksums do not match the layout: {self.grid.count} chunks need "
                                       f"{self.grid.count * meta.hex_width} hex digits, got {len(meta.checksums)}")
-        self._data = header.data_start + entry.begin
+        self.data_start = header.data_start + entry.begin  # byte offset of compact element 0
 
     def checksum_of(self, index: int) -> str:
         width = self.meta.hex_width
@@ -321,7 +322,7 @@ class CompactStream:
         self.pos, self.stop = self._chunks.pos, update.coverage.covered_before(stop)
         size = update.dtype.itemsize
         if self.stop > self.pos:
-            update.reader.expect(update._data + self.pos * size, update._data + self.stop * size)
+            update.reader.expect(update.data_start + self.pos * size, update.data_start + self.stop * size)
 
     @property
     def remaining(self) -> int:
@@ -333,7 +334,7 @@ class CompactStream:
             raise GradshardError(f"read past the end of the compact stream at element {self.stop}")
         if len(out):
             size = self.update.dtype.itemsize
-            self.update.reader.read_into(self.update._data + self.pos * size, as_bytes(out))
+            self.update.reader.read_into(self.update.data_start + self.pos * size, as_bytes(out))
         self.pos += len(out)
         for index, digest in self._chunks.feed(out):
             if digest != self.update.checksum_of(index):
