@@ -349,20 +349,23 @@ def test_compact_updates_aggregate_to_the_bytes_of_full_size_coverage_updates() 
 
 
 def test_a_tampered_compact_chunk_rejects_that_client_by_name_and_the_round_completes() -> None:
-    # Prepare: flip one bit of c02's compact data
+    # Prepare: flip one bit of c02's and of c04's compact data
     rnd = Round(seed=4)
-    key = update_key(0, "c02")
-    blob = bytearray(rnd.store.get(key))
-    (n,) = struct.unpack("<Q", blob[:8])
-    blob[8 + n + 4 * 5] ^= 0x10
-    rnd.store.put(key, bytes(blob))
+    for client, element in (("c02", 5), ("c04", -1)):
+        key = update_key(0, client)
+        blob = bytearray(rnd.store.get(key))
+        (n,) = struct.unpack("<Q", blob[:8])
+        offset = 8 + n + 4 * element if element >= 0 else len(blob) - 2
+        blob[offset] ^= 0x10
+        rnd.store.put(key, bytes(blob))
 
     # Execute
     _, result = aggregate(rnd.store, shards=4, window_bytes=WINDOW_BYTES)
 
-    # Assert
+    # Assert: both named (found in one pass), the rest aggregated as if they had never sent anything
     assert "checksum mismatch" in result.manifest.rejected["c02"]
-    remaining = [c for c in rnd.vecs if c != "c02"]
+    assert "checksum mismatch" in result.manifest.rejected["c04"]
+    remaining = [c for c in rnd.vecs if c not in ("c02", "c04")]
     expected = rnd.reference({c: float(e) for c, e in rnd.examples.items()}, remaining)
     np.testing.assert_array_equal(bits(read_flat(rnd.store, aggregate_key(0), rnd.layout)), bits(expected))
 
