@@ -294,7 +294,7 @@ class CompactReader:
         stream = self.stream(start, stop)
         k = stream.remaining
         stream.read_next(out[:k])
-        scatter(self.coverage, start, stop, out, k)
+        scatter(self.coverage, start, stop, out, k, self.coverage.mask(start, stop, np.empty(stop - start, bool)))
 
     def check_empty_chunks(self) -> None:
         """Validation (header only): every chunk with nothing covered must carry the digest of zero bytes."""
