@@ -10,19 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from gradshard.aggregation.contracts import FlatReduceArgs, OutputTarget, ReduceResult, ReduceSettings, ShardReduceArgs
-from gradshard.aggregation.inputs import ClientInput, PreviousModel
+from gradshard.aggregation.inputs import PreviousModel, UpdateInput, client_input
 from gradshard.core import checksum
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import all_finite
 from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse_reducer
 from gradshard.errors import BadUpdatesError, GradshardError, RoundError, UpdateError
+from gradshard.format.compact import CompactReader, open_client_update
 from gradshard.format.keys import round_of_key
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
@@ -32,13 +33,21 @@ from gradshard.runtime.registry import register
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
 
+Reader = TypeVar("Reader", UpdateReader, UpdateReader | CompactReader)
+
 
 def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
-    readers: list[UpdateReader] = []
+    """Every client's full-size reader (a compact update is refused here: read it through :func:`open_inputs`)."""
+    return _open_all(store, manifest, layout, open_update)
+
+
+def _open_all(store: Store, manifest: RoundManifest, layout: ModelLayout,
+              opener: Callable[[Store, str, str, ModelLayout, str], Reader]) -> list[Reader]:
+    readers: list[Reader] = []
     try:
         for entry in manifest.clients:
-            # the header's sha256 pins the bytes the validation checked; a changed header is refused by open_update
-            readers.append(open_update(store, entry.key, entry.client, layout, entry.header_sha256))
+            # the header's sha256 pins the bytes the validation checked; a changed header is refused by the opener
+            readers.append(opener(store, entry.key, entry.client, layout, entry.header_sha256))
     except BaseException:
         for r in readers:
             r.close()
@@ -121,7 +130,7 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
                         bytes_read_per_client=read_per_client)
 
 
-def _reduce_window(reducer: Reducer, pool: ThreadPoolExecutor | None, inputs: list[ClientInput], batch: int,
+def _reduce_window(reducer: Reducer, pool: ThreadPoolExecutor | None, inputs: list[UpdateInput], batch: int,
                    a: int, b: int, previous: Callable[[int, int, npt.NDArray[Any]], None] | None) -> npt.NDArray[Any]:
     """Feed window ``[a, b)`` of every client to the reducer, ``batch`` clients read at a time, folded in order."""
     reducer.start(b - a)
@@ -135,21 +144,26 @@ def _reduce_window(reducer: Reducer, pool: ThreadPoolExecutor | None, inputs: li
     return reducer.finish(None if previous is None else partial(previous, a, b))
 
 
-def _read_batch(pool: ThreadPoolExecutor | None, jobs: list[tuple[int, ClientInput]], a: int, b: int,
+def _read_batch(pool: ThreadPoolExecutor | None, jobs: list[tuple[int, UpdateInput]], a: int, b: int,
                 reducer: Reducer) -> list[npt.NDArray[np.bool_] | bool | None]:
     """Read window ``[a, b)`` of a batch of clients into their reducer buffers (at once with a pool)."""
-    def read(job: tuple[int, ClientInput]) -> npt.NDArray[np.bool_] | bool | None:
+    def read(job: tuple[int, UpdateInput]) -> npt.NDArray[np.bool_] | bool | None:
         return job[1].read(a, b, reducer.buffer(job[0]))
 
     return [read(job) for job in jobs] if pool is None else list(pool.map(read, jobs))
 
 
 def open_inputs(store: Store, manifest: RoundManifest, layout: ModelLayout, start: int, stop: int,
-                window: int) -> list[ClientInput]:
-    """Every client's verified input over ``[start, stop)``, with its coverage when it declared one."""
-    readers = open_clients(store, manifest, layout)
-    return [ClientInput(reader, start, stop, None if entry.coverage is None else CoverageMap(layout, entry.coverage),
-                        window) for reader, entry in zip(readers, manifest.clients, strict=True)]
+                window: int) -> list[UpdateInput]:
+    """Every client's verified input over ``[start, stop)``: full-size with its coverage when it declared one, or
+    compact."""
+    readers = _open_all(store, manifest, layout, open_client_update)
+    return [client_input(reader, start, stop, _coverage(layout, entry.coverage), window)
+            for reader, entry in zip(readers, manifest.clients, strict=True)]
+
+
+def _coverage(layout: ModelLayout, extents: dict[str, tuple[int, ...]] | None) -> CoverageMap | None:
+    return None if extents is None else CoverageMap(layout, extents)
 
 
 def open_previous(store: Store, manifest: RoundManifest, layout: ModelLayout) -> PreviousModel | None:
@@ -176,12 +190,11 @@ def find_bad_clients(store: Store, manifest: RoundManifest, layout: ModelLayout,
         if entry.client in bad:
             continue
         try:
-            reader = open_update(store, entry.key, entry.client, layout, entry.header_sha256)
+            reader = open_client_update(store, entry.key, entry.client, layout, entry.header_sha256)
         except UpdateError as exc:
             bad[entry.client] = exc.reason
             continue
-        coverage = None if entry.coverage is None else CoverageMap(layout, entry.coverage)
-        client = ClientInput(reader, start, stop, coverage, window)
+        client = client_input(reader, start, stop, _coverage(layout, entry.coverage), window)
         try:
             for a in range(start, stop, window):
                 b = min(a + window, stop)
@@ -199,16 +212,13 @@ def find_bad_clients(store: Store, manifest: RoundManifest, layout: ModelLayout,
     return bad
 
 
-def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout, inputs: Sequence[ClientInput],
+def nonfinite_culprit(store: Store, manifest: RoundManifest, layout: ModelLayout, inputs: Sequence[UpdateInput],
                       a: int, b: int) -> GradshardError:
     """Find which client put NaN/inf into window ``[a, b)`` among the elements it covers (re-reading it); else the
     reduction itself overflowed."""
     values = np.empty(b - a, dtype=layout.flat_dtype)
     for entry, client in zip(manifest.clients, inputs, strict=True):
-        lo, hi = client.reader.grid.extent(a, b)
-        whole = np.empty(hi - lo, dtype=layout.flat_dtype)
-        client.reader.read_verified(lo, hi, whole)
-        values[:] = whole[a - lo : b - lo]
+        client.read_again(a, b, values)
         covered = client.covered(a, b)
         bad = ~np.isfinite(values) if covered is None else ~np.isfinite(values) & covered
         if bad.any():

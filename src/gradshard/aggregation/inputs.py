@@ -5,6 +5,11 @@ is read only over the checksum chunks that hold covered elements: a chunk is ver
 the covered ranges rounded out to chunk boundaries, and chunks with nothing covered are never read. For each
 window the input says which elements the client covers (a mask built from the coverage's runs), or that it has
 nothing there at all.
+
+A compact update (:mod:`gradshard.format.compact`: only the covered elements) is read by :class:`CompactInput`:
+one sequential verified stream over the compact elements of the function's range, each window's ``k`` covered
+values read into the front of the window buffer and moved to their covered places; bytes read are exactly the
+covered elements times the itemsize.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gradshard.core.coverage import CoverageMap
+from gradshard.format.compact import CompactReader, scatter
 from gradshard.format.update import UpdateReader, VerifiedStream
 
 
@@ -86,8 +92,68 @@ class ClientInput:
             return None
         return self.coverage.mask(a, b, np.empty(b - a, dtype=np.bool_))
 
+    def read_again(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
+        """Re-read window ``[a, b)`` on its own (whole chunks, verified), apart from the stream: to find a culprit."""
+        lo, hi = self.reader.grid.extent(a, b)
+        whole = np.empty(hi - lo, dtype=self.reader.dtype)
+        self.reader.read_verified(lo, hi, whole)
+        out[:] = whole[a - lo : b - lo]
+
     def close(self) -> None:
         self.reader.close()
+
+
+class CompactInput:
+    """Reads of one compact update over ``[start, stop)`` (chunk-aligned), window by window, in order.
+
+    Same interface as :class:`ClientInput`. Memory: one window mask; the window buffer is the reducer's."""
+
+    def __init__(self, reader: CompactReader, start: int, stop: int, mask_capacity: int = 0) -> None:
+        self.reader, self.coverage = reader, reader.coverage
+        self.client = reader.client
+        self.bytes_read = 0
+        self._itemsize = reader.dtype.itemsize
+        self._stream = reader.stream(start, stop)
+        self._pos = self.coverage.covered_before(start)  # compact offset of the next window's first value
+        self._mask = np.empty(mask_capacity, dtype=np.bool_)
+
+    def read(self, a: int, b: int, out: npt.NDArray[Any]) -> npt.NDArray[np.bool_] | bool | None:
+        """See :meth:`ClientInput.read`; windows must follow each other from ``start``."""
+        end = self.coverage.covered_before(b)
+        k, self._pos = end - self._pos, end
+        if k == 0:
+            return False
+        self._stream.read_next(out[:k])
+        self.bytes_read += k * self._itemsize
+        if k == b - a:
+            return None
+        mask = self.coverage.mask(a, b, self._mask)
+        scatter(self.coverage, a, b, out, k, mask)
+        return mask
+
+    def covered(self, a: int, b: int) -> npt.NDArray[np.bool_] | None:
+        return self.coverage.mask(a, b, np.empty(b - a, dtype=np.bool_))
+
+    def read_again(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
+        """Re-read the covered elements of window ``[a, b)`` on its own (whole chunks, verified) into ``out``."""
+        lo, hi = self.reader.grid.extent(a, b)
+        whole = np.empty(hi - lo, dtype=self.reader.dtype)
+        self.reader.read_verified(lo, hi, whole)
+        out[:] = whole[a - lo : b - lo]
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+UpdateInput = ClientInput | CompactInput
+
+
+def client_input(reader: UpdateReader | CompactReader, start: int, stop: int,
+                 coverage: CoverageMap | None, window: int) -> UpdateInput:
+    """The input that reads ``reader`` over ``[start, stop)``: compact or full-size (with its coverage, if any)."""
+    if isinstance(reader, CompactReader):
+        return CompactInput(reader, start, stop, window)
+    return ClientInput(reader, start, stop, coverage, window)
 
 
 class PreviousModel:

@@ -37,8 +37,9 @@ from gradshard.errors import (
     UnsafeObjectError,
     UpdateError,
 )
+from gradshard.format.compact import CompactReader, open_client_update
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
-from gradshard.format.update import UpdateMeta, UpdateReader, open_update
+from gradshard.format.update import UpdateMeta, UpdateReader
 from gradshard.store import Store
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class ClientEntry(BaseModel):
     norm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     # the fingerprint of the key whose signature was verified at validation (rounds that require signatures only)
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # the object holds only the covered elements, in layout order (gradshard.format.compact)
+    compact: bool = False
 
     @property
     def partial(self) -> bool:
@@ -290,7 +293,8 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 _check_meta(spec, digest, client, meta)
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
-                                               coverage=_checked_coverage(client, layout, meta), signer=signer)
+                                               coverage=_checked_coverage(client, layout, meta), signer=signer,
+                                               compact=meta.compact)
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc
@@ -313,7 +317,7 @@ def _registry_for(store: Store, spec: RoundSpec) -> KeyRegistry:
     return KeyRegistry(store)
 
 
-def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader) -> str:
+def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader | CompactReader) -> str:
     """The fingerprint of the registered key whose signature over ``upd`` verifies; :class:`UpdateError` with the
     reason otherwise."""
     from gradshard.security.signing import verify_signed_update
@@ -324,12 +328,13 @@ def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader) -> s
         raise UpdateError(client, str(exc)) from None
 
 
-def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout, attempts: int = 3) -> UpdateReader:
+def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout,
+                   attempts: int = 3) -> UpdateReader | CompactReader:
     """Open an update, retrying store errors (a transient error says nothing about the update: it must neither
     reject the client nor escape as a traceback); content errors (UpdateError) are raised at once."""
     for attempt in range(1, attempts + 1):
         try:
-            return open_update(store, key, client, layout)
+            return open_client_update(store, key, client, layout)
         except UnsafeObjectError:
             raise
         except ObjectNotFoundError:

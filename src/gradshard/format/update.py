@@ -55,6 +55,7 @@ MAX_COVERAGE_BYTES = 64 * 1024
 _P = "gradshard."
 HEADER_DIGEST_KEY = f"{_P}header_digest"
 COVERAGE_KEY = f"{_P}coverage"
+COMPACT_KEY = f"{_P}compact"  # "1": the data is only the covered elements (gradshard.format.compact)
 SIGNER_KEY = f"{_P}signer"  # the signing key's fingerprint: 64 hex digits (gradshard.security.keys.fingerprint)
 SIGNATURE_KEY = f"{_P}signature"  # the Ed25519 signature: 128 hex digits (gradshard.security.signing)
 SIGNER_HEX, SIGNATURE_HEX = 64, 128
@@ -214,9 +215,13 @@ class UpdateMeta:
     coverage: Coverage | None = None
     signer: str = ""  # fingerprint of the key that signed it ("" unsigned); see gradshard.security.signing
     signature: str = ""  # hex of the Ed25519 signature, set at commit
+    compact: bool = False  # the data holds only the covered elements (gradshard.format.compact)
 
     def __post_init__(self) -> None:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
+        if self.compact and self.coverage is None:
+            raise GradshardError(f"compact update of client {self.client!r} needs a coverage (the elements it "
+                                 "holds)")
         if self.kind == "update" and not 1 <= self.examples <= MAX_EXAMPLES:
             raise GradshardError(f"update of client {self.client!r}: examples must be between 1 and {MAX_EXAMPLES} "
                                  f"(the most one client may report per round), got {self.examples}")
@@ -240,6 +245,8 @@ class UpdateMeta:
               f"{_P}checksums": self.checksums}
         if self.coverage is not None:
             md[COVERAGE_KEY] = encode_coverage(self.coverage)
+        if self.compact:
+            md[COMPACT_KEY] = "1"
         if self.signer:
             md[SIGNER_KEY] = self.signer
         if self.signature:
@@ -280,6 +287,10 @@ class UpdateMeta:
             raise UpdateError(client, f"unsupported checksum {algorithm!r} for format {version} (expected "
                                       f"{expected})")
         coverage = parse_coverage(client, md[COVERAGE_KEY]) if COVERAGE_KEY in md else None
+        compact = md.get(COMPACT_KEY)
+        if compact is not None and (compact != "1" or coverage is None):
+            raise UpdateError(client, f"metadata field '{COMPACT_KEY}' must be \"1\" and come with "
+                                      f"'{COVERAGE_KEY}' (the elements a compact update holds), got {compact[:8]!r}")
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
         kind = need("kind")
         signer, signature = _parse_signature(client, md)
@@ -290,7 +301,7 @@ class UpdateMeta:
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
                    checksums=need("checksums"), base_model=need("base_model"), kind=kind, extra=extra,
                    digest=digests.algorithm(algorithm).name, coverage=coverage, signer=signer,
-                   signature=signature)
+                   signature=signature, compact=compact is not None)
 
     @property
     def signed(self) -> bool:
@@ -593,6 +604,9 @@ def open_update(store: Store, key: str, client: str, layout: ModelLayout,
     try:
         header = read_header(reader, key, client, trusted_sha256)
         meta = UpdateMeta.from_metadata(client, header.metadata)
+        if meta.compact:
+            raise UpdateError(client, f"object {key!r} is a compact update (only its covered elements); read it "
+                                      "with gradshard.format.compact.open_client_update")
         check_layout(client, header, layout)
         return UpdateReader(reader, header, layout, meta)
     except BaseException:
