@@ -304,3 +304,23 @@ def test_a_tampered_client_is_rejected_in_the_norm_phase_before_any_noise(tmp_pa
     assert sha_of(store, 0) == sha_of(reference, 0)
     with pytest.raises(RoundError, match="bad updates"):
         aggregate_round(store, 0, InlineExecutor(), config.model_copy(update={"policy": "fail"}))
+
+
+def test_compact_updates_get_the_norms_and_bytes_of_full_size_ones(tmp_path: Path) -> None:
+    from gradshard.format.compact import write_compact_update
+
+    updates = random_updates(3, seed=11)
+    full, compact = MemoryStore(), MemoryStore()
+    open_dp_round(full, 0, updates)
+    open_round(compact, RoundSpec.create(0, LAYOUT, chunk_elems=CHUNK))
+    everything = {t.name: list(t.shape) for t in LAYOUT}
+    for client, values in updates.items():
+        write_compact_update(compact, update_key(0, client), LAYOUT, everything, values, UpdateMeta(
+            client=client, round=0, examples=7, layout_digest=LAYOUT.digest(), chunk_elems=CHUNK))
+    config = AggregateConfig(shards=3, weighting="uniform", central_dp=dp(tmp_path / "k"))
+
+    results = [aggregate_round(s, 0, InlineExecutor(), config) for s in (full, compact)]
+
+    assert all(c.compact for c in results[1].manifest.clients)
+    assert [c.norm for c in results[0].manifest.clients] == [c.norm for c in results[1].manifest.clients]
+    assert sha_of(full, 0) == sha_of(compact, 0)

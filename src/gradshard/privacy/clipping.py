@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from gradshard.aggregation.contracts import Contract, RoundRef
-from gradshard.aggregation.functions import open_clients
+from gradshard.aggregation.functions import open_inputs
 from gradshard.core import checksum
 from gradshard.errors import GradshardError, PrivacyError, UpdateError
 from gradshard.format.keys import round_of_key
@@ -69,26 +69,26 @@ def client_norms(args: NormArgs, store: Store) -> NormResult:
     scratch = np.empty(chunk, dtype=np.float64)
     partials: dict[str, list[float]] = {}
     bad: dict[str, str] = {}
-    readers = open_clients(store, manifest, layout)
+    inputs = open_inputs(store, manifest, layout, args.start, args.stop, chunk)  # full-size or compact updates
     try:
-        for reader in readers:
-            stream = reader.stream(args.start, args.stop)
+        for client in inputs:
             sums: list[float] = []
             try:
                 for index in grid.covering(args.start, args.stop):
                     a, b = grid.bounds(index)
                     values = buffer[: b - a]
-                    stream.read_next(values)
+                    values.fill(0)  # elements a partial client does not cover count as 0
+                    client.read(a, b, values)
                     sums.extend(chunk_square_sums(values, grid, a, scratch))
                     if not math.isfinite(sums[-1]) or not np.isfinite(values).all():
-                        raise UpdateError(reader.client, f"non-finite values (NaN or inf) in elements [{a}, {b})")
+                        raise UpdateError(client.client, f"non-finite values (NaN or inf) in elements [{a}, {b})")
             except UpdateError as exc:
-                bad[reader.client] = exc.reason
+                bad[client.client] = exc.reason
                 continue
-            partials[reader.client] = sums
+            partials[client.client] = sums
     finally:
-        for reader in readers:
-            reader.close()
+        for client in inputs:
+            client.close()
     return NormResult(first_chunk=args.start // grid.chunk_elems, partials=partials, bad=bad)
 
 
