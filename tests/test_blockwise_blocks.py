@@ -15,6 +15,7 @@ from gradshard.blockwise.blocks import (
     StageModel,
     active_range,
     block_parameter_names,
+    child_sizes,
     output_module,
     split_sequential,
     stage_loss,
@@ -112,3 +113,15 @@ def test_memory_tiers_train_different_stages_in_the_same_round() -> None:
     assigned, idle = assign(3, {"big": 1000, "mid": 350, "small": 150, "tiny": 50}, need)
     assert assigned == {"big": 3, "mid": 2, "small": 0}
     assert "below every stage up to 3" in idle["tiny"]
+
+
+def test_blocks_are_balanced_by_the_given_sizes() -> None:
+    model = cnn()
+    # the final linear layer holds 10,250 of the 13,818 parameters: alone it is block 1 (children 5-7)
+    assert split_sequential(model, 2).bounds == (0, 5, 8)
+    # all the size in the first convolution: it is block 0 on its own
+    assert split_sequential(model, 2, [100.0, 0, 0, 0, 0, 0, 0, 1.0]).bounds == (0, 1, 8)
+    sizes = child_sizes(model, torch.randn(32, 1, 8, 8))
+    assert sizes[0] == 80 + 32 * 8 * 64 and sizes[7] == 10_250 + 32 * 10  # parameters + output elements
+    with pytest.raises(GradshardError, match="one per child"):
+        split_sequential(model, 2, [1.0, 2.0])

@@ -62,9 +62,11 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def split_sequential(model: nn.Module, blocks: int | Sequence[int]) -> BlockSplit:
-    """Cut ``model``'s children into ``blocks`` contiguous blocks of about equal parameter counts (each holding at
-    least one child with parameters), or at the given child indices (``[0, 2, 5, 7]``: three blocks)."""
+def split_sequential(model: nn.Module, blocks: int | Sequence[int], sizes: Sequence[float] | None = None
+                     ) -> BlockSplit:
+    """Cut ``model``'s children into ``blocks`` contiguous blocks of about equal size — parameter counts, or the
+    given per-child ``sizes`` (e.g. parameters plus activations, :func:`child_sizes`: what a stage's memory is) —
+    each holding at least one child with parameters; or at the given child indices (``[0, 2, 5, 7]``: three)."""
     children = _children(model)
     if not isinstance(blocks, int):
         split = BlockSplit(tuple(blocks))
@@ -73,13 +75,16 @@ def split_sequential(model: nn.Module, blocks: int | Sequence[int]) -> BlockSpli
                                  f"{list(split.bounds)}")
         return split
     counts = [_param_count(c) for c in children]
+    weights = list(sizes) if sizes is not None else [float(n) for n in counts]
+    if len(weights) != len(children) or not all(w >= 0 for w in weights):
+        raise GradshardError(f"sizes must give {len(children)} values >= 0, one per child")
     heavy = sum(1 for n in counts if n > 0)
     if not 1 <= blocks <= heavy:
         raise GradshardError(f"cannot cut {heavy} children with parameters into {blocks} blocks")
-    total = sum(counts)
-    bounds, seen, heavy_after = [0], 0, heavy
+    total = sum(weights)
+    bounds, seen, heavy_after = [0], 0.0, heavy
     for i, n in enumerate(counts):
-        seen += n
+        seen += weights[i]
         heavy_after -= n > 0
         later_blocks = blocks - len(bounds)  # blocks that must still start after this one
         if later_blocks and n > 0 and heavy_after >= later_blocks and (
@@ -87,6 +92,19 @@ def split_sequential(model: nn.Module, blocks: int | Sequence[int]) -> BlockSpli
             bounds.append(i + 1)
     bounds.append(len(children))
     return BlockSplit(tuple(bounds))
+
+
+def child_sizes(model: nn.Module, batch: Tensor) -> list[float]:
+    """Per child: its parameters plus the elements of its output for ``batch`` (what training it keeps)."""
+    import torch
+
+    sizes = []
+    with torch.no_grad():
+        x = batch
+        for child in _children(model):
+            x = child(x)
+            sizes.append(float(_param_count(child) + x.numel()))
+    return sizes
 
 
 def block_parameter_names(model: nn.Module, split: BlockSplit, t: int) -> list[str]:
