@@ -81,17 +81,19 @@ def run_family(path: Path, config: TrainConfig, clients: LocalExecutor) -> dict[
     history = trainer.run(lambda m: log.info("family round %d: %s", m.round, " ".join(
         f"{s['label']}={s['test_accuracy']:.3f}" for s in (m.plugin or {}).get("subnets", []))))
     wall = time.perf_counter() - started
-    flops = 0.0
+    flops = compact = 0.0
     for m in history:
         for client, index in m["plugin"]["assignment"].items():
             if client in m["aggregated"]:
                 flops += train_flops(plugin.macs[index], examples_of(store, client), config.epochs)
+                compact += 4 * plugin.params[index]  # float32 payload of a compact update (part 1 of issue 14)
     return {"history": [m["plugin"]["subnets"] for m in history], "wall_s": wall, "train_flops": flops,
+            "compact_payload_bytes": compact,
             "model_bytes": len(store.get(model_key(0))), **client_totals(store, config.rounds)}
 
 
 def run_separate(path: Path, config: TrainConfig, depth: tuple[int, ...], channels: tuple[int, ...],
-                 group_size: int, macs: int, clients: LocalExecutor) -> dict[str, Any]:
+                 group_size: int, macs: int, params: int, clients: LocalExecutor) -> dict[str, Any]:
     store = LocalStore(path, fsync=False)
     task = TaskRef(target="gradshard.supernet.task:supernet_task",
                    options={"widths": list(channels), "depths": list(depth), "group_size": group_size,
@@ -101,7 +103,9 @@ def run_separate(path: Path, config: TrainConfig, depth: tuple[int, ...], channe
     history = Trainer(store, config, InlineExecutor(), clients, task=task).run()
     wall = time.perf_counter() - started
     flops = sum(train_flops(macs, examples_of(store, c), config.epochs) for m in history for c in m["aggregated"])
+    payload = 4 * params * sum(len(m["aggregated"]) for m in history)  # a standalone model's update is all payload
     return {"accuracy": [m["test_accuracy"] for m in history], "wall_s": wall, "train_flops": flops,
+            "compact_payload_bytes": payload,
             "model_bytes": len(store.get(model_key(0))), **client_totals(store, config.rounds)}
 
 
@@ -114,9 +118,10 @@ def plot(result: dict[str, Any], out: Path) -> None:
     rows = result["subnets"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "macs", "MACs per 8×8 image")):
-        xs = [r[key] for r in rows]
-        ax.plot(xs, [r["superfed_accuracy"] for r in rows], "o-", label="SuperFed (one supernet)")
-        ax.plot(xs, [r["separate_accuracy"] for r in rows], "s--", label="each trained separately (FedAvg)")
+        ordered = sorted(rows, key=lambda r: r[key])
+        xs = [r[key] for r in ordered]
+        ax.plot(xs, [r["superfed_accuracy"] for r in ordered], "o-", label="SuperFed (one supernet)")
+        ax.plot(xs, [r["separate_accuracy"] for r in ordered], "s--", label="each trained separately (FedAvg)")
         for r in rows:
             ax.annotate(r["label"], (r[key], r["superfed_accuracy"]), fontsize=7, textcoords="offset points",
                         xytext=(4, -10))
@@ -138,12 +143,19 @@ def main() -> None:
     parser.add_argument("--family", choices=("corners4", "grid9"), default="corners4",
                         help="corners4: 4 subnetworks of a depth-2 supernet; grid9: SuperFed's k = 9 (depth 1-3 by "
                              "width 0.25/0.5/1 of a depth-3 supernet)")
+    parser.add_argument("--sandwich", type=int, default=1, help="clients per round given the largest (and the "
+                                                                  "smallest) subnetwork")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "superfed.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "superfed_accuracy.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.plot)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("gradshard").setLevel(logging.ERROR)  # β weighting makes one client dominant on purpose
-    supernet = SupernetConfig(family=args.family, depths=(3, 3, 3) if args.family == "grid9" else (2, 2, 2))
+    supernet = SupernetConfig(family=args.family, depths=(3, 3, 3) if args.family == "grid9" else (2, 2, 2),
+                              sandwich_clients=args.sandwich)
     base = base_config(args.quick)
     family_config = TrainConfig.model_validate({**base, "supernet": supernet})
     plain_config = TrainConfig.model_validate(base)
@@ -155,7 +167,7 @@ def main() -> None:
         for i, sub in enumerate(plugin.subnets):
             log.info("separate FedAvg of subnet %d (%s)", i, plugin.specs[i].label)
             separate.append(run_separate(Path(tmp) / f"separate-{i}", plain_config, sub.depth, sub.channels,
-                                         supernet.group_size, plugin.macs[i], clients))
+                                         supernet.group_size, plugin.macs[i], plugin.params[i], clients))
     final = family["history"][-1]
     rows = [{"label": plugin.specs[i].label, "depth": list(sub.depth), "channels": list(sub.channels),
              "params": plugin.params[i], "macs": plugin.macs[i], "superfed_accuracy": final[i]["test_accuracy"],
@@ -165,7 +177,7 @@ def main() -> None:
         return sum(s[key] for s in separate)
 
     ratios = {key: total(key) / family[key] for key in ("client_seconds", "train_flops", "bytes_written",
-                                                        "bytes_read")}
+                                                        "bytes_read", "compact_payload_bytes")}
     ratios["bytes_moved"] = (total("bytes_written") + total("bytes_read")) / (family["bytes_written"]
                                                                               + family["bytes_read"])
     result = {"config": {k: v for k, v in base.items() if k not in ("data", "aggregation")}, "subnets": rows,
@@ -183,7 +195,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for key, label in (("client_seconds", "client seconds (measured)"), ("train_flops", "client FLOPs (analytic)"),
                        ("bytes_written", "update bytes written (measured)"),
-                       ("bytes_read", "bytes read by clients (measured)")):
+                       ("bytes_read", "bytes read by clients (measured)"),
+                       ("compact_payload_bytes", "update payload if compact (analytic)")):
         print(f"| {label} | {family[key]:,.3g} | {total(key):,.3g} | {ratios[key]:.2f}× |")
     print(f"| bytes moved (written + read) | | | {ratios['bytes_moved']:.2f}× |")
     print(f"\nwall: family {family['wall_s']:.0f} s, separate {total('wall_s'):.0f} s; wrote {args.out}, {args.plot}")

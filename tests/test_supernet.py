@@ -277,3 +277,14 @@ def test_a_run_killed_mid_round_and_resumed_gives_the_same_supernet_bytes(tmp_pa
     for r in range(3):
         assert store.get(plugin_key(r)) == reference.get(plugin_key(r))
         assert resumed[r]["plugin"] == metrics[r]["plugin"]
+
+
+def test_without_a_plugin_no_decision_is_recorded_and_the_metrics_have_no_plugin_entry(tmp_path: Path) -> None:
+    # Execute
+    store, metrics = run(tmp_path, TrainConfig(clients=4, rounds=1, epochs=1, batch_size=64, seed=3))
+
+    # Assert
+    assert not store.exists(plugin_key(0))
+    assert "plugin" not in metrics[0]
+    assert Trainer(store, TrainConfig(clients=4, rounds=1, epochs=1, batch_size=64, seed=3),
+                   InlineExecutor()).plugin is None

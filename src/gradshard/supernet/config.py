@@ -25,7 +25,8 @@ class SubnetSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        return "d" + "".join(str(d) for d in self.depth) + "-w" + "/".join(f"{w:g}" for w in self.width)
+        widths = self.width[:1] if len(set(self.width)) == 1 else self.width
+        return "d" + "".join(str(d) for d in self.depth) + "-w" + "/".join(f"{w:g}" for w in widths)
 
 
 #: Named families: ``"corners4"`` (4 subnetworks from the smallest to the full net) and ``"grid9"`` (depth 1..3
