@@ -5,6 +5,7 @@ Training runs use tiny widths, 6 clients and 2-3 rounds on the InlineExecutor (c
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from gradshard.cli.main import main
 from gradshard.core.coverage import CoverageMap
 from gradshard.fl.client import ClientTask
 from gradshard.fl.config import TrainConfig
@@ -288,3 +291,21 @@ def test_without_a_plugin_no_decision_is_recorded_and_the_metrics_have_no_plugin
     assert "plugin" not in metrics[0]
     assert Trainer(store, TrainConfig(clients=4, rounds=1, epochs=1, batch_size=64, seed=3),
                    InlineExecutor()).plugin is None
+
+
+@pytest.mark.integration
+def test_gradshard_train_runs_the_example_superfed_config(tmp_path: Path) -> None:
+    # Prepare
+    store = tmp_path / "store"
+
+    # Execute
+    result = CliRunner().invoke(main, ["train", "--config", "examples/superfed.toml", "--store", str(store),
+                                       "--rounds", "1", "--clients", "4", "--epochs", "1"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "SuperFed supernet on digits" in " ".join(result.output.split())
+    round0 = PluginRound.model_validate_json((store / "rounds/000000/plugin.json").read_text())
+    assert round0.plugin == "supernet" and len(round0.client_options) == 4
+    metrics = json.loads((store / "metrics/000000.json").read_text())
+    assert [s["label"] for s in metrics["plugin"]["subnets"]] == ["d111-w0.25", "d111-w0.5", "d222-w0.5", "d222-w1"]
