@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from gradshard.cli.main import main
 from gradshard.core.coverage import CoverageMap
+from gradshard.errors import GradshardError
 from gradshard.fl.client import ClientTask
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.driver import Trainer
@@ -309,3 +310,32 @@ def test_gradshard_train_runs_the_example_superfed_config(tmp_path: Path) -> Non
     assert round0.plugin == "supernet" and len(round0.client_options) == 4
     metrics = json.loads((store / "metrics/000000.json").read_text())
     assert [s["label"] for s in metrics["plugin"]["subnets"]] == ["d111-w0.25", "d111-w0.5", "d222-w0.5", "d222-w1"]
+
+
+@pytest.mark.parametrize("policy", ["static", "random"])
+def test_static_and_random_policies_reach_the_clients_through_the_trainer(tmp_path: Path, policy: str) -> None:
+    # Prepare
+    config = tiny_run(rounds=1, supernet=TINY.model_copy(update={"policy": policy, "weighting": "uniform"}))
+
+    # Execute
+    store, metrics = run(tmp_path, config)
+
+    # Assert
+    record = PluginRound.model_validate_json(store.get(plugin_key(0)))
+    cohort = metrics[0]["cohort"]
+    assert isinstance(cohort, list)
+    expected = distribution.assign_static(cohort, 3) if policy == "static" else \
+        distribution.assign_random(cohort, 3, config.seed, 0)
+    assert {c: o["subnet"] for c, o in record.client_options.items()} == expected
+    assert record.aggregation.weighting == "uniform" and record.aggregation.weights is None
+
+
+def test_a_store_whose_rounds_another_plugin_decided_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    store, _ = run(tmp_path, tiny_run(rounds=1))
+    record = PluginRound.model_validate_json(store.get(plugin_key(0)))
+    store.put(plugin_key(0), record.model_copy(update={"plugin": "blockwise"}).model_dump_json().encode())
+
+    # Execute / Assert
+    with pytest.raises(GradshardError, match="written by plugin 'blockwise'"):
+        Trainer(store, tiny_run(rounds=1), InlineExecutor()).plugin_record(0)
