@@ -33,6 +33,7 @@ from gradshard.runtime import LocalExecutor
 from gradshard.runtime.inline import InlineExecutor
 from gradshard.store import LocalStore
 from gradshard.supernet.config import SupernetConfig
+from gradshard.supernet.model import Subnet
 from gradshard.supernet.plugin import SupernetPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,11 +93,12 @@ def run_family(path: Path, config: TrainConfig, clients: LocalExecutor) -> dict[
             "model_bytes": len(store.get(model_key(0))), **client_totals(store, config.rounds)}
 
 
-def run_separate(path: Path, config: TrainConfig, depth: tuple[int, ...], channels: tuple[int, ...],
-                 group_size: int, macs: int, params: int, clients: LocalExecutor) -> dict[str, Any]:
+def run_separate(path: Path, config: TrainConfig, sub: Subnet, group_size: int, macs: int, params: int,
+                 clients: LocalExecutor) -> dict[str, Any]:
     store = LocalStore(path, fsync=False)
     task = TaskRef(target="gradshard.supernet.task:supernet_task",
-                   options={"widths": list(channels), "depths": list(depth), "group_size": group_size,
+                   options={"widths": list(sub.channels), "depths": list(sub.depth), "mids": list(sub.inner),
+                            "group_size": group_size,
                             "classes": 10, "data": "digits", "test_fraction": config.data.test_fraction,
                             "seed": config.seed})
     started = time.perf_counter()
@@ -166,8 +168,8 @@ def main() -> None:
         separate = []
         for i, sub in enumerate(plugin.subnets):
             log.info("separate FedAvg of subnet %d (%s)", i, plugin.specs[i].label)
-            separate.append(run_separate(Path(tmp) / f"separate-{i}", plain_config, sub.depth, sub.channels,
-                                         supernet.group_size, plugin.macs[i], plugin.params[i], clients))
+            separate.append(run_separate(Path(tmp) / f"separate-{i}", plain_config, sub, supernet.group_size,
+                                         plugin.macs[i], plugin.params[i], clients))
     final = family["history"][-1]
     rows = [{"label": plugin.specs[i].label, "depth": list(sub.depth), "channels": list(sub.channels),
              "params": plugin.params[i], "macs": plugin.macs[i], "superfed_accuracy": final[i]["test_accuracy"],

@@ -34,7 +34,7 @@ from gradshard.topology.base import Plan
 
 TINY = SupernetConfig(widths=(4, 8, 8), depths=(2, 1, 1), group_size=2, family="", subnets=(
     SubnetSpec(depth=(1, 1, 1), width=(0.5, 0.25, 0.25)),
-    SubnetSpec(depth=(1, 1, 1), width=(1.0, 0.5, 0.5)),
+    SubnetSpec(depth=(1, 1, 1), width=(1.0, 0.5, 0.5), inner=(0.5, 1.0, 0.5)),
     # the largest is not the whole supernet: stage 0's second block is never trained, so it must never change
     SubnetSpec(depth=(1, 1, 1), width=(1.0, 1.0, 1.0))))
 
@@ -61,7 +61,8 @@ def net() -> ElasticResNet:
     return ElasticResNet((8, 16, 16), (2, 2, 2), classes=10, in_channels=1, group_size=4)
 
 
-SUBNETS = [Subnet((1, 1, 1), (4, 4, 4)), Subnet((2, 1, 2), (8, 12, 4)), Subnet((2, 2, 2), (8, 16, 16))]
+SUBNETS = [Subnet((1, 1, 1), (4, 4, 4)), Subnet((2, 1, 2), (8, 12, 4)), Subnet((2, 2, 2), (8, 16, 16)),
+           Subnet((2, 1, 2), (8, 12, 8), mids=(4, 8, 16))]
 
 
 @pytest.mark.parametrize("sub", SUBNETS)
@@ -120,6 +121,17 @@ def test_coverage_is_leading_extents_and_omits_the_tensors_of_skipped_blocks(net
     assert set(extents) <= set(net.state_dict())
 
 
+def test_inner_widths_slice_only_the_blocks_inner_layer(net: ElasticResNet) -> None:
+    # Execute
+    extents = coverage(net, Subnet((1, 2, 1), (4, 8, 12), mids=(8, 4, 12)))
+
+    # Assert
+    assert extents["stages.0.0.conv1.weight"] == (8, 4, 3, 3) and extents["stages.0.0.norm1.weight"] == (8,)
+    assert extents["stages.0.0.conv2.weight"] == (4, 8, 3, 3) and extents["stages.0.0.norm2.weight"] == (4,)
+    assert extents["stages.1.1.conv1.weight"] == (4, 8, 3, 3) and extents["stages.1.1.conv2.weight"] == (8, 4, 3, 3)
+    assert extents["stages.1.0.short_conv.weight"] == (8, 4, 1, 1)
+
+
 def test_macs_are_counted_by_hand() -> None:
     # Prepare: one block per stage, 4 channels, 8x8 -> 8, 4, 2
     with torch.device("meta"):
@@ -131,6 +143,10 @@ def test_macs_are_counted_by_hand() -> None:
 
     # Execute / Assert
     assert macs(net, net.full) == stem + stage0 + stage1 + stage2 + 4 * 10
+    narrow = Subnet((1, 1, 1), (4, 4, 4), mids=(2, 4, 4))  # stage 0's inner layer at 2 channels (group size 2)
+    with torch.device("meta"):
+        net2 = ElasticResNet((4, 4, 4), (1, 1, 1), classes=10, in_channels=1, group_size=2)
+    assert macs(net2, narrow) == macs(net2, net2.full) - 2 * (2 * 4 * 9 * 64)
 
 
 # --- distribution policies and β -----------------------------------------------------------------------------------

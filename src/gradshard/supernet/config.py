@@ -15,18 +15,23 @@ SupernetWeighting = Literal["beta", "uniform", "examples"]
 
 
 class SubnetSpec(BaseModel):
-    """One subnetwork: the first ``depth[s]`` blocks of stage ``s`` and the leading ``width[s]`` share of its
-    channels (the stem takes stage 0's width)."""
+    """One subnetwork: the first ``depth[s]`` blocks of stage ``s``, the leading ``width[s]`` share of its channels
+    (the stem takes stage 0's width) and the leading ``inner[s]`` share of its blocks' inner layer (conv1's output;
+    default: ``width``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: tuple[StrictInt, ...]
     width: tuple[StrictFloat, ...]
+    inner: tuple[StrictFloat, ...] | None = None
 
     @property
     def label(self) -> str:
-        widths = self.width[:1] if len(set(self.width)) == 1 else self.width
-        return "d" + "".join(str(d) for d in self.depth) + "-w" + "/".join(f"{w:g}" for w in widths)
+        def short(values: tuple[float, ...]) -> str:
+            return "/".join(f"{w:g}" for w in (values[:1] if len(set(values)) == 1 else values))
+
+        inner = f"-i{short(self.inner)}" if self.inner is not None and self.inner != self.width else ""
+        return "d" + "".join(str(d) for d in self.depth) + "-w" + short(self.width) + inner
 
 
 #: Named families: ``"corners4"`` (4 subnetworks from the smallest to the full net) and ``"grid9"`` (depth 1..3
@@ -74,17 +79,20 @@ class SupernetConfig(BaseModel):
         if not self.subnets and not self.family:
             raise ValueError("give subnets or a family")
         for i, sub in enumerate(self.family_specs()):
-            if len(sub.depth) != len(self.depths) or len(sub.width) != len(self.widths):
-                raise ValueError(f"subnet {i} ({sub.label}) must give a depth and a width per stage "
-                                 f"({len(self.depths)} stages)")
-            for s, (d, w) in enumerate(zip(sub.depth, sub.width, strict=True)):
-                channels = w * self.widths[s]
+            inner = sub.inner if sub.inner is not None else sub.width
+            if len(sub.depth) != len(self.depths) or len(sub.width) != len(self.widths) or len(inner) != len(
+                    self.widths):
+                raise ValueError(f"subnet {i} ({sub.label}) must give a depth and a width (and inner width, if "
+                                 f"any) per stage ({len(self.depths)} stages)")
+            for s, (d, w, m) in enumerate(zip(sub.depth, sub.width, inner, strict=True)):
                 if not 1 <= d <= self.depths[s]:
                     raise ValueError(f"subnet {i} ({sub.label}): depth {d} of stage {s} is not in 1..{self.depths[s]}")
-                if not 0 < w <= 1 or channels != int(channels) or int(channels) % self.group_size:
-                    raise ValueError(f"subnet {i} ({sub.label}): width {w} of stage {s} gives {channels:g} of "
-                                     f"{self.widths[s]} channels, not a whole multiple of group_size "
-                                     f"{self.group_size}")
+                for what, share in (("width", w), ("inner width", m)):
+                    channels = share * self.widths[s]
+                    if not 0 < share <= 1 or channels != int(channels) or int(channels) % self.group_size:
+                        raise ValueError(f"subnet {i} ({sub.label}): {what} {share} of stage {s} gives "
+                                         f"{channels:g} of {self.widths[s]} channels, not a whole multiple of "
+                                         f"group_size {self.group_size}")
         if self.evaluate is not None and not all(0 <= i < len(self.family_specs()) for i in self.evaluate):
             raise ValueError(f"evaluate {list(self.evaluate)} names subnets outside 0..{len(self.family_specs()) - 1}")
         return self

@@ -4,12 +4,14 @@ Shape: a 3×3 stem conv, then stages of residual basic blocks (conv3×3 → GN �
 shortcut, then ReLU); the first block of every stage after the first halves the resolution and has a 1×1 conv + GN
 projection shortcut, every other block an identity one; global average pooling and a linear classifier.
 
-A subnetwork (:class:`Subnet`) keeps the first ``depth[s]`` blocks of stage ``s`` and the leading ``channels[s]``
-channels of every layer in it (the stem takes stage 0's). So every tensor of a subnetwork is a *leading slice* of
-the supernet's tensor of the same name — a conv weight ``[:out, :in]``, a norm's ``[:C]``, the classifier
-``[:, :C]`` — and the tensors of skipped blocks are absent. That gives, with one rule, (a) extraction (a smaller
-:class:`ElasticResNet` holding the slices), (b) write-back (the slices assigned back) and (c) the coverage
-(tensor name → the slice's shape, what :mod:`gradshard.core.coverage` takes).
+A subnetwork (:class:`Subnet`) keeps the first ``depth[s]`` blocks of stage ``s``, the leading ``channels[s]``
+channels of the stage's residual stream (the stem takes stage 0's) and the leading ``mids[s]`` channels of the
+inner layer of each of its blocks (conv1's output, norm1, conv2's input; default: ``channels[s]``). So every
+tensor of a subnetwork is a *leading slice* of the supernet's tensor of the same name — a conv weight
+``[:out, :in]``, a norm's ``[:C]``, the classifier ``[:, :C]`` — and the tensors of skipped blocks are absent.
+That gives, with one rule, (a) extraction (a smaller :class:`ElasticResNet` holding the slices), (b) write-back
+(the slices assigned back) and (c) the coverage (tensor name → the slice's shape, what
+:mod:`gradshard.core.coverage` takes).
 
 Normalisation is GroupNorm with a fixed number of channels per group (``group_size``), not BatchNorm: it has no
 running statistics, so a subnetwork needs no per-subnetwork statistics or recalibration after extraction, every
@@ -32,10 +34,16 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Subnet:
-    """Blocks per stage and channels per stage of one subnetwork (absolute numbers, not multipliers)."""
+    """Blocks per stage, channels per stage and the blocks' inner channels per stage (None: the stage's channels)
+    of one subnetwork (absolute numbers, not multipliers)."""
 
     depth: tuple[int, ...]
     channels: tuple[int, ...]
+    mids: tuple[int, ...] | None = None
+
+    @property
+    def inner(self) -> tuple[int, ...]:
+        return self.mids if self.mids is not None else self.channels
 
 
 class _Conv(nn.Module):
@@ -67,16 +75,16 @@ class _Norm(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, project: bool, group_size: int) -> None:
+    def __init__(self, cin: int, cout: int, mid: int, stride: int, project: bool, group_size: int) -> None:
         super().__init__()
-        self.conv1, self.norm1 = _Conv(cin, cout, 3, stride), _Norm(cout, group_size)
-        self.conv2, self.norm2 = _Conv(cout, cout, 3, 1), _Norm(cout, group_size)
+        self.conv1, self.norm1 = _Conv(cin, mid, 3, stride), _Norm(mid, group_size)
+        self.conv2, self.norm2 = _Conv(mid, cout, 3, 1), _Norm(cout, group_size)
         self.project = project
         if project:
             self.short_conv, self.short_norm = _Conv(cin, cout, 1, stride), _Norm(cout, group_size)
 
-    def forward(self, x: Tensor, cout: int | None = None) -> Tensor:
-        out = F.relu(self.norm1(self.conv1(x, cout)))
+    def forward(self, x: Tensor, cout: int | None = None, mid: int | None = None) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x, mid)))
         out = self.norm2(self.conv2(out, cout))
         short = self.short_norm(self.short_conv(x, cout)) if self.project else x
         return F.relu(out + short)
@@ -86,17 +94,19 @@ class ElasticResNet(nn.Module):
     """The supernet (or, built with smaller ``widths``/``depths``, an extracted subnetwork)."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64), depths: Sequence[int] = (2, 2, 2), classes: int = 10,
-                 in_channels: int = 1, group_size: int = 4) -> None:
+                 in_channels: int = 1, group_size: int = 4, mids: Sequence[int] | None = None) -> None:
         super().__init__()
-        if any(w % group_size for w in widths):
-            raise ValueError(f"widths {list(widths)} must be multiples of group_size {group_size}")
-        self.widths, self.depths = tuple(widths), tuple(depths)
+        mids = tuple(mids) if mids is not None else tuple(widths)
+        if any(w % group_size for w in (*widths, *mids)):
+            raise ValueError(f"widths {list(widths)} and inner widths {list(mids)} must be multiples of group_size "
+                             f"{group_size}")
+        self.widths, self.depths, self.mids = tuple(widths), tuple(depths), mids
         self.classes, self.in_channels, self.group_size = classes, in_channels, group_size
         self.stem, self.stem_norm = _Conv(in_channels, widths[0], 3, 1), _Norm(widths[0], group_size)
         self.stages = nn.ModuleList()
         cin = widths[0]
-        for s, (width, depth) in enumerate(zip(widths, depths, strict=True)):
-            blocks = [_Block(cin if b == 0 else width, width, 2 if s > 0 and b == 0 else 1, s > 0 and b == 0,
+        for s, (width, depth, mid) in enumerate(zip(widths, depths, mids, strict=True)):
+            blocks = [_Block(cin if b == 0 else width, width, mid, 2 if s > 0 and b == 0 else 1, s > 0 and b == 0,
                              group_size) for b in range(depth)]
             self.stages.append(nn.ModuleList(blocks))
             cin = width
@@ -104,37 +114,45 @@ class ElasticResNet(nn.Module):
 
     @property
     def full(self) -> Subnet:
-        return Subnet(self.depths, self.widths)
+        return Subnet(self.depths, self.widths, self.mids)
 
     def forward(self, x: Tensor, subnet: Subnet | None = None) -> Tensor:
         """The supernet's output, or with ``subnet`` that subnetwork's, computed on slices of the weights."""
         sub = subnet or self.full
         check_subnet(self, sub)
         out = F.relu(self.stem_norm(self.stem(x, sub.channels[0])))
-        for s, (depth, cout) in enumerate(zip(sub.depth, sub.channels, strict=True)):
+        for s, (depth, cout, mid) in enumerate(zip(sub.depth, sub.channels, sub.inner, strict=True)):
             stage = self.stages[s]
             assert isinstance(stage, nn.ModuleList)
             for b in range(depth):
-                out = stage[b](out, cout)
+                out = stage[b](out, cout, mid)
         pooled = out.mean(dim=(2, 3))
         return F.linear(pooled, self.head.weight[:, : pooled.shape[1]], self.head.bias)
 
 
 def check_subnet(net: ElasticResNet, sub: Subnet) -> None:
-    if len(sub.depth) != len(net.depths) or len(sub.channels) != len(net.widths) or not all(
-            1 <= d <= full for d, full in zip(sub.depth, net.depths, strict=True)) or not all(
-            0 < c <= full and c % net.group_size == 0 for c, full in zip(sub.channels, net.widths, strict=True)):
-        raise ValueError(f"{sub} is not a subnetwork of a supernet with depths {list(net.depths)} and widths "
-                         f"{list(net.widths)} (group size {net.group_size})")
+    def within(values: tuple[int, ...], full: tuple[int, ...]) -> bool:
+        return len(values) == len(full) and all(0 < c <= f and c % net.group_size == 0
+                                                for c, f in zip(values, full, strict=True))
+
+    if len(sub.depth) != len(net.depths) or not all(
+            1 <= d <= full for d, full in zip(sub.depth, net.depths, strict=True)) or not within(
+            sub.channels, net.widths) or not within(sub.inner, net.mids):
+        raise ValueError(f"{sub} is not a subnetwork of a supernet with depths {list(net.depths)}, widths "
+                         f"{list(net.widths)} and inner widths {list(net.mids)} (group size {net.group_size})")
 
 
-def subnet_of(depth: Sequence[int], width: Sequence[float], widths: Sequence[int]) -> Subnet:
-    """A subnetwork from depths and width multipliers of the supernet's ``widths``."""
-    return Subnet(tuple(depth), tuple(round(w * full) for w, full in zip(width, widths, strict=True)))
+def subnet_of(depth: Sequence[int], width: Sequence[float], widths: Sequence[int],
+              inner: Sequence[float] | None = None) -> Subnet:
+    """A subnetwork from depths and width multipliers of the supernet's ``widths`` (``inner``: multipliers of the
+    blocks' inner width, the full one being the stage's width; None: the same as ``width``)."""
+    channels = tuple(round(w * full) for w, full in zip(width, widths, strict=True))
+    mids = None if inner is None else tuple(round(w * full) for w, full in zip(inner, widths, strict=True))
+    return Subnet(tuple(depth), channels, None if mids == channels else mids)
 
 
 def _empty_like(net: ElasticResNet, sub: Subnet) -> ElasticResNet:
-    return ElasticResNet(sub.channels, sub.depth, net.classes, net.in_channels, net.group_size)
+    return ElasticResNet(sub.channels, sub.depth, net.classes, net.in_channels, net.group_size, sub.inner)
 
 
 def coverage(net: ElasticResNet, sub: Subnet) -> dict[str, tuple[int, ...]]:
@@ -163,7 +181,7 @@ def extract(net: ElasticResNet, sub: Subnet) -> ElasticResNet:
 def write_back(net: ElasticResNet, small: ElasticResNet) -> dict[str, tuple[int, ...]]:
     """Assign ``small``'s tensors into the leading slices of ``net``'s (in place); the rest of ``net`` is untouched.
     Returns the coverage written."""
-    extents = coverage(net, Subnet(small.depths, small.widths))
+    extents = coverage(net, Subnet(small.depths, small.widths, small.mids))
     params = dict(net.state_dict(keep_vars=True))
     trained = small.state_dict()
     with torch.no_grad():
@@ -187,12 +205,12 @@ def macs(net: ElasticResNet, sub: Subnet, image: int = 8) -> int:
 
     side, total = image, conv(net.in_channels, sub.channels[0], 3, image)
     cin = sub.channels[0]
-    for s, (depth, cout) in enumerate(zip(sub.depth, sub.channels, strict=True)):
+    for s, (depth, cout, mid) in enumerate(zip(sub.depth, sub.channels, sub.inner, strict=True)):
         for b in range(depth):
             if s > 0 and b == 0:
                 side = -(-side // 2)
                 total += conv(cin, cout, 1, side)
-            total += conv(cin if b == 0 else cout, cout, 3, side) + conv(cout, cout, 3, side)
+            total += conv(cin if b == 0 else cout, mid, 3, side) + conv(mid, cout, 3, side)
         cin = cout
     return total + cin * net.classes
 

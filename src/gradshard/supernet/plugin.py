@@ -37,7 +37,7 @@ class SupernetPlugin(RoundPlugin):
     def __init__(self, config: SupernetConfig, classes: int = 10, image: int = 8) -> None:
         self.config = config
         self.specs = config.family_specs()
-        self.subnets = [subnet_of(s.depth, s.width, config.widths) for s in self.specs]
+        self.subnets = [subnet_of(s.depth, s.width, config.widths, s.inner) for s in self.specs]
         with torch.device("meta"):
             self.shape = ElasticResNet(config.widths, config.depths, classes, 1, config.group_size)
         self.macs = [macs(self.shape, s, image) for s in self.subnets]
@@ -73,7 +73,7 @@ class SupernetPlugin(RoundPlugin):
 
     def client_options(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, dict[str, Any]]:
         return {client: {"subnet": i, "depth": list(self.subnets[i].depth),
-                         "channels": list(self.subnets[i].channels)}
+                         "channels": list(self.subnets[i].channels), "mids": list(self.subnets[i].inner)}
                 for client, i in self.assignment(trainer, r, cohort).items()}
 
     def beta(self, trainer: Trainer, r: int) -> float:
@@ -104,7 +104,8 @@ class SupernetPlugin(RoundPlugin):
         for i in chosen:
             loss, accuracy = score_subnet(model, self.subnets[i], test)
             rows.append({"index": i, "label": self.specs[i].label, "depth": list(self.subnets[i].depth),
-                         "channels": list(self.subnets[i].channels), "params": self.params[i],
+                         "channels": list(self.subnets[i].channels), "mids": list(self.subnets[i].inner),
+                         "params": self.params[i],
                          "macs": self.macs[i], "test_loss": loss, "test_accuracy": accuracy})
         record = trainer.plugin_record(r)
         return {"subnets": rows, "beta": record.notes.get("beta") if record is not None else None,

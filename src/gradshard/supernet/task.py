@@ -1,7 +1,7 @@
 """The SuperFed task: the elastic ResNet on 8×8 digits, whose ``train`` trains the subnetwork the round's plugin
 assigned to the client.
 
-The plugin puts ``{"subnet": i, "depth": [...], "channels": [...]}`` into the client's options
+The plugin puts ``{"subnet": i, "depth": [...], "channels": [...], "mids": [...]}`` into the client's options
 (``TrainContext.options``). ``train`` extracts that subnetwork from the received global supernet, trains it with the
 default loop, writes it back into the supernet (the elements outside it stay bit-for-bit as received, so their
 delta is exactly 0) and returns the coverage in :class:`~gradshard.fl.task.Scores`, which the client function
@@ -24,16 +24,19 @@ from gradshard.supernet.model import ElasticResNet, Subnet, extract, write_back
 def subnet_from_options(options: Any) -> Subnet | None:
     if not options:
         return None
-    return Subnet(tuple(int(d) for d in options["depth"]), tuple(int(c) for c in options["channels"]))
+    mids = options.get("mids")
+    return Subnet(tuple(int(d) for d in options["depth"]), tuple(int(c) for c in options["channels"]),
+                  None if mids is None else tuple(int(c) for c in mids))
 
 
 def supernet_task(widths: list[int] | tuple[int, ...] = (16, 32, 64), depths: list[int] | tuple[int, ...] = (2, 2, 2),
                   group_size: int = 4, classes: int = 10, data: str = "digits", test_fraction: float = 0.2,
-                  seed: int = 0) -> Task:
-    """The elastic ResNet on a bundled image data set (1×side×side images)."""
+                  seed: int = 0, mids: list[int] | tuple[int, ...] | None = None) -> Task:
+    """The elastic ResNet on a bundled image data set (1×side×side images); ``mids``: the blocks' inner widths
+    (default the stage widths)."""
 
     def make() -> nn.Module:
-        return ElasticResNet(tuple(widths), tuple(depths), classes, 1, group_size)
+        return ElasticResNet(tuple(widths), tuple(depths), classes, 1, group_size, mids)
 
     def load() -> tuple[fldata.Dataset, fldata.Dataset]:
         train, test = _load(data, test_fraction, seed)
