@@ -304,7 +304,9 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     flags["task"] = _task_target(flags.get("task"))
     config = train_config(base, flags, source)
     agg = config.aggregation
-    what = f"task {untrusted(config.task)}" if config.task else f"{untrusted(config.model)} on {config.data.name}"
+    what = f"task {untrusted(config.task)}" if config.task else \
+        f"SuperFed supernet on {config.data.name}" if config.supernet is not None else \
+        f"{untrusted(config.model)} on {config.data.name}"
     console.print(f"[bold]gradshard train[/]: {what} ({config.data.partition}), "
                   f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
@@ -320,7 +322,8 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     try:
         trainer = Trainer(store, config, executor, client_executor)
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
-        title = config.task or f"{config.model} on {config.data.name}"
+        title = config.task or (f"SuperFed supernet on {config.data.name}" if config.supernet is not None
+                                 else f"{config.model} on {config.data.name}")
         run_training(trainer, Path(out_dir) if out_dir else default_out,
                      f"{title}, {config.clients} clients, {agg.topology}")
     except TrainingError as exc:  # the run ran and its verdict is negative: every client failed, nothing aggregated

@@ -68,6 +68,8 @@ class ClientTask(BaseModel):
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
     signing_key: str = Field(default="", description="path of the client's private key PEM: its update is signed "
                                                      "(rounds that require signatures); empty: unsigned")
+    options: dict[str, Any] = Field(default_factory=dict, description="this client's options from the run's round "
+                                                                      "plugin (TrainContext.options)")
 
 
 def task_seed(seed: int, r: int, client: str) -> int:
@@ -139,7 +141,7 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     data = client_dataset(task, user, store)
     context = TrainContext(round=task.round, client=task.client, epochs=task.epochs, batch_size=task.batch_size,
                            lr=task.lr, momentum=task.momentum, mu=task.mu, seed=seed,
-                           anchor=tuple(p.detach().clone() for p in model.parameters()))
+                           anchor=tuple(p.detach().clone() for p in model.parameters()), options=task.options)
     private = train_private(user, model, data, context, task.dp) if task.dp is not None else None
     scores = private.scores if private is not None else user.fit(model, data, context)
     floating, _ = layout.split_state(state_to_numpy(model))
@@ -150,6 +152,7 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
         time.sleep(float(task.fault.removeprefix("sleep:")))
     meta = UpdateMeta(client=task.client, round=task.round, examples=len(data), layout_digest=averaged.digest(),
                       chunk_elems=task.chunk_elems, base_model=task.model_sha256, digest=task.digest,
+                      coverage=_coverage(scores.coverage),
                       extra={"loss": f"{scores.loss:.6g}", "accuracy": f"{scores.accuracy:.6g}",
                              **(release_extra(private.release, private.delta) if private is not None else {})})
     signer = None
@@ -163,6 +166,11 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
                         epsilon=private.epsilon if private is not None else None,
                         delta=private.delta if private is not None else None,
                         release=private.release if private is not None else None)
+
+
+def _coverage(coverage: Any) -> dict[str, tuple[int, ...]] | None:
+    """The trained part the task reported (Scores.coverage) as the update's coverage; None: everything."""
+    return None if coverage is None else {name: tuple(extent) for name, extent in coverage.items()}
 
 
 # Client functions run in a runtime with torch preloaded (which would add hundreds of MiB to every aggregation

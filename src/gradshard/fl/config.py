@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.fl.server import ServerOptimizer
 from gradshard.privacy.config import PrivacyConfig
+from gradshard.supernet.config import SupernetConfig
 
 #: A float field that takes an int but refuses ``true``/``false`` (pydantic's lax mode reads a bool as 1.0 / 0.0).
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -60,6 +61,8 @@ class TrainConfig(BaseModel):
     keys_dir: str = Field(default="", description="with aggregation.require_signatures: the directory of the "
                                                   "simulated clients' private keys (<client>.pem; made if missing, "
                                                   "reused if present); empty: a temporary directory for the run")
+    supernet: SupernetConfig | None = Field(
+        default=None, description="SuperFed: train a supernet whose subnetworks the clients train (docs/superfed.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -73,6 +76,11 @@ class TrainConfig(BaseModel):
         if self.privacy.central is not None and self.aggregation.central_dp is not None:
             raise ValueError("set central DP once: [privacy.central] (the trainer fills in the sampling) or "
                              "[aggregation.central_dp], not both")
+        if self.supernet is not None and self.server.name != "fedavg":
+            raise ValueError(f"[supernet] needs server.name = 'fedavg' (it is {self.server.name!r}): an element no "
+                             "client trained has a zero delta, which only plain FedAvg leaves unchanged")
+        if self.supernet is not None and (self.privacy.central is not None or self.aggregation.central_dp):
+            raise ValueError("[supernet] aggregates with reducer coverage-mean, which central DP cannot use")
         if self.min_clients > self.sample_size():
             raise ValueError(f"min_clients = {self.min_clients} is more than the {self.sample_size()} clients a "
                              "round samples: no round could aggregate; lower min_clients or sample more clients")

@@ -39,6 +39,7 @@ from gradshard.fl.builtin import builtin_ref, shape_for
 from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.models import load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.plugin import PluginRound, RoundPlugin, plugin_for_config
 from gradshard.fl.server import ServerStepArgs, ServerStepResult
 from gradshard.fl.task import Task, TaskError, TaskRef, load_task, parse_task, ref_of
 from gradshard.format.keys import (
@@ -51,6 +52,7 @@ from gradshard.format.keys import (
     manifest_key,
     metrics_key,
     model_key,
+    plugin_key,
     server_reports_key,
     spec_key,
     state_key,
@@ -69,7 +71,7 @@ from gradshard.store import Store
 from gradshard.topology.base import Invocation, Plan
 
 try:
-    import torch  # noqa: F401 - the train extra, checked here
+    import torch  # the train extra, checked here
 except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
     raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
@@ -95,9 +97,12 @@ class RoundMetrics:
     resumed: bool = False
     central_dp: dict[str, Any] | None = None  # this round's release: clip, σ, clipped clients, ε so far
     client_privacy: dp_ledger.ClientPrivacyRound | None = None  # client DP-SGD runs only
+    plugin: dict[str, Any] | None = None  # the round plugin's own metrics (runs with a plugin only)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        if d["plugin"] is None:  # runs without a plugin keep their metrics as they were
+            del d["plugin"]
         privacy = d.pop("client_privacy")
         if privacy is not None:
             d["client_privacy"] = privacy.model_dump(mode="json")
@@ -164,13 +169,16 @@ class Trainer:
     What is trained is a :class:`~gradshard.fl.task.Task`: ``task`` (an object held by an importable module, a
     ``"module:name"`` / ``"file.py:name"`` reference, or a :class:`TaskRef`), else ``config.task``, else the built-in
     ``config.model`` on ``config.data`` (or on ``datasets``, the caller's own ``(train, test)``).
+    ``plugin`` shapes every round (:mod:`gradshard.fl.plugin`); by default the one the config asks for, if any
+    (its ``[supernet]`` table), and a plugin may supply the task when none is given.
     """
 
     def __init__(self, store: Store, config: TrainConfig, executor: Executor, client_executor: Executor | None = None,
                  datasets: tuple[fldata.Dataset, fldata.Dataset] | None = None,
-                 task: Task | TaskRef | str | None = None) -> None:
+                 task: Task | TaskRef | str | None = None, plugin: RoundPlugin | None = None) -> None:
         self.store, self.config = store, config
         self.executor, self.client_executor = executor, client_executor or executor
+        self.plugin = plugin if plugin is not None else plugin_for_config(config)
         self.task_ref, self.task = self._resolve(task, datasets)
         if datasets is not None and not config.task and task is None:
             datasets = (shape_for(config.model, datasets[0]), shape_for(config.model, datasets[1]))
@@ -199,6 +207,8 @@ class Trainer:
             ref = task
         elif c.task:
             ref = parse_task(c.task, c.task_options)
+        elif self.plugin is not None and (supplied := self.plugin.task(c)) is not None:
+            ref = supplied
         else:
             ref = builtin_ref(c.model, c.data.name, c.data.test_fraction, c.seed, datasets=datasets)
         return ref, load_task(ref)
@@ -316,7 +326,33 @@ class Trainer:
             self._signing_keys = paths
         return self._signing_keys
 
-    def _client_plan(self, spec: RoundSpec) -> Plan:
+    def plugin_record(self, r: int) -> PluginRound | None:
+        """The round plugin's recorded decisions for round ``r`` (None: the round has none yet, or no plugin)."""
+        key = plugin_key(r)
+        if self.plugin is None or not self.store.exists(key):
+            return None
+        record = PluginRound.model_validate_json(self.store.get(key))
+        if record.plugin != self.plugin.name:
+            raise GradshardError(f"{key} was written by plugin {record.plugin!r}, but this run's plugin is "
+                                 f"{self.plugin.name!r}; use a new store")
+        return record
+
+    def _plugin_round(self, spec: RoundSpec) -> PluginRound | None:
+        """The plugin's decisions for the round: recorded before any client runs, read back after a restart."""
+        if self.plugin is None:
+            return None
+        recorded = self.plugin_record(spec.round)
+        if recorded is not None:
+            return recorded
+        r, cohort = spec.round, list(spec.cohort or [])
+        options = self.plugin.client_options(self, r, cohort)
+        aggregation = self.plugin.aggregation(self, r, cohort, options, aggregation_config(self.config))
+        record = PluginRound(plugin=self.plugin.name, round=r, client_options=options, aggregation=aggregation,
+                             notes=self.plugin.notes(self, r, cohort))
+        self.store.put(plugin_key(r), record.model_dump_json(indent=1).encode())
+        return record
+
+    def _client_plan(self, spec: RoundSpec, record: PluginRound | None = None) -> Plan:
         c = self.config
         signing = self.signing_keys()
         kept = KEPT_KEY if self.store.exists(KEPT_KEY) else ""
@@ -331,7 +367,8 @@ class Trainer:
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
                               fault=self.fault(spec.round, client), dp=c.privacy.client,
-                              signing_key=signing.get(client, ""))
+                              signing_key=signing.get(client, ""),
+                              options=record.client_options.get(client, {}) if record is not None else {})
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 
@@ -380,26 +417,35 @@ class Trainer:
             write_update(self.store, state_key(r + 1, slot), self.averaged, state, self._model_meta(r + 1))
         write_update(self.store, model_key(r + 1), self.averaged, flat, self._model_meta(r + 1))
 
-    def evaluate(self, r: int) -> tuple[float, float]:
-        """Test loss and accuracy of ``models/<r>`` (the task's evaluation on the run's test set)."""
+    def load_model(self, r: int) -> torch.nn.Module:
+        """The task's model holding ``models/<r>``."""
         model = self.task.build()
         kept = load_arrays(self.store, KEPT_KEY) if self.store.exists(KEPT_KEY) else {}
         flat = read_flat(self.store, model_key(r), self.averaged, "global model")
         load_numpy_state(model, self.layout.assemble(self.averaged.unflatten(flat), kept))
+        return model
+
+    def test_set(self) -> fldata.Dataset:
+        """The run's test set (from the store)."""
         test = load_arrays(self.store, TEST_DATA_KEY)
         classes = int(test["classes"][0]) if "classes" in test else int(test["y"].max(initial=0)) + 1
-        scores = self.task.score(model, fldata.Dataset(test["x"], test["y"], classes))
+        return fldata.Dataset(test["x"], test["y"], classes)
+
+    def evaluate(self, r: int) -> tuple[float, float]:
+        """Test loss and accuracy of ``models/<r>`` (the task's evaluation on the run's test set)."""
+        scores = self.task.score(self.load_model(r), self.test_set())
         return scores.loss, scores.accuracy
 
     def run_round(self, r: int) -> RoundMetrics:
         started = time.perf_counter()
         resumed = self.store.exists(spec_key(r))
         spec = self._open(r)
+        record = self._plugin_round(spec)
         t0 = time.perf_counter()
         # Once the round is aggregated (or its model kept) before a restart, its clients are not run again: a late
         # update would not count any more, and training would only repeat the deadline wait.
         settled = self.store.exists(aggregate_key(r)) or self.store.exists(model_key(r + 1))
-        plan = Plan("clients", ()) if settled else self._client_plan(spec)
+        plan = Plan("clients", ()) if settled else self._client_plan(spec, record)
         client_reports = self.client_executor.run(plan, self.store)
         if plan.invocations:
             self._record_client_reports(r, client_reports)
@@ -418,7 +464,8 @@ class Trainer:
             if not self.store.exists(aggregate_key(r)):
                 if settled:  # the model was kept unchanged before a restart; the round stays unaggregated
                     raise RoundError(f"round {r} could not aggregate (before a restart)")
-                aggregate_round(self.store, r, self.executor, aggregation_config(self.config))
+                aggregate_round(self.store, r, self.executor,
+                                record.aggregation if record is not None else aggregation_config(self.config))
             manifest = load_manifest(self.store, manifest_key(r))
             aggregated, rejected = [c.client for c in manifest.clients], dict(manifest.rejected)
             central_dp = manifest.privacy
@@ -441,7 +488,8 @@ class Trainer:
                                client_loss=float(np.mean(losses)) if losses else None, client_seconds=t1 - t0,
                                aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
                                wall_seconds=time.perf_counter() - started, resumed=resumed,
-                               client_privacy=client_privacy, central_dp=central_dp)
+                               client_privacy=client_privacy, central_dp=central_dp,
+                               plugin=self.plugin.evaluate(self, r) if self.plugin is not None else None)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
         if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "

@@ -28,7 +28,7 @@ import importlib.util
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,10 +52,17 @@ class TaskError(GradshardError):
 
 @dataclass(frozen=True)
 class Scores:
-    """Mean loss and accuracy over the examples seen."""
+    """Mean loss and accuracy over the examples seen.
+
+    ``coverage``, set only by a ``train`` that trained part of the model (a SuperFed subnetwork), names what it
+    trained: tensor name -> leading extent per dimension (:mod:`gradshard.core.coverage`; tensors not named were
+    not trained and must be left unchanged). The client writes it into its update, so the reducer
+    ``coverage-mean`` averages every element over the clients that trained it. None: everything was trained.
+    """
 
     loss: float
     accuracy: float
+    coverage: Mapping[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class TrainContext:
 
     ``seed`` is the 32-bit seed of (run seed, round, client): use it for shuffling so a retried client writes the
     same update. ``anchor`` holds the global model's parameters (FedProx's ``mu/2 ||w - w_global||²``).
+    ``options`` are this client's options for the round from the run's round plugin (:mod:`gradshard.fl.plugin`),
+    e.g. the subnetwork it trains; empty without a plugin.
     """
 
     round: int
@@ -75,6 +84,7 @@ class TrainContext:
     mu: float
     seed: int
     anchor: tuple[Tensor, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,9 @@ class Task:
 def _checked_scores(task: str, what: str, scores: Any) -> Scores:
     if not isinstance(scores, Scores):
         raise TaskError(f"task {task!r}: {what}() must return gradshard.fl.task.Scores, got {type(scores).__name__}")
-    return Scores(float(scores.loss), float(scores.accuracy))
+    coverage = None if scores.coverage is None else \
+        {str(name): tuple(int(e) for e in extent) for name, extent in scores.coverage.items()}
+    return Scores(float(scores.loss), float(scores.accuracy), coverage)
 
 
 def default_train(task: Task, model: nn.Module, data: Dataset, context: TrainContext) -> Scores:

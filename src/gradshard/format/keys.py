@@ -70,6 +70,11 @@ def server_reports_key(r: int) -> str:
     return f"{round_prefix(r)}/server_reports.json"
 
 
+def plugin_key(r: int) -> str:
+    """A round plugin's decisions for round ``r`` (:mod:`gradshard.fl.plugin`)."""
+    return f"{round_prefix(r)}/plugin.json"
+
+
 def flat_check_key(r: int) -> str:
     return f"{round_prefix(r)}/flat_check.json"
 

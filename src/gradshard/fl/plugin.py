@@ -1,0 +1,87 @@
+"""Round plugins: a small, generic hook through which a training method shapes every round of a :class:`Trainer`.
+
+A plugin decides, once per round and before any client runs, what each sampled client is told (per-client options
+that reach the task's ``train`` as :attr:`~gradshard.fl.task.TrainContext.options`) and how the round aggregates
+(an :class:`~gradshard.aggregation.driver.AggregateConfig` derived from the run's). Both decisions are written to
+the store as ``rounds/<r>/plugin.json`` before the clients are invoked; a restarted driver reads them back instead
+of asking the plugin again, so a resumed run reproduces them, and a plugin whose decisions depend on earlier rounds
+(a history of who trained what) reads that history from the same records (:meth:`Trainer.plugin_record`).
+After the server step, ``evaluate`` adds the plugin's own metrics to ``metrics/<r>.json`` (under ``plugin``).
+
+With no plugin a run is exactly what it was before plugins existed: no record is written, client tasks carry no
+options, the aggregation is the run's, and the metrics have no ``plugin`` entry.
+
+SuperFed (:mod:`gradshard.supernet`) is the first plugin; the trainer knows nothing about it beyond
+:func:`plugin_for_config` mapping its config table to it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradshard.aggregation.driver import AggregateConfig
+
+if TYPE_CHECKING:
+    from gradshard.fl.config import TrainConfig
+    from gradshard.fl.driver import Trainer
+    from gradshard.fl.task import TaskRef
+
+
+class PluginRound(BaseModel):
+    """What a plugin decided for one round (``rounds/<r>/plugin.json``): the plugin's name, every client's
+    options, the round's aggregation settings and any notes the plugin wants kept (e.g. a schedule's value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plugin: str
+    round: int = Field(ge=0)
+    client_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    aggregation: AggregateConfig
+    notes: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoundPlugin(ABC):
+    """The hooks a training method implements; every hook has a neutral default except ``name``.
+
+    Hooks are called by the driver only when a round is first opened (``client_options``, ``aggregation``,
+    ``notes``) or evaluated (``evaluate``); they must be deterministic in (run config, round, recorded history).
+    """
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """A short name recorded with every decision (a record of another plugin is refused on resume)."""
+
+    def task(self, config: TrainConfig) -> TaskRef | None:
+        """The run's task when the user gives none (None: the trainer's usual choice)."""
+        return None
+
+    def client_options(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, dict[str, Any]]:
+        """Per-client options (JSON-able) for round ``r``; they reach the task as ``TrainContext.options``."""
+        return {}
+
+    def aggregation(self, trainer: Trainer, r: int, cohort: list[str],
+                    options: Mapping[str, Mapping[str, Any]], base: AggregateConfig) -> AggregateConfig:
+        """The round's aggregation settings, given the run's (``base``) and the options just decided."""
+        return base
+
+    def notes(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, Any]:
+        """Anything else worth recording with the round's decisions (JSON-able)."""
+        return {}
+
+    def evaluate(self, trainer: Trainer, r: int) -> dict[str, Any]:
+        """Extra metrics of ``models/<r + 1>`` (the model after round ``r``), stored under ``plugin``."""
+        return {}
+
+
+def plugin_for_config(config: TrainConfig) -> RoundPlugin | None:
+    """The plugin a run's config asks for (its ``[supernet]`` table), or None."""
+    if config.supernet is not None:
+        from gradshard.supernet.plugin import SupernetPlugin
+
+        return SupernetPlugin(config.supernet)
+    return None
