@@ -10,6 +10,7 @@ client) — so running a client twice (a retry, or a driver restarted mid-round)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -26,6 +27,7 @@ from gradshard.extras import missing_extra_error
 from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
+from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import update_key
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
@@ -160,7 +162,12 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
         from gradshard.security.keys import load_private_key
 
         signer = load_private_key(task.signing_key)
-    write_update(store, update_key(task.round, task.client), averaged, delta, meta, signer=signer)
+    if meta.coverage is not None:  # a subnetwork: upload only its elements (a compact update)
+        compact = compact_of(averaged, meta.coverage, delta)
+        write_compact_update(store, update_key(task.round, task.client), averaged, meta.coverage, compact,
+                             dataclasses.replace(meta, coverage=None), signer=signer)
+    else:
+        write_update(store, update_key(task.round, task.client), averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
                         train_s=time.perf_counter() - started,
                         epsilon=private.epsilon if private is not None else None,

@@ -42,6 +42,7 @@ from gradshard.fl.models import load_numpy_state, seed_everything, state_to_nump
 from gradshard.fl.plugin import PluginRound, RoundPlugin, plugin_for_config
 from gradshard.fl.server import ServerStepArgs, ServerStepResult
 from gradshard.fl.task import Task, TaskError, TaskRef, load_task, parse_task, ref_of
+from gradshard.format.compact import open_client_update
 from gradshard.format.keys import (
     CONFIG_KEY,
     KEPT_KEY,
@@ -544,7 +545,7 @@ class Trainer:
             if not self.store.exists(key):
                 continue
             try:
-                with open_update(self.store, key, client, self.averaged) as upd:
+                with open_client_update(self.store, key, client, self.averaged) as upd:
                     found = dp_ledger.release_from_extra(upd.meta.extra)
             except GradshardError as exc:  # unreadable: the aggregation rejects it too
                 log.warning("round %d: %s's update is unreadable (%s); its release is not accounted", r, client, exc)
@@ -570,7 +571,7 @@ class Trainer:
         """The training losses the aggregated clients wrote into their updates (the same after a restart)."""
         losses = []
         for client in clients:
-            with open_update(self.store, update_key(r, client), client, self.averaged) as upd:
+            with open_client_update(self.store, update_key(r, client), client, self.averaged) as upd:
                 if "loss" in upd.meta.extra:  # (updates written by other tools need not say)
                     losses.append(float(upd.meta.extra["loss"]))
         return losses
