@@ -3,6 +3,7 @@ run's sampler; a run stopped after a release and resumed counts it once and ends
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,15 @@ from pydantic import ValidationError
 from safetensors.numpy import load
 
 from gradshard.aggregation.driver import AggregateConfig
+from gradshard.errors import GradshardError
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.driver import Trainer, sample_cohort
-from gradshard.format.keys import aggregate_key, manifest_key, metrics_key, model_key, state_key
+from gradshard.format.keys import CONFIG_KEY, aggregate_key, manifest_key, metrics_key, model_key, state_key
 from gradshard.privacy.accountant import Release, epsilon
 from gradshard.privacy.config import CentralDP, PrivacyConfig
 from gradshard.privacy.ledger import PrivacyLedger
-from gradshard.runtime import LocalExecutor
-from gradshard.store import LocalStore
+from gradshard.runtime import InlineExecutor, LocalExecutor
+from gradshard.store import LocalStore, MemoryStore
 
 
 def config(tmp_path: Path, **changes: object) -> TrainConfig:
@@ -114,3 +116,16 @@ def test_integer_buffers_are_never_clipped_or_noised(tmp_path: Path) -> None:
     assert metrics[0]["central_dp"] is not None and metrics[0]["aggregated"]
     kept = load(store.get("models/kept.safetensors"))  # the server's initial value: clients trained 1 round
     assert kept["1.num_batches_tracked"].dtype == np.int64 and int(kept["1.num_batches_tracked"][()]) == 0
+
+
+def test_a_run_stored_before_the_privacy_options_existed_still_resumes(tmp_path: Path) -> None:
+    store = MemoryStore()
+    c = TrainConfig(clients=4, rounds=1, epochs=1)
+    Trainer(store, c, InlineExecutor()).prepare()
+    old = json.loads(store.get(CONFIG_KEY))
+    for newer in ("sampling", "privacy", "keys_dir", "supernet"):
+        old.pop(newer, None)
+    store.put(CONFIG_KEY, json.dumps(old).encode())
+    Trainer(store, c, InlineExecutor()).prepare()  # the missing fields are their defaults: the same run
+    with pytest.raises(GradshardError, match="differs in sampling"):
+        Trainer(store, c.model_copy(update={"sampling": "poisson"}), InlineExecutor()).prepare()

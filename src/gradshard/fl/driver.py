@@ -164,6 +164,15 @@ def _put_arrays(store: Store, key: str, arrays: dict[str, Any]) -> None:
     store.put(key, save_safetensors(arrays))
 
 
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the fields an older gradshard did not write filled in with their defaults (so a
+    run started before a new option existed still resumes); as stored when it does not validate."""
+    try:
+        return json.loads(TrainConfig.model_validate(stored).model_dump_json())  # type: ignore[no-any-return]
+    except ValueError:
+        return stored
+
+
 class Trainer:
     """Runs a :class:`TrainConfig` on a store; client and aggregation functions go to the given executors.
 
@@ -237,7 +246,7 @@ class Trainer:
         Only ``rounds`` may change between starts (a run is extended, or stopped early, on the same store)."""
         blob = self.config.model_dump_json(indent=1).encode()
         if self.store.exists(CONFIG_KEY):
-            stored, wanted = json.loads(self.store.get(CONFIG_KEY)), json.loads(blob)
+            stored, wanted = _with_defaults(json.loads(self.store.get(CONFIG_KEY))), json.loads(blob)
             differ = sorted(k for k in stored.keys() | wanted.keys()
                             if k != "rounds" and stored.get(k) != wanted.get(k))
             if differ:
