@@ -37,7 +37,7 @@ from gradshard.format.update import (
     check_layout,
     read_header,
 )
-from gradshard.format.writer import _signing_meta, encode_header, signer_for  # the writer's signing rules
+from gradshard.format.writer import encode_header, publish_header, signing_meta
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
@@ -155,7 +155,7 @@ class CompactWriter:
             raise GradshardError(f"compact update {key!r}: its metadata's layout digest is not the layout's (give "
                                  "the round's supernet layout and its digest)")
         meta = dataclasses.replace(meta, coverage=dict(cov.extents), compact=True, checksums="")
-        self.meta = _signing_meta(key, meta, signer)
+        self.meta = signing_meta(key, meta, signer)
         self.store, self.key, self.layout, self.coverage, self.signer = store, key, layout, cov, signer
         self.file = file_layout(layout, cov)
         self.dtype = np.dtype(layout.flat_dtype)
@@ -200,22 +200,10 @@ class CompactWriter:
             raise InvocationError(f"cannot commit {self.key!r}: {len(self._digests)} of {self.grid.count} chunk "
                                   "digests")
         meta = self.meta.with_checksums([self._digests[i] for i in range(self.grid.count)])
-        signatures: list[str] = []
-        sign = None
-        if self.signer is not None:
-            make = signer_for(meta, self.signer)
-
-            def sign(digest: str) -> str:
-                signatures.append(make(digest))
-                return signatures[-1]
-
-        header = encode_header(self.file, meta.to_metadata(), sign)
-        if len(header) != self.header_len:
-            raise GradshardError(f"header of {self.key!r} is {len(header)} bytes, {self.header_len} were reserved")
-        self.store.write_at(self.key, self.upload_id, 0, header)
-        self.store.complete_upload(self.key, self.upload_id)
+        published = publish_header(self.store, self.key, self.upload_id, self.file, meta, self.header_len,
+                                   self.signer)
         self.state = "committed"
-        return dataclasses.replace(meta, signature=signatures[0]) if signatures else meta
+        return published
 
     def abort(self) -> None:
         if self.state == "open":

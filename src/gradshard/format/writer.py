@@ -142,7 +142,7 @@ class ObjectUpload:
               signer: PrivateKey | None = None) -> ObjectUpload:
         """Open the upload; with ``signer`` (an Ed25519 private key) the object is signed at commit: its header
         reserves room for the fingerprint and the signature (a cryptographic chunk digest is required)."""
-        meta = _signing_meta(key, meta, signer)
+        meta = signing_meta(key, meta, signer)
         header_len = header_length(layout, meta)
         if header_len - 8 > MAX_HEADER_BYTES:  # readers would refuse it: never write what nothing can read
             raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
@@ -180,22 +180,10 @@ class ObjectUpload:
             raise InvocationError(f"cannot commit {self.key!r}: chunk {bad}'s digest {chunk_digests[bad]!r} is not "
                                   f"{algorithm.hex_width} hex digits of {algorithm.name}")
         meta = self.meta.with_checksums([chunk_digests[i] for i in range(count)])
-        signatures: list[str] = []
-        sign: Sign | None = None
-        if self.signer is not None:
-            make = signer_for(meta, self.signer)
-
-            def sign(digest: str) -> str:
-                signatures.append(make(digest))
-                return signatures[-1]
-
-        header = encode_header(self.layout, meta.to_metadata(), sign)
-        if len(header) != self.header_len:  # fixed-width fields: only a bug gets here
-            raise GradshardError(f"header of {self.key!r} is {len(header)} bytes, {self.header_len} were reserved")
-        self.store.write_at(self.key, self.upload_id, 0, header)
-        self.store.complete_upload(self.key, self.upload_id)
+        published = publish_header(self.store, self.key, self.upload_id, self.layout, meta, self.header_len,
+                                   self.signer)
         self.state = "committed"
-        return dataclasses.replace(meta, signature=signatures[0]) if signatures else meta
+        return published
 
     def abort(self) -> None:
         """Discard the upload (nothing becomes visible); a no-op once committed or aborted."""
@@ -208,6 +196,27 @@ class ObjectUpload:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()  # by an exception, or left without commit
+
+
+def publish_header(store: Store, key: str, upload_id: str, layout: ModelLayout, meta: UpdateMeta, header_len: int,
+                   signer: PrivateKey | None) -> UpdateMeta:
+    """Write the header of an upload whose data is complete (signed over its header digest with ``signer``) and
+    complete the upload, so the object becomes visible at once; returns ``meta`` with its signature."""
+    signatures: list[str] = []
+    sign: Sign | None = None
+    if signer is not None:
+        make = signer_for(meta, signer)
+
+        def sign(digest: str) -> str:
+            signatures.append(make(digest))
+            return signatures[-1]
+
+    header = encode_header(layout, meta.to_metadata(), sign)
+    if len(header) != header_len:  # fixed-width fields: only a bug gets here
+        raise GradshardError(f"header of {key!r} is {len(header)} bytes, {header_len} were reserved")
+    store.write_at(key, upload_id, 0, header)
+    store.complete_upload(key, upload_id)
+    return dataclasses.replace(meta, signature=signatures[0]) if signatures else meta
 
 
 class OutputTarget(BaseModel):
@@ -290,7 +299,7 @@ def merge_digests(parts: Iterable[Mapping[int, str]]) -> dict[int, str]:
 
 
 # --- one process, front to back ---------------------------------------------------------------------------------
-def _signing_meta(key: str, meta: UpdateMeta, signer: PrivateKey | None) -> UpdateMeta:
+def signing_meta(key: str, meta: UpdateMeta, signer: PrivateKey | None) -> UpdateMeta:
     """``meta`` naming ``signer``'s fingerprint (refused for an xxh3 digest), or ``meta`` when unsigned."""
     if signer is None:
         if meta.signer or meta.signature:
@@ -384,7 +393,7 @@ def update_metadata(layout: ModelLayout, tensors: Mapping[str, Any] | npt.NDArra
                       layout_digest=layout.digest(), chunk_elems=chunk,
                       checksums=checksum.pack([hexes[i] for i in range(grid.count)]),
                       base_model=base_model, digest=digest, coverage=coverage)
-    meta = _signing_meta(f"{client}'s update", meta, signer)
+    meta = signing_meta(f"{client}'s update", meta, signer)
     header = _header(safetensors_order(files), meta.to_metadata(),
                      signer_for(meta, signer) if signer is not None else None)
     if len(json.dumps(header, separators=(",", ":"))) > MAX_HEADER_BYTES:  # readers would refuse the file
