@@ -25,6 +25,15 @@ from gradshard.format.compact import CompactReader, scatter
 from gradshard.format.update import UpdateReader, VerifiedStream
 
 
+def read_window_again(reader: UpdateReader | CompactReader, a: int, b: int, out: npt.NDArray[Any]) -> None:
+    """Re-read window ``[a, b)`` of ``reader`` on its own (whole chunks, verified), apart from any stream: to find
+    which client put a NaN in a window."""
+    lo, hi = reader.grid.extent(a, b)
+    whole = np.empty(hi - lo, dtype=reader.dtype)
+    reader.read_verified(lo, hi, whole)
+    out[:] = whole[a - lo : b - lo]
+
+
 class ClientInput:
     """Reads of one client over ``[start, stop)`` (chunk-aligned), window by window, in order."""
 
@@ -93,11 +102,8 @@ class ClientInput:
         return self.coverage.mask(a, b, np.empty(b - a, dtype=np.bool_))
 
     def read_again(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
-        """Re-read window ``[a, b)`` on its own (whole chunks, verified), apart from the stream: to find a culprit."""
-        lo, hi = self.reader.grid.extent(a, b)
-        whole = np.empty(hi - lo, dtype=self.reader.dtype)
-        self.reader.read_verified(lo, hi, whole)
-        out[:] = whole[a - lo : b - lo]
+        """Re-read window ``[a, b)`` on its own, apart from the stream (:func:`read_window_again`)."""
+        read_window_again(self.reader, a, b, out)
 
     def close(self) -> None:
         self.reader.close()
@@ -135,11 +141,8 @@ class CompactInput:
         return self.coverage.mask(a, b, np.empty(b - a, dtype=np.bool_))
 
     def read_again(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
-        """Re-read the covered elements of window ``[a, b)`` on its own (whole chunks, verified) into ``out``."""
-        lo, hi = self.reader.grid.extent(a, b)
-        whole = np.empty(hi - lo, dtype=self.reader.dtype)
-        self.reader.read_verified(lo, hi, whole)
-        out[:] = whole[a - lo : b - lo]
+        """Re-read the covered elements of window ``[a, b)`` on its own (:func:`read_window_again`)."""
+        read_window_again(self.reader, a, b, out)
 
     def close(self) -> None:
         self.reader.close()
