@@ -305,3 +305,29 @@ def test_merging_equal_releases_composes_exactly() -> None:
 
     assert merged == (a.model_copy(update={"steps": 69}), b)
     assert client_ledger.composed_epsilon((a, b, a, a), DELTA) == pytest.approx(epsilon([a, b, a, a], DELTA), rel=1e-9)
+
+
+@pytest.mark.parametrize("extra", [
+    {"dp_noise_multiplier": "1.0"},  # fields missing
+    {"dp_noise_multiplier": "x", "dp_sample_rate": "0.1", "dp_steps": "3", "dp_delta": "1e-5"},
+    {"dp_noise_multiplier": "1.0", "dp_sample_rate": "7", "dp_steps": "3", "dp_delta": "1e-5"},
+    {"dp_noise_multiplier": "1.0", "dp_sample_rate": "0.1", "dp_steps": "-1", "dp_delta": "1e-5"},
+    {"dp_noise_multiplier": "1.0", "dp_sample_rate": "0.1", "dp_steps": "3", "dp_delta": "2"},
+])
+def test_a_malformed_release_in_an_update_is_refused_by_name(extra: dict[str, str]) -> None:
+    from gradshard.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match="DP-SGD"):
+        client_ledger.release_from_extra(extra)
+
+
+def test_a_hostile_ledger_object_is_refused_with_a_message() -> None:
+    from gradshard.errors import PrivacyError
+
+    store = MemoryStore()
+    store.put(client_ledger.ledger_key("c"), b"{not json")
+    with pytest.raises(PrivacyError, match="not valid"):
+        client_ledger.load_ledger(store, "c", DELTA)
+    store.put(client_ledger.ledger_key("c"), b" " * (client_ledger.MAX_LEDGER_BYTES + 1))
+    with pytest.raises(PrivacyError, match="larger than"):
+        client_ledger.load_ledger(store, "c", DELTA)

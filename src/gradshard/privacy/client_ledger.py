@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradshard.errors import GradshardError
+from gradshard.errors import GradshardError, PrivacyError
 from gradshard.format.keys import check_client_id
 from gradshard.privacy.accountant import Release
 from gradshard.privacy.dpsgd import release_epsilon
@@ -42,12 +42,23 @@ def release_extra(release: Release, delta: float) -> dict[str, str]:
                                     repr(delta)), strict=True))
 
 
+MAX_LEDGER_BYTES = 16 << 20  # ~100 bytes a round: far more rounds than any run has
+
+
 def release_from_extra(extra: Mapping[str, str]) -> tuple[Release, float] | None:
     """The (release, delta) an update's metadata carries; None for an update trained without client DP."""
     if RELEASE_EXTRA[0] not in extra:
         return None
-    z, q, steps, delta = (extra[k] for k in RELEASE_EXTRA)
-    return Release(noise_multiplier=float(z), sampler="poisson", sample_rate=float(q), steps=int(steps)), float(delta)
+    try:  # written by the client: a missing or malformed field is refused by name, never a crash
+        z, q, steps, delta = (extra[k] for k in RELEASE_EXTRA)
+        release = Release(noise_multiplier=float(z), sampler="poisson", sample_rate=float(q), steps=int(steps[:20]))
+        value = float(delta)
+    except (KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise PrivacyError(f"the update's DP-SGD release {({k: extra.get(k, '')[:24] for k in RELEASE_EXTRA})} is "
+                           f"malformed: {str(exc).splitlines()[0][:200]}") from None
+    if not 0 < value < 1:
+        raise PrivacyError(f"the update's DP-SGD delta must be in (0, 1), got {value!r}")
+    return release, value
 
 
 def merged(releases: tuple[Release, ...]) -> tuple[Release, ...]:
@@ -116,7 +127,12 @@ def load_ledger(store: Store, client: str, delta: float) -> ClientLedger:
     key = ledger_key(client)
     if not store.exists(key):
         return ClientLedger(client=client, delta=delta)
-    return ClientLedger.model_validate_json(store.get(key))
+    if store.size(key) > MAX_LEDGER_BYTES:
+        raise PrivacyError(f"the privacy ledger {key!r} is larger than {MAX_LEDGER_BYTES} bytes: not one we wrote")
+    try:
+        return ClientLedger.model_validate_json(store.get(key))
+    except ValueError as exc:
+        raise PrivacyError(f"the privacy ledger {key!r} is not valid: {str(exc).splitlines()[0][:200]}") from None
 
 
 def save_ledger(store: Store, ledger: ClientLedger) -> None:
