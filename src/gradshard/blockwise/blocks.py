@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -150,6 +150,7 @@ class StageModel:
         trainable_before = [i for i in range(block.start) if _param_count(children[i]) > 0][-co_adapt:] \
             if co_adapt > 0 and t > 0 else []
         first = min([block.start, *trainable_before])
+        self.children = range(first, block.stop)  # the trainable children (co-adapted ones included)
         self.frozen = children[:first]
         self.trainable = children[first : block.stop]
         for module in self.frozen:
@@ -182,13 +183,14 @@ class StageModel:
 
 
 def stage_loss(logits: Tensor, y: Tensor, z: Tensor, x: Tensor, classes: int, lambda_x: float, lambda_y: float,
-               sigma: float | None = 5.0) -> Tensor:
-    """The curriculum mentor's loss ``CE(out(z_t), y) − λ₁·nHSIC(z_t, X) − λ₂·nHSIC(logits, Y)``."""
+               sigma: float | None = 5.0, criterion: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """The curriculum mentor's loss ``CE(out(z_t), y) − λ₁·nHSIC(z_t, X) − λ₂·nHSIC(logits, Y)`` (``criterion``
+    replaces the cross-entropy: a task's own loss)."""
     import torch
 
     from gradshard.blockwise.hsic import nhsic, one_hot
 
-    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss = (criterion or torch.nn.functional.cross_entropy)(logits, y)
     if lambda_x:
         loss = loss - lambda_x * nhsic(z, x, sigma)
     if lambda_y:

@@ -185,7 +185,7 @@ def _train_options(f: Any) -> Any:
                           "or a function returning one (replaces --model and --data)."),
         click.option("--task-option", "task_options", multiple=True, callback=_task_options,
                      help="KEY=VALUE passed to a task factory (VALUE as JSON, else a string); repeatable."),
-        click.option("--model", type=click.Choice(["mlp", "cnn", "resnet18", "vgg16"]), default=None,
+        click.option("--model", type=click.Choice(["mlp", "cnn", "convnet", "resnet18", "vgg16"]), default=None,
                      help="Model to train [default: mlp]."),
         click.option("--data", type=click.Choice(["digits", "synthetic"]), default=None,
                      help="Bundled data set [default: digits]."),

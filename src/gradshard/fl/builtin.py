@@ -1,6 +1,7 @@
 """The built-in tasks: ``mlp``, ``cnn``, ``resnet18`` and ``vgg16`` on the bundled digits or a synthetic set.
 
-Each model gets the data in the shape it takes: flat vectors for the MLP, 1×8×8 images for the small CNN, and for
+Each model gets the data in the shape it takes: flat vectors for the MLP, 1×8×8 images for the small CNN and the
+sequential ``convnet`` (the model block-wise training splits), and for
 the CIFAR-sized models (ResNet-18, VGG-16: 3 channels, five halvings in VGG's features) 3×32×32 images, each
 digits pixel repeated 4×4 and on every channel. Any input width and class count work: the MLP is built for the
 data's features and classes; image models need square images.
@@ -19,7 +20,7 @@ import numpy as np
 from gradshard.fl import data as fldata
 from gradshard.fl.task import Task, TaskError, TaskRef
 
-MODELS = ("mlp", "cnn", "resnet18", "vgg16")
+MODELS = ("mlp", "cnn", "convnet", "resnet18", "vgg16")
 _CIFAR_MODELS = ("resnet18", "vgg16")
 
 
@@ -50,6 +51,8 @@ def shape_for(model: str, dataset: fldata.Dataset) -> fldata.Dataset:
         raise TaskError(f"model {model!r} takes square images; {dataset.num_features} features per example are "
                         "not one (use --model mlp, or a task of your own)")
     images = dataset.flattened().as_images(1)
+    if model == "convnet":
+        return images
     if model == "cnn":
         if side % 2:
             raise TaskError(f"model 'cnn' needs an even image side, got {side}×{side}")
@@ -80,7 +83,7 @@ def builtin(model: str = "mlp", data: str = "digits", test_fraction: float = 0.2
     options: dict[str, Any] = {}
     if model == "mlp":
         options = {"in_features": features}
-    elif model == "cnn":
+    elif model in ("cnn", "convnet"):
         options = {"image_size": math.isqrt(features)}
     n_classes = classes
 

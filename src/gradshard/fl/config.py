@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gradshard.aggregation.driver import AggregateConfig
+from gradshard.blockwise.config import BlockwiseConfig
 from gradshard.fl.server import ServerOptimizer
 from gradshard.privacy.config import PrivacyConfig
 from gradshard.supernet.config import SupernetConfig
@@ -31,7 +32,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(default="mlp", description="a built-in task's model (mlp, cnn, resnet18, vgg16)")
+    model: str = Field(default="mlp", description="a built-in task's model (mlp, cnn, convnet, resnet18, vgg16)")
     task: str = Field(default="", description="a task of your own: 'package.module:name' or '/path/file.py:name' "
                                              "(replaces model and data.name)")
     task_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a task factory")
@@ -63,6 +64,8 @@ class TrainConfig(BaseModel):
                                                   "reused if present); empty: a temporary directory for the run")
     supernet: SupernetConfig | None = Field(
         default=None, description="SuperFed: train a supernet whose subnetworks the clients train (docs/superfed.md)")
+    blockwise: BlockwiseConfig | None = Field(
+        default=None, description="block-wise training for memory-limited clients (docs/blockwise.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -76,11 +79,18 @@ class TrainConfig(BaseModel):
         if self.privacy.central is not None and self.aggregation.central_dp is not None:
             raise ValueError("set central DP once: [privacy.central] (the trainer fills in the sampling) or "
                              "[aggregation.central_dp], not both")
-        if self.supernet is not None and self.server.name != "fedavg":
-            raise ValueError(f"[supernet] needs server.name = 'fedavg' (it is {self.server.name!r}): an element no "
-                             "client trained has a zero delta, which only plain FedAvg leaves unchanged")
-        if self.supernet is not None and (self.privacy.central is not None or self.aggregation.central_dp):
-            raise ValueError("[supernet] aggregates with reducer coverage-mean, which central DP cannot use")
+        if self.supernet is not None and self.blockwise is not None:
+            raise ValueError("[supernet] and [blockwise] are two training methods; a run uses one")
+        for table, value in (("supernet", self.supernet), ("blockwise", self.blockwise)):
+            if value is not None and self.server.name != "fedavg":
+                raise ValueError(f"[{table}] needs server.name = 'fedavg' (it is {self.server.name!r}): an element no "
+                                 "client trained has a zero delta, which only plain FedAvg leaves unchanged")
+            if value is not None and (self.privacy.central is not None or self.aggregation.central_dp):
+                raise ValueError(f"[{table}] aggregates with reducer coverage-mean, which central DP cannot use")
+        if self.blockwise is not None and self.blockwise.schedule == "pace" and self.blockwise.pace is None \
+                and self.rounds < self.blockwise.stages:
+            raise ValueError(f"[blockwise] schedule 'pace' needs at least one round per stage: {self.rounds} rounds, "
+                             f"{self.blockwise.stages} stages")
         if self.min_clients > self.sample_size():
             raise ValueError(f"min_clients = {self.min_clients} is more than the {self.sample_size()} clients a "
                              "round samples: no round could aggregate; lower min_clients or sample more clients")

@@ -210,8 +210,10 @@ class Trainer:
                  datasets: tuple[fldata.Dataset, fldata.Dataset] | None) -> tuple[TaskRef, Task]:
         c = self.config
         if isinstance(task, Task):
-            return ref_of(task), task
-        if isinstance(task, str):
+            ref = ref_of(task)
+            if self.plugin is None or self.plugin.wrap_task(c, ref) == ref:
+                return ref, task
+        elif isinstance(task, str):
             ref = parse_task(task)
         elif isinstance(task, TaskRef):
             ref = task
@@ -221,6 +223,10 @@ class Trainer:
             ref = supplied
         else:
             ref = builtin_ref(c.model, c.data.name, c.data.test_fraction, c.seed, datasets=datasets)
+        if self.plugin is not None:
+            wrapped = self.plugin.wrap_task(c, ref)
+            if wrapped != ref:
+                return wrapped, load_task(wrapped)
         return ref, load_task(ref)
 
     @property
@@ -256,6 +262,8 @@ class Trainer:
             self._write_client_data()
             self._write_initial_model()
         self.store.put(CONFIG_KEY, blob)
+        if self.plugin is not None:
+            self.plugin.prepare(self)
 
     def _write_client_data(self) -> None:
         datasets = self.datasets
@@ -358,6 +366,7 @@ class Trainer:
         options = self.plugin.client_options(self, r, cohort)
         aggregation = self.plugin.aggregation(self, r, cohort, options, aggregation_config(self.config))
         record = PluginRound(plugin=self.plugin.name, round=r, client_options=options, aggregation=aggregation,
+                             idle=self.plugin.idle(self, r, cohort), memory=self.plugin.client_memory(self, r, cohort),
                              notes=self.plugin.notes(self, r, cohort))
         self.store.put(plugin_key(r), record.model_dump_json(indent=1).encode())
         return record
@@ -371,6 +380,8 @@ class Trainer:
         for client in spec.cohort or []:
             if self.store.exists(update_key(spec.round, client)):
                 continue  # written before a restart: never trained (or counted) twice
+            if record is not None and client in record.idle:
+                continue  # the plugin sat it out (e.g. no stage fits its memory budget)
             task = ClientTask(round=spec.round, client=client, task=self.task_ref, partition=index[client],
                               partitions=c.clients, model_key=model_key(spec.round), model_sha256=spec.base_model,
                               kept_key=kept, data_key=client_data_key(client) if self.data_in_store else "",
@@ -379,7 +390,8 @@ class Trainer:
                               fault=self.fault(spec.round, client), dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
-            invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8))
+            invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
+                                          memory_cap_bytes=record.memory.get(client) if record is not None else None))
         return Plan("clients", tuple(invocations))
 
     def _server_step(self, r: int, shards: int) -> None:
@@ -463,8 +475,9 @@ class Trainer:
         failed = {tasks[rep.invocation].client: f"{rep.error_type}: {rep.error}"
                   for rep in client_reports if not rep.ok}
         if settled:
+            idle = record.idle if record is not None else {}
             failed = {c: "no update before the round was aggregated (before a restart)" for c in spec.cohort or []
-                      if not self.store.exists(update_key(r, c))}
+                      if not self.store.exists(update_key(r, c)) and c not in idle}
         client_privacy = self._account_clients(r, list(spec.cohort or []))
         t1 = time.perf_counter()
         aggregated: list[str] = []

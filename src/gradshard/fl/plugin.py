@@ -1,8 +1,9 @@
 """Round plugins: a small, generic hook through which a training method shapes every round of a :class:`Trainer`.
 
 A plugin decides, once per round and before any client runs, what each sampled client is told (per-client options
-that reach the task's ``train`` as :attr:`~gradshard.fl.task.TrainContext.options`) and how the round aggregates
-(an :class:`~gradshard.aggregation.driver.AggregateConfig` derived from the run's). Both decisions are written to
+that reach the task's ``train`` as :attr:`~gradshard.fl.task.TrainContext.options`), which sampled clients sit the
+round out (and why), each client function's memory cap, and how the round aggregates (an
+:class:`~gradshard.aggregation.driver.AggregateConfig` derived from the run's). These decisions are written to
 the store as ``rounds/<r>/plugin.json`` before the clients are invoked; a restarted driver reads them back instead
 of asking the plugin again, so a resumed run reproduces them, and a plugin whose decisions depend on earlier rounds
 (a history of who trained what) reads that history from the same records (:meth:`Trainer.plugin_record`).
@@ -11,8 +12,11 @@ After the server step, ``evaluate`` adds the plugin's own metrics to ``metrics/<
 With no plugin a run is exactly what it was before plugins existed: no record is written, client tasks carry no
 options, the aggregation is the run's, and the metrics have no ``plugin`` entry.
 
-SuperFed (:mod:`gradshard.supernet`) is the first plugin; the trainer knows nothing about it beyond
-:func:`plugin_for_config` mapping its config table to it.
+A plugin may also wrap the run's task (``wrap_task``: block-wise training puts output modules around the user's
+model) and supply one when the user gives none (``task``).
+
+SuperFed (:mod:`gradshard.supernet`) and block-wise training (:mod:`gradshard.blockwise`) are plugins; the trainer
+knows nothing about them beyond :func:`plugin_for_config` mapping their config tables to them.
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ if TYPE_CHECKING:
 
 class PluginRound(BaseModel):
     """What a plugin decided for one round (``rounds/<r>/plugin.json``): the plugin's name, every client's
-    options, the round's aggregation settings and any notes the plugin wants kept (e.g. a schedule's value)."""
+    options, the clients that sit the round out (client -> why; they are not invoked), the memory cap of each
+    client's function (bytes; absent: the executor's), the round's aggregation settings and any notes the plugin
+    wants kept (e.g. a schedule's value)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     plugin: str
     round: int = Field(ge=0)
     client_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    idle: dict[str, str] = Field(default_factory=dict)
+    memory: dict[str, int] = Field(default_factory=dict)
     aggregation: AggregateConfig
     notes: dict[str, Any] = Field(default_factory=dict)
 
@@ -47,8 +55,10 @@ class PluginRound(BaseModel):
 class RoundPlugin(ABC):
     """The hooks a training method implements; every hook has a neutral default except ``name``.
 
-    Hooks are called by the driver only when a round is first opened (``client_options``, ``aggregation``,
-    ``notes``) or evaluated (``evaluate``); they must be deterministic in (run config, round, recorded history).
+    Hooks are called by the driver only when a round is first opened (``client_options``, ``idle``,
+    ``client_memory``, ``aggregation``, ``notes``) or evaluated (``evaluate``); ``prepare`` once per start of a run,
+    after the run's fixed inputs are in the store. They must be deterministic in (run config, round, recorded
+    history, what ``prepare`` stored).
     """
 
     @property
@@ -60,8 +70,23 @@ class RoundPlugin(ABC):
         """The run's task when the user gives none (None: the trainer's usual choice)."""
         return None
 
+    def wrap_task(self, config: TrainConfig, ref: TaskRef) -> TaskRef:
+        """The task the run trains, given the one the user chose (default: that one)."""
+        return ref
+
+    def prepare(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
+        """Once per start, after the config, data and initial model are in the store (e.g. measure something)."""
+
     def client_options(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, dict[str, Any]]:
         """Per-client options (JSON-able) for round ``r``; they reach the task as ``TrainContext.options``."""
+        return {}
+
+    def idle(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, str]:
+        """Sampled clients that sit round ``r`` out, with the reason (they are not invoked)."""
+        return {}
+
+    def client_memory(self, trainer: Trainer, r: int, cohort: list[str]) -> dict[str, int]:
+        """The memory cap (bytes) of each client's function in round ``r`` (absent: the executor's cap)."""
         return {}
 
     def aggregation(self, trainer: Trainer, r: int, cohort: list[str],
@@ -79,9 +104,13 @@ class RoundPlugin(ABC):
 
 
 def plugin_for_config(config: TrainConfig) -> RoundPlugin | None:
-    """The plugin a run's config asks for (its ``[supernet]`` table), or None."""
+    """The plugin a run's config asks for (its ``[supernet]`` or ``[blockwise]`` table), or None."""
     if config.supernet is not None:
         from gradshard.supernet.plugin import SupernetPlugin
 
         return SupernetPlugin(config.supernet)
+    if config.blockwise is not None:
+        from gradshard.blockwise.plugin import BlockwisePlugin
+
+        return BlockwisePlugin(config.blockwise)
     return None

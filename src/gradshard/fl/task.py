@@ -275,7 +275,7 @@ def ref_of(task: Task) -> TaskRef:
 
 _FILE_MODULE_PREFIX = "gradshard_task_"
 _cache: dict[str, Task] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a task factory may load another task (a wrapper)
 
 
 def load_task(ref: TaskRef) -> Task:

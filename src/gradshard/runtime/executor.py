@@ -51,6 +51,11 @@ class Executor(ABC):
         self.timeout_s = timeout_s
         self.tokens = tokens
 
+    def cap_of(self, invocation: Invocation) -> int | None:
+        """The memory cap of one invocation: the smaller of the executor's and the invocation's own (None: none)."""
+        caps = [c for c in (self.memory_cap_bytes, invocation.memory_cap_bytes) if c is not None]
+        return min(caps) if caps else None
+
     def close(self) -> None:  # noqa: B027 - executors that hold processes or connections override it
         """Release what the executor holds (worker processes, a Ray it started); it cannot run plans afterwards."""
 

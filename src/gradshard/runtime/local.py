@@ -102,7 +102,7 @@ class LocalExecutor(Executor):
         started = time.perf_counter()
         child, key, reused = self._start(invocation, store, token)
         running_since = time.perf_counter()  # the timeout does not count a runtime's cold start
-        cap = self.memory_cap_bytes
+        cap = self.cap_of(invocation)
         peak, payload, failure = 0, None, None
         try:
             while True:
@@ -135,7 +135,7 @@ class LocalExecutor(Executor):
 
     def _report(self, invocation: Invocation, payload: dict[str, Any] | None, failure: tuple[str, str] | None,
                 peak: int, wall: float) -> InvocationReport:
-        cap = self.memory_cap_bytes
+        cap = self.cap_of(invocation)
         fields: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function,
                                   "memory_cap_bytes": cap, "duration_s": wall, "wall_s": wall,
                                   "ok": False}

@@ -23,7 +23,9 @@ class Invocation:
 
     ``node`` places it (LIFL's locality; every other topology uses node 0); invocations with the same
     ``warm_key`` may reuse one warm worker across rounds on executors that keep workers. ``module`` travels with
-    the invocation so that a worker that does not know the function yet can import it.
+    the invocation so that a worker that does not know the function yet can import it. ``memory_cap_bytes`` is this
+    invocation's own memory limit (a function's memory size, e.g. a client's declared budget): executors that
+    enforce caps use the smaller of it and their own.
     """
 
     id: str
@@ -33,6 +35,7 @@ class Invocation:
     depends_on: tuple[str, ...] = ()
     node: int = 0
     warm_key: str | None = None
+    memory_cap_bytes: int | None = None
 
     module: str = ""  # the module that registers the function; filled in from the registry
 
@@ -45,6 +48,8 @@ class Invocation:
         object.__setattr__(self, "args", registry.validate_args(self.function, self.args))
         if spec is not None:
             object.__setattr__(self, "module", spec.module)
+        if self.memory_cap_bytes is not None and self.memory_cap_bytes < 1:
+            raise PlanError(f"invocation {self.id}: memory_cap_bytes must be >= 1, got {self.memory_cap_bytes}")
 
     def payload(self) -> dict[str, Any]:
         """The arguments as they travel: JSON."""
@@ -85,8 +90,9 @@ class Plan:
         return {"topology": self.topology, "params": self.params,
                 "invocations": [{"id": i.id, "function": i.function, "module": i.module,
                                  "args": i.args.model_dump(mode="json", context={"redact": True}),
-                                 "memory_bytes": i.memory_bytes, "depends_on": list(i.depends_on), "node": i.node,
-                                 "warm_key": i.warm_key} for i in self.invocations]}
+                                 "memory_bytes": i.memory_bytes, "memory_cap_bytes": i.memory_cap_bytes,
+                                 "depends_on": list(i.depends_on), "node": i.node, "warm_key": i.warm_key}
+                                for i in self.invocations]}
 
     @property
     def levels(self) -> int:
