@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
 from gradshard.aggregation.contracts import NoiseSpec, ReduceResult, TreeReduceResult
+from gradshard.core import digests
+from gradshard.core.checksum import ChunkGrid
 from gradshard.core.reducers import REDUCERS, normalised_weights, parse_reducer
 from gradshard.errors import GradshardError, InvocationError, PlanError, RoundError, StoreError
 from gradshard.format.keys import aggregate_key, manifest_key, partials_prefix, reports_key
@@ -220,7 +223,11 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
         failed = [r for r in reports if not r.ok]
         if failed or len(reports) != len(plan.invocations):
             raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
-        pending.commit(merge_digests(_result_digests(r) for r in reports))
+        chunk_digests = merge_digests(_result_digests(r) for r in reports)
+        if "covered" in plan.params:  # the coverage contract: the chunks outside were not written, they are zeros
+            chunk_digests.update(zero_chunk_digests(pending.grid, pending.meta.digest, plan.params["covered"],
+                                              manifest.spec.model_layout().flat_dtype))
+        pending.commit(chunk_digests)
         return plan, reports, True
     except BaseException:
         failed_already = True
@@ -236,6 +243,21 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
     finally:
         if not failed_already:
             _remove_partials(store, manifest.round, pending.upload_id)
+
+
+def zero_chunk_digests(grid: ChunkGrid, digest: str, covered: list[list[int]], dtype: str) -> dict[int, str]:
+    """The digests of every chunk outside the ``covered`` element ranges, each all zeros (one digest per distinct
+    chunk length: at most two)."""
+    inside = {i for lo, hi in covered for i in grid.covering(lo, hi)}
+    algorithm, itemsize, known = digests.algorithm(digest), np.dtype(dtype).itemsize, {}
+    out = {}
+    for i in range(grid.count):
+        if i not in inside:
+            lo, hi = grid.bounds(i)
+            if hi - lo not in known:
+                known[hi - lo] = algorithm.hexdigest(np.zeros((hi - lo) * itemsize, dtype=np.uint8))
+            out[i] = known[hi - lo]
+    return out
 
 
 def _collect_own_leftovers(store: Store, r: int) -> None:

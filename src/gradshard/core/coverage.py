@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import operator
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from gradshard.core.checksum import ChunkGrid
 from gradshard.core.layout import ModelLayout, TensorSlot
 from gradshard.errors import LayoutError
 
@@ -226,3 +227,23 @@ class CoverageMap:
                 break
             parts.append(part)
         return parts
+
+
+def covered_chunks(maps: Iterable[CoverageMap], grid: ChunkGrid) -> list[tuple[int, int]]:
+    """The chunk-aligned element ranges ``[lo, hi)`` (sorted, disjoint, merged) holding every element some map
+    covers: per covered tensor, the span from its first to its last covered element, rounded out to the chunk grid.
+
+    A chunk outside these ranges holds no covered element of any map (a chunk inside may hold none either: spans
+    are bounds, not masks). Costs ``O(tensors covered × ndim)`` per map, never a mask of the vector."""
+    spans: list[tuple[int, int]] = []
+    for cov in maps:
+        for part in cov._parts:  # a leading box starts at the tensor's first element and ends with its last run
+            last = part.run_start(math.prod(part.outer) - 1) + part.length
+            spans.append(grid.extent(part.start, part.start + last))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged

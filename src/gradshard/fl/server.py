@@ -79,7 +79,9 @@ def apply_window(opt: ServerOptimizer, theta: npt.NDArray[np.float32], delta: np
     """One window of the update, in place: ``theta`` becomes θ', each state array its new value."""
     f = np.float32
     if opt.name == "fedavg":
-        theta += f(opt.lr) * delta
+        # where the delta is 0 the value is kept as it is: θ + 0 would turn a -0.0 into +0.0, and an element no
+        # client trained (a frozen block, an uncovered subnetwork element) must stay bit for bit
+        np.add(theta, f(opt.lr) * delta, out=theta, where=delta != 0)
     elif opt.name == "fedavgm":
         v = state["v"]
         v *= f(opt.momentum)
