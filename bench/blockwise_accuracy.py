@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--data", default="digits,synthetic", help="comma-separated: digits, synthetic")
     parser.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
                         help="dirichlet: label skew with α = 0.5")
-    parser.add_argument("--separation", type=float, default=2.5,
+    parser.add_argument("--separation", type=float, default=3.0,
                         help="synthetic: distance between class means in noise standard deviations (lower: harder)")
     parser.add_argument("--synthetic-n", type=int, default=2000, help="synthetic: examples (train + test)")
     parser.add_argument("--lambdas", type=parse_lambdas, default=[], metavar="LX:LY,...",

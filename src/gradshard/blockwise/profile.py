@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.blockwise.config import BlockwiseConfig
 from gradshard.blockwise.model import BlockwiseModel
 from gradshard.blockwise.task import train_stage
+from gradshard.fl import client as _client  # noqa: F401 - registers the torch runtime this function runs in
 from gradshard.fl.data import Dataset
 from gradshard.fl.task import TaskRef, TrainContext, load_task
 from gradshard.runtime.registry import register

@@ -307,6 +307,8 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     what = f"task {untrusted(config.task)}" if config.task else \
         f"SuperFed supernet on {config.data.name}" if config.supernet is not None else \
         f"{untrusted(config.model)} on {config.data.name}"
+    if config.blockwise is not None:
+        what = f"block-wise ({config.blockwise.stages} stages, {config.blockwise.schedule}) {what}"
     console.print(f"[bold]gradshard train[/]: {what} ({config.data.partition}), "
                   f"{config.clients} clients, {config.sample_size()} per round, {config.rounds} rounds, "
                   f"{agg.topology}{f' M={agg.shards}' if agg.topology == 'sharded' else ''}, server "
@@ -324,6 +326,8 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
         title = config.task or (f"SuperFed supernet on {config.data.name}" if config.supernet is not None
                                  else f"{config.model} on {config.data.name}")
+        if config.blockwise is not None:
+            title = f"block-wise {title}"
         run_training(trainer, Path(out_dir) if out_dir else default_out,
                      f"{title}, {config.clients} clients, {agg.topology}")
     except TrainingError as exc:  # the run ran and its verdict is negative: every client failed, nothing aggregated

@@ -113,8 +113,8 @@ class RayExecutor(Executor):
 
     def memory_request(self, invocation: Invocation) -> int:
         """Bytes of Ray's ``memory`` resource a task reserves: the need plus the baseline, or the cap if larger."""
-        need = invocation.memory_bytes + INTERPRETER_BASELINE_BYTES
-        return max(need, self.memory_cap_bytes) if self.memory_cap_bytes is not None else need
+        need, cap = invocation.memory_bytes + INTERPRETER_BASELINE_BYTES, self.cap_of(invocation)
+        return max(need, cap) if cap is not None else need
 
     def _store_spec(self, store: Store) -> dict[str, Any]:
         try:
@@ -140,7 +140,7 @@ class RayExecutor(Executor):
         remote = self._connect()
         request = self.memory_request(invocation)
         base: dict[str, Any] = {"invocation": invocation.id, "function": invocation.function, "ok": False,
-                                "memory_cap_bytes": self.memory_cap_bytes}
+                                "memory_cap_bytes": self.cap_of(invocation)}
         largest = self._largest_node_memory(spec)
         if request > largest:
             return InvocationReport.model_validate({
@@ -150,7 +150,7 @@ class RayExecutor(Executor):
                          "schedule it; use more shards, a smaller memory cap, or add a larger node"})
         started = time.perf_counter()
         env = self.tokens.worker_env() if self.tokens is not None else None
-        ref = remote.options(memory=request, num_cpus=1).remote(invocation, spec, self.memory_cap_bytes,
+        ref = remote.options(memory=request, num_cpus=1).remote(invocation, spec, self.cap_of(invocation),
                                                                 self.timeout_s, token, env)
         report = InvocationReport.model_validate(self._result(ref, invocation, base))
         report.wall_s = time.perf_counter() - started  # submission to result, scheduling included

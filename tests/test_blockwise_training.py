@@ -1,0 +1,280 @@
+"""Block-wise training through the trainer (gradshard.blockwise): only the active stage travels, is aggregated and
+changes; memory budgets assign stages, sit clients out and cap their functions.
+
+References are built independently: dense numpy deltas with zeros outside the block, the weighted mean computed in
+float64, bytes read from the objects' own header lengths and the block's element count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from gradshard import AggregateConfig, aggregate_round
+from gradshard.blockwise.blocks import split_sequential
+from gradshard.blockwise.config import BlockwiseConfig
+from gradshard.blockwise.model import BlockwiseModel, final_state
+from gradshard.cli.main import main
+from gradshard.core.layout import ModelLayout, TensorSpec
+from gradshard.fl.config import TrainConfig
+from gradshard.fl.driver import Trainer
+from gradshard.fl.plugin import PluginRound
+from gradshard.fl.task import TaskError
+from gradshard.format.compact import write_compact_update
+from gradshard.format.keys import aggregate_key, manifest_key, model_key, plugin_key, update_key
+from gradshard.format.round import RoundSpec, open_round
+from gradshard.format.update import UpdateMeta, read_flat
+from gradshard.runtime import InlineExecutor, LocalExecutor
+from gradshard.store import LocalStore, MemoryStore
+
+CHUNK = 16
+
+
+# --- one round with an active block: the coverage contract ---------------------------------------------------------
+def block_round(store: MemoryStore, rng: np.random.Generator) -> tuple[ModelLayout, dict[str, np.ndarray],
+                                                                        dict[str, int], tuple[int, int]]:
+    """A layout whose tensors ``blk.*`` are the active block [lo, hi); three clients upload only the block."""
+    layout = ModelLayout([TensorSpec("stem.weight", (7, 9), "float32"), TensorSpec("blk.conv", (5, 3, 3, 2), "float32"),
+                          TensorSpec("blk.bias", (5,), "float32"), TensorSpec("tail.weight", (11, 6), "float32"),
+                          TensorSpec("heads.0.weight", (10, 3), "float32")])
+    lo, hi = 63, 63 + 90 + 5
+    examples = {"client-a": 3, "client-b": 10, "client-c": 6}
+    deltas = {}
+    open_round(store, RoundSpec.create(0, layout, chunk_elems=CHUNK))
+    for client, n in examples.items():
+        dense = np.zeros(layout.numel, dtype=np.float32)
+        dense[lo:hi] = rng.normal(size=hi - lo).astype(np.float32)
+        deltas[client] = dense
+        meta = UpdateMeta(client=client, round=0, examples=n, layout_digest=layout.digest(), chunk_elems=CHUNK)
+        write_compact_update(store, update_key(0, client), layout, {"blk.conv": (5, 3, 3, 2), "blk.bias": (5,)},
+                             dense[lo:hi], meta)
+    return layout, deltas, examples, (lo, hi)
+
+
+def test_an_active_block_round_reads_only_the_block_and_equals_fedavg_with_zero_deltas_outside() -> None:
+    results: dict[int, bytes] = {}
+    for m in (1, 2, 4, 8):
+        # Prepare
+        store = MemoryStore()
+        layout, deltas, examples, (lo, hi) = block_round(store, np.random.default_rng(7))
+
+        # Execute
+        result = aggregate_round(store, 0, InlineExecutor(), AggregateConfig(reducer="coverage-mean", shards=m))
+
+        # Assert: the aggregate is FedAvg of the dense deltas (zeros outside the block), bitwise 0 outside
+        flat = read_flat(store, aggregate_key(0), layout, "aggregate")
+        weights = np.array([examples[c] for c in sorted(examples)], dtype=np.float64)
+        expected = sum(w * deltas[c].astype(np.float64) for w, c in zip(weights, sorted(examples), strict=True))
+        np.testing.assert_allclose(flat, expected / weights.sum(), rtol=1e-6, atol=1e-7)
+        assert flat[:lo].tobytes() == bytes(4 * lo) and flat[hi:].tobytes() == bytes(4 * (layout.numel - hi))
+        results[m] = store.get(aggregate_key(0))
+        # the shards cover exactly the block's chunks
+        covered = (lo // CHUNK * CHUNK, min(-(-hi // CHUNK) * CHUNK, layout.numel))
+        ranges = sorted((inv.args.start, inv.args.stop) for inv in result.plan.invocations)  # type: ignore[attr-defined]
+        assert ranges[0][0] == covered[0] and ranges[-1][1] == covered[1]
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        assert result.plan.params["covered"] == [list(covered)]
+        # bytes read: every client's block once; every shard function reads the manifest and each client's header
+        headers = sum(8 + struct.unpack("<Q", store.get_range(update_key(0, c), 0, 8))[0] for c in examples)
+        read = sum(rep.bytes_read for rep in result.reports)
+        assert read == len(examples) * (hi - lo) * 4 + len(ranges) * (headers + store.size(manifest_key(0)))
+    assert len(set(results.values())) == 1  # the same bytes for every M
+
+
+# --- the block-wise model -------------------------------------------------------------------------------------------
+def body() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_output_modules_are_extra_slots_dropped_from_the_final_model_and_start_from_the_classifier() -> None:
+    # Prepare
+    net = body()
+    split = split_sequential(net, [0, 2, 7])
+
+    # Execute
+    model = BlockwiseModel(net, split, torch.zeros(2, 1, 6, 6))
+
+    # Assert
+    state = model.state_dict()
+    assert [k for k in state if k.startswith("heads.")] == ["heads.0.2.weight", "heads.0.2.bias"]
+    assert list(state)[: len(net.state_dict())] == list(net.state_dict())
+    fresh = body()
+    fresh.load_state_dict(final_state(state))  # strict: the user's model, nothing more
+    torch.testing.assert_close(state["heads.0.2.weight"], net[6].weight)
+    x = torch.randn(5, 1, 6, 6)
+    torch.testing.assert_close(model(x), net(x))
+    assert model.stage_tensors(0, co_adapt=1) == ["0.weight", "0.bias", "heads.0.2.weight", "heads.0.2.bias"]
+    assert model.stage_tensors(1, co_adapt=1) == ["0.weight", "0.bias", "2.weight", "2.bias", "6.weight", "6.bias"]
+    assert model.stage_tensors(1, co_adapt=0) == ["2.weight", "2.bias", "6.weight", "6.bias"]
+
+
+def test_a_model_that_is_not_sequential_is_refused_with_the_fix() -> None:
+    # Prepare
+    config = TrainConfig.model_validate({"model": "mlp", "clients": 2, "rounds": 1, "blockwise": {"blocks": 2}})
+
+    # Execute / Assert
+    with pytest.raises(TaskError, match=r"nn\.Sequential.*convnet"):
+        Trainer(MemoryStore(), config, InlineExecutor())
+
+
+def test_bad_blockwise_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="one per stage"):
+        BlockwiseConfig(blocks=4, lambda_x=(0.1, 0.2))
+    with pytest.raises(ValueError, match="add up to 1"):
+        BlockwiseConfig(tiers=({"fraction": 0.5, "memory_mib": 100},))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one round per stage"):
+        TrainConfig.model_validate({"model": "convnet", "rounds": 2, "blockwise": {"blocks": 4, "schedule": "pace"}})
+    with pytest.raises(ValueError, match="fedavg"):
+        TrainConfig.model_validate({"model": "convnet", "server": {"name": "fedadam"}, "blockwise": {}})
+    with pytest.raises(ValueError, match="one"):
+        TrainConfig.model_validate({"model": "convnet", "blockwise": {}, "supernet": {}})
+
+
+# --- training rounds -----------------------------------------------------------------------------------------------
+def tiny(**changes: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "model": "convnet", "clients": 6, "per_round": 6, "rounds": 4, "epochs": 1, "batch_size": 32, "lr": 0.05,
+        "seed": 2, "data": {"partition": "iid"},
+        "blockwise": {"blocks": 4, "stage_memory_mib": [100, 200, 300, 400],
+                      "tiers": [{"fraction": 0.5, "memory_mib": 250}, {"fraction": 0.5, "memory_mib": 4000}],
+                      "budgets_mib": {"client-0000": 50}}}
+    return TrainConfig.model_validate({**base, **changes})
+
+
+def stage_bytes(trainer: Trainer, r: int, names: set[str]) -> tuple[bytes, bytes]:
+    """The bytes of models/<r> inside ``names`` and outside them."""
+    flat = read_flat(trainer.store, model_key(r), trainer.averaged, "model")
+    inside = np.zeros(trainer.averaged.numel, dtype=bool)
+    for slot in trainer.averaged.slots:
+        if slot.spec.name in names:
+            inside[slot.start : slot.stop] = True
+    return flat[inside].tobytes(), flat[~inside].tobytes()
+
+
+def test_tiers_train_different_stages_in_one_round_and_everything_else_stays_bit_for_bit(tmp_path: Path) -> None:
+    # Prepare
+    store = LocalStore(tmp_path, fsync=False)
+    trainer = Trainer(store, tiny(), InlineExecutor())
+
+    # Execute
+    history = trainer.run()
+
+    # Assert: round r trains stage r for the big tier; the small tier (250 MiB) affords stages 0 and 1 only;
+    # client-0000 (50 MiB) affords none, sits out and is never invoked
+    model = trainer.task.build()
+    assert isinstance(model, BlockwiseModel)
+    for r in range(4):
+        record = PluginRound.model_validate_json(store.get(plugin_key(r)))
+        small = {c: o["stage"] for c, o in record.client_options.items() if c in ("client-0001", "client-0002")}
+        big = {c: o["stage"] for c, o in record.client_options.items() if c >= "client-0003"}
+        assert set(big.values()) == {r} and set(small.values()) == {min(r, 1)}
+        assert "client-0000" in record.idle and "below every stage" in record.idle["client-0000"]
+        assert not store.exists(update_key(r, "client-0000"))
+        assert record.memory["client-0001"] == 250 << 20 and record.memory["client-0003"] == 4000 << 20
+        trained = set(model.stage_tensors(r, 1)) | set(model.stage_tensors(min(r, 1), 1))
+        before, after = stage_bytes(trainer, r, trained), stage_bytes(trainer, r + 1, trained)
+        assert after[1] == before[1]  # every element outside the trained stages: the same bytes
+        assert after[0] != before[0]
+        assert history[r]["plugin"]["stage"] == r and len(history[r]["plugin"]["stage_accuracy"]) == 4
+        assert history[r]["aggregated"] == sorted(record.client_options)
+
+
+def test_one_shard_and_four_shards_train_the_same_models(tmp_path: Path) -> None:
+    # Execute
+    runs = []
+    for m in (1, 4):
+        store = LocalStore(tmp_path / str(m), fsync=False)
+        Trainer(store, tiny(rounds=2, aggregation={"shards": m}), InlineExecutor()).run()
+        runs.append([store.get(model_key(r)) for r in range(3)])
+
+    # Assert
+    assert runs[0] == runs[1]
+
+
+def test_a_killed_run_resumes_to_the_same_models(tmp_path: Path) -> None:
+    # Prepare
+    whole = LocalStore(tmp_path / "whole", fsync=False)
+    Trainer(whole, tiny(rounds=3), InlineExecutor()).run()
+    part = LocalStore(tmp_path / "part", fsync=False)
+    Trainer(part, tiny(rounds=1), InlineExecutor()).run()
+
+    # Execute
+    Trainer(part, tiny(rounds=3), InlineExecutor()).run()
+
+    # Assert
+    assert [part.get(model_key(r)) for r in range(4)] == [whole.get(model_key(r)) for r in range(4)]
+
+
+@pytest.mark.integration
+def test_gradshard_train_runs_the_example_blockwise_config(tmp_path: Path) -> None:
+    # Prepare
+    store = tmp_path / "store"
+    config = TrainConfig.model_validate(tomllib.loads(Path("examples/blockwise.toml").read_text()))
+    assert config.blockwise is not None and config.blockwise.stages == 4
+
+    # Execute
+    result = CliRunner().invoke(main, ["train", "--config", "examples/blockwise.toml", "--store", str(store),
+                                       "--rounds", "2", "--clients", "4", "--epochs", "1"])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "block-wise (4 stages, round-robin) convnet on digits" in " ".join(result.output.split())
+    for r in range(2):
+        record = PluginRound.model_validate_json((store / f"rounds/00000{r}/plugin.json").read_text())
+        assert record.plugin == "blockwise" and {o["stage"] for o in record.client_options.values()} == {r}
+        metrics = json.loads((store / f"metrics/00000{r}.json").read_text())
+        assert metrics["plugin"]["stage"] == r
+
+
+# --- memory: measured needs and caps that bite (worker processes) --------------------------------------------------
+@pytest.mark.integration
+def test_measured_stage_memory_sits_out_a_client_too_small_and_caps_the_others(tmp_path: Path) -> None:
+    # Prepare: half the clients with 64 MiB (below any torch process), half with 4 GiB
+    config = tiny(rounds=1, clients=4, per_round=4, blockwise={
+        "blocks": 2, "tiers": [{"fraction": 0.5, "memory_mib": 64}, {"fraction": 0.5, "memory_mib": 4096}]})
+    store = LocalStore(tmp_path, fsync=False)
+
+    # Execute
+    with LocalExecutor(workers=2) as executor:
+        metrics = Trainer(store, config, executor).run()
+
+    # Assert
+    stages = json.loads(store.get("blockwise/stages.json"))
+    assert stages["how"].startswith("measured") and len(stages["need_bytes"]) == 2
+    assert all(64 << 20 < need < 4096 << 20 for need in stages["need_bytes"])
+    record = PluginRound.model_validate_json(store.get(plugin_key(0)))
+    assert set(record.idle) == {"client-0000", "client-0001"}
+    assert metrics[0]["aggregated"] == ["client-0002", "client-0003"] and not metrics[0]["failed"]
+    reports = json.loads(store.get("rounds/000000/client_reports.json"))["reports"]
+    assert {rep["memory_cap_bytes"] for rep in reports} == {4096 << 20}
+
+
+@pytest.mark.integration
+def test_a_client_given_a_stage_over_its_budget_fails_with_a_memory_error(tmp_path: Path) -> None:
+    # Prepare: the stages are declared tiny, so a 100 MiB client is given one, but a torch process alone is more
+    config = tiny(rounds=1, clients=2, per_round=2, stop_when_all_fail=False, blockwise={
+        "blocks": 2, "stage_memory_mib": [1, 1], "tiers": [{"fraction": 1.0, "memory_mib": 100}]})
+    store = LocalStore(tmp_path, fsync=False)
+
+    # Execute
+    with LocalExecutor(workers=2) as executor:
+        trainer = Trainer(store, config, executor)
+        trainer.prepare()
+        metrics = trainer.run_round(0)
+
+    # Assert
+    assert set(metrics.failed) == {"client-0000", "client-0001"}
+    assert all(why.startswith("MemoryLimitError") and "cap 100.0 MiB" in why for why in metrics.failed.values())
+    unchanged = [read_flat(store, model_key(r), trainer.averaged, "model").tobytes() for r in (0, 1)]
+    assert unchanged[0] == unchanged[1]
