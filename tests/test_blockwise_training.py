@@ -26,9 +26,10 @@ from gradshard.blockwise.model import BlockwiseModel, final_state
 from gradshard.cli.main import main
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.fl.config import TrainConfig
+from gradshard.fl.data import Dataset, make_synthetic
 from gradshard.fl.driver import Trainer
 from gradshard.fl.plugin import PluginRound
-from gradshard.fl.task import TaskError
+from gradshard.fl.task import Task, TaskError
 from gradshard.format.compact import write_compact_update
 from gradshard.format.keys import aggregate_key, manifest_key, model_key, plugin_key, update_key
 from gradshard.format.round import RoundSpec, open_round
@@ -278,3 +279,34 @@ def test_a_client_given_a_stage_over_its_budget_fails_with_a_memory_error(tmp_pa
     assert all(why.startswith("MemoryLimitError") and "cap 100.0 MiB" in why for why in metrics.failed.values())
     unchanged = [read_flat(store, model_key(r), trainer.averaged, "model").tobytes() for r in (0, 1)]
     assert unchanged[0] == unchanged[1]
+
+
+# --- any user's sequential model ------------------------------------------------------------------------------------
+def user_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def user_data() -> tuple[Dataset, Dataset]:
+    return make_synthetic(300, features=12, classes=3, seed=4)
+
+
+USER_TASK = Task(model=user_model, data=user_data, name="user-mlp")
+
+
+def test_a_users_own_sequential_task_trains_block_wise_and_its_final_model_loads_into_the_users_model(
+        tmp_path: Path) -> None:
+    # Prepare
+    config = TrainConfig.model_validate({"clients": 3, "rounds": 3, "epochs": 1, "seed": 5,
+                                         "blockwise": {"blocks": 3, "balance": "parameters"}})
+    store = LocalStore(tmp_path, fsync=False)
+
+    # Execute
+    trainer = Trainer(store, config, InlineExecutor(), task=USER_TASK)
+    history = trainer.run()
+
+    # Assert: three stages, one per round; the heads are extra slots the user's model does not have
+    assert [m["plugin"]["stage"] for m in history] == [0, 1, 2]
+    final = final_state(trainer.load_model(3).state_dict())
+    mine = user_model()
+    mine.load_state_dict(final)  # strict
+    assert history[-1]["test_accuracy"] > 1 / 3

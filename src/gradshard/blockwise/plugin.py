@@ -42,10 +42,11 @@ if TYPE_CHECKING:
 STAGES_KEY = "blockwise/stages.json"
 
 
-def input_shape_of(ref: TaskRef) -> list[int]:
-    """The shape of one input example of a task (from its data, or its test data)."""
+def input_shape_of(ref: TaskRef, datasets: tuple[Dataset, Dataset] | None = None) -> list[int]:
+    """The shape of one input example: of the caller's data, else of the task's data (or test data)."""
     task = load_task(ref)
-    data = task.data()[1] if task.data is not None else task.test_data() if task.test_data is not None else None
+    data = datasets[1] if datasets is not None else task.data()[1] if task.data is not None else \
+        task.test_data() if task.test_data is not None else None
     if data is None or len(data) == 0:
         raise GradshardError(f"task {task.name!r}: block-wise training needs the input shape; the task's data is "
                              "empty or missing")
@@ -64,12 +65,13 @@ class BlockwisePlugin(RoundPlugin):
     def name(self) -> str:
         return "blockwise"
 
-    def wrap_task(self, config: TrainConfig, ref: TaskRef) -> TaskRef:
+    def wrap_task(self, config: TrainConfig, ref: TaskRef, datasets: tuple[Dataset, Dataset] | None = None
+                  ) -> TaskRef:
         if ref.target == "gradshard.blockwise.task:blockwise_task":
             return ref
         return TaskRef(target="gradshard.blockwise.task:blockwise_task",
                        options={"base": ref.model_dump(mode="json"), "config": self.config.model_dump(mode="json"),
-                                "input_shape": input_shape_of(ref), "batch_size": config.batch_size})
+                                "input_shape": input_shape_of(ref, datasets), "batch_size": config.batch_size})
 
     # --- memory ----------------------------------------------------------------------------------------------------
     def prepare(self, trainer: Trainer) -> None:

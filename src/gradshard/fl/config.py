@@ -87,6 +87,12 @@ class TrainConfig(BaseModel):
                                  "client trained has a zero delta, which only plain FedAvg leaves unchanged")
             if value is not None and (self.privacy.central is not None or self.aggregation.central_dp):
                 raise ValueError(f"[{table}] aggregates with reducer coverage-mean, which central DP cannot use")
+        if self.blockwise is not None:
+            known = {f"client-{i:04d}" for i in range(self.clients)}
+            unknown = sorted(set(self.blockwise.budgets_mib) - known)
+            if unknown:
+                raise ValueError(f"[blockwise] budgets_mib names clients the run does not have: {unknown[:5]}; the "
+                                 f"run's clients are client-0000 .. client-{self.clients - 1:04d}")
         if self.blockwise is not None and self.blockwise.schedule == "pace" and self.blockwise.pace is None \
                 and self.rounds < self.blockwise.stages:
             raise ValueError(f"[blockwise] schedule 'pace' needs at least one round per stage: {self.rounds} rounds, "

@@ -209,9 +209,11 @@ class Trainer:
     def _resolve(self, task: Task | TaskRef | str | None,
                  datasets: tuple[fldata.Dataset, fldata.Dataset] | None) -> tuple[TaskRef, Task]:
         c = self.config
+        if datasets is not None and not c.task and task is None:  # the built-in model's shape of the caller's data
+            datasets = (shape_for(c.model, datasets[0]), shape_for(c.model, datasets[1]))
         if isinstance(task, Task):
             ref = ref_of(task)
-            if self.plugin is None or self.plugin.wrap_task(c, ref) == ref:
+            if self.plugin is None or self.plugin.wrap_task(c, ref, datasets) == ref:
                 return ref, task
         elif isinstance(task, str):
             ref = parse_task(task)
@@ -224,7 +226,7 @@ class Trainer:
         else:
             ref = builtin_ref(c.model, c.data.name, c.data.test_fraction, c.seed, datasets=datasets)
         if self.plugin is not None:
-            wrapped = self.plugin.wrap_task(c, ref)
+            wrapped = self.plugin.wrap_task(c, ref, datasets)
             if wrapped != ref:
                 return wrapped, load_task(wrapped)
         return ref, load_task(ref)

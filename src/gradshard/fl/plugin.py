@@ -31,6 +31,7 @@ from gradshard.aggregation.driver import AggregateConfig
 
 if TYPE_CHECKING:
     from gradshard.fl.config import TrainConfig
+    from gradshard.fl.data import Dataset
     from gradshard.fl.driver import Trainer
     from gradshard.fl.task import TaskRef
 
@@ -70,8 +71,10 @@ class RoundPlugin(ABC):
         """The run's task when the user gives none (None: the trainer's usual choice)."""
         return None
 
-    def wrap_task(self, config: TrainConfig, ref: TaskRef) -> TaskRef:
-        """The task the run trains, given the one the user chose (default: that one)."""
+    def wrap_task(self, config: TrainConfig, ref: TaskRef, datasets: tuple[Dataset, Dataset] | None = None
+                  ) -> TaskRef:
+        """The task the run trains, given the one the user chose and the caller's own ``(train, test)`` data if any,
+        in the model's input shape (default: the chosen task)."""
         return ref
 
     def prepare(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
