@@ -125,14 +125,14 @@ def test_build_model_knows_every_name_and_forwards_options() -> None:
     resnet = build_model("resnet18")
 
     # Assert
-    assert sorted(MODELS) == ["cnn", "mlp", "resnet18", "vgg16"]
+    assert sorted(MODELS) == ["cnn", "convnet", "mlp", "resnet18", "vgg16"]
     assert layout_of(mlp) == zoo.mlp(sizes=(20, 128, 4))
     assert cnn(torch.zeros(1, 64)).shape == (1, 3)
     assert layout_of(resnet) == zoo.get_layout("resnet18")
 
 
 def test_unknown_names_and_bad_sizes_raise_layout_errors() -> None:
-    with pytest.raises(LayoutError, match="unknown model 'lenet'; known: cnn, mlp, resnet18, vgg16"):
+    with pytest.raises(LayoutError, match="unknown model 'lenet'; known: cnn, convnet, mlp, resnet18, vgg16"):
         build_model("lenet")
     with pytest.raises(LayoutError, match="two positive layer sizes"):
         MLP((64,))

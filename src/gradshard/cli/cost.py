@@ -46,7 +46,7 @@ from gradshard.cost.planner import (
 from gradshard.cost.pricing import DEFAULT_PRICES, PRICE_SHEETS, price_sheet
 from gradshard.extras import require_extra
 from gradshard.runtime.report import InvocationReport
-from gradshard.topology.base import Invocation, Plan
+from gradshard.topology.base import Plan
 from gradshard.topology.names import TOPOLOGIES, Topology, topology_name
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -68,10 +68,9 @@ def _topology(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def _plan_from_dict(data: dict[str, Any]) -> Plan:
-    invocations = tuple(Invocation(i["id"], i["function"], i["args"], i["memory_bytes"], tuple(i["depends_on"]),
-                                   i.get("node", 0), i.get("warm_key"), i.get("module", ""))
-                        for i in data["invocations"])
-    return Plan(data["topology"], invocations, data.get("params", {}))
+    from gradshard.report.data import plan_from_dict
+
+    return plan_from_dict(data)
 
 
 def read_local_run(path: str, arch: Topology | None, clients: int | None) -> LocalRun:

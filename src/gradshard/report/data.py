@@ -161,7 +161,8 @@ def _reports(store: Store, key: str) -> list[InvocationReport] | None:
 def plan_from_dict(data: dict[str, Any]) -> Plan:
     """A plan as ``Plan.to_dict`` wrote it into ``reports.json``."""
     invocations = tuple(Invocation(i["id"], i["function"], i["args"], i["memory_bytes"], tuple(i["depends_on"]),
-                                   i.get("node", 0), i.get("warm_key"), i.get("module", ""))
+                                   i.get("node", 0), i.get("warm_key"), i.get("module", ""),
+                                   i.get("memory_cap_bytes"))
                         for i in data["invocations"])
     return Plan(data["topology"], invocations, data.get("params", {}))
 

@@ -35,9 +35,9 @@ class Invocation:
     depends_on: tuple[str, ...] = ()
     node: int = 0
     warm_key: str | None = None
-    memory_cap_bytes: int | None = None
 
     module: str = ""  # the module that registers the function; filled in from the registry
+    memory_cap_bytes: int | None = None
 
     def __post_init__(self) -> None:
         from gradshard.runtime import registry  # plans are data: the registry is consulted, never the executors
