@@ -140,6 +140,10 @@ def test_bad_blockwise_configs_are_refused() -> None:
         TrainConfig.model_validate({"model": "convnet", "server": {"name": "fedadam"}, "blockwise": {}})
     with pytest.raises(ValueError, match="one"):
         TrainConfig.model_validate({"model": "convnet", "blockwise": {}, "supernet": {}})
+    with pytest.raises(ValueError, match="'sharded' or 'flat'"):
+        TrainConfig.model_validate({"model": "convnet", "blockwise": {}, "aggregation": {"topology": "lambda-fl"}})
+    with pytest.raises(ValueError, match="does not have"):
+        TrainConfig.model_validate({"model": "convnet", "clients": 2, "blockwise": {"budgets_mib": {"client-0007": 9}}})
 
 
 # --- training rounds -----------------------------------------------------------------------------------------------

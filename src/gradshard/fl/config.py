@@ -87,6 +87,10 @@ class TrainConfig(BaseModel):
                                  "client trained has a zero delta, which only plain FedAvg leaves unchanged")
             if value is not None and (self.privacy.central is not None or self.aggregation.central_dp):
                 raise ValueError(f"[{table}] aggregates with reducer coverage-mean, which central DP cannot use")
+            if value is not None and self.aggregation.topology not in ("sharded", "flat"):
+                raise ValueError(f"[{table}] aggregates with reducer coverage-mean, which topology "
+                                 f"{self.aggregation.topology!r} cannot run (it sums weighted partials); use "
+                                 "aggregation.topology = 'sharded' or 'flat'")
         if self.blockwise is not None:
             known = {f"client-{i:04d}" for i in range(self.clients)}
             unknown = sorted(set(self.blockwise.budgets_mib) - known)
