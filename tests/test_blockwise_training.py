@@ -314,3 +314,35 @@ def test_a_users_own_sequential_task_trains_block_wise_and_its_final_model_loads
     mine = user_model()
     mine.load_state_dict(final)  # strict
     assert history[-1]["test_accuracy"] > 1 / 3
+
+
+def bn_model() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+
+def bn_data() -> tuple[Dataset, Dataset]:
+    from gradshard.fl.builtin import shape_for
+    from gradshard.fl.data import load_digits
+
+    train, test = load_digits(test_fraction=0.2, seed=0)
+    return shape_for("cnn", train), shape_for("cnn", test)
+
+
+BN_TASK = Task(model=bn_model, data=bn_data, name="user-bn")
+
+
+def test_batchnorm_statistics_train_with_their_block_and_stay_frozen_with_the_others(tmp_path: Path) -> None:
+    # Prepare
+    config = TrainConfig.model_validate({"clients": 2, "rounds": 1, "epochs": 1, "seed": 1,
+                                         "blockwise": {"bounds": [0, 3, 9]}})
+    store = LocalStore(tmp_path, fsync=False)
+
+    # Execute
+    trainer = Trainer(store, config, InlineExecutor(), task=BN_TASK)
+    trainer.run()
+
+    # Assert: stage 0 moved block 0's running statistics and nothing of block 1
+    before, after = trainer.load_model(0).state_dict(), trainer.load_model(1).state_dict()
+    assert not torch.equal(before["1.running_mean"], after["1.running_mean"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("3.", "4.", "8.")))

@@ -116,7 +116,8 @@ class BlockwisePlugin(RoundPlugin):
         if failed:
             raise GradshardError("measuring the stages' memory failed: " + "; ".join(
                 f"{rep.invocation}: {rep.error_type}: {rep.error}" for rep in failed))
-        peaks = [rep.peak_rss_bytes for rep in sorted(reports, key=lambda rep: rep.invocation)]
+        by_id = {rep.invocation: rep.peak_rss_bytes for rep in reports}
+        peaks = [by_id.get(f"profile-stage-{t}") for t in range(self.config.stages)]
         if any(p is None for p in peaks):
             return None, "the client executor measures no peak memory"
         return [int(p) for p in peaks if p is not None], "measured peak resident memory of one stage's training"

@@ -64,7 +64,9 @@ def blockwise_task(base: dict[str, Any], config: dict[str, Any], input_shape: li
         if not 0 <= t < model.split.blocks:
             raise TaskError(f"stage {t} does not exist: the model has {model.split.blocks} blocks")
         loss, accuracy = train_stage(inner, model, t, settings, data, context)
-        extents = {name: tuple(model.state_dict()[name].shape) for name in model.stage_tensors(t, settings.co_adapt)}
+        state = model.state_dict()  # integer buffers (BatchNorm's counters) are not aggregated: not in the coverage
+        extents = {name: tuple(state[name].shape) for name in model.stage_tensors(t, settings.co_adapt)
+                   if state[name].is_floating_point()}
         return Scores(loss, accuracy, coverage=extents)
 
     def evaluate(model: torch.nn.Module, data: fldata.Dataset) -> Scores:
