@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gradshard import AggregateConfig, aggregate_round
@@ -24,6 +26,8 @@ from gradshard.blockwise.blocks import split_sequential
 from gradshard.blockwise.config import BlockwiseConfig
 from gradshard.blockwise.model import BlockwiseModel, final_state
 from gradshard.cli.main import main
+from gradshard.core.checksum import ChunkGrid
+from gradshard.core.coverage import CoverageMap, covered_chunks
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.data import Dataset, make_synthetic
@@ -36,6 +40,7 @@ from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.runtime import InlineExecutor, LocalExecutor
 from gradshard.store import LocalStore, MemoryStore
+from gradshard.topology.sharded import split_ranges
 
 CHUNK = 16
 
@@ -346,3 +351,47 @@ def test_batchnorm_statistics_train_with_their_block_and_stay_frozen_with_the_ot
     before, after = trainer.load_model(0).state_dict(), trainer.load_model(1).state_dict()
     assert not torch.equal(before["1.running_mean"], after["1.running_mean"])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("3.", "4.", "8.")))
+
+
+# --- the coverage contract's ranges, as properties ----------------------------------------------------------------
+@st.composite
+def layouts_and_coverages(draw: st.DrawFn) -> tuple[ModelLayout, list[dict[str, tuple[int, ...]]], int]:
+    shapes = draw(st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3), min_size=1, max_size=6))
+    layout = ModelLayout([TensorSpec(f"t{i}", tuple(s), "float32") for i, s in enumerate(shapes)])
+    maps = []
+    for _ in range(draw(st.integers(1, 3))):
+        chosen = draw(st.lists(st.sampled_from(range(len(shapes))), unique=True, max_size=len(shapes)))
+        maps.append({f"t{i}": tuple(draw(st.integers(0, d)) for d in shapes[i]) for i in chosen})
+    return layout, maps, draw(st.integers(1, 40))
+
+
+@given(layouts_and_coverages(), st.integers(1, 9))
+@settings(max_examples=200, deadline=None)
+def test_covered_chunks_hold_every_covered_element_and_the_shards_tile_them(
+        case: tuple[ModelLayout, list[dict[str, tuple[int, ...]]], int], m: int) -> None:
+    # Prepare
+    layout, coverages, chunk = case
+    grid = ChunkGrid(layout.numel, chunk)
+    maps = [CoverageMap(layout, c) for c in coverages]
+
+    # Execute
+    ranges = covered_chunks(maps, grid)
+    shards = split_ranges(ranges, m, chunk) if ranges else []
+
+    # Assert: a mask of every covered element, built independently, lies inside the ranges
+    covered = np.zeros(layout.numel, dtype=bool)
+    for cov in coverages:
+        for slot in layout.slots:
+            if slot.spec.name in cov:
+                box = np.zeros(slot.spec.shape, dtype=bool)
+                box[tuple(slice(0, e) for e in cov[slot.spec.name])] = True
+                covered[slot.start : slot.stop] |= box.reshape(-1)
+    inside = np.zeros(layout.numel, dtype=bool)
+    for lo, hi in ranges:
+        assert lo % chunk == 0 and (hi % chunk == 0 or hi == layout.numel)
+        inside[lo:hi] = True
+    assert not (covered & ~inside).any()
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))  # disjoint, merged, sorted
+    tiled = [i for lo, hi in shards for i in range(lo, hi)]
+    assert tiled == [i for lo, hi in ranges for i in range(lo, hi)]
+    assert all(lo % chunk == 0 for lo, _ in shards)
