@@ -62,6 +62,8 @@ class BlockwiseConfig(BaseModel):
     stage_memory_mib: tuple[StrictFloat, ...] | None = None
     baseline_mib: StrictFloat = Field(default=0.0, ge=0, description="estimate: the function's memory before "
                                                                      "training (interpreter, torch, data)")
+    margin: StrictFloat = Field(default=0.1, ge=0, description="measured or estimated needs are raised by this "
+                                                               "fraction (a real round reads data the probe does not)")
     probe_batch: StrictInt = Field(default=0, ge=0, description="examples per batch when measuring (0: the run's "
                                                                 "batch_size)")
 

@@ -1,7 +1,8 @@
 """The block-wise round plugin: wraps the run's task, schedules stages by memory, aggregates the active blocks.
 
-Per run (``prepare``): with memory budgets declared, each stage's need — given, measured by one profiling
-invocation per stage on the client executor (``blockwise/stages.json``, reused on resume) or estimated.
+Per run (``prepare``): with memory budgets declared, each stage's need — given, or measured by one profiling
+invocation per stage on the client executor (``blockwise/stages.json``, reused on resume) or estimated, then raised
+by ``margin``.
 
 Per round (decided once, recorded in ``rounds/<r>/plugin.json`` by the trainer, read back on resume):
 
@@ -82,7 +83,8 @@ class BlockwisePlugin(RoundPlugin):
             if need is None:
                 need, how = self.estimate(trainer), "estimate" + (f" ({how})" if how else "")
             trainer.store.put(STAGES_KEY, json.dumps({"need_bytes": need, "how": how}, indent=1).encode())
-        self._need = [int(n) for n in json.loads(trainer.store.get(STAGES_KEY))["need_bytes"]]
+        measured = json.loads(trainer.store.get(STAGES_KEY))["need_bytes"]
+        self._need = [int(n * (1 + self.config.margin)) for n in measured]
 
     def need(self, trainer: Trainer) -> list[int]:
         """Each stage's memory need in bytes (given, or what ``prepare`` stored)."""

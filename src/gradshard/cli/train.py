@@ -100,6 +100,15 @@ def _round_line(m: RoundMetrics, total: int) -> str:
     problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
     problems += [f"{untrusted(c)} left out ({untrusted(why)})" for c, why in (dp.excluded if dp else {}).items()]
     problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
+    plugin = m.plugin or {}
+    problems += [f"{untrusted(c)} sat out ({untrusted(why)})" for c, why in plugin.get("idle", {}).items()]
+    if "stage_accuracy" in plugin:  # block-wise: which stages trained, how far every stage's output module is
+        stages: dict[int, int] = {}
+        for t in plugin.get("assignment", {}).values():
+            stages[int(t)] = stages.get(int(t), 0) + 1
+        line += (f"\n    block-wise: stage {plugin.get('stage')}; clients per stage "
+                 f"{', '.join(f'{t}: {n}' for t, n in sorted(stages.items())) or '–'}; stage accuracy "
+                 f"{' / '.join(f'{a:.3f}' for a in plugin['stage_accuracy'])}")
     if m.central_dp is not None:
         line += (f"\n    central DP: {m.central_dp['clipped']} clipped, σ = {float(m.central_dp['sigma']):.3g}, "
                  f"ε = {float(m.central_dp['epsilon']):.3g} (δ = {m.central_dp['delta']})")
