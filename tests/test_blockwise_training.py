@@ -29,6 +29,7 @@ from gradshard.cli.main import main
 from gradshard.core.checksum import ChunkGrid
 from gradshard.core.coverage import CoverageMap, covered_chunks
 from gradshard.core.layout import ModelLayout, TensorSpec
+from gradshard.errors import GradshardError
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.data import Dataset, make_synthetic
 from gradshard.fl.driver import Trainer
@@ -395,3 +396,15 @@ def test_covered_chunks_hold_every_covered_element_and_the_shards_tile_them(
     tiled = [i for lo, hi in shards for i in range(lo, hi)]
     assert tiled == [i for lo, hi in ranges for i in range(lo, hi)]
     assert all(lo % chunk == 0 for lo, _ in shards)
+
+
+@pytest.mark.parametrize("blob", [b"not json", b'{"need_bytes": [1, -5, 3, 4], "how": "x"}',
+                                  b'{"need_bytes": [1, 2], "how": "x"}', b'{"need_bytes": "many", "how": "x"}',
+                                  b"[" * 100_000])
+def test_a_hostile_stage_needs_record_is_an_error_that_names_it(blob: bytes) -> None:
+    # Prepare
+    from gradshard.blockwise.plugin import read_needs
+
+    # Execute / Assert
+    with pytest.raises(GradshardError, match=r"blockwise/stages\.json.*delete it"):
+        read_needs(blob, 4)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.blockwise import schedule
@@ -54,6 +55,30 @@ def input_shape_of(ref: TaskRef, datasets: tuple[Dataset, Dataset] | None = None
     return [int(d) for d in data.x.shape[1:]]
 
 
+class StageNeeds(BaseModel):
+    """``blockwise/stages.json``: every stage's memory need in bytes and how it was found."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    need_bytes: list[Annotated[int, Field(strict=True, gt=0)]]
+    how: str = Field(max_length=200)
+
+
+def read_needs(blob: bytes, stages: int) -> list[int]:
+    """The stored needs, validated (a malformed or foreign object is an error naming it, never a crash)."""
+    try:
+        needs = StageNeeds.model_validate_json(blob)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the record"
+        raise GradshardError(f"{STAGES_KEY} in the store is not a valid record of stage memory needs ({where}: "
+                             f"{first['msg']}); delete it to measure again") from None
+    if len(needs.need_bytes) != stages:
+        raise GradshardError(f"{STAGES_KEY} holds {len(needs.need_bytes)} stage needs but the run has {stages} "
+                             "stages; delete it to measure again")
+    return list(needs.need_bytes)
+
+
 class BlockwisePlugin(RoundPlugin):
     """Block-wise training on a :class:`Trainer` (see the module docstring)."""
 
@@ -83,7 +108,7 @@ class BlockwisePlugin(RoundPlugin):
             if need is None:
                 need, how = self.estimate(trainer), "estimate" + (f" ({how})" if how else "")
             trainer.store.put(STAGES_KEY, json.dumps({"need_bytes": need, "how": how}, indent=1).encode())
-        measured = json.loads(trainer.store.get(STAGES_KEY))["need_bytes"]
+        measured = read_needs(trainer.store.get(STAGES_KEY), self.config.stages)
         self._need = [int(n * (1 + self.config.margin)) for n in measured]
 
     def need(self, trainer: Trainer) -> list[int]:
