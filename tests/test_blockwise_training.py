@@ -408,3 +408,14 @@ def test_a_hostile_stage_needs_record_is_an_error_that_names_it(blob: bytes) -> 
     # Execute / Assert
     with pytest.raises(GradshardError, match=r"blockwise/stages\.json.*delete it"):
         read_needs(blob, 4)
+
+
+def test_an_altered_plugin_record_is_an_error_that_names_it(tmp_path: Path) -> None:
+    # Prepare
+    store = LocalStore(tmp_path, fsync=False)
+    Trainer(store, tiny(rounds=1), InlineExecutor()).run()
+    store.put(plugin_key(0), b'{"plugin": "blockwise", "round": 0, "client_options": 7}')
+
+    # Execute / Assert
+    with pytest.raises(GradshardError, match=r"rounds/000000/plugin\.json is not a valid record"):
+        Trainer(store, tiny(rounds=1), InlineExecutor()).plugin_record(0)

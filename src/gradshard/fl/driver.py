@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from safetensors.numpy import save as save_safetensors
 
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
@@ -351,7 +352,13 @@ class Trainer:
         key = plugin_key(r)
         if self.plugin is None or not self.store.exists(key):
             return None
-        record = PluginRound.model_validate_json(self.store.get(key))
+        try:
+            record = PluginRound.model_validate_json(self.store.get(key))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise GradshardError(f"{key} is not a valid record of a round plugin's decisions "
+                                 f"({'.'.join(str(p) for p in first['loc']) or 'the record'}: {first['msg']}); "
+                                 "the store was altered: use a new store") from None
         if record.plugin != self.plugin.name:
             raise GradshardError(f"{key} was written by plugin {record.plugin!r}, but this run's plugin is "
                                  f"{self.plugin.name!r}; use a new store")
