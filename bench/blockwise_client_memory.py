@@ -1,13 +1,21 @@
 """Peak memory of a client *function* training block-wise stages vs the full model (issue 15), measured through the
-same path a training run uses.
+same path a training run uses, on two CNNs: a VGG-style one whose activations shrink with depth and a uniform one
+whose activations are spread evenly across depth.
 
 Every measurement is a real training run: :class:`~gradshard.fl.driver.Trainer` on a scratch
 :class:`~gradshard.store.LocalStore` with a :class:`~gradshard.runtime.LocalExecutor` (one worker at a time), one
 client, every round that client alone, ``epochs = 1``, ``--batch`` examples per batch, SGD with momentum 0.9. The
-model and data are the same in every run (defined at the top level of this file, so the function processes find
-the task by reference): a VGG-style ``nn.Sequential`` CNN on 3×32×32 images (``--width`` channels doubling over 4
-stages of conv+ReLU pairs with max-pools between, then AdaptiveAvgPool2d, Flatten, Linear to 10 classes) and
-256 training / 64 test images of seeded random numbers with random labels.
+models and data are defined at the top level of this file, so the function processes find the task by reference.
+``--arch`` picks the measured model(s), both ``nn.Sequential`` CNNs on 3×32×32 images ending in AdaptiveAvgPool2d,
+Flatten, Linear to 10 classes:
+
+- ``vgg``: VGG-style, ``--width`` channels doubling over 4 stages of two conv+ReLU pairs with max-pools between, so
+  the activations shrink with depth: the first stage's full-resolution layers hold most of them;
+- ``uniform``: a stem conv 3→``--width`` + ReLU, then 8 × [conv ``--width``→``--width`` 3×3, ReLU], all at 32×32
+  (no pooling before the final average pool), so every layer's activations are the same size.
+
+``--arch both`` (the default) measures both. The data is the same in every run: 256 training / 64 test images of
+seeded random numbers with random labels. For each model:
 
 - ``full``: a 1-round run without a ``[blockwise]`` table — the client trains the whole model;
 - ``stage t``: one 4-round run with ``[blockwise] blocks = 4`` (blocks balanced by parameters + activations, the
@@ -16,6 +24,9 @@ stages of conv+ReLU pairs with max-pools between, then AdaptiveAvgPool2d, Flatte
 - ``naive t``: the same with naive block-wise training (λ₁ = λ₂ = 0: plain cross-entropy on the output module, no
   nHSIC terms; no co-adaptation; random output modules), to show what the curriculum mentor's loss costs in memory
   (its nHSIC(z_t, X) works on the flattened block output of the whole batch); ``--no-naive`` skips these runs;
+
+and, shared by the measured models (each table shows the same floor samples):
+
 - ``floor``: a 1-round run of a tiny CNN (one 4-channel conv, ReLU, max-pool, average pool, linear) on the same
   data — a client function that trains almost nothing, with the same kinds of layers (so the same torch kernels
   are paged in): the fixed cost of a client function (interpreter, torch, gradshard, task module, data, store).
@@ -41,11 +52,16 @@ children, whose heaps start identical). ``--malloc both`` (the default) therefor
 KiB by default, in the environment the zygote inherits: every large block is its own mapping, unmapped on free, so
 the resident set follows the live tensors and the peak is reproducible).
 
-Each repetition of ``--repeats`` runs every measurement once (floor, full, stages 0-3, naive 0-3) per malloc
-setting, each setting on a fresh LocalExecutor, so a fresh zygote; the ranges thus show the spread between zygotes.
-The tables give medians and [min, max]. "reduction" is 1 − stage / full; "training part" is the same above the
-floor, 1 − (stage − floor) / (full − floor). The memory a client must have for block-wise training is the largest
-stage it may be given, so the largest stage's reduction is printed separately.
+Each repetition of ``--repeats`` runs every measurement once (floor, then per model full, stages 0-3, naive 0-3) per
+malloc setting, each setting on a fresh LocalExecutor, so a fresh zygote; the ranges thus show the spread between
+zygotes. The tables (one per model and malloc setting) give medians and [min, max]. "reduction" is
+1 − stage / full; "training part" is the same above the floor, 1 − (stage − floor) / (full − floor). The memory a
+client must have for block-wise training is the largest stage it may be given, so the largest stage's reduction is
+printed separately.
+
+The JSON has the shared settings at the top and ``archs``: model name -> ``{"model", "parameters", "malloc"}``,
+where ``malloc`` maps each malloc setting to its table (``mmap_threshold``, ``zygote_rss_bytes``, ``samples_bytes``
+including the shared floor, ``median_bytes``, ``reduction_vs_full``, ``reduction_above_floor``, ``largest_stage``).
 
     .venv/bin/python bench/blockwise_client_memory.py --json docs/img/blockwise_client_memory.json
 """
@@ -61,7 +77,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +115,15 @@ def vgg(width: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def uniform(width: int = 32, depth: int = 8) -> nn.Sequential:
+    """Activations spread evenly: a stem conv 3→width, then ``depth`` × [conv width→width, ReLU], all at 32×32."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, CLASSES)]
+    return nn.Sequential(*layers)
+
+
 def tiny() -> nn.Sequential:
     """The floor's model: the same kinds of layers, next to no parameters or activations."""
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
@@ -118,7 +143,17 @@ def vgg_task(width: int = 32) -> Task:
     return Task(model=lambda: vgg(width), data=images, name=f"vgg-width{width}")
 
 
+def uniform_task(width: int = 32) -> Task:
+    """The uniform-resolution task (a factory: the run's reference carries ``width``)."""
+    return Task(model=lambda: uniform(width), data=images, name=f"uniform-width{width}")
+
+
 FLOOR_TASK = Task(model=tiny, data=images, name="floor")
+# --arch name -> (task factory by name in this file, model builder, description for the tables)
+ARCHS: dict[str, tuple[str, Callable[[int], nn.Sequential], str]] = {
+    "vgg": ("vgg_task", vgg, "VGG-style CNN (channels doubling over 4 stages, max-pools between)"),
+    "uniform": ("uniform_task", uniform, "uniform CNN (stem + 8 conv+ReLU, all at 32x32, no pooling until the end)"),
+}
 
 
 # --- measuring -----------------------------------------------------------------------------------------------------
@@ -175,16 +210,19 @@ def malloc_env(threshold: int | None) -> Iterator[None]:
             os.environ[MMAP_ENV] = before
 
 
-def repetition(measured: TaskRef, batch: int, naive: bool, samples: dict[str, list[int]]) -> int | None:
-    """One of each measurement on a fresh executor (so a fresh zygote); the zygote's RSS."""
+def repetition(measured: dict[str, TaskRef], batch: int, naive: bool, floor: list[int],
+               samples: dict[str, dict[str, list[int]]]) -> int | None:
+    """One of each measurement (the shared floor, then every model's) on a fresh executor (so a fresh zygote); the
+    zygote's RSS."""
     with LocalExecutor(workers=1) as executor:
-        samples["floor"] += run(executor, FLOOR_TASK, batch, None)
-        samples["full"] += run(executor, measured, batch, None)
-        for t, peak in enumerate(run(executor, measured, batch, {"blocks": BLOCKS})):
-            samples[f"stage {t}"].append(peak)
-        if naive:
-            for t, peak in enumerate(run(executor, measured, batch, NAIVE)):
-                samples[f"naive {t}"].append(peak)
+        floor += run(executor, FLOOR_TASK, batch, None)
+        for arch, task in measured.items():
+            samples[arch]["full"] += run(executor, task, batch, None)
+            for t, peak in enumerate(run(executor, task, batch, {"blocks": BLOCKS})):
+                samples[arch][f"stage {t}"].append(peak)
+            if naive:
+                for t, peak in enumerate(run(executor, task, batch, NAIVE)):
+                    samples[arch][f"naive {t}"].append(peak)
         return zygote_rss()
 
 
@@ -215,7 +253,9 @@ def report(title: str, samples: dict[str, list[int]], stages: list[str], naive: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--arch", choices=["vgg", "uniform", "both"], default="both",
+                        help="the measured model: VGG-style, uniform resolution, or both")
+    parser.add_argument("--width", type=int, default=32, help="channels: VGG's first stage, uniform's every layer")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive block-wise runs")
@@ -226,44 +266,51 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    # function processes import this file and call vgg_task(width=...) there
-    measured = parse_task(f"{Path(__file__).resolve()}:vgg_task", {"width": args.width})
+    # function processes import this file and call vgg_task(width=...) / uniform_task(width=...) there
+    archs = list(ARCHS) if args.arch == "both" else [args.arch]
+    measured = {a: parse_task(f"{Path(__file__).resolve()}:{ARCHS[a][0]}", {"width": args.width}) for a in archs}
     stages = [f"stage {t}" for t in range(BLOCKS)]
     naive = [f"naive {t}" for t in range(BLOCKS)] if args.naive else []
     settings = {"default": None, "fixed": args.mmap_threshold}
     chosen = list(settings) if args.malloc == "both" else [args.malloc]
-    samples = {m: {n: [] for n in ["floor", "full", *stages, *naive]} for m in chosen}
+    floor: dict[str, list[int]] = {m: [] for m in chosen}
+    samples = {m: {a: {n: [] for n in ["full", *stages, *naive]} for a in archs} for m in chosen}
     zygote: dict[str, int | None] = {}
     started = time.perf_counter()
     for i in range(args.repeats):
         for m in chosen:  # interleaved: every setting once per repetition, each on a fresh zygote
             with malloc_env(settings[m]):
-                zygote[m] = repetition(measured, args.batch, args.naive, samples[m]) or zygote.get(m)
+                zygote[m] = repetition(measured, args.batch, args.naive, floor[m], samples[m]) or zygote.get(m)
         log.warning("repeat %d/%d done (%.0f s)", i + 1, args.repeats, time.perf_counter() - started)
     wall = time.perf_counter() - started
 
-    params = sum(p.numel() for p in vgg(args.width).parameters())
-    print(f"client function peak RSS (LocalExecutor: max of 5 ms RSS polls and the worker's VmHWM), VGG-style CNN "
-          f"width {args.width} ({params:,} parameters), {BLOCKS} blocks, batch {args.batch} of 3x32x32, "
-          f"{TRAIN} examples, 1 epoch, SGD momentum 0.9; medians of {args.repeats} (a fresh zygote each), CPU "
-          f"(torch keeps no allocator statistics there)\n")
-    results = {}
-    for m in chosen:
-        title = ("glibc malloc as deployed (dynamic mmap threshold)" if settings[m] is None else
-                 f"glibc malloc with {MMAP_ENV}={settings[m]} (fixed: large blocks unmapped on free)")
-        if zygote.get(m) is not None:
-            title += f"; the torch zygote the workers fork from: {zygote[m] / MIB:.1f} MiB resident"
-        results[m] = {"mmap_threshold": settings[m], "zygote_rss_bytes": zygote.get(m),
-                      **report(title, samples[m], stages, naive)}
+    print(f"client function peak RSS (LocalExecutor: max of 5 ms RSS polls and the worker's VmHWM), {BLOCKS} blocks, "
+          f"batch {args.batch} of 3x32x32, {TRAIN} examples, 1 epoch, SGD momentum 0.9; medians of {args.repeats} "
+          f"(a fresh zygote each, floor shared by the models), CPU (torch keeps no allocator statistics there)\n")
+    results: dict[str, Any] = {}
+    for a in archs:
+        _, build, description = ARCHS[a]
+        params = sum(p.numel() for p in build(args.width).parameters())
+        print(f"=== {a}: {description}, width {args.width}, {params:,} parameters ===\n")
+        per_malloc = {}
+        for m in chosen:
+            title = ("glibc malloc as deployed (dynamic mmap threshold)" if settings[m] is None else
+                     f"glibc malloc with {MMAP_ENV}={settings[m]} (fixed: large blocks unmapped on free)")
+            if zygote.get(m) is not None:
+                title += f"; the torch zygote the workers fork from: {zygote[m] / MIB:.1f} MiB resident"
+            per_malloc[m] = {"mmap_threshold": settings[m], "zygote_rss_bytes": zygote.get(m),
+                             **report(f"{a}, {title}", {"floor": floor[m], **samples[m][a]}, stages, naive)}
+        results[a] = {"model": description, "parameters": params, "malloc": per_malloc}
     print(f"wall time {wall:.0f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "what": "peak_rss_bytes of the train_client invocation (LocalExecutor: max of RSS polled every 5 ms and "
-                    "the worker's VmHWM reset at invocation start); floor = a client training a tiny CNN",
+                    "the worker's VmHWM reset at invocation start); floor = a client training a tiny CNN, shared "
+                    "by the models (the same samples in each model's table)",
             "width": args.width, "batch": args.batch, "blocks": BLOCKS, "train_examples": TRAIN, "epochs": 1,
-            "parameters": params, "repeats": args.repeats, "naive_config": NAIVE if args.naive else None,
-            "malloc": results, "wall_s": wall,
+            "repeats": args.repeats, "naive_config": NAIVE if args.naive else None,
+            "archs": results, "wall_s": wall,
             "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         }, indent=1) + "\n")
 

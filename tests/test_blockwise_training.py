@@ -419,3 +419,23 @@ def test_an_altered_plugin_record_is_an_error_that_names_it(tmp_path: Path) -> N
     # Execute / Assert
     with pytest.raises(GradshardError, match=r"rounds/000000/plugin\.json is not a valid record"):
         Trainer(store, tiny(rounds=1), InlineExecutor()).plugin_record(0)
+
+
+def test_later_output_modules_are_copies_of_the_last_block_reloaded_when_their_stage_trains(tmp_path: Path) -> None:
+    # Prepare: digits convnet, heads copied from the last block (NeuLite's output modules)
+    config = tiny(rounds=2, blockwise={"blocks": 4, "head_init": "later"})
+    store = LocalStore(tmp_path, fsync=False)
+    trainer = Trainer(store, config, InlineExecutor())
+
+    # Execute
+    history = trainer.run()
+
+    # Assert: every head has the last block's tensors; a later round's model still holds heads of that shape
+    model = trainer.load_model(2)
+    assert isinstance(model, BlockwiseModel) and model.later == [True, True, True]
+    tail = nn.Sequential(*[list(model.body.children())[i] for i in model.split.children(3)])
+    assert [v.shape for v in model.heads[0].state_dict().values()] == [v.shape for v in tail.state_dict().values()]
+    assert model.reload_head(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.heads[0].state_dict().values(), tail.state_dict().values(),
+                                                 strict=True))
+    assert history[1]["plugin"]["stage"] == 1 and len(history[1]["aggregated"]) == 6

@@ -52,8 +52,10 @@ class BlockwiseConfig(BaseModel):
     lambda_y: PerStage = Field(default=0.1, description="weights of nHSIC(logits, Y)")
     sigma: StrictFloat = Field(default=5.0, gt=0, description="Gaussian kernel width of nHSIC")
     co_adapt: StrictInt = Field(default=1, ge=0, description="trainable modules of the previous block (harmonizer)")
-    head_init: Literal["classifier", "random"] = Field(
-        default="classifier", description="output modules initialised from the model's classifier where shapes allow")
+    head_init: Literal["classifier", "random", "later"] = Field(
+        default="classifier", description="classifier: pooled linear output modules starting from the model's "
+                                          "classifier; later: copies of the last block, reloaded from it whenever "
+                                          "their stage trains (NeuLite's output modules); random")
     weighting: Literal["examples", "uniform"] = Field(default="examples", description="examples: the paper's text; "
                                                       "uniform: its code")
     tiers: tuple[MemoryTier, ...] = ()

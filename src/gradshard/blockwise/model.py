@@ -12,6 +12,7 @@ few contiguous ranges (block t's, and head t's at the end).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ class BlockwiseModel(nn.Module):
     starting from the body's classifier where shapes allow (the harmonizer's flow from later blocks)."""
 
     def __init__(self, body: nn.Sequential, split: BlockSplit, sample: Tensor, *,
-                 init_from_classifier: bool = True) -> None:
+                 init_from_classifier: bool = True, later: bool = False) -> None:
         super().__init__()
         if not isinstance(body, nn.Sequential):
             raise GradshardError(f"block-wise training needs an nn.Sequential (its forward is its children in order), "
@@ -58,10 +59,14 @@ class BlockwiseModel(nn.Module):
             classifier = last_linear(body) if init_from_classifier else None
             heads, x = [], sample
             children = list(body.children())
+            tail = [children[i] for i in split.children(split.blocks - 1)]
+            self.later: list[bool] = []  # which heads are copies of the last block (reloaded from it, see reload)
             for t in range(split.blocks - 1):
                 for i in split.children(t):
                     x = children[i](x)
-                heads.append(output_module(x, int(logits.shape[1]), classifier))
+                copy = _tail_copy(tail, x, tuple(logits.shape[1:])) if later else None
+                heads.append(copy if copy is not None else output_module(x, int(logits.shape[1]), classifier))
+                self.later.append(copy is not None)
         self.heads = nn.ModuleList(heads)
         self.classes = int(logits.shape[1])
 
@@ -75,6 +80,15 @@ class BlockwiseModel(nn.Module):
         """Stage t's output module (the last stage's is the model's own output)."""
         return self.heads[t] if t < self.split.blocks - 1 else nn.Identity()
 
+    def reload_head(self, t: int) -> bool:
+        """Set head t to the last block's current values if it is a copy of it (NeuLite: output modules start from
+        the later blocks); whether it was."""
+        if t >= len(self.later) or not self.later[t]:
+            return False
+        tail = [list(self.body.children())[i] for i in self.split.children(self.split.blocks - 1)]
+        self.heads[t].load_state_dict(nn.Sequential(*tail).state_dict())
+        return True
+
     def stage(self, t: int, co_adapt: int) -> StageModel:
         """Stage t over this model (freezes and unfreezes the body's children)."""
         return StageModel(self.body, self.split, t, self.head(t), co_adapt)
@@ -87,6 +101,16 @@ class BlockwiseModel(nn.Module):
         if t < self.split.blocks - 1:
             prefixes += (f"{HEADS}.{t}.",)
         return [name for name in self.state_dict() if name.startswith(prefixes)]
+
+
+def _tail_copy(tail: list[nn.Module], z: Tensor, out_shape: tuple[int, ...]) -> nn.Module | None:
+    """A copy of the last block if it maps ``z`` to logits of ``out_shape`` (else None: shapes do not fit)."""
+    copy = deepcopy(nn.Sequential(*tail))
+    try:
+        out = copy(z)
+    except (RuntimeError, ValueError):
+        return None
+    return copy if tuple(out.shape[1:]) == out_shape else None
 
 
 def final_state(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def blockwise_task(base: dict[str, Any], config: dict[str, Any], input_shape: li
                             f"its children in order), got {type(body).__name__}; built-in: --model convnet")
         sample = zero_batch(input_shape, batch_size)
         return BlockwiseModel(body, make_split(body, settings, sample), sample[:2],
-                              init_from_classifier=settings.head_init == "classifier")
+                              init_from_classifier=settings.head_init != "random", later=settings.head_init == "later")
 
     def train(model: torch.nn.Module, data: fldata.Dataset, context: TrainContext) -> Scores:
         if "stage" not in context.options:
@@ -81,6 +81,7 @@ def blockwise_task(base: dict[str, Any], config: dict[str, Any], input_shape: li
 def train_stage(inner: Task, model: BlockwiseModel, t: int, settings: BlockwiseConfig, data: fldata.Dataset,
                 context: TrainContext) -> tuple[float, float]:
     """``epochs`` passes of stage t over a seeded shuffle; mean loss and accuracy (of head t) over the batches."""
+    model.reload_head(t)  # head_init "later": the output module starts from the last block's current values
     stage = model.stage(t, settings.co_adapt)
     model.train()
     for module in stage.frozen:
