@@ -12,7 +12,9 @@ rounds. The methods:
 3. ``neulite``: block-wise training with the ``[blockwise]`` defaults: the curriculum mentor (λ₁ from 0.1 at the
    first stage to 0 at the last, λ₂ = 0.1, σ = 5) and the harmonizer (the last module of the previous block
    co-adapts; output modules start from the model's classifier);
-4. optionally (``--lambdas LX:LY,...``), more rows of 3 with constant λ₁ = LX and λ₂ = LY, labelled as such
+4. ``neulite, later heads``: the same with ``head_init = "later"``: each output module is a copy of the model's
+   last block, reloaded from its current values whenever its stage trains (NeuLite's output modules);
+5. optionally (``--lambdas LX:LY,...``), more rows of 3 with constant λ₁ = LX and λ₂ = LY, labelled as such
    (``0:0`` keeps only the harmonizer: an ablation of the curriculum).
 
 Data sets (``--data``, default ``digits,digits-hard``):
@@ -79,9 +81,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fedavg": None,
     "naive": {"blocks": BLOCKS, "lambda_x": 0.0, "lambda_y": 0.0, "co_adapt": 0, "head_init": "random"},
     "neulite": {"blocks": BLOCKS},
+    "neulite, later heads": {"blocks": BLOCKS, "head_init": "later"},
 }
 LABELS = {"fedavg": "full-model FedAvg", "naive": "naive block-wise",
-          "neulite": "block-wise + curriculum + harmonizer (defaults)"}
+          "neulite": "block-wise + curriculum + harmonizer (defaults)",
+          "neulite, later heads": "the same, output modules = copies of the last block (NeuLite's)"}
 
 
 def parse_lambdas(text: str) -> list[tuple[float, float]]:
@@ -244,7 +248,7 @@ def plot(runs: list[dict[str, Any]], datas: Sequence[str], methods: Sequence[str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.2), squeeze=False)
-    styles = {"fedavg": "k-", "naive": "C3--", "neulite": "C0-"}
+    styles = {"fedavg": "k-", "naive": "C3--", "neulite": "C0-", "neulite, later heads": "C2-."}
     for ax, data in zip(axes[0], datas, strict=True):
         for i, method in enumerate(methods):
             curves = [r["test_accuracy"] for r in runs if r["data"] == data and r["method"] == method]
