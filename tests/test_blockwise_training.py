@@ -439,3 +439,18 @@ def test_later_output_modules_are_copies_of_the_last_block_reloaded_when_their_s
     assert all(torch.equal(a, b) for a, b in zip(model.heads[0].state_dict().values(), tail.state_dict().values(),
                                                  strict=True))
     assert history[1]["plugin"]["stage"] == 1 and len(history[1]["aggregated"]) == 6
+
+
+def test_the_pace_schedule_freezes_each_stage_after_its_share_of_rounds(tmp_path: Path) -> None:
+    # Prepare: 5 rounds, 2 stages, pace 3 + 2
+    config = tiny(rounds=5, clients=2, per_round=2, blockwise={"blocks": 2, "schedule": "pace", "pace": [3, 2]})
+    store = LocalStore(tmp_path, fsync=False)
+
+    # Execute
+    history = Trainer(store, config, InlineExecutor()).run()
+
+    # Assert: the stage of every round is recorded as data and the clients trained it
+    records = [PluginRound.model_validate_json(store.get(plugin_key(r))) for r in range(5)]
+    assert [rec.notes["stage"] for rec in records] == [0, 0, 0, 1, 1]
+    assert [sorted({o["stage"] for o in rec.client_options.values()}) for rec in records] == [[0]] * 3 + [[1]] * 2
+    assert [m["plugin"]["stage"] for m in history] == [0, 0, 0, 1, 1]
