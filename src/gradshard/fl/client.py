@@ -25,7 +25,7 @@ from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.extras import missing_extra_error
 from gradshard.fl.data import Dataset
-from gradshard.fl.models import build_model, load_numpy_state, seed_everything, state_to_numpy
+from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import update_key
@@ -146,8 +146,10 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
                            anchor=tuple(p.detach().clone() for p in model.parameters()), options=task.options)
     private = train_private(user, model, data, context, task.dp) if task.dp is not None else None
     scores = private.scores if private is not None else user.fit(model, data, context)
-    floating, _ = layout.split_state(state_to_numpy(model))
-    delta = averaged.flatten(floating) - global_flat
+    # Training is over: the state is read in place (no snapshot copy) and the delta formed in its one flat buffer
+    floating, _ = layout.split_state(model.state_dict())
+    delta = averaged.flatten(floating)
+    delta -= global_flat
     if task.fault == "nan":
         delta[0] = np.nan
     if task.fault.startswith("sleep:"):
