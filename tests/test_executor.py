@@ -296,3 +296,38 @@ def test_reports_carry_the_io_of_the_worker_store(make_executor: MakeExecutor, s
     assert result.summary()["bytes_read"] == sum(r.bytes_read for r in result.reports)
     # the workers read through their own store: the driver's store only read headers
     assert store.io.bytes_read - driver_reads_before < clients * numel * 4 // 4
+
+
+def test_prestart_starts_the_runtime_in_the_background_and_ignores_unknown_functions(
+        make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0)
+
+    # Execute: returns at once; the zygote process comes up behind it
+    started = time.perf_counter()
+    executor.prestart(["noop", "no-such-function"], store)
+    returned = time.perf_counter() - started
+    report = run_single(executor, store, "noop")
+
+    # Assert: one zygote for noop's runtime, and the invocation ran on it
+    assert returned < 0.1
+    assert report.ok, report.error
+    zygotes = list(executor._zygotes.values())
+    assert len(zygotes) == 1 and zygotes[0]._proc is not None and zygotes[0]._proc.poll() is None
+
+
+def test_a_per_invocation_cap_below_the_executors_kills_that_invocation_only(
+        make_executor: MakeExecutor, store: LocalStore, baseline_rss: int) -> None:
+    # Prepare: the executor has no cap; one invocation carries its own, below what it allocates
+    executor = make_executor(workers=1, retries=0)
+    big = AllocateArgs(bytes=200 * MIB)
+    plan = Plan("adhoc", (Invocation("capped", "allocate", big, 0, memory_cap_bytes=baseline_rss + 64 * MIB),
+                          Invocation("free", "allocate", big, 0)))
+
+    # Execute
+    reports = {r.invocation: r for r in executor.run(plan, store)}
+
+    # Assert
+    assert reports["capped"].error_type == "MemoryLimitError"
+    assert reports["capped"].memory_cap_bytes == baseline_rss + 64 * MIB
+    assert reports["free"].ok, reports["free"].error

@@ -269,11 +269,19 @@ def _collect_own_leftovers(store: Store, r: int) -> None:
         log.warning("could not collect stale uploads of %s: %s", aggregate_key(r), exc)
 
 
+def _functions_of(config: AggregateConfig) -> tuple[str, ...]:
+    """The functions a round's plans invoke (what the executor can start ahead)."""
+    main = {"flat": "flat_reduce", "lambda-fl": "tree_reduce", "lifl": "tree_reduce"}.get(config.topology,
+                                                                                          "shard_reduce")
+    return (main, "client_norms") if config.central_dp is not None else (main,)
+
+
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
                     on_done: ProgressCallback | None = None) -> AggregateResult:
     """Aggregate round ``r`` and publish ``rounds/<r>/aggregate.safetensors``; reports go to ``reports.json``."""
     config = config or AggregateConfig()
     started = time.perf_counter()
+    executor.prestart(_functions_of(config), store)  # the runtime starts while the round is validated
     _collect_own_leftovers(store, r)
     manifest = prepare_round(store, r, config.policy, config.weighting, config.weights,
                              require_signatures=config.require_signatures)

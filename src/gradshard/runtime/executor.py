@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
@@ -55,6 +55,10 @@ class Executor(ABC):
         """The memory cap of one invocation: the smaller of the executor's and the invocation's own (None: none)."""
         caps = [c for c in (self.memory_cap_bytes, invocation.memory_cap_bytes) if c is not None]
         return min(caps) if caps else None
+
+    def prestart(self, functions: Iterable[str], store: Store) -> None:  # noqa: B027 - executors with runtimes override
+        """Start, in the background, whatever running ``functions`` against ``store`` will need (a runtime process),
+        so that its start overlaps the caller's work; never raises (the first invocation reports any failure)."""
 
     def close(self) -> None:  # noqa: B027 - executors that hold processes or connections override it
         """Release what the executor holds (worker processes, a Ray it started); it cannot run plans afterwards."""

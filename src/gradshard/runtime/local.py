@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import psutil
@@ -46,6 +47,12 @@ def _rss(pid: int) -> int:
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _start_quietly(zygote: Zygote) -> None:
+    """Start a zygote ahead of its first invocation; a failure is left for that invocation to report."""
+    with contextlib.suppress(Exception):
+        zygote.ensure()
 
 
 class LocalExecutor(Executor):
@@ -76,8 +83,19 @@ class LocalExecutor(Executor):
         for zygote in self._zygotes.values():
             zygote.close()
 
+    def prestart(self, functions: Iterable[str], store: Store) -> None:
+        """Start the zygotes of ``functions`` on background threads (their interpreters and imports take ~0.2 s)."""
+        for function in functions:
+            try:
+                zygote = self._zygote_for(preload_of(function, str(store.spec().get("kind"))))
+            except GradshardError:  # not registered here: its first invocation says so
+                continue
+            threading.Thread(target=_start_quietly, args=(zygote,), daemon=True, name="zygote-start").start()
+
     def _zygote(self, invocation: Invocation, store: Store) -> Zygote:
-        preload = preload_of(invocation.function, str(store.spec().get("kind")), invocation.module)
+        return self._zygote_for(preload_of(invocation.function, str(store.spec().get("kind")), invocation.module))
+
+    def _zygote_for(self, preload: tuple[str, ...]) -> Zygote:
         with self._idle_lock:
             if preload not in self._zygotes:
                 self._zygotes[preload] = Zygote(preload, self.worker_env, unset=(PUBLIC_KEY_ENV, ISSUER_ENV))

@@ -164,7 +164,8 @@ class Zygote:
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.path = ""
 
-    def _ensure(self) -> str:
+    def ensure(self) -> str:
+        """Start the zygote process unless it runs; the path of its socket."""
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 return self.path
@@ -200,7 +201,7 @@ class Zygote:
         handle = warm
         if handle is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(self._ensure())
+            sock.connect(self.ensure())
             handle = Child(sock)
         request = {"function": invocation.function, "module": invocation.module, "args": invocation.payload(),
                    "store": store_spec, "keep": keep, "token": token}
