@@ -4,6 +4,7 @@ shard functions — every reducer byte-identical for every M and partition, equa
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import numpy as np
@@ -384,5 +385,35 @@ def test_a_header_replaced_after_validation_is_refused_by_the_function_naming_th
         client="c01", round=0, examples=20, layout_digest=layout.digest(), chunk_elems=CHUNK))
 
     # Execute / Assert
+    with pytest.raises(GradshardError, match="'c01' rejected: object changed since the round was validated"):
+        open_clients(store, manifest, layout)
+
+
+def test_functions_reopen_validated_updates_from_the_manifests_byte_runs_and_refuse_a_resized_object() -> None:
+    """The manifest records each full-size update's size and byte runs (one run for a gradshard-written file), so
+    functions skip reparsing its tensor entries; bytes appended after validation (same header) are refused by
+    size, naming the client."""
+    from gradshard.aggregation.driver import prepare_round
+    from gradshard.aggregation.functions import open_clients
+
+    # Prepare
+    store, layout, stack = stacked_round(3, seed=8)
+    manifest = prepare_round(store, 0)
+    entry = manifest.clients[1]
+    header_len = 8 + struct.unpack("<Q", store.get_range(entry.key, 0, 8))[0]
+
+    # Assert: one run from the data start, and the functions' readers read the values written
+    assert entry.runs == ((0, layout.numel, header_len),)
+    readers = open_clients(store, manifest, layout)
+    try:
+        out = np.empty(layout.numel, dtype=np.float32)
+        readers[1].read_verified(0, layout.numel, out)
+        assert out.tobytes() == stack[1].tobytes()
+    finally:
+        for reader in readers:
+            reader.close()
+
+    # Execute / Assert: the same header with 4 more bytes behind the data
+    store.put(entry.key, store.get(entry.key) + b"\0\0\0\0")
     with pytest.raises(GradshardError, match="'c01' rejected: object changed since the round was validated"):
         open_clients(store, manifest, layout)

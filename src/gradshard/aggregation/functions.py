@@ -41,13 +41,15 @@ def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> 
     return _open_all(store, manifest, layout, open_update)
 
 
-def _open_all(store: Store, manifest: RoundManifest, layout: ModelLayout,
-              opener: Callable[[Store, str, str, ModelLayout, str], Reader]) -> list[Reader]:
+def _open_all(store: Store, manifest: RoundManifest, layout: ModelLayout, opener: Callable[..., Reader]
+              ) -> list[Reader]:
     readers: list[Reader] = []
     try:
         for entry in manifest.clients:
-            # the header's sha256 pins the bytes the validation checked; a changed header is refused by the opener
-            readers.append(opener(store, entry.key, entry.client, layout, entry.header_sha256))
+            # the header's sha256 pins the bytes the validation checked (a changed header is refused by the
+            # opener), and its recorded size and byte runs spare reparsing every tensor entry
+            readers.append(opener(store, entry.key, entry.client, layout, entry.header_sha256,
+                                  trusted=entry.validated()))
     except BaseException:
         for r in readers:
             r.close()

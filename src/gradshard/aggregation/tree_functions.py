@@ -32,7 +32,7 @@ from gradshard.store import Store, open_store
 
 def load_whole_update(store: Store, entry: ClientEntry, layout: ModelLayout) -> npt.NDArray[Any]:
     """Read a whole update into one array (a single ranged read) and verify every chunk's checksum."""
-    with open_update(store, entry.key, entry.client, layout, entry.header_sha256) as update:
+    with open_update(store, entry.key, entry.client, layout, entry.header_sha256, trusted=entry.validated()) as update:
         if update.sha256 != entry.header_sha256:
             raise UpdateError(entry.client, "object changed since the round was validated (header differs)")
         values = np.empty(layout.numel, dtype=update.dtype)

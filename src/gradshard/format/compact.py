@@ -34,6 +34,7 @@ from gradshard.format.update import (
     UpdateHeader,
     UpdateMeta,
     UpdateReader,
+    Validated,
     check_layout,
     read_header,
 )
@@ -354,21 +355,30 @@ def scatter(coverage: CoverageMap, a: int, b: int, out: npt.NDArray[Any], k: int
 
 # --- opening any client update -------------------------------------------------------------------------------------
 def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
-                       trusted_sha256: str | None = None) -> UpdateReader | CompactReader:
+                       trusted_sha256: str | None = None, *, trusted: Validated | None = None
+                       ) -> UpdateReader | CompactReader:
     """Open a client's update, full-size or compact, validated against the round's ``layout``; errors name
-    ``client``. Without ``trusted_sha256`` (validation) a compact update's empty-chunk digests are checked too."""
+    ``client``. Without ``trusted_sha256`` (validation) a compact update's empty-chunk digests are checked too.
+    ``trusted`` (a full-size update's validated size and byte runs, with ``trusted_sha256``) skips re-parsing its
+    tensor entries."""
     try:
         reader = store.open_reader(key)
     except UnsafeObjectError as exc:
         raise UpdateError(client, str(exc)) from None
     try:
-        header = read_header(reader, key, client, trusted_sha256)
+        fast = trusted if trusted_sha256 is not None else None
+        header = read_header(reader, key, client, trusted_sha256,
+                             trusted_size=fast.size if fast is not None else None)
         meta = UpdateMeta.from_metadata(client, header.metadata)
         if meta.compact:
+            if fast is not None:  # the manifest recorded a full-size update: these bytes cannot be it
+                raise UpdateError(client, "object changed since the round was validated (now a compact update)")
             compact = CompactReader(reader, header, layout, meta)
             if trusted_sha256 is None:
                 compact.check_empty_chunks()
             return compact
+        if fast is not None:
+            return UpdateReader(reader, header, layout, meta, fast.runs)
         check_layout(client, header, layout)
         return UpdateReader(reader, header, layout, meta)
     except BaseException:

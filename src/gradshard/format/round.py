@@ -39,7 +39,7 @@ from gradshard.errors import (
 )
 from gradshard.format.compact import CompactReader, open_client_update
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
-from gradshard.format.update import UpdateMeta, UpdateReader
+from gradshard.format.update import UpdateMeta, UpdateReader, Validated
 from gradshard.store import Store
 
 if TYPE_CHECKING:
@@ -86,6 +86,10 @@ class RoundSpec(BaseModel):
         return ModelLayout.from_json(self.layout)
 
 
+#: Byte runs a client entry records at most (more, as in a file sorted by tensor name: functions parse its header).
+MAX_MANIFEST_RUNS = 8
+
+
 class ClientEntry(BaseModel):
     """One accepted client of a round: its object, its scalar weight and, if it trained only part of the model,
     its coverage (tensor name -> leading extent per dimension; tensors not named were not trained)."""
@@ -107,6 +111,13 @@ class ClientEntry(BaseModel):
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     # the object holds only the covered elements, in layout order (gradshard.format.compact)
     compact: bool = False
+    # a full-size update's data as validated: (flat start, flat stop, file offset) runs, recorded when there are few
+    # (a file in layout order has one), so that functions reopening it need not parse its tensor entries again
+    runs: tuple[tuple[int, int, int], ...] | None = Field(default=None, max_length=MAX_MANIFEST_RUNS)
+
+    def validated(self) -> Validated | None:
+        """What functions may trust of the object besides its header's sha256 (None: reparse it)."""
+        return Validated(self.size, self.runs) if self.runs is not None and not self.compact else None
 
     @property
     def partial(self) -> bool:
@@ -294,7 +305,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
                                                coverage=_checked_coverage(client, layout, meta), signer=signer,
-                                               compact=meta.compact)
+                                               compact=meta.compact, runs=_few_runs(upd))
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc
@@ -346,6 +357,13 @@ def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout,
             log.warning("reading %s failed (%s); retrying (%d/%d)", key, exc, attempt, attempts)
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _few_runs(upd: UpdateReader | CompactReader) -> tuple[tuple[int, int, int], ...] | None:
+    """A full-size update's byte runs, when few enough to travel in the manifest."""
+    if isinstance(upd, UpdateReader) and len(upd.runs) <= MAX_MANIFEST_RUNS:
+        return upd.runs
+    return None
 
 
 def _checked_coverage(client: str, layout: ModelLayout, meta: UpdateMeta) -> dict[str, tuple[int, ...]] | None:

@@ -31,7 +31,7 @@ import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -331,6 +331,14 @@ def _parse_signature(client: str, md: Mapping[str, str]) -> tuple[str, str]:
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
+class Validated(NamedTuple):
+    """What a round's validation recorded of a full-size update for the functions that reopen it: the object's
+    size and its data's byte runs (see :meth:`UpdateReader.runs`)."""
+
+    size: int
+    runs: tuple[tuple[int, int, int], ...]
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     dtype: str
@@ -375,7 +383,8 @@ def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry
     return entries
 
 
-def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str | None = None) -> UpdateHeader:
+def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str | None = None, *,
+                trusted_size: int | None = None) -> UpdateHeader:
     """Read and structurally validate the header of the object ``key`` (filed for ``client``).
 
     ``trusted_sha256``: the sha256 of the raw header bytes as the round's validation found them (the manifest's
@@ -413,6 +422,14 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
         raise UpdateError(client, "header '__metadata__' must map strings to strings")
     verified = (metadata.get(HEADER_DIGEST_KEY) is not None if trusted
                 else verify_header_digest(header, metadata, key, client))
+    if trusted and trusted_size is not None:
+        # the validation parsed these bytes' tensor entries and recorded the object's size and byte runs: a
+        # function that was handed them skips the per-tensor parse (the bulk of opening a many-tensor update)
+        if reader.size != trusted_size:
+            raise UpdateError(client, f"object changed since the round was validated (size {reader.size}, "
+                                      f"validated {trusted_size})")
+        return UpdateHeader(key, 8 + n, reader.size, {}, metadata, sha256, metadata.get(f"{_P}format", ""),
+                            verified)
     tensors = _parse_tensors(client, header)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
@@ -468,13 +485,28 @@ def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None
                                       f"expects {spec.shape}")
 
 
+def byte_runs(header: UpdateHeader, layout: ModelLayout) -> list[list[int]]:
+    """Where each element range of ``layout`` lies in the object: ``[flat start, flat stop, file offset]`` runs,
+    merged where the file stores tensors in layout order (one run for a gradshard-written file)."""
+    itemsize = np.dtype(layout.flat_dtype).itemsize
+    runs: list[list[int]] = []
+    for slot in layout.slots:
+        offset = header.data_start + header.tensors[slot.spec.name].begin
+        if runs and runs[-1][1] == slot.start and runs[-1][2] + (slot.start - runs[-1][0]) * itemsize == offset:
+            runs[-1][1] = slot.stop
+        elif slot.stop > slot.start:
+            runs.append([slot.start, slot.stop, offset])
+    return runs
+
+
 class UpdateReader:
     """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates.
 
     ``header_verified`` says whether the header's digest was checked (format 2); a format-1 object has none.
     """
 
-    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
+    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta,
+                 runs: Sequence[Sequence[int]] | None = None) -> None:
         # Keep only what reads need — never the parsed header (one dict per tensor): a shard function holds one
         # reader per client, and its memory must not grow with N times the number of tensors.
         self.client = meta.client
@@ -490,17 +522,15 @@ class UpdateReader:
             raise UpdateError(self.client, f"checksums do not match the layout: {self.grid.count} chunks need "
                                            f"{self.grid.count * self._width} hex digits, got "
                                            f"{len(meta.checksums)}")
-        # byte runs: (flat start element, flat stop element, file offset); merged when the file is in layout order
-        runs: list[list[int]] = []
-        for slot in layout.slots:
-            offset = header.data_start + header.tensors[slot.spec.name].begin
-            if runs and runs[-1][1] == slot.start and runs[-1][2] + (slot.start - runs[-1][0]) * self.dtype.itemsize \
-                    == offset:
-                runs[-1][1] = slot.stop
-            elif slot.stop > slot.start:
-                runs.append([slot.start, slot.stop, offset])
-        self._runs = runs
-        self._run_starts = [r[0] for r in runs]
+        # byte runs: (flat start element, flat stop element, file offset); merged when the file is in layout order.
+        # ``runs``: the ones the round's validation found for these header bytes (the manifest's), used as given
+        self._runs = [list(r) for r in runs] if runs is not None else byte_runs(header, layout)
+        self._run_starts = [r[0] for r in self._runs]
+
+    @property
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """The data's byte runs: ``(flat start element, flat stop element, file offset)`` in element order."""
+        return tuple((a, b, offset) for a, b, offset in self._runs)
 
     @property
     def contiguous(self) -> bool:
@@ -593,20 +623,25 @@ class VerifiedStream:
 
 
 def open_update(store: Store, key: str, client: str, layout: ModelLayout,
-                trusted_sha256: str | None = None) -> UpdateReader:
+                trusted_sha256: str | None = None, *, trusted: Validated | None = None) -> UpdateReader:
     """Open ``key``, validate header, metadata and layout, and return a reader; errors name ``client``.
 
-    ``trusted_sha256``: see :func:`read_header` (functions pass the manifest's ``header_sha256``)."""
+    ``trusted_sha256``: see :func:`read_header` (functions pass the manifest's ``header_sha256``); with it,
+    ``trusted`` (the object's validated size and byte runs, from the manifest) skips re-parsing the tensors."""
     try:
         reader = store.open_reader(key)
     except UnsafeObjectError as exc:  # a symlink, FIFO, ... in the store: this client's update is refused
         raise UpdateError(client, str(exc)) from None
     try:
-        header = read_header(reader, key, client, trusted_sha256)
+        fast = trusted if trusted_sha256 is not None else None
+        header = read_header(reader, key, client, trusted_sha256,
+                             trusted_size=fast.size if fast is not None else None)
         meta = UpdateMeta.from_metadata(client, header.metadata)
         if meta.compact:
             raise UpdateError(client, f"object {key!r} is a compact update (only its covered elements); read it "
                                       "with gradshard.format.compact.open_client_update")
+        if fast is not None:
+            return UpdateReader(reader, header, layout, meta, fast.runs)
         check_layout(client, header, layout)
         return UpdateReader(reader, header, layout, meta)
     except BaseException:
