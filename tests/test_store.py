@@ -401,3 +401,28 @@ def test_upload_ids_are_checked(tmp_path: Path) -> None:
         store.write_at("k", other, 0, b"x")
     with pytest.raises(StoreError, match="is not an upload of 'k'"):
         store.complete_upload("k", other)
+
+
+def test_a_durable_local_writer_writes_its_own_range_back_when_it_closes(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record the ranges written back (the real call is Linux's sync_file_range)
+    from gradshard.store import local
+
+    synced: list[tuple[int, int]] = []
+    real = local._SYNC_FILE_RANGE
+    monkeypatch.setattr(local, "_SYNC_FILE_RANGE", lambda fd, offset, n: synced.append((offset, n)) or (
+        real(fd, offset, n) if real is not None else None))
+    durable, scratch = LocalStore(tmp_path / "durable"), LocalStore(tmp_path / "scratch", fsync=False)
+
+    # Execute: two writers fill two ranges of one upload, as two shard functions do
+    for store in (durable, scratch):
+        upload = store.begin_upload("obj", 10_000)
+        for start in (0, 4_000):
+            writer = store.writer("obj", upload, start)
+            writer.write(bytes([start // 4_000 + 1]) * (4_000 if start == 0 else 6_000))
+            writer.close()
+        store.complete_upload("obj", upload)
+
+    # Assert: each range synced once by the durable store, none by the scratch one; same bytes either way
+    assert synced == [(0, 4_000), (4_000, 6_000)]
+    assert durable.get("obj") == scratch.get("obj") == b"\x01" * 4_000 + b"\x02" * 6_000
