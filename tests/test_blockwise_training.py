@@ -454,3 +454,19 @@ def test_the_pace_schedule_freezes_each_stage_after_its_share_of_rounds(tmp_path
     assert [rec.notes["stage"] for rec in records] == [0, 0, 0, 1, 1]
     assert [sorted({o["stage"] for o in rec.client_options.values()}) for rec in records] == [[0]] * 3 + [[1]] * 2
     assert [m["plugin"]["stage"] for m in history] == [0, 0, 0, 1, 1]
+
+
+def test_building_the_block_wise_model_moves_no_normalisation_statistics() -> None:
+    # Prepare
+    net = bn_model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    # Execute: the split by memory and the output modules run the model on a batch to learn shapes
+    from gradshard.blockwise.task import make_split
+
+    sample = torch.randn(4, 1, 8, 8)
+    model = BlockwiseModel(net, make_split(net, BlockwiseConfig(blocks=2), sample), sample, later=True)
+
+    # Assert: every buffer as initialised (BatchNorm in train mode would have moved them), modes restored
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and all(m.training for m in model.modules())

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,12 +95,26 @@ def split_sequential(model: nn.Module, blocks: int | Sequence[int], sizes: Seque
     return BlockSplit(tuple(bounds))
 
 
-def child_sizes(model: nn.Module, batch: Tensor) -> list[float]:
-    """Per child: its parameters plus the elements of its output for ``batch`` (what training it keeps)."""
+@contextmanager
+def probing(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` for its shapes only: no autograd, eval mode (so normalisation statistics do not move), then
+    every submodule's training flag as it was."""
     import torch
 
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def child_sizes(model: nn.Module, batch: Tensor) -> list[float]:
+    """Per child: its parameters plus the elements of its output for ``batch`` (what training it keeps)."""
     sizes = []
-    with torch.no_grad():
+    with probing(model):
         x = batch
         for child in _children(model):
             x = child(x)

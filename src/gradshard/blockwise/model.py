@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from copy import deepcopy
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from gradshard.blockwise.blocks import BlockSplit, StageModel, output_module
+from gradshard.blockwise.blocks import BlockSplit, StageModel, output_module, probing
 from gradshard.errors import GradshardError
 
 HEADS = "heads"
@@ -51,7 +50,7 @@ class BlockwiseModel(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "body", body)  # the same modules, not registered twice
         self.split = split
-        with torch.no_grad():
+        with probing(body):  # shapes only: no normalisation statistics move
             logits = body(sample)
             if logits.dim() != 2:
                 raise GradshardError(f"the model's output must be logits (batch × classes), got shape "
@@ -68,6 +67,7 @@ class BlockwiseModel(nn.Module):
                 heads.append(copy if copy is not None else output_module(x, int(logits.shape[1]), classifier))
                 self.later.append(copy is not None)
         self.heads = nn.ModuleList(heads)
+        self.heads.train(body.training)  # copies made while probing were taken in eval mode
         self.classes = int(logits.shape[1])
 
     body: nn.Sequential
@@ -107,7 +107,8 @@ def _tail_copy(tail: list[nn.Module], z: Tensor, out_shape: tuple[int, ...]) -> 
     """A copy of the last block if it maps ``z`` to logits of ``out_shape`` (else None: shapes do not fit)."""
     copy = deepcopy(nn.Sequential(*tail))
     try:
-        out = copy(z)
+        with probing(copy):
+            out = copy(z)
     except (RuntimeError, ValueError):
         return None
     return copy if tuple(out.shape[1:]) == out_shape else None
