@@ -361,6 +361,17 @@ class UpdateHeader:
     header_verified: bool = False  # its header digest was checked (format 2); format 1 has none
 
 
+class _Itemsizes(dict[str, int]):
+    """numpy dtype name -> bytes per element, looked up once per dtype."""
+
+    def __missing__(self, dtype: str) -> int:
+        self[dtype] = np.dtype(dtype).itemsize
+        return self[dtype]
+
+
+_ITEMSIZE = _Itemsizes()
+
+
 def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -368,11 +379,11 @@ def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry
             continue
         try:
             dtype = numpy_dtype(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(map(int, info["shape"]))
+            begin, end = map(int, info["data_offsets"])
         except (KeyError, TypeError, ValueError, GradshardError) as exc:
             raise UpdateError(client, f"header entry for tensor {name!r} is malformed: {exc}") from None
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+        if (shape and min(shape) < 0) or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
             raise UpdateError(client, f"tensor {name!r}: data_offsets [{begin}, {end}) do not fit shape {shape}")
         entries[name] = TensorEntry(dtype, shape, begin, end)
     covered = 0
