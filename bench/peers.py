@@ -275,14 +275,9 @@ def child_flower(req: dict[str, Any], inplace: bool) -> dict[str, Any]:
         rss_loaded = vm_hwm_bytes()
         out = aggregate_inplace(fit_results)  # type: ignore[arg-type]  # the ClientProxy is never used
         ph.mark("aggregate")
-    dtype = str(out[0].dtype)
-    write_result(req["out_path"], names, out, req["fsync"])
-    ph.mark("write")
     from importlib.metadata import version
 
-    return {"e2e_s": ph.total, "phases": ph.phases, "import_s": import_s, "rss_interp_bytes": rss_interp,
-            "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": vm_hwm_bytes(), "result_dtype": dtype,
-            "version": version("flwr")}
+    return write_and_report(req, names, out, ph, import_s, rss_interp, rss_loaded, version=version("flwr"))
 
 
 def child_nvflare(req: dict[str, Any], preload: bool) -> dict[str, Any]:
@@ -317,14 +312,20 @@ def child_nvflare(req: dict[str, Any], preload: bool) -> dict[str, Any]:
     result = helper.get_result()
     out = [result[name] for name in names]
     ph.mark("aggregate")
+    import nvflare
+
+    return write_and_report(req, names, out, ph, import_s, rss_interp, rss_loaded, version=nvflare.__version__,
+                            numpy_version=np.__version__)
+
+
+def write_and_report(req: dict[str, Any], names: list[str], out: list[Any], ph: Phases, import_s: float,
+                     rss_interp: int, rss_loaded: int | None, **extra: Any) -> dict[str, Any]:
+    """Write a peer's result (timed as its ``write`` phase) and the child's JSON record."""
     dtype = str(out[0].dtype)
     write_result(req["out_path"], names, out, req["fsync"])
     ph.mark("write")
-    import nvflare
-
     return {"e2e_s": ph.total, "phases": ph.phases, "import_s": import_s, "rss_interp_bytes": rss_interp,
-            "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": vm_hwm_bytes(), "result_dtype": dtype,
-            "version": nvflare.__version__, "numpy_version": np.__version__}
+            "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": vm_hwm_bytes(), "result_dtype": dtype, **extra}
 
 
 def child_loop(req: dict[str, Any], weighted: bool) -> dict[str, Any]:
