@@ -331,3 +331,11 @@ def test_a_per_invocation_cap_below_the_executors_kills_that_invocation_only(
     assert reports["capped"].error_type == "MemoryLimitError"
     assert reports["capped"].memory_cap_bytes == baseline_rss + 64 * MIB
     assert reports["free"].ok, reports["free"].error
+
+
+@pytest.mark.parametrize("cap", [0, -5, "512", 1.5, True])
+def test_an_invocation_cap_that_is_not_a_positive_integer_is_a_plan_error(cap: object) -> None:
+    from gradshard.errors import PlanError
+
+    with pytest.raises(PlanError, match="memory_cap_bytes must be an integer >= 1"):
+        Invocation("x", "noop", {}, 0, memory_cap_bytes=cap)  # type: ignore[arg-type]

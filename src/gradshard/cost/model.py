@@ -141,8 +141,8 @@ def shape_from_plan(plan: Plan, clients: int) -> RoundShape:
     """The shape of an executed plan; LIFL hand-offs that went through shared memory cost no request."""
     if plan.topology not in TOPOLOGIES:
         raise PlanError(f"no cost model for topology {plan.topology!r}")
-    numel = 0 if plan.topology != "sharded" else int(plan.params["numel"]) if "numel" in plan.params \
-        else int(plan.params["shards"]["numel"])
+    # plans record "numel"; reports stored before it did have it under "shards"
+    numel = int(plan.params.get("numel") or plan.params["shards"]["numel"]) if plan.topology == "sharded" else 0
     aggs = tuple(_aggregator(inv, stage, clients, numel)
                  for stage, invocations in enumerate(plan.stages()) for inv in invocations)
     return RoundShape(topology_name(plan.topology), clients, aggs)

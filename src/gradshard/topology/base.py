@@ -48,8 +48,9 @@ class Invocation:
         object.__setattr__(self, "args", registry.validate_args(self.function, self.args))
         if spec is not None:
             object.__setattr__(self, "module", spec.module)
-        if self.memory_cap_bytes is not None and self.memory_cap_bytes < 1:
-            raise PlanError(f"invocation {self.id}: memory_cap_bytes must be >= 1, got {self.memory_cap_bytes}")
+        cap = self.memory_cap_bytes  # may come from a plan read back from a stored report: check its type too
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise PlanError(f"invocation {self.id!r}: memory_cap_bytes must be an integer >= 1 or null, got {cap!r}")
 
     def payload(self) -> dict[str, Any]:
         """The arguments as they travel: JSON."""

@@ -65,7 +65,7 @@ def sharded_plan(manifest: RoundManifest, manifest_sha256: str, output: PlanOutp
     active = active_ranges(manifest, options) if partition == "contiguous" else None
     if active is None:
         shards = shard_plan_for(manifest, m, partition)
-        ranges, params = list(shards.ranges), {"m": m, "shards": shards.manifest()}
+        ranges, params = list(shards.ranges), {"m": m, "numel": layout.numel, "shards": shards.manifest()}
     elif not active:
         ranges, params = [], {"m": m, "numel": layout.numel, "covered": []}
     else:
