@@ -77,12 +77,13 @@ def test_a_training_round_line_shows_hostile_failure_reasons_literally() -> None
     m = RoundMetrics(round=0, cohort=["a", "b"], aggregated=["a"], rejected={"b": "names '[/]'"},
                      failed={"c": "RuntimeError: [bold]x\x1b[2J\nround 9 test accuracy 1.0"}, test_loss=0.1,
                      test_accuracy=0.9, client_loss=None, client_seconds=0, aggregate_seconds=0,
-                     server_seconds=0, wall_seconds=0)
+                     server_seconds=0, wall_seconds=0, idle={"d": "budget [red]0[/] MiB"})
     console = Console(record=True, width=200)
 
-    console.print(_round_line(m, 1))
+    console.print(_round_line(m, 1, "plugin says [bold]hi"))
 
     text = console.export_text()
+    assert "d sat out (budget [red]0[/] MiB)" in text and "plugin says [bold]hi" in text
     assert "b rejected (names '[/]')" in text
     assert "c failed (RuntimeError: [bold]x\\x1b[2J\\nround 9 test accuracy 1.0)" in text
 

@@ -19,6 +19,7 @@ Per round (decided once, recorded in ``rounds/<r>/plugin.json`` by the trainer, 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -196,8 +197,13 @@ class BlockwisePlugin(RoundPlugin):
         return {"stage": record.notes.get("stage") if record is not None else None,
                 "assignment": {c: int(o["stage"]) for c, o in record.client_options.items()}
                 if record is not None else {},
-                "idle": dict(record.idle) if record is not None else {},
                 "stage_accuracy": stage_accuracies(model, trainer.test_set())}
+
+    def summary(self, metrics: Mapping[str, Any]) -> str:
+        per_stage = Counter(int(t) for t in metrics.get("assignment", {}).values())
+        return (f"block-wise: stage {metrics.get('stage')}; clients per stage "
+                f"{', '.join(f'{t}: {n}' for t, n in sorted(per_stage.items())) or '–'}; stage accuracy "
+                f"{' / '.join(f'{a:.3f}' for a in metrics.get('stage_accuracy', []))}")
 
 
 def stage_accuracies(model: BlockwiseModel, data: Dataset) -> list[float]:

@@ -84,7 +84,7 @@ def train_config(base: dict[str, Any], flags: dict[str, Any], source: str) -> Tr
         raise click.UsageError(f"invalid training config ({source}): {problems}") from None
 
 
-def _round_line(m: RoundMetrics, total: int) -> str:
+def _round_line(m: RoundMetrics, total: int, plugin_line: str = "") -> str:
     width = len(str(total))
     line = (f"round {m.round:>{width}}  test accuracy [bold]{m.test_accuracy:.4f}[/]  loss {m.test_loss:.4f}  "
             f"clients {len(m.aggregated)}/{len(m.cohort)}  {m.wall_seconds:5.2f} s (clients {m.client_seconds:.2f}, "
@@ -100,15 +100,9 @@ def _round_line(m: RoundMetrics, total: int) -> str:
     problems = [f"{untrusted(c)} rejected ({untrusted(why)})" for c, why in m.rejected.items()]
     problems += [f"{untrusted(c)} left out ({untrusted(why)})" for c, why in (dp.excluded if dp else {}).items()]
     problems += [f"{untrusted(c)} failed ({untrusted(why)})" for c, why in m.failed.items()]
-    plugin = m.plugin or {}
-    problems += [f"{untrusted(c)} sat out ({untrusted(why)})" for c, why in plugin.get("idle", {}).items()]
-    if "stage_accuracy" in plugin:  # block-wise: which stages trained, how far every stage's output module is
-        stages: dict[int, int] = {}
-        for t in plugin.get("assignment", {}).values():
-            stages[int(t)] = stages.get(int(t), 0) + 1
-        line += (f"\n    block-wise: stage {plugin.get('stage')}; clients per stage "
-                 f"{', '.join(f'{t}: {n}' for t, n in sorted(stages.items())) or '–'}; stage accuracy "
-                 f"{' / '.join(f'{a:.3f}' for a in plugin['stage_accuracy'])}")
+    problems += [f"{untrusted(c)} sat out ({untrusted(why)})" for c, why in (m.idle or {}).items()]
+    if plugin_line:  # the round plugin's own summary (block-wise: stages, stage accuracies)
+        line += f"\n    {untrusted(plugin_line)}"
     if m.central_dp is not None:
         line += (f"\n    central DP: {m.central_dp['clipped']} clipped, σ = {float(m.central_dp['sigma']):.3g}, "
                  f"ε = {float(m.central_dp['epsilon']):.3g} (δ = {m.central_dp['delta']})")
@@ -149,7 +143,8 @@ def run_training(trainer: Trainer, out: Path | None, title: str) -> list[dict[st
             if out is not None:
                 report.write_outputs(out, history, config_dump, title, png=png)
             bar.update(task, advance=1, accuracy=f"{m.test_accuracy:.4f}")
-            bar.console.print(_round_line(m, config.rounds))
+            summary = trainer.plugin.summary(m.plugin) if trainer.plugin is not None and m.plugin else ""
+            bar.console.print(_round_line(m, config.rounds, summary))
 
         metrics = trainer.run(on_round=on_round)
     if out is not None:

@@ -100,11 +100,13 @@ class RoundMetrics:
     central_dp: dict[str, Any] | None = None  # this round's release: clip, σ, clipped clients, ε so far
     client_privacy: dp_ledger.ClientPrivacyRound | None = None  # client DP-SGD runs only
     plugin: dict[str, Any] | None = None  # the round plugin's own metrics (runs with a plugin only)
+    idle: dict[str, str] | None = None  # sampled clients the plugin sat out, and why (runs with a plugin only)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        if d["plugin"] is None:  # runs without a plugin keep their metrics as they were
-            del d["plugin"]
+        for name in ("plugin", "idle"):
+            if d[name] is None:  # runs without a plugin keep their metrics as they were
+                del d[name]
         privacy = d.pop("client_privacy")
         if privacy is not None:
             d["client_privacy"] = privacy.model_dump(mode="json")
@@ -521,7 +523,8 @@ class Trainer:
                                aggregate_seconds=t2 - t1, server_seconds=t3 - t2,
                                wall_seconds=time.perf_counter() - started, resumed=resumed,
                                client_privacy=client_privacy, central_dp=central_dp,
-                               plugin=self.plugin.evaluate(self, r) if self.plugin is not None else None)
+                               plugin=self.plugin.evaluate(self, r) if self.plugin is not None else None,
+                               idle=dict(record.idle) if record is not None else None)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
         if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "

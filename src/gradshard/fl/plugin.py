@@ -101,6 +101,11 @@ class RoundPlugin(ABC):
         """Anything else worth recording with the round's decisions (JSON-able)."""
         return {}
 
+    def summary(self, metrics: Mapping[str, Any]) -> str:
+        """One line about a round for people (the command line prints it under the round), from what
+        ``evaluate`` returned; empty: nothing to add."""
+        return ""
+
     def evaluate(self, trainer: Trainer, r: int) -> dict[str, Any]:
         """Extra metrics of ``models/<r + 1>`` (the model after round ``r``), stored under ``plugin``."""
         return {}
