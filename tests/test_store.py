@@ -361,7 +361,8 @@ def test_local_store_reopens_from_its_spec(tmp_path: Path, fsync: bool) -> None:
     assert isinstance(reopened, LocalStore)
     assert reopened.fsync is fsync
     assert reopened.get("k") == b"data"
-    assert store.spec() == {"kind": "local", "root": str((tmp_path / "s").resolve()), "fsync": fsync}
+    assert store.spec() == {"kind": "local", "root": str((tmp_path / "s").resolve()), "fsync": fsync,
+                            "sync_ranges": True}
 
 
 def test_local_store_ignores_hidden_files_in_listing(tmp_path: Path) -> None:
@@ -413,9 +414,10 @@ def test_a_durable_local_writer_writes_its_own_range_back_when_it_closes(tmp_pat
     monkeypatch.setattr(local, "_SYNC_FILE_RANGE", lambda fd, offset, n: synced.append((offset, n)) or (
         real(fd, offset, n) if real is not None else None))
     durable, scratch = LocalStore(tmp_path / "durable"), LocalStore(tmp_path / "scratch", fsync=False)
+    at_commit = LocalStore(tmp_path / "at-commit", sync_ranges=False)  # durable, everything flushed at the commit
 
     # Execute: two writers fill two ranges of one upload, as two shard functions do
-    for store in (durable, scratch):
+    for store in (durable, scratch, at_commit):
         upload = store.begin_upload("obj", 10_000)
         for start in (0, 4_000):
             writer = store.writer("obj", upload, start)
@@ -423,6 +425,7 @@ def test_a_durable_local_writer_writes_its_own_range_back_when_it_closes(tmp_pat
             writer.close()
         store.complete_upload("obj", upload)
 
-    # Assert: each range synced once by the durable store, none by the scratch one; same bytes either way
+    # Assert: each range synced once by the durable store, none by the others; same bytes every way
     assert synced == [(0, 4_000), (4_000, 6_000)]
-    assert durable.get("obj") == scratch.get("obj") == b"\x01" * 4_000 + b"\x02" * 6_000
+    assert durable.get("obj") == scratch.get("obj") == at_commit.get("obj") == b"\x01" * 4_000 + b"\x02" * 6_000
+    assert open_store(at_commit.spec()).spec() == at_commit.spec()

@@ -32,7 +32,8 @@ def open_store(spec: dict[str, Any] | str) -> Store:
         return MemoryStore() if spec == "memory:" else LocalStore(spec)
     kind = spec.get("kind")
     if kind == "local":
-        return LocalStore(spec["root"], fsync=bool(spec.get("fsync", True)))
+        return LocalStore(spec["root"], fsync=bool(spec.get("fsync", True)),
+                          sync_ranges=bool(spec.get("sync_ranges", True)))
     if kind == "memory":
         return MemoryStore()
     if kind == "s3":

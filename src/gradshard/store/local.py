@@ -216,9 +216,11 @@ class LocalStore(Store):
     reopen their file for each read.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, max_open_files: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, max_open_files: int | None = None,
+                 sync_ranges: bool = True) -> None:
         super().__init__()
         self.fsync = fsync
+        self.sync_ranges = sync_ranges  # with fsync: each range writer writes its range back as it closes
         self.open_files = OpenFiles(default_open_files() if max_open_files is None else max_open_files)
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -442,9 +444,11 @@ class LocalStore(Store):
     def writer(self, key: str, upload_id: str, offset: int) -> SequentialWriter:
         """A writer from ``offset``; with ``fsync``, closing it writes its own byte range back to the disk and waits
         (``sync_file_range``), so M functions flush their ranges in parallel and the commit's ``fsync`` finds little
-        left to do. Durability is still the commit's: the object is fsynced before it becomes visible."""
-        return _RangeSyncingWriter(self, key, upload_id, offset) if self.fsync else SequentialWriter(
-            self, key, upload_id, offset)
+        left to do (``sync_ranges=False``: the commit's fsync writes everything). Durability is still the commit's: the
+        object is fsynced before it becomes visible."""
+        if self.fsync and self.sync_ranges:
+            return _RangeSyncingWriter(self, key, upload_id, offset)
+        return SequentialWriter(self, key, upload_id, offset)
 
     def sync_range(self, key: str, upload_id: str, offset: int, nbytes: int) -> None:
         """Write bytes ``[offset, offset + nbytes)`` of an upload back to the disk and wait (Linux; elsewhere a
@@ -525,4 +529,4 @@ class LocalStore(Store):
         return True
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "local", "root": str(self.root), "fsync": self.fsync}
+        return {"kind": "local", "root": str(self.root), "fsync": self.fsync, "sync_ranges": self.sync_ranges}
