@@ -201,8 +201,8 @@ def test_verbose_logs_round_plan_and_runs_and_quiet_only_errors(tmp_path: Path, 
     assert result.exit_code == 0, result.output
     assert ("INFO gradshard.aggregation.driver: round 0: 1 client updates accepted, 3 rejected" in result.stderr) \
         == info
-    assert ("INFO gradshard.aggregation.driver: round 0: plan sharded of 2 invocations (m=2) over 1 clients"
-            in result.stderr) == info
+    assert ("INFO gradshard.aggregation.driver: round 0: plan sharded of 2 invocations (m=2, numel=" in result.stderr
+            and ") over 1 clients" in result.stderr) == info
     assert ("round 0, run 1: 2 of 2 invocations ok" in result.stderr) == info
     assert ("WARNING gradshard.format.round: update of client 'client-0001' rejected" in result.stderr) == warning
     assert "\x1b" not in result.stderr

@@ -155,6 +155,15 @@ def output_module(block_output: Tensor, classes: int, classifier: nn.Module | No
     return nn.Sequential(*layers, linear)
 
 
+def trainable_children(model: nn.Module, split: BlockSplit, t: int, co_adapt: int = 1) -> range:
+    """The children stage t trains: block t and the last ``co_adapt`` children with parameters before it."""
+    children = _children(model)
+    block = split.children(t)
+    before = [i for i in range(block.start) if _param_count(children[i]) > 0][-co_adapt:] \
+        if co_adapt > 0 and t > 0 else []
+    return range(min([block.start, *before]), block.stop)
+
+
 class StageModel:
     """Stage t of a sequential model: frozen prefix, trainable block t (+ ``co_adapt`` modules before it), head."""
 
@@ -162,10 +171,8 @@ class StageModel:
         children = _children(model)
         self.split, self.t, self.head = split, t, head
         block = split.children(t)
-        trainable_before = [i for i in range(block.start) if _param_count(children[i]) > 0][-co_adapt:] \
-            if co_adapt > 0 and t > 0 else []
-        first = min([block.start, *trainable_before])
-        self.children = range(first, block.stop)  # the trainable children (co-adapted ones included)
+        self.children = trainable_children(model, split, t, co_adapt)
+        first = self.children.start
         self.frozen = children[:first]
         self.trainable = children[first : block.stop]
         for module in self.frozen:
@@ -218,18 +225,16 @@ def stage_memory_bytes(model: nn.Module, split: BlockSplit, t: int, batch: Tenso
     """An estimate of stage t's training memory for ``batch``: every parameter (4 bytes each), gradients and
     ``optimizer_slots`` states of the trainable ones, and the activations autograd keeps — the outputs of the
     trainable modules and the head for the batch (the frozen prefix keeps none). Measured peaks are in the docs."""
-    import torch
-
     children = _children(model)
     all_params = _param_count(model)
-    with torch.no_grad():
+    trained = trainable_children(model, split, t, co_adapt)
+    with probing(model):
         x = batch
         kept = 0
-        trainable_from = split.children(t).start - (co_adapt if t > 0 else 0)
-        for i, module in enumerate(children[: split.children(t).stop]):
+        for i, module in enumerate(children[: trained.stop]):
             x = module(x)
-            if i >= trainable_from:
+            if i >= trained.start:
                 kept += x.numel()
     head_params = x[0].numel() * classes + classes
-    trainable = sum(_param_count(children[i]) for i in range(max(0, trainable_from), split.children(t).stop))
+    trainable = sum(_param_count(children[i]) for i in trained)
     return 4 * (all_params + (1 + optimizer_slots) * (trainable + head_params) + 2 * kept + math.prod(batch.shape))

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gradshard.blockwise.blocks import BlockSplit, StageModel, output_module, probing
+from gradshard.blockwise.blocks import BlockSplit, StageModel, output_module, probing, trainable_children
 from gradshard.errors import GradshardError
 
 HEADS = "heads"
@@ -96,8 +96,7 @@ class BlockwiseModel(nn.Module):
     def stage_tensors(self, t: int, co_adapt: int) -> list[str]:
         """The state-dict names stage t trains (trainable children and head t), in state order."""
         children = [name for name, _ in self.body.named_children()]
-        probe = StageModel(self.body, self.split, t, nn.Identity(), co_adapt)
-        prefixes = tuple(f"{children[i]}." for i in probe.children)
+        prefixes = tuple(f"{children[i]}." for i in trainable_children(self.body, self.split, t, co_adapt))
         if t < self.split.blocks - 1:
             prefixes += (f"{HEADS}.{t}.",)
         return [name for name in self.state_dict() if name.startswith(prefixes)]
