@@ -29,6 +29,7 @@ from gradshard.format.update import (
     MAX_HEADER_BYTES,
     MAX_JSON_DEPTH,
     UpdateMeta,
+    _json_depth_scan,
     inspect_update,
     json_depth,
     open_update,
@@ -378,6 +379,71 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabe
 def test_the_depth_scan_agrees_with_the_parsed_json(value: Any) -> None:
     text = json.dumps(value, ensure_ascii=False).encode()
     assert json_depth(text, 100) == _depth(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.binary(max_size=80).map(lambda b: bytes(b'[]{}" a'[x % 7] for x in b))
+       | st.text(alphabet='[]{}"\\a', max_size=40).map(str.encode), limit=st.integers(0, 12))
+def test_the_quick_depth_count_agrees_with_the_block_scan(text: bytes, limit: int) -> None:
+    # Texts without escapes and with balanced quotes take the quick count; any text, valid JSON or not, must get
+    # the block scan's answer (unbalanced quotes and backslashes included: those take the scan itself)
+    assert json_depth(text, limit) == _json_depth_scan(text, limit)
+
+
+def _reader(blob: bytes) -> ObjectReader:
+    store = MemoryStore()
+    store.put("u", blob)
+    return store.open_reader("u")
+
+
+def test_a_header_in_layout_order_reads_the_same_with_and_without_the_layout() -> None:
+    # Prepare: our writer's file (layout order) and the safetensors library's (its own order)
+    layout, store = _layout(), MemoryStore()
+    _round(store, layout)
+    _write(store, layout, "c1", 0)
+    ours = store.get(update_key(0, "c1"))
+    theirs = _plain(layout, _vector(layout, 0), {})
+
+    for blob in (ours, theirs):
+        # Execute
+        with_layout = read_header(_reader(blob), "u", "c1", layout=layout)
+        without = read_header(_reader(blob), "u", "c1")
+
+        # Assert: the same entries, whichever path read them
+        assert with_layout == without
+    assert read_header(_reader(ours), "u", "c1", layout=layout).tensors["a"].begin == 12 * 4
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "offsets", "extra key", "missing tensor"])
+def test_a_header_that_differs_from_the_layout_is_parsed_in_full(change: str) -> None:
+    # Prepare: a header that is the layout's table but for one change
+    layout = _layout()
+    header: dict[str, dict[str, Any]] = {"z": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+              "a": {"dtype": "F32", "shape": [5], "data_offsets": [48, 68]}}
+    if change == "shape":
+        header["a"]["shape"] = [4]
+    elif change == "dtype":
+        header["a"]["dtype"] = "F16"
+    elif change == "offsets":
+        header["z"]["data_offsets"], header["a"]["data_offsets"] = [20, 68], [0, 20]
+    elif change == "extra key":
+        header["a"]["extra"] = 1
+    else:
+        del header["a"]
+    data_len = max(int(e["data_offsets"][1]) for e in header.values())
+    blob = _with_header(json.dumps(header).encode(), bytes(data_len))
+
+    # Execute: read with the layout, and entry by entry
+    def outcome(**kwargs: Any) -> Any:
+        try:
+            return read_header(_reader(blob), "u", "c1", **kwargs).tensors
+        except UpdateError as exc:
+            return str(exc)
+
+    # Assert: the layout never makes a different table pass, or change what is read
+    assert outcome(layout=layout) == outcome()
+    if change == "offsets":
+        assert outcome()["a"].begin == 0
 
 
 class HeaderFlakyStore(MemoryStore):

@@ -14,15 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from gradshard.core import bfloat16
 from gradshard.errors import LayoutError
+
+T = TypeVar("T")
 
 # safetensors dtype names for the numpy dtypes an update may carry.
 _ST_DTYPES: dict[str, str] = {
@@ -155,6 +157,7 @@ class ModelLayout:
             offset += spec.numel
         self.slots: tuple[TensorSlot, ...] = tuple(slots)
         self._by_name = {s.spec.name: s for s in slots}
+        self._memo: dict[str, Any] = {}
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -213,6 +216,12 @@ class ModelLayout:
 
     def __repr__(self) -> str:
         return f"ModelLayout({len(self.tensors)} tensors, {self.numel:,} elements)"
+
+    def memo(self, name: str, build: Callable[[ModelLayout], T]) -> T:
+        """``build(self)``, computed once per layout object under ``name`` (a layout is immutable)."""
+        if name not in self._memo:
+            self._memo[name] = build(self)
+        return cast(T, self._memo[name])
 
     def slot(self, name: str) -> TensorSlot:
         try:

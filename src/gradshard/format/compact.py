@@ -368,7 +368,7 @@ def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
     try:
         fast = trusted if trusted_sha256 is not None else None
         header = read_header(reader, key, client, trusted_sha256,
-                             trusted_size=fast.size if fast is not None else None)
+                             trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
         if meta.compact:
             if fast is not None:  # the manifest recorded a full-size update: these bytes cannot be it

@@ -28,8 +28,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ import numpy.typing as npt
 
 from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
-from gradshard.core.layout import UPDATE_DTYPES, ModelLayout, TensorSpec, numpy_dtype
+from gradshard.core.layout import UPDATE_DTYPES, ModelLayout, TensorSpec, numpy_dtype, safetensors_dtype
 from gradshard.core.reduce import MAX_EXAMPLES
 from gradshard.errors import GradshardError, UnsafeObjectError, UpdateError
 from gradshard.store import ObjectReader, Store
@@ -85,11 +86,11 @@ def header_digest(header: Mapping[str, Any]) -> str:
 # --- coverage ----------------------------------------------------------------------------------------------------
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` refusing duplicate keys (JSON parsers disagree on which one wins)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {duplicate!r}")
     return out
 
 
@@ -111,6 +112,10 @@ _BRACKET_STEP[[ord("]"), ord("}")]] = -1
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 # 64 KiB blocks: the scan's int32 temporaries stay near 2 MiB (a shard function scans N headers, up to 32 MiB each)
 _DEPTH_BLOCK = 1 << 16
+# Text this short without backslashes is scanned in one pass of C-speed byte operations (see json_depth)
+_DEPTH_SHORT = 1 << 20
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class _TooDeep(ValueError):
@@ -124,6 +129,18 @@ def json_depth(text: bytes, limit: int) -> int:
     A linear scan made before parsing (numpy, blocks of 64 KiB, no recursion): ``json.loads`` recurses once per
     level and raises ``RecursionError`` at a few thousand. A quote preceded by an odd run of backslashes is escaped.
     For invalid JSON the count is exact up to the first error, the only part a parser descends into."""
+    if len(text) <= _DEPTH_SHORT and b"\\" not in text and text.count(b'"') % 2 == 0:
+        # no escapes and balanced quotes (every header we write): each string is a "..." pair, so removing the
+        # pairs leaves exactly the brackets outside strings
+        brackets = _STRING.sub(b"", text).translate(None, _NOT_BRACKET)
+        levels = np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int64)
+        deepest = max(0, int(levels.max())) if len(levels) else 0
+        return deepest if deepest <= limit else limit + 1
+    return _json_depth_scan(text, limit)
+
+
+def _json_depth_scan(text: bytes, limit: int) -> int:
+    """:func:`json_depth` for any text: escapes and unterminated strings tracked block by block."""
     data = np.frombuffer(text, np.uint8)
     depth = deepest = 0
     in_string, backslashes = 0, 0  # carried across blocks: inside a string?, the backslash run ending the block
@@ -394,13 +411,50 @@ def _parse_tensors(client: str, header: dict[str, Any]) -> dict[str, TensorEntry
     return entries
 
 
+def tensor_table(specs: Iterable[TensorSpec]) -> dict[str, dict[str, Any]]:
+    """The safetensors header entries of tensors stored one after another in the order of ``specs``."""
+    table: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for spec in specs:
+        table[spec.name] = {"dtype": safetensors_dtype(spec.dtype), "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    return table
+
+
+def _layout_entries(layout: ModelLayout) -> tuple[dict[str, dict[str, Any]], dict[str, TensorEntry]]:
+    """``layout``'s header entries in layout order (what gradshard's writer stores), raw and parsed (built once per
+    layout object)."""
+    return layout.memo("safetensors_entries", _build_layout_entries)
+
+
+def _build_layout_entries(layout: ModelLayout) -> tuple[dict[str, dict[str, Any]], dict[str, TensorEntry]]:
+    table = tensor_table(layout)
+    entries = {spec.name: TensorEntry(spec.dtype, spec.shape, *table[spec.name]["data_offsets"]) for spec in layout}
+    return table, entries
+
+
+def _tensor_entries(client: str, header: dict[str, Any], layout: ModelLayout | None) -> dict[str, TensorEntry]:
+    """The header's tensor entries: at once when they are exactly ``layout``'s in layout order (one comparison of
+    the parsed JSON), else parsed and checked one by one."""
+    if layout is not None:
+        table, entries = _layout_entries(layout)
+        if len(header) - ("__metadata__" in header) == len(table) and all(
+                header.get(name) == entry for name, entry in table.items()):
+            return dict(entries)
+    return _parse_tensors(client, header)
+
+
 def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str | None = None, *,
-                trusted_size: int | None = None) -> UpdateHeader:
+                trusted_size: int | None = None, layout: ModelLayout | None = None) -> UpdateHeader:
     """Read and structurally validate the header of the object ``key`` (filed for ``client``).
 
     ``trusted_sha256``: the sha256 of the raw header bytes as the round's validation found them (the manifest's
     ``header_sha256``). Bytes that hash to it were already depth-checked and digest-verified, so a function that
-    reopens the object only compares the hash (a changed header is refused at once) and parses it."""
+    reopens the object only compares the hash (a changed header is refused at once) and parses it.
+
+    ``layout``: the layout the object is expected to have; a header whose tensor table is exactly that layout's in
+    layout order is read without parsing entry by entry (any other table is parsed and checked in full)."""
     if reader.size < 8:
         raise UpdateError(client, f"object {key!r} is truncated: {reader.size} bytes, too short for a header")
     prefix = bytearray(8)
@@ -441,7 +495,7 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
                                       f"validated {trusted_size})")
         return UpdateHeader(key, 8 + n, reader.size, {}, metadata, sha256, metadata.get(f"{_P}format", ""),
                             verified)
-    tensors = _parse_tensors(client, header)
+    tensors = _tensor_entries(client, header, layout)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
     if reader.size < expected:
@@ -646,7 +700,7 @@ def open_update(store: Store, key: str, client: str, layout: ModelLayout,
     try:
         fast = trusted if trusted_sha256 is not None else None
         header = read_header(reader, key, client, trusted_sha256,
-                             trusted_size=fast.size if fast is not None else None)
+                             trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
         if meta.compact:
             raise UpdateError(client, f"object {key!r} is a compact update (only its covered elements); read it "

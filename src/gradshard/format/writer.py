@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.core import checksum, digests
 from gradshard.core.digests import DigestName
-from gradshard.core.layout import ModelLayout, TensorSpec, as_numpy, safetensors_dtype, tensor_dtype
+from gradshard.core.layout import ModelLayout, TensorSpec, as_numpy, tensor_dtype
 from gradshard.errors import GradshardError, InvocationError, LayoutError
 from gradshard.format.keys import check_client_id
 from gradshard.format.update import (
@@ -41,6 +41,7 @@ from gradshard.format.update import (
     Coverage,
     UpdateMeta,
     header_digest,
+    tensor_table,
 )
 from gradshard.store import Store
 
@@ -59,11 +60,7 @@ def _header(specs: Iterable[TensorSpec], metadata: Mapping[str, str], sign: Sign
     with ``sign``: the signature of that digest (the last field)."""
     header: dict[str, Any] = {"__metadata__": {k: v for k, v in metadata.items()
                                                if k not in (HEADER_DIGEST_KEY, SIGNATURE_KEY)}}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {"dtype": safetensors_dtype(spec.dtype), "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
+    header.update(tensor_table(specs))
     digest = header_digest(header)
     header["__metadata__"][HEADER_DIGEST_KEY] = digest
     if sign is not None:
