@@ -9,10 +9,14 @@ hand-written loop of the same repeat (median and range over the repeats).
 Contenders (``--contenders``):
 
 ``gradshard-api``
-    a fresh process creates ``LocalExecutor(workers=2)`` and ``LocalStore(root)`` (default ``fsync=True``) and calls
-    ``aggregate_round(store, 0, executor, AggregateConfig(shards=M))``: the *cold* round (zygote start included);
-    then, in the same process, ``aggregate_round`` on round 1 (a second round of the same size written up front):
-    the *warm* round. Per-function peak RSS comes from the invocation reports.
+    a fresh process creates ``LocalStore(root)`` (default ``fsync=True``) and ``LocalExecutor(workers=2)``, starts
+    the function runtime and waits for it (``executor.prestart(["shard_reduce"], store, wait=True)``: the row
+    **runtime cold start**, the zygote's interpreter and imports), then calls
+    ``aggregate_round(store, 0, executor, AggregateConfig(shards=M))``: the row **(started)**, a first round on a
+    running runtime. **(cold)** is the two together: what the first call of a fresh process costs. Then, in the same
+    process, ``aggregate_round`` on round 1 (a second round of the same size written up front): **(warm)**.
+    ``--shards`` defaults to ``auto``, the library's default (one shard per worker: 2 here); per-function peak RSS
+    comes from the invocation reports.
 ``gradshard-cli``
     ``gradshard aggregate --store DIR --round 0 --shards M --workers 2`` as a command: its whole wall time,
     interpreter start and imports included. (The CLI re-aggregates a round whose aggregate exists; the aggregate is
@@ -422,18 +426,25 @@ def child_gradshard_api(req: dict[str, Any]) -> dict[str, Any]:
     import_s = time.perf_counter() - t
     reset_hwm()
     rss_interp = vm_hwm_bytes()
-    cfg = AggregateConfig(shards=int(req["shards"]))
+    shards = req["shards"] if req["shards"] == "auto" else int(req["shards"])
+    cfg = AggregateConfig(shards=shards)
     t0 = time.perf_counter()
     store = LocalStore(req["root"])
     executor = LocalExecutor(workers=2)
     try:
+        executor.prestart(["shard_reduce"], store, wait=True)
+        started_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
         cold = aggregate_round(store, R_COLD, executor, cfg)
-        cold_s = time.perf_counter() - t0
+        round_s = time.perf_counter() - t1
         rss_cold = vm_hwm_bytes()
-        out: dict[str, Any] = {"e2e_s": cold_s, "import_s": import_s, "rss_interp_bytes": rss_interp,
+        out: dict[str, Any] = {"e2e_s": started_s + round_s, "import_s": import_s, "rss_interp_bytes": rss_interp,
                                "peak_rss_bytes": rss_cold, "driver_wall_s": cold.wall_s,
-                               **_per_function(cold.reports), "result_dtype": "float32",
+                               **_per_function(cold.reports), "result_dtype": "float32", "m": cold.plan.params["m"],
                                "ok": all(r.ok for r in cold.reports) and not cold.manifest.rejected}
+        out["runtime_start"] = {"e2e_s": started_s, "peak_rss_bytes": rss_cold, "ok": True}
+        out["started"] = {"e2e_s": round_s, "peak_rss_bytes": rss_cold, "driver_wall_s": cold.wall_s,
+                          **_per_function(cold.reports), "ok": out["ok"]}
         if req.get("warm_round"):
             t1 = time.perf_counter()
             warm = aggregate_round(store, R_WARM, executor, cfg)
@@ -608,15 +619,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         name = run["contender"]
         if name == "gradshard-api":
             rows.setdefault("gradshard-api (cold)", {})[run["repeat"]] = run
-            if "warm" in run:
-                rows.setdefault("gradshard-api (warm)", {})[run["repeat"]] = {**run["warm"],
-                                                                              "import_s": run["import_s"],
-                                                                              "rss_interp_bytes": None,
-                                                                              "busy_during": run["busy_during"]}
+            for part, row in (("runtime_start", "runtime cold start"), ("started", "gradshard-api (started)"),
+                              ("warm", "gradshard-api (warm)")):
+                if part in run:
+                    rows.setdefault(row, {})[run["repeat"]] = {**run[part], "import_s": run["import_s"],
+                                                               "rss_interp_bytes": None,
+                                                               "busy_during": run["busy_during"],
+                                                               **({"verify": run["verify"]} if part == "started"
+                                                                  and "verify" in run else {})}
         else:
             rows.setdefault(name, {})[run["repeat"]] = run
     base = {k: r["e2e_s"] for k, r in rows.get(BASELINE, {}).items()}
     gs = {k: r["e2e_s"] for k, r in rows.get("gradshard-api (cold)", {}).items()}
+    started = {k: r["e2e_s"] for k, r in rows.get("gradshard-api (started)", {}).items()}
     base_sha = next((r["verify"]["sha256_data"] for r in rows.get(BASELINE, {}).values() if "verify" in r), None)
     out: dict[str, Any] = {}
     for row, by_repeat in rows.items():
@@ -635,7 +650,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[row] = {
             "repeats": len(times), "times_s": [times[k] for k in sorted(times)],
             "median_s": statistics.median(times.values()), "vs_handwritten": paired(times, base),
-            "gradshard_cold_speedup": paired(times, gs) if not row.startswith("gradshard-api") else None,
+            "gradshard_cold_speedup": paired(times, gs) if not _ours(row) else None,
+            "gradshard_started_speedup": paired(times, started) if not _ours(row) else None,
             "phases_median_s": phases, "import_s_median": statistics.median(imports) if imports else None,
             "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in by_repeat.values()),
             "rss_interp_bytes_median": statistics.median(interp) if interp else None,
@@ -647,7 +663,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "sha256_data": sorted({v["sha256_data"] for v in verify}),
             "bit_identical_to_handwritten": (all(v["sha256_data"] == base_sha for v in verify)
                                              if verify and base_sha and row not in ("read-add-bound",
-                                                                                    "gradshard-api (warm)") else None),
+                                                                                    "gradshard-api (warm)",
+                                                                                    "runtime cold start") else None),
             "busy_during_median": statistics.median(r.get("busy_during", float("nan"))
                                                     for r in by_repeat.values()),
             "result_dtype": any_run.get("result_dtype"), "version": any_run.get("version"),
@@ -655,6 +672,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if row == "gradshard-api (warm)":
             out[row]["note"] = "round 1 (same size, other synthetic values): its float64 reference is round 1's"
     return out
+
+
+def _ours(row: str) -> bool:
+    return row.startswith("gradshard-api") or row == "runtime cold start"
 
 
 def bench_size(args: argparse.Namespace, model: str, n: int, root: Path, contenders: list[str],
@@ -773,12 +794,15 @@ def print_size(d: dict[str, Any], fsync: bool) -> None:
     if "skipped" in d:
         print(f"{head}\n   {d['skipped']}")
         return
-    print(f"{head}; {d['repeats']} repeat(s), interleaved, fresh process each; M={d['shards']}; inputs in the page "
+    used = sorted({str(r["m"]) for r in d["runs"] if r.get("m")})
+    m = f"{d['shards']} (= {', '.join(used)})" if d["shards"] == "auto" and used else d["shards"]
+    print(f"{head}; {d['repeats']} repeat(s), interleaved, fresh process each; M={m}; inputs in the page "
           f"cache; outputs fsynced: gradshard always, others {'yes' if fsync else 'no'}")
     print(f"   {'contender':<26} {'median s':>8} {'x handwritten: median [min-max]':>32} {'imports':>7} "
           f"{'peak MiB':>8} {'-interp':>7} {'fn peak':>7} {'max|d| f64':>10} {'== hw':>5}  phases (median s)")
     summary = d["summary"]
-    order = ["gradshard-api (cold)", "gradshard-api (warm)", *[c for c in CONTENDERS if c != "gradshard-api"]]
+    order = ["runtime cold start", "gradshard-api (cold)", "gradshard-api (started)", "gradshard-api (warm)",
+             *[c for c in CONTENDERS if c != "gradshard-api"]]
     for row in [r for r in order if r in summary]:
         s = summary[row]
         v = s["vs_handwritten"]
@@ -796,11 +820,13 @@ def print_size(d: dict[str, Any], fsync: bool) -> None:
     for run in d["runs"]:
         if "error" in run:
             print(f"   {run['contender']:<26} FAILED in repeat {run['repeat'] + 1}: {run['error'][-300:]}")
-    peers = [(r, summary[r]["gradshard_cold_speedup"]) for r in order if r in summary
-             and summary[r].get("gradshard_cold_speedup")]
-    if peers:
-        print("   gradshard-api cold round vs each contender, paired (their time / gradshard's; > 1: gradshard "
-              "faster): " + "; ".join(f"{r} {p['median']:.2f} [{p['min']:.2f}-{p['max']:.2f}]" for r, p in peers))
+    for which in ("cold", "started"):
+        peers = [(r, summary[r][f"gradshard_{which}_speedup"]) for r in order if r in summary
+                 and summary[r].get(f"gradshard_{which}_speedup")]
+        if peers:
+            print(f"   gradshard-api ({which}) vs each contender, paired (their time / gradshard's; > 1: gradshard "
+                  "faster): " + "; ".join(f"{r} {p['median']:.2f} [{p['min']:.2f}-{p['max']:.2f}]"
+                                          for r, p in peers))
     busy = [r.get("busy_before") for r in d["runs"] if r.get("busy_before") == r.get("busy_before")]
     if busy:
         print(f"   machine load before the runs (all CPUs, other processes): median "
@@ -813,7 +839,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help="model:N pairs (zoo layouts), comma-separated")
     ap.add_argument("--large", action="store_true", help=f"also {LARGE_SIZE} (10.7 GB of inputs; disk checked)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shards", type=int, default=4, help="gradshard's M")
+    ap.add_argument("--shards", default="auto", help="gradshard's M: a number, or auto (the library's default: "
+                                                      "one per worker)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated; handwritten is always run")
     ap.add_argument("--quick", action="store_true", help="smoke test: resnet18 N=4, 1 repeat")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)

@@ -67,6 +67,14 @@ def test_too_many_shards_is_refused_before_anything_runs(tmp_path: Path) -> None
     assert not any((store.root / ".uploads").iterdir())
 
 
+@pytest.mark.parametrize("shards", ["0", "-1", "four", "2.5"])
+def test_shards_other_than_a_positive_number_or_auto_are_refused(tmp_path: Path, shards: str) -> None:
+    result = CliRunner().invoke(main, ["aggregate", "--store", str(tmp_path), "--round", "0", "--shards", shards])
+
+    assert result.exit_code == 2
+    assert f"{shards!r} is neither a number of shards (at least 1) nor 'auto'" in result.stderr
+
+
 def test_inspect_verifies_a_file_completely_and_names_corruption(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     make_round(store, 0, get_layout("mlp"), 2)

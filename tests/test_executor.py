@@ -7,6 +7,8 @@ tests. Executors are created through the ``make_executor`` fixture, which closes
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from gradshard.format.update import UpdateMeta
 from gradshard.format.writer import write_update
 from gradshard.runtime import InvocationReport, LocalExecutor, registry
 from gradshard.runtime.diagnostics import AllocateArgs
+from gradshard.runtime.local import ResidentProbe
 from gradshard.store import LocalStore
 from gradshard.topology.base import Invocation, Plan
 from gradshard.units import MIB
@@ -316,6 +319,22 @@ def test_prestart_starts_the_runtime_in_the_background_and_ignores_unknown_funct
     assert len(zygotes) == 1 and zygotes[0]._proc is not None and zygotes[0]._proc.poll() is None
 
 
+def test_prestart_with_wait_returns_a_running_runtime_and_refuses_unknown_functions(
+        make_executor: MakeExecutor, store: LocalStore) -> None:
+    # Prepare
+    executor = make_executor(workers=1, retries=0)
+
+    # Execute: returns once the zygote process is up
+    executor.prestart(["noop"], store, wait=True)
+
+    # Assert: running before any invocation; an unknown function is an error naming it
+    (zygote,) = executor._zygotes.values()
+    assert zygote._proc is not None and zygote._proc.poll() is None
+    with pytest.raises(GradshardError, match="no-such-function"):
+        executor.prestart(["no-such-function"], store, wait=True)
+    assert run_single(executor, store, "noop").ok
+
+
 def test_a_per_invocation_cap_below_the_executors_kills_that_invocation_only(
         make_executor: MakeExecutor, store: LocalStore, baseline_rss: int) -> None:
     # Prepare: the executor has no cap; one invocation carries its own, below what it allocates
@@ -339,3 +358,24 @@ def test_an_invocation_cap_that_is_not_a_positive_integer_is_a_plan_error(cap: o
 
     with pytest.raises(PlanError, match="memory_cap_bytes must be an integer >= 1"):
         Invocation("x", "noop", {}, 0, memory_cap_bytes=cap)  # type: ignore[arg-type]
+
+
+def test_the_resident_probe_reads_what_psutil_reads_and_zero_once_the_process_is_gone() -> None:
+    # Prepare: a child process that holds 64 MiB resident, then exits when told
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 << 20); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        probe = ResidentProbe(child.pid)
+        deadline = time.monotonic() + 10
+        while probe.read() < 64 * MIB and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        # Execute / Assert: the same resident set as psutil (pages may move between the two reads)
+        assert abs(probe.read() - psutil.Process(child.pid).memory_info().rss) < 4 * MIB
+        assert probe.read() >= 64 * MIB
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    assert probe.read() == 0  # reaped: /proc has no such process any more
+    probe.close()

@@ -348,3 +348,35 @@ def test_pack_concatenates_fixed_width_checksums() -> None:
 
     assert len(packed) == 5 * checksum.HEX_WIDTH
     assert [packed[i : i + checksum.HEX_WIDTH] for i in range(0, len(packed), checksum.HEX_WIDTH)] == hexes
+
+
+def test_auto_shards_are_one_per_worker_and_aggregate_the_same_bytes_as_any_explicit_m() -> None:
+    # Prepare: one small round, aggregated once with M = 4 for reference
+    from gradshard.aggregation.driver import AggregateConfig, aggregate_round
+    from gradshard.demo.synthetic import make_round
+    from gradshard.format.keys import aggregate_key
+    from gradshard.runtime import InlineExecutor
+    from gradshard.store import MemoryStore
+
+    store = MemoryStore()
+    make_round(store, 0, synthetic(10_000, tensor_elems=3_000), 5, chunk_elems=256)
+    reference = aggregate_round(store, 0, InlineExecutor(), AggregateConfig(shards=4))
+    expected = store.get(aggregate_key(0))
+    executor = InlineExecutor()
+    executor.workers = 3  # as if it ran three invocations at once
+
+    # Execute: the default config
+    store.delete(aggregate_key(0))
+    result = aggregate_round(store, 0, executor, AggregateConfig())
+
+    # Assert: M follows the executor, the bytes do not
+    assert AggregateConfig().shards == "auto"
+    assert reference.plan.params["m"] == 4 and result.plan.params["m"] == 3 and len(result.reports) == 3
+    assert store.get(aggregate_key(0)) == expected
+    assert AggregateConfig(shards=5).for_executor(executor).m == 5
+    executor.workers = 1000  # more workers than the 40 chunks of 256 elements: one shard per chunk
+    store.delete(aggregate_key(0))
+    assert aggregate_round(store, 0, executor, AggregateConfig()).plan.params["m"] == 40
+    assert store.get(aggregate_key(0)) == expected
+    with pytest.raises(PlanError, match="for_executor"):
+        _ = AggregateConfig().m

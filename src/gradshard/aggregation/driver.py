@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,7 +40,7 @@ from gradshard.topology import Plan, PlanOutput, ReduceOptions, flat_plan, shard
 from gradshard.topology.common import DEFAULT_WINDOW_BYTES
 from gradshard.topology.hierarchical import lifl_plan, node_memory
 from gradshard.topology.names import Topology
-from gradshard.topology.sharded import Partition
+from gradshard.topology.sharded import Partition, most_shards
 from gradshard.topology.tree import lambda_fl_plan
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class AggregateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topology: Topology = "sharded"
-    shards: int = Field(default=4, ge=1)
+    shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description="shard functions M; 'auto': one per invocation the executor runs at once")
     partition: Partition = Field(default="contiguous", description="sharded: contiguous (the paper's) or "
                                                                    "tensor-aligned (cuts only between tensors)")
     group_size: int | None = Field(default=None, ge=1, description="λ-FL clients per leaf (default ⌈√N⌉)")
@@ -90,6 +91,25 @@ class AggregateConfig(BaseModel):
             except GradshardError as exc:
                 raise ValueError(str(exc)) from None
         return self
+
+    def for_executor(self, executor: Executor, most: int | None = None) -> AggregateConfig:
+        """This config with ``shards='auto'`` made concrete: one shard per invocation ``executor`` runs at once (at
+        most ``most``: the shards the round's chunks allow).
+
+        A shard function's memory is its window, not its shard, so shards beyond the executor's concurrency buy
+        nothing: they only add invocations, each opening every client again, and run in a second wave (on the local
+        executor, M = 4 on 2 workers takes 1.1-1.2x the time of M = 2: ``bench/round_overheads.py``). The
+        aggregate is the same bytes for every M."""
+        if self.shards != "auto":
+            return self
+        return self.model_copy(update={"shards": max(1, min(executor.workers, most or executor.workers))})
+
+    @property
+    def m(self) -> int:
+        """The number of shards, once :meth:`for_executor` made it concrete."""
+        if self.shards == "auto":
+            raise PlanError("shards='auto' is decided by the executor: call AggregateConfig.for_executor first")
+        return self.shards
 
     def reduce_options(self, noise: NoiseSpec | None = None) -> ReduceOptions:
         return ReduceOptions(self.window_bytes, self.accumulate, self.weighting, self.parallel_reads, self.reducer,
@@ -171,7 +191,7 @@ def build_plan(config: AggregateConfig, manifest: RoundManifest, manifest_sha256
             raise PlanError("a LIFL plan needs the nodes' shared-memory stores")
         return lifl_plan(manifest, manifest_sha256, output, options, node_stores=node_stores,
                          branching=config.branching, wait_s=config.wait_s)
-    return sharded_plan(manifest, manifest_sha256, output, options, config.shards, config.partition)
+    return sharded_plan(manifest, manifest_sha256, output, options, config.m, config.partition)
 
 
 def _remove_partials(store: Store, r: int, upload_id: str) -> None:
@@ -286,13 +306,14 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     manifest = prepare_round(store, r, config.policy, config.weighting, config.weights,
                              require_signatures=config.require_signatures)
     check_reducer(config, manifest)
+    config = config.for_executor(executor, most_shards(manifest, config.partition))
     log.info("round %d: %d client updates accepted, %d rejected; %s topology, reducer %s, weighting %s", r,
              len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)
     history: list[InvocationReport] = []
     noise = None
     if config.central_dp is not None:  # phase 1: exact norms, clip factors, the release in the ledger
         noise, norm_reports = central.prepare_round(store, manifest, config.central_dp, executor,
-                                                    shards=config.shards if config.topology == "sharded" else 1,
+                                                    shards=config.m if config.topology == "sharded" else 1,
                                                     partition=config.partition, on_done=on_done,
                                                     policy=config.policy)
         history.extend(norm_reports)

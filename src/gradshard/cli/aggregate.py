@@ -16,6 +16,7 @@ from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
     HELP_OPTIONS,
     SCOPED_TOKENS_HELP,
+    SHARDS,
     ExitCode,
     console,
     make_executor,
@@ -50,8 +51,8 @@ def _aggregate_options(f: Any) -> Any:
                      help="LIFL nodes to place aggregators on."),
         click.option("--warm/--cold", default=False, show_default=True,
                      help="Keep workers of aggregators with a warm key (LIFL) alive across rounds."),
-        click.option("--shards", "-M", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Number of shard functions M."),
+        click.option("--shards", "-M", type=SHARDS, default="auto", show_default=True,
+                     help="Number of shard functions M; auto: one per worker."),
         click.option("--memory-mb", type=click.FloatRange(min=1), default=None,
                      help="Memory cap of every function, MiB (measured resident set; exceeding it fails)."),
         click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,

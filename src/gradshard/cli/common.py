@@ -27,6 +27,26 @@ HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
+class ShardsParam(click.ParamType[int | str, Any]):
+    """``--shards``: a number of shard functions (at least 1), or ``auto`` (one per worker)."""
+
+    name = "M|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value  # type: ignore[no-any-return]
+        try:
+            shards = int(value)
+        except ValueError:
+            shards = 0
+        if shards < 1:
+            self.fail(f"{value!r} is neither a number of shards (at least 1) nor 'auto'", param, ctx)
+        return shards
+
+
+SHARDS = ShardsParam()
+
+
 class ExitCode(enum.IntEnum):
     """The exit status of every ``gradshard`` command (listed in ``gradshard --help`` and the README)."""
 

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gradshard.cli.common import HELP_OPTIONS, SCOPED_TOKENS_HELP, ExitCode, console, make_executor, open_cli_store
+from gradshard.cli.common import (
+    HELP_OPTIONS,
+    SCOPED_TOKENS_HELP,
+    SHARDS,
+    ExitCode,
+    console,
+    make_executor,
+    open_cli_store,
+)
 from gradshard.cli.console import untrusted
 from gradshard.extras import EXTRAS, has_extra, require_extra
 from gradshard.store import LocalStore
@@ -214,8 +222,8 @@ def _train_options(f: Any) -> Any:
                      help="Server learning rate η [default: 1]."),
         click.option("--topology", type=click.Choice(list(TOPOLOGIES)), default=None,
                      help="Aggregation topology [default: sharded]."),
-        click.option("--shards", "-M", type=click.IntRange(min=1), default=None,
-                     help="GradsSharding's M; also the server step's shards [default: 4]."),
+        click.option("--shards", "-M", type=SHARDS, default=None,
+                     help="GradsSharding's M; also the server step's shards [default: auto, one per worker]."),
         click.option("--partition", type=click.Choice(["iid", "dirichlet"]), default=None,
                      help="How the training set is split among clients [default: dirichlet]."),
         click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,

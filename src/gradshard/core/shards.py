@@ -28,6 +28,11 @@ def _paper_partition(units: int, m: int) -> list[int]:
     return bounds
 
 
+def tensor_cuts(layout: ModelLayout, align: int = 1) -> list[int]:
+    """Where a tensor-aligned partition may cut: every boundary between tensors, snapped down to ``align``."""
+    return sorted({(s.stop // align) * align for s in layout.slots[:-1] if s.stop > 0} - {0, layout.numel})
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """M contiguous element ranges covering ``[0, numel)``, given by their ``M + 1`` boundaries."""
@@ -66,7 +71,7 @@ class ShardPlan:
         numel = layout.numel
         if m < 1:
             raise PlanError(f"the number of shards M must be at least 1, got {m}")
-        cuts = sorted({(s.stop // align) * align for s in layout.slots[:-1] if s.stop > 0} - {0, numel})
+        cuts = tensor_cuts(layout, align)
         if m - 1 > len(cuts):
             raise PlanError(f"M = {m} tensor-aligned shards need {m - 1} cuts but the layout offers {len(cuts)}")
         bounds = [0]

@@ -505,7 +505,8 @@ class Trainer:
             central_dp = manifest.privacy
             t2 = time.perf_counter()
             if not self.store.exists(model_key(r + 1)):
-                shards = self.config.aggregation.shards if self.config.aggregation.topology == "sharded" else 1
+                shards = (self.config.aggregation.for_executor(self.executor).m
+                          if self.config.aggregation.topology == "sharded" else 1)
                 self._server_step(r, shards)
         except RoundError as exc:
             why = str(exc) + (f"; failed clients: {_reasons(failed)}" if failed else "")

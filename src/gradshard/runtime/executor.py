@@ -56,9 +56,11 @@ class Executor(ABC):
         caps = [c for c in (self.memory_cap_bytes, invocation.memory_cap_bytes) if c is not None]
         return min(caps) if caps else None
 
-    def prestart(self, functions: Iterable[str], store: Store) -> None:  # noqa: B027 - executors with runtimes override
-        """Start, in the background, whatever running ``functions`` against ``store`` will need (a runtime process),
-        so that its start overlaps the caller's work; never raises (the first invocation reports any failure)."""
+    def prestart(self, functions: Iterable[str], store: Store,  # noqa: B027 - executors with runtimes override
+                 *, wait: bool = False) -> None:
+        """Start whatever running ``functions`` against ``store`` will need (a runtime process): in the background,
+        so that its start overlaps the caller's work, and never raising (the first invocation reports any failure);
+        or with ``wait``, here and now, raising what fails (the runtime's cold start, timed on its own)."""
 
     def close(self) -> None:  # noqa: B027 - executors that hold processes or connections override it
         """Release what the executor holds (worker processes, a Ray it started); it cannot run plans afterwards."""

@@ -36,12 +36,39 @@ from gradshard.store import Store
 from gradshard.topology.base import Invocation
 from gradshard.units import MIB
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-def _rss(pid: int) -> int:
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
+
+class ResidentProbe:
+    """A process's resident set, read cheaply enough to poll every few milliseconds.
+
+    On Linux one descriptor of ``/proc/<pid>/statm`` is kept open and re-read with ``pread`` (about 1.5 µs a
+    read, against about 25 µs for a ``psutil.Process`` lookup each time); elsewhere psutil. Reads 0 once the
+    process is gone."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd: int | None = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> int:
+        if self._fd is None:
+            try:
+                return int(psutil.Process(self.pid).memory_info().rss)
+            except psutil.Error:
+                return 0
+        try:
+            fields = os.pread(self._fd, 128, 0).split()
+            return int(fields[1]) * _PAGE
+        except (OSError, IndexError, ValueError):  # ESRCH once the process has exited
+            return 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _kill(pid: int) -> None:
@@ -83,14 +110,20 @@ class LocalExecutor(Executor):
         for zygote in self._zygotes.values():
             zygote.close()
 
-    def prestart(self, functions: Iterable[str], store: Store) -> None:
-        """Start the zygotes of ``functions`` on background threads (their interpreters and imports take ~0.2 s)."""
+    def prestart(self, functions: Iterable[str], store: Store, *, wait: bool = False) -> None:
+        """Start the zygotes of ``functions``: on background threads, or with ``wait`` here (raising if one fails
+        or a function is not registered)."""
         for function in functions:
             try:
                 zygote = self._zygote_for(preload_of(function, str(store.spec().get("kind"))))
             except GradshardError:  # not registered here: its first invocation says so
+                if wait:
+                    raise
                 continue
-            threading.Thread(target=_start_quietly, args=(zygote,), daemon=True, name="zygote-start").start()
+            if wait:
+                zygote.ensure()
+            else:
+                threading.Thread(target=_start_quietly, args=(zygote,), daemon=True, name="zygote-start").start()
 
     def _zygote(self, invocation: Invocation, store: Store) -> Zygote:
         return self._zygote_for(preload_of(invocation.function, str(store.spec().get("kind")), invocation.module))
@@ -122,6 +155,7 @@ class LocalExecutor(Executor):
         running_since = time.perf_counter()  # the timeout does not count a runtime's cold start
         cap = self.cap_of(invocation)
         peak, payload, failure = 0, None, None
+        resident = ResidentProbe(child.pid)
         try:
             while True:
                 line = child.read_line(self.poll_s)
@@ -130,7 +164,7 @@ class LocalExecutor(Executor):
                     break
                 if child.eof:
                     break
-                peak = max(peak, _rss(child.pid))
+                peak = max(peak, resident.read())
                 if cap is not None and peak > cap:
                     failure = ("MemoryLimitError", f"invocation {invocation.id} exceeded its memory cap: resident "
                                f"{peak / MIB:.1f} MiB > cap {cap / MIB:.1f} MiB (killed)")
@@ -140,6 +174,7 @@ class LocalExecutor(Executor):
                                f"{self.timeout_s:g} s (killed)")
                     break
         finally:
+            resident.close()
             if payload is None:
                 _kill(child.pid)
             if payload is not None and key is not None:

@@ -6,7 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gradshard.runtime.failure import error_fields
 from gradshard.security.tokens import REFUSALS
+
+__all__ = ["DETERMINISTIC_ERRORS", "InvocationReport", "error_fields"]
 
 # Errors that will fail again on retry with the same input: reported at once, never retried. A function's refusal
 # of its invocation token (REFUSALS) is one too: a token that fails a check means a misconfigured or forged call.
@@ -52,19 +55,5 @@ class InvocationReport(BaseModel):
     @property
     def retryable(self) -> bool:
         return not self.ok and self.error_type not in DETERMINISTIC_ERRORS
-
-
-def error_fields(exc: BaseException) -> dict[str, Any]:
-    """The report fields describing an exception (client and reason for a bad update)."""
-    fields: dict[str, Any] = {"error_type": type(exc).__name__, "error": str(exc) or repr(exc)}
-    if isinstance(exc, MemoryError) and type(exc).__name__ != "MemoryLimitError":
-        fields["error_type"] = "MemoryLimitError"
-        fields["error"] = f"out of memory: {exc}"
-    client = getattr(exc, "client", None)
-    if client is not None:
-        fields["client"] = client
-        fields["reason"] = getattr(exc, "reason", None)
-        fields["bad_clients"] = dict(getattr(exc, "clients", None) or {client: fields["reason"] or ""})
-    return fields
 
 

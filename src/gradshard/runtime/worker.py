@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from gradshard.runtime import registry
-from gradshard.runtime.report import error_fields
+from gradshard.runtime.failure import error_fields
 from gradshard.security.tokens import TokenVerifier
 from gradshard.store import Store, StoreSpec, open_store
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -45,11 +46,19 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _die_with_parent(parent: int, libc: ctypes.CDLL | None) -> None:
     """Have the kernel kill this child when the zygote exits (Linux ``PR_SET_PDEATHSIG``), so no function outlives
     the runtime that started it — a closed executor, a cancelled Ray task, a killed driver."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the zygote died before the request took effect
         os._exit(1)
 
@@ -89,6 +98,11 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
         if callable(warm_up):  # one-time lazy initialisation done here, not in every forked child
             warm_up()
 
+    libc = _libc()  # loaded once here, not in every child
+    # What the zygote holds now is what every child inherits: move it out of the collector's reach, so a child's
+    # collections never touch (and copy) the inherited pages.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -109,7 +123,7 @@ def serve(path: str, preload: Sequence[str] = ()) -> None:
             if os.fork() == 0:
                 code = 0
                 try:
-                    _die_with_parent(zygote)
+                    _die_with_parent(zygote, libc)
                     listener.close()
                     _child(conn)
                 except BaseException:

@@ -18,7 +18,7 @@ from gradshard.aggregation.contracts import ShardReduceArgs
 from gradshard.core.checksum import ChunkGrid
 from gradshard.core.coverage import CoverageMap, covered_chunks
 from gradshard.core.reducers import REDUCERS, parse_reducer
-from gradshard.core.shards import ShardPlan
+from gradshard.core.shards import ShardPlan, tensor_cuts
 from gradshard.format.round import RoundManifest
 from gradshard.topology.base import Invocation, Plan
 from gradshard.topology.common import PlanOutput, ReduceOptions, reduce_memory
@@ -33,6 +33,15 @@ def shard_plan_for(manifest: RoundManifest, m: int, partition: Partition = "cont
     if partition == "tensor-aligned":
         return ShardPlan.tensor_aligned(spec.model_layout(), m, align=spec.chunk_elems)
     return ShardPlan.contiguous(spec.model_layout().numel, m, align=spec.chunk_elems)
+
+
+def most_shards(manifest: RoundManifest, partition: Partition = "contiguous") -> int:
+    """The most shards ``partition`` can cut the round's model into (every shard a whole number of chunks)."""
+    spec = manifest.spec
+    layout = spec.model_layout()
+    if partition == "tensor-aligned":
+        return 1 + len(tensor_cuts(layout, spec.chunk_elems))
+    return max(1, -(-layout.numel // spec.chunk_elems))
 
 
 def active_ranges(manifest: RoundManifest, options: ReduceOptions) -> list[tuple[int, int]] | None:
