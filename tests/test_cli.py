@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,19 @@ def test_aggregate_runs_the_tree_baselines(tmp_path: Path, extra: list[str]) -> 
     assert result.exit_code == 0, result.output
     assert "published rounds/000000/aggregate.safetensors from 5 clients" in result.output
     assert ("root" if "lambda-fl" in extra else "top") in result.output
+
+
+def test_every_command_loads_on_first_use_and_is_listed() -> None:
+    # Execute: a fresh interpreter that only parses 'aggregate --help'
+    code = ("import sys; from gradshard.cli.main import main; "
+            "main(['aggregate', '--help'], standalone_mode=False); "
+            "print(sorted(m for m in ('gradshard.cli.train', 'gradshard.cli.keys', 'gradshard.aggregation.compare') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    listed = CliRunner().invoke(main, ["--help"])
+
+    # Assert: nothing of the other commands was imported; help still lists every command
+    assert done.stdout.strip().endswith("[]")
+    assert listed.exit_code == 0
+    for name in ("aggregate", "inspect", "compare", "train", "report", "demo", "cost", "plan", "deploy", "gc", "keys"):
+        assert f"  {name} " in listed.output

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
 from rich.progress import TaskID
 
-from gradshard.aggregation.compare import CompareEvent, compare_round
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.cli.common import (
     HELP_OPTIONS,
@@ -37,6 +36,9 @@ from gradshard.privacy.config import CentralDPRound
 from gradshard.store import LocalStore
 from gradshard.topology.names import TOPOLOGIES
 from gradshard.units import MIB
+
+if TYPE_CHECKING:
+    from gradshard.aggregation.compare import CompareEvent
 
 
 def _aggregate_options(f: Any) -> Any:
@@ -258,6 +260,8 @@ def compare(store_dir: str, round_: int, shards: int | None, memory_limit_mb: fl
     limit = None if memory_limit_mb is None else int(memory_limit_mb * MIB)
     with progress_bar() as progress:
         tasks: dict[str, TaskID] = {}
+
+        from gradshard.aggregation.compare import compare_round  # only this command runs every topology
 
         def on_event(event: CompareEvent) -> None:
             if event.kind == "start":

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from gradshard.aggregation.compare import CompareResult, CompareRow
 from gradshard.runtime.report import InvocationReport
 from gradshard.units import MIB
+
+if TYPE_CHECKING:
+    from gradshard.aggregation.compare import CompareResult, CompareRow
 
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

@@ -6,6 +6,7 @@ code (:class:`~gradshard.cli.common.ExitCode`), also when it is called from Pyth
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,16 +15,8 @@ from typing import Any, NoReturn
 import click
 
 from gradshard import __version__
-from gradshard.cli.aggregate import aggregate, compare, inspect
 from gradshard.cli.common import HELP_OPTIONS, ExitCode
 from gradshard.cli.console import printable
-from gradshard.cli.cost import cost, plan
-from gradshard.cli.demo import demo
-from gradshard.cli.deploy import deploy
-from gradshard.cli.gc import gc
-from gradshard.cli.keys import keys
-from gradshard.cli.report import report
-from gradshard.cli.train import train
 from gradshard.errors import GradshardError, MissingExtraError, PrivacyBudgetError
 from gradshard.extras import extra_of_module, missing_extra_error
 
@@ -47,8 +40,30 @@ def _fail(message: str, code: ExitCode) -> NoReturn:
     sys.exit(code)
 
 
+#: Every command and the module that defines it, in the order ``--help`` lists them. A command's module is imported
+#: when the command runs (or help lists it), so ``gradshard aggregate`` does not import training, keys or reports.
+COMMANDS: dict[str, str] = {
+    "aggregate": "gradshard.cli.aggregate", "inspect": "gradshard.cli.aggregate", "compare": "gradshard.cli.aggregate",
+    "train": "gradshard.cli.train", "report": "gradshard.cli.report", "demo": "gradshard.cli.demo",
+    "cost": "gradshard.cli.cost", "plan": "gradshard.cli.cost", "deploy": "gradshard.cli.deploy",
+    "gc": "gradshard.cli.gc", "keys": "gradshard.cli.keys",
+}
+
+
 class GradshardGroup(click.Group):
-    """A click group whose standalone run reports every failure as one line on stderr with its exit code."""
+    """A click group whose standalone run reports every failure as one line on stderr with its exit code, and whose
+    commands load on first use (:data:`COMMANDS`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*COMMANDS, *(name for name in super().list_commands(ctx) if name not in COMMANDS)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module(module), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
@@ -106,10 +121,6 @@ def main(verbose: bool, quiet: bool) -> None:
     if verbose and quiet:
         raise click.UsageError("give -v/--verbose or -q/--quiet, not both")
     _log_to_stderr(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
-
-
-for command in (aggregate, inspect, compare, train, report, demo, cost, plan, deploy, gc, keys):
-    main.add_command(command)
 
 
 def run() -> None:

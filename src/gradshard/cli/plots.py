@@ -8,11 +8,13 @@ backend switch), so it works headless and leaves the caller's matplotlib state a
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gradshard.aggregation.compare import CompareResult, CompareRow
 from gradshard.extras import require_extra
 from gradshard.units import MIB
+
+if TYPE_CHECKING:
+    from gradshard.aggregation.compare import CompareResult, CompareRow
 
 _COLOURS = {"ok": "#4c72b0", "failed": "#c44e52", "skipped": "#dddddd"}
 _STATUS_LEGEND = {"ok": "measured peak", "failed": "measured, failed under the cap", "skipped": "not run (predicted)"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -50,7 +50,7 @@ class GradshardFedAvg(FedAvg):
     store : Store
         Where round ``round_offset + server_round`` lives. Clients in other processes reopen it from its spec
         (local directory or S3); a memory store serves only ClientApps that are handed it.
-    shards : int (default: 4)
+    shards : int or "auto" (default: "auto", one per invocation the executor runs at once)
         M, the number of shard functions; the aggregate is the same for every M.
     executor : Executor | None (default: None, an InlineExecutor)
         Runs the shard functions, e.g. ``LocalExecutor(workers=4, memory_cap_bytes=...)``.
@@ -61,7 +61,7 @@ class GradshardFedAvg(FedAvg):
         Added to Flower's server round to name the gradshard round, so several runs can share one store.
     """
 
-    def __init__(self, store: Store, *, shards: int = 4, executor: Executor | None = None,
+    def __init__(self, store: Store, *, shards: int | Literal["auto"] = "auto", executor: Executor | None = None,
                  aggregation: AggregateConfig | None = None, round_offset: int = 0, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.store = store
@@ -78,7 +78,7 @@ class GradshardFedAvg(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log.info("gradshard: store %s, %d shards, executor %s, topology %s", self._store_spec or "(in-process)",
+        log.info("gradshard: store %s, %s shards, executor %s, topology %s", self._store_spec or "(in-process)",
                  self.shards, type(self.executor).__name__, self.aggregation.topology)
 
     # --- training ------------------------------------------------------------------------------------------------
