@@ -145,9 +145,9 @@ def test_bad_text_is_rejected(text: str) -> None:
 
 def test_unknown_reducer_error_lists_the_known_ones() -> None:
     with pytest.raises(GradshardError) as info:
-        parse_reducer("krum")
+        parse_reducer("geometric-median")
 
-    for name in ("mean", "coverage-mean", "median", "trimmed-mean"):
+    for name in ("mean", "coverage-mean", "median", "trimmed-mean", "krum:<f>", "multi-krum:<f>,<k>", "bulyan:<f>"):
         assert name in str(info.value)
 
 

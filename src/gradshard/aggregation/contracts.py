@@ -58,6 +58,15 @@ class ReduceSettings(Contract):
     noise: NoiseSpec | None = None
 
 
+class RangeArgs(Contract):
+    """A phase-1 function's arguments: the round and the chunk-aligned elements ``[start, stop)`` it reads of every
+    client (``client_norms``, ``pairwise_distances``)."""
+
+    round: RoundRef
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+
 class ShardReduceArgs(Contract):
     """``shard_reduce``: reduce elements ``[start, stop)`` across every client of the round."""
 

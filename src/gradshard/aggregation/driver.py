@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradshard.aggregation import functions, tree_functions  # noqa: F401 - register the functions
+from gradshard.aggregation import functions, selection, tree_functions  # noqa: F401 - register the functions
 from gradshard.aggregation.contracts import NoiseSpec, ReduceResult, TreeReduceResult
 from gradshard.core import digests
 from gradshard.core.checksum import ChunkGrid
@@ -63,7 +63,8 @@ class AggregateConfig(BaseModel):
     window_bytes: int = Field(default=DEFAULT_WINDOW_BYTES, ge=1)
     parallel_reads: int = Field(default=1, ge=1, description="clients a shard function reads at once")
     accumulate: Literal["float32", "float64"] = "float32"
-    reducer: str = Field(default="mean", description="mean, coverage-mean, median or trimmed-mean:<beta>")
+    reducer: str = Field(default="mean", description="mean, coverage-mean, median, trimmed-mean:<beta>, krum:<f>, "
+                                                     "multi-krum:<f>,<k> or bulyan:<f>")
     weighting: Weighting = "examples"
     weights: dict[str, float] | None = Field(default=None, description="per-client weights (weighting 'server')")
     policy: Policy = "skip"
@@ -293,7 +294,10 @@ def _functions_of(config: AggregateConfig) -> tuple[str, ...]:
     """The functions a round's plans invoke (what the executor can start ahead)."""
     main = {"flat": "flat_reduce", "lambda-fl": "tree_reduce", "lifl": "tree_reduce"}.get(config.topology,
                                                                                           "shard_reduce")
-    return (main, "client_norms") if config.central_dp is not None else (main,)
+    phases: tuple[str, ...] = ("client_norms",) if config.central_dp is not None else ()
+    if parse_reducer(config.reducer).selects:
+        phases += ("pairwise_distances",)
+    return (main, *phases)
 
 
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
@@ -311,6 +315,11 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
              len(manifest.clients), len(manifest.rejected), config.topology, config.reducer, config.weighting)
     history: list[InvocationReport] = []
     noise = None
+    reducer = parse_reducer(config.reducer)
+    if reducer.selects:  # phase 1: exact pairwise distances; the clients not selected leave the round
+        history.extend(selection.select_round(store, manifest, reducer, executor,
+                                              shards=config.m if config.topology == "sharded" else 1,
+                                              partition=config.partition, on_done=on_done, policy=config.policy))
     if config.central_dp is not None:  # phase 1: exact norms, clip factors, the release in the ledger
         noise, norm_reports = central.prepare_round(store, manifest, config.central_dp, executor,
                                                     shards=config.m if config.topology == "sharded" else 1,

@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from gradshard.aggregation.contracts import FlatReduceArgs, OutputTarget, ReduceResult, ReduceSettings, ShardReduceArgs
+from gradshard.aggregation.contracts import (
+    FlatReduceArgs,
+    OutputTarget,
+    RangeArgs,
+    ReduceResult,
+    ReduceSettings,
+    ShardReduceArgs,
+)
 from gradshard.aggregation.inputs import PreviousModel, UpdateInput, client_input
 from gradshard.core import checksum
 from gradshard.core.coverage import CoverageMap
@@ -55,6 +62,16 @@ def _open_all(store: Store, manifest: RoundManifest, layout: ModelLayout, opener
             r.close()
         raise
     return readers
+
+
+def load_range(store: Store, args: RangeArgs) -> tuple[RoundManifest, ModelLayout, checksum.ChunkGrid]:
+    """The validated manifest, layout and chunk grid of a phase-1 function's range (refused unless chunk-aligned)."""
+    manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
+    layout = manifest.spec.model_layout()
+    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
+    if not grid.is_aligned(args.start, args.stop):
+        raise GradshardError(f"range [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
+    return manifest, layout, grid
 
 
 def shard_reduce(args: ShardReduceArgs, store: Store) -> ReduceResult:

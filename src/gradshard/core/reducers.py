@@ -18,7 +18,15 @@ reducer            weights                 per element
 ``coverage-mean``  examples (normalised)   ``Σ wᵢxᵢ / Σ wᵢ`` over covering clients, else the previous value
 ``median``         none (unweighted)       the median of the N values (``np.median``, byte for byte)
 ``trimmed-mean:β`` none (unweighted)       the mean of the N values without the ``⌊βN⌋`` smallest and largest
+``krum:f``         examples (normalised)   the update of the client Krum selects (phase 1), i.e. ``mean`` over it
+``multi-krum:f,k`` examples (normalised)   ``mean`` over the k clients with the lowest Krum scores (phase 1)
+``bulyan:f``       none (unweighted)       the mean of the ``θ − 2f`` values closest to the median, over the θ
+                                           clients Bulyan's iterated Krum selected (phase 1)
 =================  ======================  =================================================================
+
+The selecting reducers run a phase before the reduction: exact pairwise distances
+(:mod:`gradshard.aggregation.distances`) and the selection (:mod:`gradshard.core.selection`); the clients not
+selected leave the round, and the kernel here reduces the selected ones.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ from gradshard.core.layout import UPDATE_DTYPES
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WeightedSum
 from gradshard.errors import GradshardError
 
-ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean"]
-KNOWN_REDUCERS: tuple[str, ...] = ("mean", "coverage-mean", "median", "trimmed-mean:<beta>")
+ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"]
+KNOWN_REDUCERS: tuple[str, ...] = ("mean", "coverage-mean", "median", "trimmed-mean:<beta>", "krum:<f>",
+                                   "multi-krum:<f>,<k>", "bulyan:<f>")
+SELECTING: tuple[str, ...] = ("krum", "multi-krum", "bulyan")  # reducers with a selection phase
 LoadPrevious = Callable[[npt.NDArray[Any]], None]
 
 
@@ -58,32 +68,72 @@ class ReducerSpec(BaseModel):
 
     name: ReducerName
     beta: float = 0.0
+    f: int = 0  # selecting reducers: the Byzantine clients tolerated
+    k: int = 0  # multi-krum: the clients kept
 
     @model_validator(mode="after")
-    def _check_beta(self) -> ReducerSpec:
+    def _check_params(self) -> ReducerSpec:
         if self.name == "trimmed-mean":
             if not 0.0 <= self.beta < 0.5:
                 raise ValueError(f"trimmed-mean needs 0 <= beta < 0.5 (the fraction cut at each end), got {self.beta}")
         elif self.beta != 0.0:
             raise ValueError(f"reducer {self.name!r} takes no beta, got {self.beta}")
+        if self.name in SELECTING:
+            if self.f < 0:
+                raise ValueError(f"{self.name} needs f >= 0 (the Byzantine clients it tolerates), got {self.f}")
+        elif self.f != 0:
+            raise ValueError(f"reducer {self.name!r} takes no f, got {self.f}")
+        if self.name == "multi-krum":
+            if self.k < 1:
+                raise ValueError(f"multi-krum needs k >= 1 (the clients it keeps), got {self.k}")
+        elif self.k != 0:
+            raise ValueError(f"reducer {self.name!r} takes no k, got {self.k}")
         return self
+
+    @property
+    def selects(self) -> bool:
+        """Whether a selection phase chooses the clients this reducer reduces."""
+        return self.name in SELECTING
 
     @property
     def text(self) -> str:
         """The text form; ``parse_reducer(spec.text) == spec``."""
-        return f"{self.name}:{self.beta!r}" if self.name == "trimmed-mean" else self.name
+        if self.name == "trimmed-mean":
+            return f"{self.name}:{self.beta!r}"
+        if self.name == "multi-krum":
+            return f"{self.name}:{self.f},{self.k}"
+        if self.name in SELECTING:
+            return f"{self.name}:{self.f}"
+        return self.name
 
     def __str__(self) -> str:
         return self.text
 
 
+def _integers(text: str, arg: str, count: int, example: str) -> list[int]:
+    parts = arg.split(",")
+    if len(parts) != count or not all(p.strip().isdigit() for p in parts):
+        raise GradshardError(f"reducer {text!r} needs {count} whole number(s) after ':', e.g. {example!r}")
+    return [int(p) for p in parts]
+
+
 def parse_reducer(text: str) -> ReducerSpec:
-    """The :class:`ReducerSpec` of ``mean``, ``coverage-mean``, ``median`` or ``trimmed-mean:<beta>``."""
+    """The :class:`ReducerSpec` of ``mean``, ``coverage-mean``, ``median``, ``trimmed-mean:<beta>``, ``krum:<f>``,
+    ``multi-krum:<f>,<k>`` or ``bulyan:<f>``."""
     name, sep, arg = text.strip().partition(":")
     hint = f"known reducers: {', '.join(KNOWN_REDUCERS)}"
     if name not in get_args(ReducerName):
         raise GradshardError(f"unknown reducer {text!r}; {hint}")
-    if name == "trimmed-mean":
+    params: dict[str, int] = {}
+    beta = 0.0
+    if name in SELECTING:
+        example = {"krum": "krum:1", "multi-krum": "multi-krum:1,5", "bulyan": "bulyan:1"}[name]
+        if not sep:
+            raise GradshardError(f"reducer {text!r} needs the number of Byzantine clients it tolerates, e.g. "
+                                 f"{example!r}")
+        values = _integers(text, arg, 2 if name == "multi-krum" else 1, example)
+        params = {"f": values[0], **({"k": values[1]} if name == "multi-krum" else {})}
+    elif name == "trimmed-mean":
         if not sep:
             raise GradshardError(f"reducer {text!r} needs the fraction cut at each end, e.g. 'trimmed-mean:0.1'")
         try:
@@ -92,10 +142,8 @@ def parse_reducer(text: str) -> ReducerSpec:
             raise GradshardError(f"reducer {text!r}: {arg!r} is not a number; e.g. 'trimmed-mean:0.1'") from None
     elif sep:
         raise GradshardError(f"reducer {name!r} takes no parameter, got {text!r}; {hint}")
-    else:
-        beta = 0.0
     try:
-        return ReducerSpec.model_validate({"name": name, "beta": beta})
+        return ReducerSpec.model_validate({"name": name, "beta": beta, **params})
     except ValidationError as exc:
         message = str(exc.errors()[0]['msg']).removeprefix('Value error, ')
         raise GradshardError(f"reducer {text!r}: {message}; {hint}") from None
@@ -499,8 +547,96 @@ class TrimmedMeanReducer(_StackReducer):
         return out
 
 
+class KrumReducer(MeanReducer):
+    """Phase 2 of ``krum:f``: the mean over the one selected client (its update, rounded once to the accumulation
+    dtype by a weight of 1)."""
+
+    name: ClassVar[str] = "krum"
+
+
+class MultiKrumReducer(MeanReducer):
+    """Phase 2 of ``multi-krum:f,k``: the weighted mean over the k selected clients."""
+
+    name: ClassVar[str] = "multi-krum"
+
+
+class BulyanReducer(_StackReducer):
+    """Phase 2 of ``bulyan:f``: per element, the mean of the ``β = θ − 2f`` values closest to the median of the θ
+    selected clients' values (unweighted; Bulyan's coordinate-wise rule, as Flower's ``aggregate_bulyan``).
+
+    The θ values are sorted in place; the β closest to the median are a run of consecutive sorted values, the run
+    ``[s, s + β)`` with the smallest ``max(median − v_s, v_{s+β−1} − median)`` (ties: the lowest s). Its values
+    are summed in sorted order from +0.0 in the accumulation dtype and divided by β. Memory as ``median`` plus one
+    window of start indices and one of costs per candidate run (``2f + 1`` of them)."""
+
+    name: ClassVar[str] = "bulyan"
+
+    @classmethod
+    def _check_clients(cls, spec: ReducerSpec, clients: int) -> None:
+        if clients - 2 * spec.f < 1:
+            raise GradshardError(f"bulyan:{spec.f} averages θ − 2f values of the θ = {clients} selected clients: "
+                                 f"none would remain; use a smaller f or more clients")
+
+    @classmethod
+    def memory_bytes(cls, spec: ReducerSpec, *, clients: int, window_elems: int, itemsize: int, accumulate: str,
+                     parallel_reads: int = 1) -> int:
+        base = super().memory_bytes(spec, clients=clients, window_elems=window_elems, itemsize=itemsize,
+                                    accumulate=accumulate, parallel_reads=parallel_reads)
+        return base + window_elems * (4 * 8 + 3 * 8 + itemsize + 1)  # 4 float64, 3 int64, gathered, a mask
+
+    def __init__(self, spec: ReducerSpec, *, weights: Sequence[float], capacity: int, in_dtype: npt.DTypeLike,
+                 accumulate: str, parallel_reads: int = 1) -> None:
+        super().__init__(spec, weights=weights, capacity=capacity, in_dtype=in_dtype, accumulate=accumulate,
+                         parallel_reads=parallel_reads)
+        self._median, self._best, self._cost, self._other = np.empty((4, capacity), dtype=np.float64)
+        self._start_at, self._index = np.empty((2, capacity), dtype=np.int64)
+        self._columns = np.arange(capacity, dtype=np.int64)
+        self._gathered = np.empty(capacity, dtype=self.in_dtype)
+
+    def _run_cost(self, s: int, beta: int, n: int, out: npt.NDArray[np.float64]) -> None:
+        """``max(median − v_s, v_{s+β−1} − median)`` per element: how far the run ``[s, s + β)`` reaches."""
+        rows, median, other = self._stack, self._median[:n], self._other[:n]
+        np.subtract(median, rows[s, :n], out=out, dtype=np.float64)
+        np.subtract(rows[s + beta - 1, :n], median, out=other, dtype=np.float64)
+        np.maximum(out, other, out=out)
+
+    def _finish(self, load_previous: LoadPrevious | None) -> npt.NDArray[Any]:
+        n, size = self._n, self.clients
+        beta = size - 2 * self.spec.f
+        rows, out, median = self._stack[:, :n], self._out[:n], self._median[:n]
+        if size > 1:
+            rows.sort(axis=0)
+        half = size // 2
+        if size % 2:
+            np.copyto(median, rows[half], casting="safe")
+        else:
+            np.add(rows[half - 1], rows[half], out=median, dtype=np.float64)
+            np.multiply(median, 0.5, out=median)
+        start, best, cost = self._start_at[:n], self._best[:n], self._cost[:n]
+        start.fill(0)
+        self._run_cost(0, beta, n, best)
+        for s in range(1, size - beta + 1):
+            self._run_cost(s, beta, n, cost)
+            start[cost < best] = s
+            np.minimum(best, cost, out=best)
+        flat, index, gathered = self._stack.reshape(-1), self._index[:n], self._gathered[:n]
+        for j in range(beta):  # row start + j of each column, in sorted order
+            np.add(start, j, out=index)
+            np.multiply(index, self.capacity, out=index)
+            np.add(index, self._columns[:n], out=index)
+            np.take(flat, index, out=gathered)
+            if j == 0:
+                np.add(gathered, self._zero, out=out, dtype=self.dtype)
+            else:
+                np.add(out, gathered, out=out, dtype=self.dtype)
+        if beta > 1:
+            np.divide(out, self.dtype.type(beta), out=out)
+        return out
+
+
 REDUCERS: dict[str, type[Reducer]] = {
-    cls.name: cls for cls in (MeanReducer, CoverageMeanReducer, MedianReducer, TrimmedMeanReducer)
+    cls.name: cls for cls in (MeanReducer, CoverageMeanReducer, MedianReducer, TrimmedMeanReducer, KrumReducer,
+                              MultiKrumReducer, BulyanReducer)
 }
 
 

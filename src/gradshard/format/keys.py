@@ -62,6 +62,11 @@ def reports_key(r: int) -> str:
     return f"{round_prefix(r)}/reports.json"
 
 
+def selection_key(r: int) -> str:
+    """The selection phase's record (Krum, Multi-Krum, Bulyan): the distance matrix, scores, the selected."""
+    return f"{round_prefix(r)}/selection.json"
+
+
 def client_reports_key(r: int) -> str:
     return f"{round_prefix(r)}/client_reports.json"
 

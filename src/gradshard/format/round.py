@@ -187,6 +187,8 @@ class RoundManifest(BaseModel):
     # central DP: the mean divides by this many clients (the expected cohort), not by the number accepted
     denominator: int | None = Field(default=None, ge=1)
     privacy: dict[str, float | int | str] | None = None  # central DP: what this round's release cost
+    # selecting reducers: {"reducer", "selected", "record" (key of the distances and scores), "record_sha256"}
+    selection: dict[str, str | list[str]] | None = None
 
     def scales(self) -> list[float] | None:
         """Per-client factors on the normalised weights: clip factor × (accepted / denominator); None when every

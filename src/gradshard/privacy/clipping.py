@@ -19,22 +19,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import Field
 
-from gradshard.aggregation.contracts import Contract, RoundRef
-from gradshard.aggregation.functions import open_inputs
+from gradshard.aggregation.contracts import Contract, RangeArgs
+from gradshard.aggregation.functions import load_range, open_inputs
 from gradshard.core import checksum
-from gradshard.errors import GradshardError, PrivacyError, UpdateError
+from gradshard.errors import PrivacyError, UpdateError
 from gradshard.format.keys import round_of_key
-from gradshard.format.round import load_manifest
 from gradshard.runtime.registry import register
 from gradshard.store import Store
 
 
-class NormArgs(Contract):
+class NormArgs(RangeArgs):
     """``client_norms``: per-chunk sums of squares of every client over elements ``[start, stop)``."""
-
-    round: RoundRef
-    start: int = Field(ge=0)
-    stop: int = Field(ge=1)
 
 
 class NormResult(Contract):
@@ -59,11 +54,7 @@ def chunk_square_sums(values: np.ndarray, grid: checksum.ChunkGrid, start: int,
 
 def client_norms(args: NormArgs, store: Store) -> NormResult:
     """Read ``[start, stop)`` of every client a chunk at a time and return its per-chunk sums of squares."""
-    manifest = load_manifest(store, args.round.manifest_key, args.round.manifest_sha256)
-    layout = manifest.spec.model_layout()
-    grid = checksum.ChunkGrid(layout.numel, manifest.spec.chunk_elems)
-    if not grid.is_aligned(args.start, args.stop):
-        raise GradshardError(f"range [{args.start}, {args.stop}) is not aligned to chunks of {grid.chunk_elems}")
+    manifest, layout, grid = load_range(store, args)
     chunk = min(grid.chunk_elems, args.stop - args.start)
     buffer = np.empty(chunk, dtype=layout.flat_dtype)
     scratch = np.empty(chunk, dtype=np.float64)
