@@ -24,6 +24,7 @@ from safetensors.numpy import load as load_safetensors
 from gradshard.core.digests import DigestName
 from gradshard.core.layout import ModelLayout
 from gradshard.extras import missing_extra_error
+from gradshard.fl.attacks import parse_attack, poison_labels, poison_update
 from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
@@ -67,6 +68,8 @@ class ClientTask(BaseModel):
     chunk_elems: int = Field(ge=1)
     digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
+    attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
+                                                "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
     signing_key: str = Field(default="", description="path of the client's private key PEM: its update is signed "
                                                      "(rounds that require signatures); empty: unsigned")
@@ -141,6 +144,9 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     kept = load_arrays(store, task.kept_key) if task.kept_key else {}
     load_numpy_state(model, layout.assemble(averaged.unflatten(global_flat), kept))
     data = client_dataset(task, user, store)
+    attack = parse_attack(task.attack) if task.attack else None
+    if attack is not None and attack.on_data:
+        data = Dataset(data.x, poison_labels(attack, data.y, data.num_classes), data.num_classes)
     context = TrainContext(round=task.round, client=task.client, epochs=task.epochs, batch_size=task.batch_size,
                            lr=task.lr, momentum=task.momentum, mu=task.mu, seed=seed,
                            anchor=tuple(p.detach().clone() for p in model.parameters()), options=task.options)
@@ -150,6 +156,8 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     floating, _ = layout.split_state(model.state_dict())
     delta = averaged.flatten(floating)
     delta -= global_flat
+    if attack is not None:
+        poison_update(attack, delta, seed)
     if task.fault == "nan":
         delta[0] = np.nan
     if task.fault.startswith("sleep:"):

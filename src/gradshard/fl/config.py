@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.blockwise.config import BlockwiseConfig
+from gradshard.errors import GradshardError
+from gradshard.fl.attacks import parse_attack
 from gradshard.fl.server import ServerOptimizer
 from gradshard.privacy.config import PrivacyConfig
 from gradshard.supernet.config import SupernetConfig
@@ -59,6 +61,9 @@ class TrainConfig(BaseModel):
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+    attacks: dict[str, str] = Field(default_factory=dict,
+                                    description="simulated Byzantine clients: '<client>' -> sign-flip | scale:<s> | "
+                                                "noise:<sigma> | label-flip (gradshard.fl.attacks)")
     keys_dir: str = Field(default="", description="with aggregation.require_signatures: the directory of the "
                                                   "simulated clients' private keys (<client>.pem; made if missing, "
                                                   "reused if present); empty: a temporary directory for the run")
@@ -69,6 +74,15 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        known = {f"client-{i:04d}" for i in range(self.clients)}
+        for client, attack in self.attacks.items():
+            if client not in known:
+                raise ValueError(f"attacks names client {client[:40]!r}, which the run does not have; its clients "
+                                 f"are client-0000 .. client-{self.clients - 1:04d}")
+            try:
+                parse_attack(attack)
+            except GradshardError as exc:
+                raise ValueError(str(exc)) from None
         if self.per_round is not None and self.fraction is not None:
             raise ValueError(f"per_round = {self.per_round} and fraction = {self.fraction} are both set; keep one "
                              "(they say the same thing: how many clients a round samples)")

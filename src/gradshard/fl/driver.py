@@ -398,7 +398,8 @@ class Trainer:
                               kept_key=kept, data_key=client_data_key(client) if self.data_in_store else "",
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
-                              fault=self.fault(spec.round, client), dp=c.privacy.client,
+                              fault=self.fault(spec.round, client), attack=c.attacks.get(client, ""),
+                              dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
