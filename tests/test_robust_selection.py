@@ -19,8 +19,8 @@ from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core import selection
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.core.reducers import make_reducer, parse_reducer
-from gradshard.errors import GradshardError, PlanError
-from gradshard.format.keys import aggregate_key, selection_key, update_key
+from gradshard.errors import GradshardError, PlanError, RoundError
+from gradshard.format.keys import aggregate_key, root_update_key, selection_key, trust_key, update_key
 from gradshard.format.round import RoundSpec, open_round
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
@@ -240,3 +240,65 @@ def test_where_the_gram_formula_picks_an_attacker_the_exact_distances_do_not() -
     assert int(np.argmin(their_scores)) >= 5
     assert int(record["selected"][0][1:]) < 5
     np.testing.assert_allclose(np.array(record["distances"]), _exact_distances(vectors), rtol=1e-12)
+
+
+# --- FLTrust ----------------------------------------------------------------------------------------------------------
+def _with_root(vectors: list[npt.NDArray[np.float32]], root: npt.NDArray[np.float32], r: int = 0
+               ) -> tuple[MemoryStore, ModelLayout]:
+    store, layout = _round(vectors)
+    meta = UpdateMeta(client="server", round=r, examples=100, layout_digest=layout.digest(), chunk_elems=CHUNK)
+    write_update(store, root_update_key(0), layout, root, meta)
+    return store, layout
+
+
+def _fltrust_reference(vectors: list[npt.NDArray[np.float32]], root: npt.NDArray[np.float32]
+                       ) -> npt.NDArray[np.float64]:
+    g0 = root.astype(np.float64)
+    total, weight = np.zeros_like(g0), 0.0
+    for v in vectors:
+        g = v.astype(np.float64)
+        trust = max(0.0, float(g @ g0) / (np.linalg.norm(g) * np.linalg.norm(g0)))
+        total += trust * np.linalg.norm(g0) / np.linalg.norm(g) * g
+        weight += trust
+    return total / weight
+
+
+def test_fltrust_gives_a_sign_flipped_client_no_trust_renormalises_a_scaled_one_and_is_the_same_for_every_m() -> None:
+    # Prepare: the server's update g0 and 5 clients near it; c03 sign-flipped, c04 scaled ×100
+    rng = np.random.default_rng(5)
+    root = rng.normal(0.05, 0.02, 1000).astype(np.float32)
+    vectors = [(root + rng.normal(0, 0.01, 1000)).astype(np.float32) for _ in range(5)]
+    vectors[3] = (-vectors[3]).astype(np.float32)
+    vectors[4] = (vectors[4] * np.float32(100)).astype(np.float32)
+    store, layout = _with_root(vectors, root)
+
+    # Execute
+    outputs = {}
+    for m in (1, 2, 4):
+        for key in (aggregate_key(0), trust_key(0)):
+            if store.exists(key):
+                store.delete(key)
+        result = aggregate_round(store, 0, InlineExecutor(), AggregateConfig(shards=m, reducer="fltrust"))
+        outputs[m] = store.get(aggregate_key(0))
+    record = json.loads(store.get(trust_key(0)))
+
+    # Assert: c03 has trust 0 and left the round; c04 counts like an update of the root's length; same bytes for all M
+    assert len(set(outputs.values())) == 1
+    assert record["trust"][3] == 0 and record["cosines"][3] < -0.9
+    assert result.manifest.rejected["c03"].startswith("FLTrust trust 0")
+    assert record["trust"][4] > 0.9 and "c04" not in result.manifest.rejected
+    np.testing.assert_allclose(read_flat(store, aggregate_key(0), layout), _fltrust_reference(vectors, root),
+                               rtol=1e-5, atol=1e-8)
+    unscaled = [*vectors[:4], (vectors[4] / np.float32(100)).astype(np.float32)]
+    np.testing.assert_allclose(_fltrust_reference(unscaled, root), _fltrust_reference(vectors, root), rtol=1e-6)
+
+
+def test_fltrust_without_a_usable_root_update_fails_the_round_naming_it() -> None:
+    vectors = _attacked(numel=500)
+    store, _ = _round(vectors)
+    with pytest.raises(RoundError, match=r"root update rounds/000000/root\.safetensors"):
+        aggregate_round(store, 0, InlineExecutor(), AggregateConfig(reducer="fltrust"))
+
+    store, _ = _with_root(vectors, vectors[0], r=3)  # written for another round
+    with pytest.raises(RoundError, match="not usable: update is for round 3"):
+        aggregate_round(store, 0, InlineExecutor(), AggregateConfig(reducer="fltrust"))

@@ -15,22 +15,19 @@ driver reruns the phase without it.
 
 from __future__ import annotations
 
-import base64
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from gradshard.aggregation.chunks import ChunkRows, column_sums, encode_partials, padded_width, partial_table
 from gradshard.aggregation.contracts import Contract, RangeArgs
 from gradshard.aggregation.functions import load_range, open_clients
-from gradshard.errors import RoundError, UpdateError
+from gradshard.errors import RoundError
 from gradshard.format.keys import round_of_key
 from gradshard.runtime.registry import register
 from gradshard.store import Store
-
-_ALIGN = 8  # rows padded to a multiple of 8 float64 (64 bytes): every chunk's rows are summed alike
 
 
 class DistanceArgs(RangeArgs):
@@ -71,55 +68,31 @@ def pairwise_distances(args: DistanceArgs, store: Store) -> DistanceResult:
     """Read ``[start, stop)`` of every client a chunk at a time; return every chunk's pair partials."""
     manifest, layout, grid = load_range(store, args)
     n = len(manifest.clients)
-    width = -(-grid.chunk_elems // _ALIGN) * _ALIGN
-    values = np.empty(grid.chunk_elems, dtype=layout.flat_dtype)
-    rows = np.zeros((n, width), dtype=np.float64)
-    diff = np.empty((max(n - 1, 1), width), dtype=np.float64)
+    diff = np.empty((max(n - 1, 1), padded_width(grid.chunk_elems)), dtype=np.float64)
     indices = list(grid.covering(args.start, args.stop))
     partials = np.empty((len(indices), pair_count(n)), dtype="<f8")
     readers = open_clients(store, manifest, layout)
     try:
+        rows = ChunkRows(readers, grid, layout.flat_dtype)
         for c, index in enumerate(indices):
-            a, b = grid.bounds(index)
-            for i, reader in enumerate(readers):
-                window = values[: b - a]
-                reader.read_verified(a, b, window)
-                if not np.isfinite(window).all():
-                    raise UpdateError(reader.client, f"non-finite values (NaN or inf) in elements [{a}, {b})")
-                rows[i, : b - a] = window
-                rows[i, b - a :] = 0.0
-            chunk_pair_partials(rows, diff, partials[c])
+            chunk_pair_partials(rows.load(index), diff, partials[c])
     finally:
         for reader in readers:
             reader.close()
     return DistanceResult(first_chunk=indices[0] if indices else args.start // grid.chunk_elems,
-                          chunks=len(indices), clients=n, partials=base64.b64encode(partials.tobytes()).decode())
+                          chunks=len(indices), clients=n, partials=encode_partials(partials))
 
 
 def combine_distances(results: Sequence[DistanceResult], chunks: int, clients: int) -> npt.NDArray[np.float64]:
     """The N×N matrix of squared distances from the functions' partials: each pair's chunk partials added with
     ``math.fsum`` (exact, independent of M). Every chunk must be covered exactly once."""
-    pairs = pair_count(clients)
-    table = np.full((chunks, pairs), np.nan)
-    seen = np.zeros(chunks, dtype=bool)
-    for result in results:
-        if result.clients != clients:
-            raise RoundError(f"distance partials for {result.clients} clients in a round of {clients}")
-        raw = base64.b64decode(result.partials, validate=True)
-        if len(raw) != result.chunks * pairs * 8:
-            raise RoundError(f"distance partials of chunks {result.first_chunk}.. have {len(raw)} bytes, expected "
-                             f"{result.chunks * pairs * 8}")
-        stop = result.first_chunk + result.chunks
-        if stop > chunks or seen[result.first_chunk : stop].any():
-            raise RoundError(f"distance partials overlap or overrun at chunks [{result.first_chunk}, {stop})")
-        seen[result.first_chunk : stop] = True
-        table[result.first_chunk : stop] = np.frombuffer(raw, dtype="<f8").reshape(result.chunks, pairs)
-    if not seen.all():
-        raise RoundError(f"distance partials miss chunks {np.flatnonzero(~seen)[:5].tolist()}: the plan did not "
-                         "cover the model")
+    if any(r.clients != clients for r in results):
+        raise RoundError(f"distance partials for another number of clients than the round's {clients}")
+    table = partial_table([(r.first_chunk, r.chunks, r.partials) for r in results], chunks, pair_count(clients),
+                          "distance")
+    totals = column_sums(table)
     matrix = np.zeros((clients, clients))
     upper = np.triu_indices(clients, k=1)
-    totals = [math.fsum(table[:, p].tolist()) for p in range(pairs)]
     matrix[upper] = totals
     matrix.T[upper] = totals
     return matrix

@@ -19,8 +19,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradshard.aggregation import functions, selection, tree_functions  # noqa: F401 - register the functions
+from gradshard.aggregation import functions, selection, tree_functions, trust  # noqa: F401 - register functions, phases
 from gradshard.aggregation.contracts import NoiseSpec, ReduceResult, TreeReduceResult
+from gradshard.aggregation.phases import PhaseContext, phase_function, phase_of, reject_bad_updates
 from gradshard.core import digests
 from gradshard.core.checksum import ChunkGrid
 from gradshard.core.reducers import REDUCERS, normalised_weights, parse_reducer
@@ -231,14 +232,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             log.info("round %d: plan %s of %d invocations (%s) over %d clients", manifest.round, plan.topology,
                      len(plan.invocations), params or "-", len(manifest.clients))
             reports = executor.run(plan, store, on_done)
-        bad = {client: reason for r in reports for client, reason in r.bad_updates.items()}
-        if bad:
-            if config.policy == "fail":
-                raise RoundError(f"round {manifest.round} failed on bad updates: {bad}")
-            for client, reason in bad.items():
-                log.warning("rejecting client %s: %s", client, reason)
-                manifest.reject(client, reason)
-            check_enough(manifest)
+        if reject_bad_updates(manifest, reports, config.policy):
             pending.abort()
             return plan, reports, False
         failed = [r for r in reports if not r.ok]
@@ -295,9 +289,8 @@ def _functions_of(config: AggregateConfig) -> tuple[str, ...]:
     main = {"flat": "flat_reduce", "lambda-fl": "tree_reduce", "lifl": "tree_reduce"}.get(config.topology,
                                                                                           "shard_reduce")
     phases: tuple[str, ...] = ("client_norms",) if config.central_dp is not None else ()
-    if parse_reducer(config.reducer).selects:
-        phases += ("pairwise_distances",)
-    return (main, *phases)
+    phase = phase_function(parse_reducer(config.reducer).name)
+    return (main, *phases, *((phase,) if phase is not None else ()))
 
 
 def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateConfig | None = None,
@@ -316,10 +309,11 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
     history: list[InvocationReport] = []
     noise = None
     reducer = parse_reducer(config.reducer)
-    if reducer.selects:  # phase 1: exact pairwise distances; the clients not selected leave the round
-        history.extend(selection.select_round(store, manifest, reducer, executor,
-                                              shards=config.m if config.topology == "sharded" else 1,
-                                              partition=config.partition, on_done=on_done, policy=config.policy))
+    phase = phase_of(reducer.name)
+    if phase is not None:  # phase 1 of a two-phase reducer: it changes the manifest for the reduction
+        history.extend(phase(manifest, reducer, PhaseContext(
+            store, executor, config.m if config.topology == "sharded" else 1, config.partition, on_done,
+            config.policy)))
     if config.central_dp is not None:  # phase 1: exact norms, clip factors, the release in the ledger
         noise, norm_reports = central.prepare_round(store, manifest, config.central_dp, executor,
                                                     shards=config.m if config.topology == "sharded" else 1,

@@ -20,14 +20,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gradshard.aggregation.chunks import padded_width
 from gradshard.aggregation.contracts import RoundRef
 from gradshard.aggregation.distances import DistanceArgs, DistanceResult, combine_distances
+from gradshard.aggregation.phases import PhaseContext, register_phase, reject_bad_updates
 from gradshard.core import selection
 from gradshard.core.checksum import ChunkGrid
 from gradshard.core.reducers import ReducerSpec
 from gradshard.errors import RoundError
 from gradshard.format.keys import manifest_key, selection_key
-from gradshard.format.round import RoundManifest, check_enough, write_manifest
+from gradshard.format.round import RoundManifest, write_manifest
 from gradshard.runtime.executor import Executor, ProgressCallback
 from gradshard.runtime.registry import parse_result
 from gradshard.store import Store
@@ -46,7 +48,7 @@ def distances_plan(manifest: RoundManifest, manifest_sha256: str, shards: int, p
     spec = manifest.spec
     n, chunk = len(manifest.clients), spec.chunk_elems
     itemsize = np.dtype(spec.model_layout().flat_dtype).itemsize
-    width = -(-chunk // 8) * 8
+    width = padded_width(chunk)
     memory = chunk * itemsize + (2 * n - 1) * width * 8 + FUNCTION_OVERHEAD_BYTES  # one chunk, rows, differences
     ref = RoundRef(manifest_key=manifest_key(manifest.round), manifest_sha256=manifest_sha256)
     invocations = tuple(
@@ -75,14 +77,7 @@ def _distances(store: Store, manifest: RoundManifest, executor: Executor, shards
         plan = distances_plan(manifest, sha, shards, partition)
         reports = executor.run(plan, store, on_done)
         history.extend(reports)
-        bad = {client: reason for r in reports for client, reason in r.bad_updates.items()}
-        if bad:
-            if policy == "fail":
-                raise RoundError(f"round {manifest.round} failed on bad updates: {bad}")
-            for client, reason in bad.items():
-                log.warning("rejecting client %s: %s", client, reason)
-                manifest.reject(client, reason)
-            check_enough(manifest)
+        if reject_bad_updates(manifest, reports, policy):
             continue
         failed = [r for r in reports if not r.ok]
         if failed or len(reports) != len(plan.invocations):
@@ -94,12 +89,11 @@ def _distances(store: Store, manifest: RoundManifest, executor: Executor, shards
     raise RoundError(f"round {manifest.round} kept finding bad updates; rejected: {manifest.rejected}")
 
 
-def select_round(store: Store, manifest: RoundManifest, spec: ReducerSpec, executor: Executor, *, shards: int,
-                 partition: Partition, on_done: ProgressCallback | None = None, policy: str = "skip"
-                 ) -> list[InvocationReport]:
+def select_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) -> list[InvocationReport]:
     """Phase 1 and the selection: the clients not selected leave ``manifest`` (with their score in the reason)."""
     history: list[InvocationReport] = []
-    d = _distances(store, manifest, executor, shards, partition, on_done, policy, history)
+    store = run.store
+    d = _distances(store, manifest, run.executor, run.shards, run.partition, run.on_done, run.policy, history)
     clients = [c.client for c in manifest.clients]
     chosen, scores = select(spec, d)
     record = json.dumps({"reducer": spec.text, "clients": clients, "distances": d.tolist(),
@@ -115,3 +109,7 @@ def select_round(store: Store, manifest: RoundManifest, spec: ReducerSpec, execu
     log.info("round %d: %s selected %s of %d clients", manifest.round, spec.text,
              [clients[i] for i in chosen][:8], len(clients))
     return history
+
+
+for _name in ("krum", "multi-krum", "bulyan"):
+    register_phase(_name, select_round, "pairwise_distances")

@@ -22,6 +22,8 @@ reducer            weights                 per element
 ``multi-krum:f,k`` examples (normalised)   ``mean`` over the k clients with the lowest Krum scores (phase 1)
 ``bulyan:f``       none (unweighted)       the mean of the ``θ − 2f`` values closest to the median, over the θ
                                            clients Bulyan's iterated Krum selected (phase 1)
+``fltrust``        trust scores (phase 1)  ``Σ TSᵢ·(‖g₀‖/‖gᵢ‖)·gᵢ / Σ TSᵢ``, ``TSᵢ = max(0, cos(gᵢ, g₀))`` against
+                                           the server's own update g₀
 =================  ======================  =================================================================
 
 The selecting reducers run a phase before the reduction: exact pairwise distances
@@ -44,9 +46,9 @@ from gradshard.core.layout import UPDATE_DTYPES
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WeightedSum
 from gradshard.errors import GradshardError
 
-ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"]
+ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "fltrust"]
 KNOWN_REDUCERS: tuple[str, ...] = ("mean", "coverage-mean", "median", "trimmed-mean:<beta>", "krum:<f>",
-                                   "multi-krum:<f>,<k>", "bulyan:<f>")
+                                   "multi-krum:<f>,<k>", "bulyan:<f>", "fltrust")
 SELECTING: tuple[str, ...] = ("krum", "multi-krum", "bulyan")  # reducers with a selection phase
 LoadPrevious = Callable[[npt.NDArray[Any]], None]
 
@@ -560,6 +562,13 @@ class MultiKrumReducer(MeanReducer):
     name: ClassVar[str] = "multi-krum"
 
 
+class FLTrustReducer(MeanReducer):
+    """Phase 2 of ``fltrust``: the weighted mean with the trust scores as weights and ``‖g₀‖/‖gᵢ‖`` as scales (set
+    on the manifest by phase 1)."""
+
+    name: ClassVar[str] = "fltrust"
+
+
 class BulyanReducer(_StackReducer):
     """Phase 2 of ``bulyan:f``: per element, the mean of the ``β = θ − 2f`` values closest to the median of the θ
     selected clients' values (unweighted; Bulyan's coordinate-wise rule, as Flower's ``aggregate_bulyan``).
@@ -636,7 +645,7 @@ class BulyanReducer(_StackReducer):
 
 REDUCERS: dict[str, type[Reducer]] = {
     cls.name: cls for cls in (MeanReducer, CoverageMeanReducer, MedianReducer, TrimmedMeanReducer, KrumReducer,
-                              MultiKrumReducer, BulyanReducer)
+                              MultiKrumReducer, BulyanReducer, FLTrustReducer)
 }
 
 

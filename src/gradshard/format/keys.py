@@ -62,6 +62,16 @@ def reports_key(r: int) -> str:
     return f"{round_prefix(r)}/reports.json"
 
 
+def root_update_key(r: int) -> str:
+    """FLTrust: the server's own update of round ``r``, trained on its root data set (not a client's)."""
+    return f"{round_prefix(r)}/root.safetensors"
+
+
+def trust_key(r: int) -> str:
+    """FLTrust: the round's record of cosines, trust scores and norms."""
+    return f"{round_prefix(r)}/trust.json"
+
+
 def selection_key(r: int) -> str:
     """The selection phase's record (Krum, Multi-Krum, Bulyan): the distance matrix, scores, the selected."""
     return f"{round_prefix(r)}/selection.json"

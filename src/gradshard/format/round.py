@@ -104,8 +104,9 @@ class ClientEntry(BaseModel):
     # 0 until weights are assigned (examples, uniform or the server's)
     weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     coverage: dict[str, tuple[int, ...]] | None = None
-    # central DP: the update's L2 norm (phase 1) and its clip factor min(1, C / norm); 1 and None otherwise
-    scale: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    # a factor on the normalised weight set by a phase: central DP's clip factor min(1, C / norm) (with the update's
+    # L2 norm), FLTrust's ‖g₀‖ / ‖gᵢ‖; 1 (and no norm) otherwise
+    scale: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     norm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     # the fingerprint of the key whose signature was verified at validation (rounds that require signatures only)
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
@@ -247,7 +248,8 @@ def write_manifest(store: Store, manifest: RoundManifest) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMeta) -> None:
+def check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMeta) -> None:
+    """Refuse an update (or a round's server-side update) whose metadata is not for this round and layout."""
     if meta.kind != "update":
         raise UpdateError(client, f"object is a {meta.kind!r}, not an update")
     if meta.round != spec.round:
@@ -303,7 +305,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 if spec.cohort is not None and client not in spec.cohort:
                     raise UpdateError(client, "unknown client: not in this round's cohort")
                 signer = _verified_signer(registry, client, upd) if registry is not None else None
-                _check_meta(spec, digest, client, meta)
+                check_meta(spec, digest, client, meta)
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
                                                coverage=_checked_coverage(client, layout, meta), signer=signer,
