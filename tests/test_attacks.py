@@ -13,10 +13,12 @@ from pydantic import ValidationError
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.errors import GradshardError
 from gradshard.fl.attacks import parse_attack, poison_labels, poison_update
+from gradshard.fl.client import ClientTask
 from gradshard.fl.config import DataConfig, TrainConfig
 from gradshard.fl.driver import Trainer
-from gradshard.format.keys import selection_key, update_key
-from gradshard.format.round import load_spec
+from gradshard.fl.task import TaskRef
+from gradshard.format.keys import manifest_key, root_update_key, selection_key, trust_key, update_key
+from gradshard.format.round import load_manifest, load_spec
 from gradshard.format.update import read_flat
 from gradshard.runtime import InlineExecutor
 from gradshard.store import MemoryStore
@@ -54,9 +56,9 @@ def test_a_config_naming_an_unknown_client_or_attack_is_refused() -> None:
         TrainConfig(clients=4, attacks={"client-0001": "flip"})
 
 
-def _run(attacks: dict[str, str], reducer: str = "mean") -> MemoryStore:
-    config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=7, rounds=1, epochs=1,
-                         batch_size=32, lr=0.1, seed=0, attacks=attacks,
+def _run(attacks: dict[str, str], reducer: str = "mean", rounds: int = 1) -> MemoryStore:
+    config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=7, rounds=rounds,
+                         epochs=1, batch_size=32, lr=0.1, seed=0, attacks=attacks,
                          aggregation=AggregateConfig(reducer=reducer, weighting="uniform"))
     store = MemoryStore()
     Trainer(store, config, InlineExecutor()).run()
@@ -77,3 +79,24 @@ def test_an_attacker_uploads_its_honest_update_poisoned_and_krum_leaves_it_out()
     assert np.array_equal(update(attacked, "client-0003"), update(honest, "client-0003"))
     selected = json.loads(attacked.get(selection_key(0)))["selected"]
     assert selected and not {"client-0001", "client-0002"} & set(selected)
+
+
+def test_fltrust_training_trains_the_root_update_every_round_and_distrusts_a_sign_flipper() -> None:
+    # Execute: two rounds, client-0001 uploads its update reversed
+    store = _run({"client-0001": "sign-flip"}, reducer="fltrust", rounds=2)
+
+    # Assert: a root update per round (not a client: never in the updates), trust 0 for the attacker
+    for r in range(2):
+        assert store.exists(root_update_key(r)) and not store.exists(update_key(r, "server-root"))
+        record = json.loads(store.get(trust_key(r)))
+        assert record["trust"][record["clients"].index("client-0001")] == 0
+        assert all(t > 0 for c, t in zip(record["clients"], record["trust"], strict=True) if c != "client-0001")
+        assert load_manifest(store, manifest_key(r)).rejected["client-0001"].startswith("FLTrust trust 0")
+
+
+def test_a_client_task_writes_only_its_update_or_the_root_update() -> None:
+    fields: dict[str, Any] = {"round": 0, "task": TaskRef(target="gradshard.fl.builtin:mlp"), "model_key": "m",
+                              "model_sha256": "", "chunk_elems": 64}
+    with pytest.raises(ValidationError, match="its own update or the round's root update"):
+        ClientTask(client="client-0000", output_key="models/000001.safetensors", **fields)
+    assert ClientTask(client="server-root", output_key=root_update_key(0), **fields).output_key

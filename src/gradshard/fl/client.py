@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load as load_safetensors
 
 from gradshard.core.digests import DigestName
@@ -29,7 +29,7 @@ from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
-from gradshard.format.keys import update_key
+from gradshard.format.keys import root_update_key, update_key
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.privacy.accountant import Release
@@ -68,6 +68,8 @@ class ClientTask(BaseModel):
     chunk_elems: int = Field(ge=1)
     digest: DigestName = "xxh3_64"  # the round's chunk digest algorithm
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
+    output_key: str = Field(default="", description="where the update goes; empty: the client's update key (the "
+                                                    "server's FLTrust root update goes to its own key)")
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
                                                 "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
@@ -75,6 +77,13 @@ class ClientTask(BaseModel):
                                                      "(rounds that require signatures); empty: unsigned")
     options: dict[str, Any] = Field(default_factory=dict, description="this client's options from the run's round "
                                                                       "plugin (TrainContext.options)")
+
+    @model_validator(mode="after")
+    def _known_output(self) -> ClientTask:
+        if self.output_key not in ("", root_update_key(self.round)):
+            raise ValueError(f"a client function writes its own update or the round's root update "
+                             f"({root_update_key(self.round)}), not {self.output_key[:80]!r}")
+        return self
 
 
 def task_seed(seed: int, r: int, client: str) -> int:
@@ -172,12 +181,13 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
         from gradshard.security.keys import load_private_key
 
         signer = load_private_key(task.signing_key)
+    key = task.output_key or update_key(task.round, task.client)
     if meta.coverage is not None:  # a subnetwork: upload only its elements (a compact update)
         compact = compact_of(averaged, meta.coverage, delta)
-        write_compact_update(store, update_key(task.round, task.client), averaged, meta.coverage, compact,
-                             dataclasses.replace(meta, coverage=None), signer=signer)
+        write_compact_update(store, key, averaged, meta.coverage, compact, dataclasses.replace(meta, coverage=None),
+                             signer=signer)
     else:
-        write_update(store, update_key(task.round, task.client), averaged, delta, meta, signer=signer)
+        write_update(store, key, averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,
                         train_s=time.perf_counter() - started,
                         epsilon=private.epsilon if private is not None else None,

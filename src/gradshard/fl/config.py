@@ -61,6 +61,8 @@ class TrainConfig(BaseModel):
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+    root_examples: int = Field(default=100, ge=1, description="aggregation.reducer 'fltrust': examples of the server's "
+                                                             "root data set, sampled from the training data")
     attacks: dict[str, str] = Field(default_factory=dict,
                                     description="simulated Byzantine clients: '<client>' -> sign-flip | scale:<s> | "
                                                 "noise:<sigma> | label-flip (gradshard.fl.attacks)")

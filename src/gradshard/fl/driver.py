@@ -32,6 +32,7 @@ from safetensors.numpy import save as save_safetensors
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
 from gradshard.core import checksum
 from gradshard.core.layout import ModelLayout
+from gradshard.core.reducers import parse_reducer
 from gradshard.core.shards import ShardPlan
 from gradshard.errors import GradshardError, InvocationError, RoundError, TrainingError
 from gradshard.extras import missing_extra_error
@@ -47,6 +48,7 @@ from gradshard.format.compact import open_client_update
 from gradshard.format.keys import (
     CONFIG_KEY,
     KEPT_KEY,
+    ROOT_DATA_KEY,
     TEST_DATA_KEY,
     aggregate_key,
     client_data_key,
@@ -55,6 +57,7 @@ from gradshard.format.keys import (
     metrics_key,
     model_key,
     plugin_key,
+    root_update_key,
     server_reports_key,
     spec_key,
     state_key,
@@ -78,6 +81,7 @@ except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare
     raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
 
 log = logging.getLogger(__name__)
+ROOT_CLIENT = "server-root"  # FLTrust: who trains the server's root update (a server function, not a client)
 
 
 @dataclass
@@ -246,6 +250,11 @@ class Trainer:
         return self._datasets
 
     @property
+    def uses_root(self) -> bool:
+        """Whether the server trains its own root update every round (FLTrust)."""
+        return parse_reducer(self.config.aggregation.reducer).name == "fltrust"
+
+    @property
     def data_in_store(self) -> bool:
         """Whether the driver writes every client's data to the store (else the task's client_data loads it)."""
         return self._datasets is not None or self.task.data is not None
@@ -263,6 +272,10 @@ class Trainer:
             if differ:
                 raise GradshardError(f"the store already holds a different run ({CONFIG_KEY} differs in "
                                      f"{', '.join(differ)}); use a new store")
+        if self.uses_root and not self.data_in_store:
+            raise GradshardError("reducer fltrust trains the server's root update on a sample of the run's training "
+                                 "data, which this task keeps to itself (it has client_data but no data()); give the "
+                                 "task a data() or use another reducer")
         if not self.store.exists(model_key(0)):
             self._write_client_data()
             self._write_initial_model()
@@ -289,6 +302,11 @@ class Trainer:
         for client, part in zip(client_ids(self.config.clients), fldata.client_datasets(train, parts), strict=True):
             _put_dataset(self.store, client_data_key(client), part)
         _put_dataset(self.store, TEST_DATA_KEY, test)
+        if self.uses_root:  # FLTrust: the server's root data set, a seeded uniform sample of the training data
+            rng = np.random.default_rng([self.config.seed, 0x600D])
+            picked = np.sort(rng.choice(len(train), size=min(self.config.root_examples, len(train)), replace=False))
+            _put_dataset(self.store, ROOT_DATA_KEY, fldata.Dataset(train.x[picked], train.y[picked],
+                                                                   train.num_classes))
 
     def _write_initial_model(self) -> None:
         seed_everything(self.config.seed)
@@ -404,6 +422,14 @@ class Trainer:
                               options=record.client_options.get(client, {}) if record is not None else {})
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
                                           memory_cap_bytes=record.memory.get(client) if record is not None else None))
+        if self.uses_root and not self.store.exists(root_update_key(spec.round)):
+            # FLTrust: the server's own update, trained like a client's on the root data set, to its own key
+            root = ClientTask(round=spec.round, client=ROOT_CLIENT, task=self.task_ref, model_key=model_key(spec.round),
+                              model_sha256=spec.base_model, kept_key=kept, data_key=ROOT_DATA_KEY, epochs=c.epochs,
+                              batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, seed=c.seed,
+                              chunk_elems=spec.chunk_elems, digest=spec.digest,
+                              output_key=root_update_key(spec.round))
+            invocations.append(Invocation(f"server-{ROOT_CLIENT}", "train_client", root, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 
     def _server_step(self, r: int, shards: int) -> None:

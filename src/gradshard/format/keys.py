@@ -107,6 +107,7 @@ def partial_key(r: int, upload_id: str, name: str) -> str:
 CONFIG_KEY = "run/config.json"
 KEPT_KEY = "models/kept.safetensors"
 TEST_DATA_KEY = "data/test.safetensors"
+ROOT_DATA_KEY = "data/root.safetensors"  # FLTrust: the server's own small, clean training set
 
 
 def model_key(r: int) -> str:
