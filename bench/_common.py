@@ -204,7 +204,7 @@ def flower_child() -> None:
 
     request = json.loads(sys.stdin.read())
     aggregate = _flower_aggregator(flower_aggregate, request.get("aggregator", "mean"),
-                                   request.get("proportiontocut"))
+                                   request.get("proportiontocut"), request.get("f"), request.get("k"))
     hwm_reset = reset_hwm()
     rss_interpreter = vm_hwm_bytes()  # numpy, safetensors and Flower imported, nothing loaded
     ru_interpreter = maxrss_bytes()
@@ -237,8 +237,16 @@ def flower_child() -> None:
                       "aggregator": request.get("aggregator", "mean")}))
 
 
-def _flower_aggregator(module: Any, name: str, proportiontocut: float | None) -> Any:
-    """``results -> NDArrays``: Flower's function for ``mean``, ``median`` or ``trimmed-mean``."""
+def _flower_aggregator(module: Any, name: str, proportiontocut: float | None, f: int | None = None,
+                       k: int | None = None) -> Any:
+    """``results -> NDArrays``: Flower's function for ``mean``, ``median``, ``trimmed-mean`` (``proportiontocut``),
+    ``krum`` (``f``), ``multi-krum`` (``f``, ``k``) or ``bulyan`` (``f``, Krum as its first rule)."""
+    if name in ("krum", "multi-krum", "bulyan"):
+        if f is None or (name == "multi-krum" and k is None):
+            raise ValueError(f"aggregator {name!r} needs 'f'{' and k' if name == 'multi-krum' else ''}")
+        if name == "bulyan":
+            return lambda results: module.aggregate_bulyan(list(results), int(f), module.aggregate_krum, to_keep=0)
+        return lambda results: module.aggregate_krum(results, int(f), int(k or 0))
     if name == "mean":
         return module.aggregate
     if name == "median":
@@ -247,7 +255,8 @@ def _flower_aggregator(module: Any, name: str, proportiontocut: float | None) ->
         if proportiontocut is None:
             raise ValueError("aggregator 'trimmed-mean' needs 'proportiontocut'")
         return lambda results: module.aggregate_trimmed_avg(results, float(proportiontocut))
-    raise ValueError(f"unknown Flower aggregator {name!r}; known: mean, median, trimmed-mean")
+    raise ValueError(f"unknown Flower aggregator {name!r}; known: mean, median, trimmed-mean, krum, multi-krum, "
+                     "bulyan")
 
 
 def _flwr_version() -> str:
