@@ -30,8 +30,9 @@ from gradshard.core.layout import ModelLayout
 from gradshard.core.reduce import all_finite
 from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse_reducer
 from gradshard.errors import BadUpdatesError, GradshardError, RoundError, UpdateError
-from gradshard.format.compact import CompactReader, open_client_update
+from gradshard.format.compact import ClientReader, CompactReader, open_client_update
 from gradshard.format.keys import round_of_key
+from gradshard.format.quantized import QuantizedReader
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
@@ -40,12 +41,20 @@ from gradshard.runtime.registry import register
 from gradshard.store import Store
 from gradshard.topology.common import window_elems
 
-Reader = TypeVar("Reader", UpdateReader, UpdateReader | CompactReader)
+Reader = TypeVar("Reader", UpdateReader, ClientReader)
 
 
-def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader]:
-    """Every client's full-size reader (a compact update is refused here: read it through :func:`open_inputs`)."""
-    return _open_all(store, manifest, layout, open_update)
+def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader | QuantizedReader]:
+    """Every client's reader of the whole model, float or int8 (a compact update is refused here: read it through
+    :func:`open_inputs`)."""
+    readers = _open_all(store, manifest, layout, open_client_update)
+    partial = next((r for r in readers if isinstance(r, CompactReader)), None)
+    if partial is not None:
+        for reader in readers:
+            reader.close()
+        raise UpdateError(partial.client, "a compact update holds only part of the model; this function reads "
+                                          "whole updates")
+    return [r for r in readers if not isinstance(r, CompactReader)]
 
 
 def _open_all(store: Store, manifest: RoundManifest, layout: ModelLayout, opener: Callable[..., Reader]

@@ -100,7 +100,7 @@ def trust_products(args: TrustArgs, store: Store) -> TrustResult:
     partials = np.empty((len(indices), 2 * n + 1), dtype="<f8")
     readers = open_clients(store, manifest, layout)
     try:
-        readers.append(open_root(store, manifest, args.root_sha256))
+        readers.append(open_root(store, manifest, args.root_sha256))  # the root is a float update
         rows = ChunkRows(readers, grid, layout.flat_dtype, [*(r.client for r in readers[:n]), ROOT])
         for c, index in enumerate(indices):
             chunk_products(rows.load(index), products, partials[c])

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,7 @@ from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import root_update_key, update_key
+from gradshard.format.quantized import write_quantized_update
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.privacy.accountant import Release
@@ -70,6 +71,8 @@ class ClientTask(BaseModel):
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
     output_key: str = Field(default="", description="where the update goes; empty: the client's update key (the "
                                                     "server's FLTrust root update goes to its own key)")
+    compression: Literal["none", "int8"] = Field(default="none", description="upload as float ('none') or "
+                                                                         "block-wise int8 ('int8')")
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
                                                 "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
@@ -186,6 +189,8 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
         compact = compact_of(averaged, meta.coverage, delta)
         write_compact_update(store, key, averaged, meta.coverage, compact, dataclasses.replace(meta, coverage=None),
                              signer=signer)
+    elif task.compression == "int8":
+        write_quantized_update(store, key, averaged, delta, meta, signer=signer)
     else:
         write_update(store, key, averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,

@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
+    compression: Literal["none", "int8"] = Field(
+        default="none", description="how clients upload their updates: float32 ('none') or block-wise int8 with a "
+                                    "scale per chunk ('int8', gradshard.format.quantized: a quarter of the bytes)")
     root_examples: int = Field(default=100, ge=1, description="aggregation.reducer 'fltrust': examples of the server's "
                                                              "root data set, sampled from the training data")
     attacks: dict[str, str] = Field(default_factory=dict,

@@ -417,6 +417,7 @@ class Trainer:
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, mu=c.mu,
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
                               fault=self.fault(spec.round, client), attack=c.attacks.get(client, ""),
+                              compression=c.compression,
                               dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})

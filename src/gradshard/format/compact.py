@@ -27,6 +27,7 @@ from gradshard.core import checksum, digests
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
+from gradshard.format.quantized import QuantizedReader
 from gradshard.format.update import (
     HEADER_DIGEST_KEY,
     MAX_HEADER_BYTES,
@@ -354,9 +355,13 @@ def scatter(coverage: CoverageMap, a: int, b: int, out: npt.NDArray[Any], k: int
 
 
 # --- opening any client update -------------------------------------------------------------------------------------
+#: What a client's update opens as: full-size, compact (its covered elements) or block-wise int8.
+ClientReader = UpdateReader | CompactReader | QuantizedReader
+
+
 def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
                        trusted_sha256: str | None = None, *, trusted: Validated | None = None
-                       ) -> UpdateReader | CompactReader:
+                       ) -> ClientReader:
     """Open a client's update, full-size or compact, validated against the round's ``layout``; errors name
     ``client``. Without ``trusted_sha256`` (validation) a compact update's empty-chunk digests are checked too.
     ``trusted`` (a full-size update's validated size and byte runs, with ``trusted_sha256``) skips re-parsing its
@@ -370,6 +375,10 @@ def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
         header = read_header(reader, key, client, trusted_sha256,
                              trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
+        if meta.quantized:
+            if fast is not None:  # the manifest recorded a float update: these bytes cannot be it
+                raise UpdateError(client, "object changed since the round was validated (now an int8 update)")
+            return QuantizedReader(reader, header, layout, meta)
         if meta.compact:
             if fast is not None:  # the manifest recorded a full-size update: these bytes cannot be it
                 raise UpdateError(client, "object changed since the round was validated (now a compact update)")

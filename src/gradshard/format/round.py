@@ -37,7 +37,7 @@ from gradshard.errors import (
     UnsafeObjectError,
     UpdateError,
 )
-from gradshard.format.compact import CompactReader, open_client_update
+from gradshard.format.compact import ClientReader, open_client_update
 from gradshard.format.keys import UPDATE_SUFFIX, check_client_id, manifest_key, round_prefix, spec_key
 from gradshard.format.update import UpdateMeta, UpdateReader, Validated
 from gradshard.store import Store
@@ -112,6 +112,7 @@ class ClientEntry(BaseModel):
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     # the object holds only the covered elements, in layout order (gradshard.format.compact)
     compact: bool = False
+    quantized: str = ""  # "int8": block-wise int8 (gradshard.format.quantized)
     # a full-size update's data as validated: (flat start, flat stop, file offset) runs, recorded when there are few
     # (a file in layout order has one), so that functions reopening it need not parse its tensor entries again
     runs: tuple[tuple[int, int, int], ...] | None = Field(default=None, max_length=MAX_MANIFEST_RUNS)
@@ -309,7 +310,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
                                                coverage=_checked_coverage(client, layout, meta), signer=signer,
-                                               compact=meta.compact, runs=_few_runs(upd))
+                                               compact=meta.compact, quantized=meta.quantized, runs=_few_runs(upd))
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc
@@ -332,7 +333,7 @@ def _registry_for(store: Store, spec: RoundSpec) -> KeyRegistry:
     return KeyRegistry(store)
 
 
-def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader | CompactReader) -> str:
+def _verified_signer(registry: KeyRegistry, client: str, upd: ClientReader) -> str:
     """The fingerprint of the registered key whose signature over ``upd`` verifies; :class:`UpdateError` with the
     reason otherwise."""
     from gradshard.security.signing import verify_signed_update
@@ -344,7 +345,7 @@ def _verified_signer(registry: KeyRegistry, client: str, upd: UpdateReader | Com
 
 
 def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout,
-                   attempts: int = 3) -> UpdateReader | CompactReader:
+                   attempts: int = 3) -> ClientReader:
     """Open an update, retrying store errors (a transient error says nothing about the update: it must neither
     reject the client nor escape as a traceback); content errors (UpdateError) are raised at once."""
     for attempt in range(1, attempts + 1):
@@ -363,7 +364,7 @@ def _open_retrying(store: Store, key: str, client: str, layout: ModelLayout,
     raise AssertionError("unreachable")
 
 
-def _few_runs(upd: UpdateReader | CompactReader) -> tuple[tuple[int, int, int], ...] | None:
+def _few_runs(upd: ClientReader) -> tuple[tuple[int, int, int], ...] | None:
     """A full-size update's byte runs, when few enough to travel in the manifest."""
     if isinstance(upd, UpdateReader) and len(upd.runs) <= MAX_MANIFEST_RUNS:
         return upd.runs

@@ -1,0 +1,220 @@
+"""Quantized updates: block-wise int8 with one float32 scale per checksum chunk, readable by range.
+
+A client may upload its update as int8 (¼ of the float32 bytes). Block b of the flat vector is the round's checksum
+chunk b (``chunk_elems`` elements, the last one shorter); its scale is ``s_b = max|x| / 127`` (float32; 0 for an
+all-zero block) and its values ``q = rint(x / s_b)`` clipped to ``[-127, 127]``. Dequantization is
+``x̂ = float32(q) · s_b``, one exact IEEE product per element, so every reader (any shard, any window) gets the same
+values and aggregates stay identical across M.
+
+The file is a safetensors file with one 1-D ``uint8`` tensor, ``int8_blocks``, of ``numel + 4·chunks`` bytes:
+chunk b's ``n_b`` int8 values followed by its float32 scale (little-endian), chunk after chunk, so each chunk is one
+contiguous byte range. Its digest is the round's digest of those ``n_b + 4`` bytes, so a shard ``[a, b)`` on the
+chunk grid reads exactly its chunks' bytes (``(b − a) + 4·chunks``) and verifies each. The metadata is an update's
+with ``gradshard.quantized = "int8"``; the layout digest is the round's (float32) layout's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gradshard.core import checksum, digests
+from gradshard.core.layout import ModelLayout, TensorSpec
+from gradshard.errors import GradshardError, UpdateError
+from gradshard.format.update import HEADER_DIGEST_KEY, MAX_HEADER_BYTES, SIGNATURE_HEX, UpdateHeader, UpdateMeta
+from gradshard.format.writer import encode_header, publish_header, signing_meta
+from gradshard.store import ObjectReader, Store
+from gradshard.store.base import as_bytes
+
+if TYPE_CHECKING:
+    from gradshard.security.keys import PrivateKey
+
+QUANT_TENSOR = "int8_blocks"
+INT8 = "int8"
+_SCALE_BYTES = 4
+_LIMIT = np.float32(127)
+
+
+def packed_bytes(numel: int, chunk_elems: int) -> int:
+    return numel + _SCALE_BYTES * checksum.ChunkGrid(numel, chunk_elems).count
+
+
+def file_layout(layout: ModelLayout, chunk_elems: int) -> ModelLayout:
+    """The layout of the quantized file itself: one uint8 tensor of the packed chunks."""
+    return ModelLayout([TensorSpec(QUANT_TENSOR, (packed_bytes(layout.numel, chunk_elems),), "uint8")])
+
+
+def chunk_offset(grid: checksum.ChunkGrid, index: int) -> int:
+    """Byte offset of chunk ``index`` in the packed data (its int8 values, then its scale)."""
+    return grid.bounds(index)[0] + _SCALE_BYTES * index
+
+
+# --- the kernels (pure) ----------------------------------------------------------------------------------------------
+def quantize_block(x: npt.NDArray[np.float32], q: npt.NDArray[np.int8]) -> np.float32:
+    """Fill ``q`` with block ``x`` in int8 and return its scale (``max|x| / 127``; 0 for an all-zero block)."""
+    if not np.isfinite(x).all():
+        raise GradshardError("cannot quantize NaN or inf")
+    peak = np.float32(np.abs(x).max()) if len(x) else np.float32(0)
+    scale = np.float32(peak / _LIMIT)
+    if scale == 0:
+        q.fill(0)
+        return np.float32(0)
+    scaled = np.rint(x / scale)
+    np.clip(scaled, -127, 127, out=scaled)
+    q[:] = scaled.astype(np.int8)
+    return scale
+
+
+def dequantize_block(q: npt.NDArray[np.int8], scale: np.float32, out: npt.NDArray[np.float32]) -> None:
+    """``out = float32(q) · scale`` (exact casts, one rounding per element)."""
+    np.multiply(q, scale, out=out, dtype=np.float32, casting="unsafe")
+
+
+def pack(flat: npt.NDArray[np.float32], chunk_elems: int) -> npt.NDArray[np.uint8]:
+    """The packed bytes of a whole flat float32 vector (chunk by chunk: int8 values, float32 scale)."""
+    grid = checksum.ChunkGrid(len(flat), chunk_elems)
+    out = np.empty(packed_bytes(len(flat), chunk_elems), dtype=np.uint8)
+    for index in range(grid.count):
+        a, b = grid.bounds(index)
+        at = chunk_offset(grid, index)
+        scale = quantize_block(np.ascontiguousarray(flat[a:b], dtype=np.float32), out[at : at + b - a].view(np.int8))
+        out[at + b - a : at + b - a + _SCALE_BYTES] = np.frombuffer(np.float32(scale).astype("<f4").tobytes(),
+                                                                     dtype=np.uint8)
+    return out
+
+
+def unpack_chunk(packed: npt.NDArray[np.uint8], n: int, out: npt.NDArray[np.float32]) -> None:
+    """Dequantize one chunk's packed bytes (``n`` int8 values, then the scale) into ``out``."""
+    scale = np.frombuffer(packed[n : n + _SCALE_BYTES].tobytes(), dtype="<f4")[0]
+    if not np.isfinite(scale) or scale < 0:
+        raise GradshardError(f"a chunk's scale must be finite and >= 0, got {scale!r}")
+    dequantize_block(packed[:n].view(np.int8), np.float32(scale), out)
+
+
+def dequantized(flat: npt.NDArray[np.float32], chunk_elems: int) -> npt.NDArray[np.float32]:
+    """What readers of ``flat`` quantized get back (a reference for tests and clients)."""
+    packed = pack(flat, chunk_elems)
+    grid = checksum.ChunkGrid(len(flat), chunk_elems)
+    out = np.empty(len(flat), dtype=np.float32)
+    for index in range(grid.count):
+        a, b = grid.bounds(index)
+        at = chunk_offset(grid, index)
+        unpack_chunk(packed[at : at + b - a + _SCALE_BYTES], b - a, out[a:b])
+    return out
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+def write_quantized_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta, *,
+                           signer: PrivateKey | None = None) -> UpdateMeta:
+    """Write ``flat`` (the round's float32 layout) as an int8 update atomically; returns ``meta`` with the chunk
+    digests (over the packed chunks) and the quantized marker."""
+    if layout.flat_dtype != "float32":
+        raise GradshardError(f"int8 updates quantize float32 rounds, this layout is {layout.flat_dtype}")
+    if flat.shape != (layout.numel,):
+        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
+    if meta.layout_digest != layout.digest():
+        raise GradshardError(f"quantized update {key!r}: its metadata's layout digest is not the round layout's")
+    meta = signing_meta(key, dataclasses.replace(meta, quantized=INT8, checksums=""), signer)
+    grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
+    packed = pack(np.asarray(flat, dtype=np.float32), meta.chunk_elems)
+    algorithm = digests.algorithm(meta.digest)
+    hexes = []
+    for index in range(grid.count):
+        a, b = grid.bounds(index)
+        at = chunk_offset(grid, index)
+        hexes.append(algorithm.hexdigest(packed[at : at + b - a + _SCALE_BYTES]))
+    file = file_layout(layout, meta.chunk_elems)
+    placeholder = meta.with_checksums(["0" * meta.hex_width] * grid.count)
+    header_len = len(encode_header(file, placeholder.to_metadata(),
+                                   (lambda _: "0" * SIGNATURE_HEX) if meta.signer else None))
+    if header_len - 8 > MAX_HEADER_BYTES:
+        raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
+                             f"{MAX_HEADER_BYTES:,} readers accept; use larger chunks")
+    upload_id = store.begin_upload(key, header_len + file.nbytes)
+    try:
+        store.write_at(key, upload_id, header_len, packed)
+        return publish_header(store, key, upload_id, file, meta.with_checksums(hexes), header_len, signer)
+    except BaseException:
+        store.abort_upload(key, upload_id)
+        raise
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+class QuantizedReader:
+    """Verified, dequantized reads of one validated int8 update, in the round's (float32) element coordinates.
+
+    Offers what the aggregation reads through (``client``, ``meta``, ``grid``, ``sha256``, ``header_digest``,
+    :meth:`read_verified`) so functions treat it like an :class:`~gradshard.format.update.UpdateReader`."""
+
+    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
+        client = meta.client
+        self.client, self.reader, self.layout, self.meta = client, reader, layout, meta
+        self.sha256, self.object_size = header.sha256, header.object_size
+        self.format, self.header_verified = header.format, header.header_verified
+        self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
+        self.dtype = np.dtype(np.float32)
+        self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
+        if layout.flat_dtype != "float32":
+            raise UpdateError(client, f"an int8 update needs a float32 round, this one is {layout.flat_dtype}")
+        names = sorted(header.tensors)
+        if names != [QUANT_TENSOR]:
+            raise UpdateError(client, f"an int8 update holds exactly one tensor {QUANT_TENSOR!r}, got {names[:5]}")
+        entry = header.tensors[QUANT_TENSOR]
+        need = packed_bytes(layout.numel, meta.chunk_elems)
+        if entry.dtype != "uint8" or entry.shape != (need,):
+            raise UpdateError(client, f"tensor {QUANT_TENSOR!r} must be uint8 of {need} bytes (the round's "
+                                      f"{layout.numel} values and {self.grid.count} scales), got {entry.dtype} "
+                                      f"{list(entry.shape)}")
+        if len(meta.checksums) != self.grid.count * meta.hex_width:
+            raise UpdateError(client, f"checksums do not match the layout: {self.grid.count} chunks need "
+                                      f"{self.grid.count * meta.hex_width} hex digits, got {len(meta.checksums)}")
+        self.data_start = header.data_start + entry.begin
+        self._algorithm = digests.algorithm(meta.digest)
+        self.bytes_read = 0
+
+    def checksum_of(self, index: int) -> str:
+        width = self.meta.hex_width
+        return self.meta.checksums[index * width : (index + 1) * width]
+
+    def expect(self, start: int, stop: int) -> None:
+        """Announce a chunk-aligned range read front to back (one streamed GET on S3)."""
+        if stop > start:
+            first, last = self.grid.covering(start, stop)[0], self.grid.covering(start, stop)[-1]
+            end = chunk_offset(self.grid, last) + self.grid.bounds(last)[1] - self.grid.bounds(last)[0] + _SCALE_BYTES
+            self.reader.expect(self.data_start + chunk_offset(self.grid, first), self.data_start + end)
+
+    def read_chunk(self, index: int, packed: npt.NDArray[np.uint8], out: npt.NDArray[np.float32]) -> None:
+        """Read, verify and dequantize chunk ``index`` into ``out`` (its length); ``packed`` is scratch."""
+        a, b = self.grid.bounds(index)
+        n = b - a
+        raw = packed[: n + _SCALE_BYTES]
+        self.reader.read_into(self.data_start + chunk_offset(self.grid, index), as_bytes(raw))
+        self.bytes_read += n + _SCALE_BYTES
+        if self._algorithm.hexdigest(raw) != self.checksum_of(index):
+            raise UpdateError(self.client, f"checksum mismatch in chunk {index} (elements [{a}, {b})): the object "
+                                           "is corrupted")
+        try:
+            unpack_chunk(raw, n, out[:n])
+        except GradshardError as exc:
+            raise UpdateError(self.client, f"chunk {index}: {exc}") from None
+
+    def read_verified(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
+        """Fill ``out`` with the dequantized elements of chunk-aligned ``[start, stop)``, every chunk verified."""
+        if not self.grid.is_aligned(start, stop):
+            raise GradshardError(f"verified reads must be chunk-aligned, got [{start}, {stop})")
+        packed = np.empty(self.grid.chunk_elems + _SCALE_BYTES, dtype=np.uint8)
+        for index in self.grid.covering(start, stop):
+            a, b = self.grid.bounds(index)
+            self.read_chunk(index, packed, out[a - start : b - start])
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> QuantizedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
