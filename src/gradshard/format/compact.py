@@ -29,13 +29,13 @@ from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
 from gradshard.format.quantized import QuantizedReader
 from gradshard.format.update import (
-    HEADER_DIGEST_KEY,
     MAX_HEADER_BYTES,
     SIGNATURE_HEX,
     UpdateHeader,
     UpdateMeta,
     UpdateReader,
     Validated,
+    VerifiedObject,
     check_layout,
     read_header,
 )
@@ -233,7 +233,7 @@ def write_compact_update(store: Store, key: str, layout: ModelLayout,
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
-class CompactReader:
+class CompactReader(VerifiedObject):
     """Verified reads of one validated compact update, in supernet (layout) element coordinates.
 
     Offers what the aggregation reads through (``client``, ``meta``, ``grid``, ``sha256``, ``header_digest``,
@@ -246,12 +246,7 @@ class CompactReader:
             self.coverage = CoverageMap(layout, meta.coverage)
         except GradshardError as exc:
             raise UpdateError(client, f"bad coverage: {exc}") from None
-        self.client, self.reader, self.layout, self.meta = client, reader, layout, meta
-        self.sha256, self.object_size = header.sha256, header.object_size
-        self.format, self.header_verified = header.format, header.header_verified
-        self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
-        self.dtype = np.dtype(layout.flat_dtype)
-        self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
+        super().__init__(reader, header, layout, meta)
         names = sorted(n for n in header.tensors)
         if names != [COMPACT_TENSOR]:
             raise UpdateError(client, f"a compact update holds exactly one tensor {COMPACT_TENSOR!r}, got "
@@ -263,14 +258,7 @@ class CompactReader:
         if entry.shape != (self.coverage.covered_elems,):
             raise UpdateError(client, f"wrong length: tensor {COMPACT_TENSOR!r} has shape {list(entry.shape)}, its "
                                       f"coverage holds {self.coverage.covered_elems} elements")
-        if len(meta.checksums) != self.grid.count * meta.hex_width:
-            raise UpdateError(client, f"checksums do not match the layout: {self.grid.count} chunks need "
-                                      f"{self.grid.count * meta.hex_width} hex digits, got {len(meta.checksums)}")
         self.data_start = header.data_start + entry.begin  # byte offset of compact element 0
-
-    def checksum_of(self, index: int) -> str:
-        width = self.meta.hex_width
-        return self.meta.checksums[index * width : (index + 1) * width]
 
     def stream(self, start: int, stop: int) -> CompactStream:
         """Sequential verified reads of the compact elements of supernet range ``[start, stop)`` (chunk-aligned)."""
@@ -291,15 +279,6 @@ class CompactReader:
         problem = empty_chunk_problem(self.grid, self.coverage, self.meta)
         if problem is not None:
             raise UpdateError(self.client, f"compact update: {problem}")
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> CompactReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class CompactStream:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from gradshard.core import checksum, digests
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, UpdateError
-from gradshard.format.update import HEADER_DIGEST_KEY, MAX_HEADER_BYTES, SIGNATURE_HEX, UpdateHeader, UpdateMeta
+from gradshard.format.update import MAX_HEADER_BYTES, SIGNATURE_HEX, UpdateHeader, UpdateMeta, VerifiedObject
 from gradshard.format.writer import encode_header, publish_header, signing_meta
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
@@ -143,7 +143,7 @@ def write_quantized_update(store: Store, key: str, layout: ModelLayout, flat: np
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
-class QuantizedReader:
+class QuantizedReader(VerifiedObject):
     """Verified, dequantized reads of one validated int8 update, in the round's (float32) element coordinates.
 
     Offers what the aggregation reads through (``client``, ``meta``, ``grid``, ``sha256``, ``header_digest``,
@@ -151,12 +151,7 @@ class QuantizedReader:
 
     def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
         client = meta.client
-        self.client, self.reader, self.layout, self.meta = client, reader, layout, meta
-        self.sha256, self.object_size = header.sha256, header.object_size
-        self.format, self.header_verified = header.format, header.header_verified
-        self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
-        self.dtype = np.dtype(np.float32)
-        self.grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
+        super().__init__(reader, header, layout, meta)
         if layout.flat_dtype != "float32":
             raise UpdateError(client, f"an int8 update needs a float32 round, this one is {layout.flat_dtype}")
         names = sorted(header.tensors)
@@ -168,16 +163,9 @@ class QuantizedReader:
             raise UpdateError(client, f"tensor {QUANT_TENSOR!r} must be uint8 of {need} bytes (the round's "
                                       f"{layout.numel} values and {self.grid.count} scales), got {entry.dtype} "
                                       f"{list(entry.shape)}")
-        if len(meta.checksums) != self.grid.count * meta.hex_width:
-            raise UpdateError(client, f"checksums do not match the layout: {self.grid.count} chunks need "
-                                      f"{self.grid.count * meta.hex_width} hex digits, got {len(meta.checksums)}")
         self.data_start = header.data_start + entry.begin
         self._algorithm = digests.algorithm(meta.digest)
         self.bytes_read = 0
-
-    def checksum_of(self, index: int) -> str:
-        width = self.meta.hex_width
-        return self.meta.checksums[index * width : (index + 1) * width]
 
     def expect(self, start: int, stop: int) -> None:
         """Announce a chunk-aligned range read front to back (one streamed GET on S3)."""
@@ -209,12 +197,3 @@ class QuantizedReader:
         for index in self.grid.covering(start, stop):
             a, b = self.grid.bounds(index)
             self.read_chunk(index, packed, out[a - start : b - start])
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> QuantizedReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

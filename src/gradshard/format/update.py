@@ -32,7 +32,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -578,19 +578,17 @@ def byte_runs(header: UpdateHeader, layout: ModelLayout) -> list[list[int]]:
     return runs
 
 
-class UpdateReader:
-    """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates.
+class VerifiedObject:
+    """What every reader of a validated update holds (full-size, compact, int8): the object, its validated header's
+    identity (sha256, whether its digest was checked, the digest a signature covers), the round's layout and chunk
+    grid, and one stored digest per chunk. Keeps no parsed header (one dict per tensor): a shard function holds one
+    reader per client, and its memory must not grow with N times the number of tensors."""
 
-    ``header_verified`` says whether the header's digest was checked (format 2); a format-1 object has none.
-    """
-
-    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta,
-                 runs: Sequence[Sequence[int]] | None = None) -> None:
-        # Keep only what reads need — never the parsed header (one dict per tensor): a shard function holds one
-        # reader per client, and its memory must not grow with N times the number of tensors.
+    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
         self.client = meta.client
         self.reader, self.layout, self.meta = reader, layout, meta
         self.sha256, self.object_size = header.sha256, header.object_size
+        # ``header_verified``: whether the header's digest was checked (format 2); a format-1 object has none
         self.format, self.header_verified = header.format, header.header_verified
         # the header digest this reader's header was verified against ("" if none): what a signature covers
         self.header_digest = header.metadata.get(HEADER_DIGEST_KEY, "") if header.header_verified else ""
@@ -601,6 +599,27 @@ class UpdateReader:
             raise UpdateError(self.client, f"checksums do not match the layout: {self.grid.count} chunks need "
                                            f"{self.grid.count * self._width} hex digits, got "
                                            f"{len(meta.checksums)}")
+
+    def checksum_of(self, index: int) -> str:
+        """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
+        return self.meta.checksums[index * self._width : (index + 1) * self._width]
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UpdateReader(VerifiedObject):
+    """Ranged, checksum-verified reads of one validated update, in flat (layout) element coordinates."""
+
+    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta,
+                 runs: Sequence[Sequence[int]] | None = None) -> None:
+        super().__init__(reader, header, layout, meta)
         # byte runs: (flat start element, flat stop element, file offset); merged when the file is in layout order.
         # ``runs``: the ones the round's validation found for these header bytes (the manifest's), used as given
         self._runs = [list(r) for r in runs] if runs is not None else byte_runs(header, layout)
@@ -644,10 +663,6 @@ class UpdateReader:
             if a < b:
                 yield a, b, offset + (a - lo) * size
 
-    def checksum_of(self, index: int) -> str:
-        """The stored digest of chunk ``index`` (sliced from the packed metadata string)."""
-        return self.meta.checksums[index * self._width : (index + 1) * self._width]
-
     def stream(self, start: int, stop: int) -> VerifiedStream:
         """Sequential reads of ``[start, stop)`` (chunk-aligned), each chunk's checksum checked when complete."""
         if not self.grid.is_aligned(start, stop):
@@ -657,15 +672,6 @@ class UpdateReader:
     def read_verified(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
         """:meth:`read` a chunk-aligned range and check every chunk's checksum."""
         self.stream(start, stop).read_next(out)
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> UpdateReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class VerifiedStream:
