@@ -89,7 +89,7 @@ def test_an_int8_round_aggregates_the_dequantized_updates_the_same_for_every_m_r
     chunks = -(-layout.numel // CHUNK)
     data = 2 * layout.numel * 4 + 3 * (layout.numel + 4 * chunks)  # the data each shard function reads, in total
     assert data <= reads[1] < data + 5 * 40_000  # plus the manifest and every client's header
-    assert {c.client: c.quantized for c in result.manifest.clients} == {
+    assert {c.client: c.encoding for c in result.manifest.clients} == {
         "c0": "int8", "c1": "", "c2": "int8", "c3": "", "c4": "int8"}
 
 
@@ -140,10 +140,10 @@ def test_int8_updates_are_refused_where_they_cannot_be_read() -> None:
         write_quantized_update(store, "x", half, np.zeros(10, np.float16), _meta(half, "c9"))
     with pytest.raises(GradshardError, match="NaN or inf"):
         write_quantized_update(store, "x", layout, np.full(layout.numel, np.nan, np.float32), _meta(layout, "c9"))
-    with pytest.raises(GradshardError, match="unknown quantization"):
-        UpdateMeta(client="c", round=0, examples=1, layout_digest="d", chunk_elems=4, quantized="int4")
+    with pytest.raises(GradshardError, match="unknown encoding"):
+        UpdateMeta(client="c", round=0, examples=1, layout_digest="d", chunk_elems=4, encoding="int4")
     manifest = prepare_round(store, 0)
-    assert [c.quantized for c in manifest.clients] == ["int8", "int8"]
+    assert [c.encoding for c in manifest.clients] == ["int8", "int8"]
 
 
 def test_training_with_int8_uploads_writes_quarter_size_updates_and_still_learns() -> None:
@@ -161,5 +161,5 @@ def test_training_with_int8_uploads_writes_quarter_size_updates_and_still_learns
 
     key = update_key(2, "client-0001")
     assert 0.24 < len(int8_store.get(key)) / len(float_store.get(key)) < 0.3
-    assert all(c.quantized == "int8" for c in prepare_round(int8_store, 2).clients)
+    assert all(c.encoding == "int8" for c in prepare_round(int8_store, 2).clients)
     assert float(str(int8_history[-1]["test_accuracy"])) > float(str(float_history[-1]["test_accuracy"])) - 0.05

@@ -27,7 +27,7 @@ from gradshard.core import checksum, digests
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
-from gradshard.format.quantized import QuantizedReader
+from gradshard.format.quantized import INT8, QuantizedReader
 from gradshard.format.update import (
     MAX_HEADER_BYTES,
     SIGNATURE_HEX,
@@ -354,7 +354,7 @@ def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
         header = read_header(reader, key, client, trusted_sha256,
                              trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
-        if meta.quantized:
+        if meta.encoding == INT8:
             if fast is not None:  # the manifest recorded a float update: these bytes cannot be it
                 raise UpdateError(client, "object changed since the round was validated (now an int8 update)")
             return QuantizedReader(reader, header, layout, meta)

@@ -10,7 +10,7 @@ The file is a safetensors file with one 1-D ``uint8`` tensor, ``int8_blocks``, o
 chunk b's ``n_b`` int8 values followed by its float32 scale (little-endian), chunk after chunk, so each chunk is one
 contiguous byte range. Its digest is the round's digest of those ``n_b + 4`` bytes, so a shard ``[a, b)`` on the
 chunk grid reads exactly its chunks' bytes (``(b − a) + 4·chunks``) and verifies each. The metadata is an update's
-with ``gradshard.quantized = "int8"``; the layout digest is the round's (float32) layout's.
+with ``gradshard.encoding = "int8"``; the layout digest is the round's (float32) layout's.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def write_quantized_update(store: Store, key: str, layout: ModelLayout, flat: np
         raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
     if meta.layout_digest != layout.digest():
         raise GradshardError(f"quantized update {key!r}: its metadata's layout digest is not the round layout's")
-    meta = signing_meta(key, dataclasses.replace(meta, quantized=INT8, checksums=""), signer)
+    meta = signing_meta(key, dataclasses.replace(meta, encoding=INT8, checksums=""), signer)
     grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
     packed = pack(np.asarray(flat, dtype=np.float32), meta.chunk_elems)
     algorithm = digests.algorithm(meta.digest)

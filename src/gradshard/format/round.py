@@ -112,7 +112,7 @@ class ClientEntry(BaseModel):
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     # the object holds only the covered elements, in layout order (gradshard.format.compact)
     compact: bool = False
-    quantized: str = ""  # "int8": block-wise int8 (gradshard.format.quantized)
+    encoding: str = ""  # how the update stores its values: "" (the layout's dtype), "int8", "topk"
     # a full-size update's data as validated: (flat start, flat stop, file offset) runs, recorded when there are few
     # (a file in layout order has one), so that functions reopening it need not parse its tensor entries again
     runs: tuple[tuple[int, int, int], ...] | None = Field(default=None, max_length=MAX_MANIFEST_RUNS)
@@ -310,7 +310,7 @@ def prepare_round(store: Store, r: int, policy: Policy = "skip", weighting: Weig
                 accepted[client] = ClientEntry(client=client, key=key, examples=meta.examples,
                                                header_sha256=upd.sha256, size=upd.object_size,
                                                coverage=_checked_coverage(client, layout, meta), signer=signer,
-                                               compact=meta.compact, quantized=meta.quantized, runs=_few_runs(upd))
+                                               compact=meta.compact, encoding=meta.encoding, runs=_few_runs(upd))
         except UpdateError as exc:
             if policy == "fail":
                 raise RoundError(str(exc)) from exc

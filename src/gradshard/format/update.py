@@ -57,7 +57,8 @@ _P = "gradshard."
 HEADER_DIGEST_KEY = f"{_P}header_digest"
 COVERAGE_KEY = f"{_P}coverage"
 COMPACT_KEY = f"{_P}compact"  # "1": the data is only the covered elements (gradshard.format.compact)
-QUANTIZED_KEY = f"{_P}quantized"  # "int8": block-wise int8 with a scale per chunk (gradshard.format.quantized)
+ENCODING_KEY = f"{_P}encoding"  # how the values are stored: "int8" (format.quantized), "topk" (format.sparse)
+ENCODINGS = ("", "int8", "topk")  # "": the layout's dtype, every element
 SIGNER_KEY = f"{_P}signer"  # the signing key's fingerprint: 64 hex digits (gradshard.security.keys.fingerprint)
 SIGNATURE_KEY = f"{_P}signature"  # the Ed25519 signature: 128 hex digits (gradshard.security.signing)
 SIGNER_HEX, SIGNATURE_HEX = 64, 128
@@ -234,16 +235,16 @@ class UpdateMeta:
     signer: str = ""  # fingerprint of the key that signed it ("" unsigned); see gradshard.security.signing
     signature: str = ""  # hex of the Ed25519 signature, set at commit
     compact: bool = False  # the data holds only the covered elements (gradshard.format.compact)
-    quantized: str = ""  # "int8": the data is block-wise int8 (gradshard.format.quantized); "": the layout's dtype
+    encoding: str = ""  # "int8" (gradshard.format.quantized), "topk" (gradshard.format.sparse); "": plain
 
     def __post_init__(self) -> None:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
-        if self.quantized not in ("", "int8"):
-            raise GradshardError(f"update of client {self.client!r}: unknown quantization {self.quantized[:20]!r}; "
-                                 "known: int8")
-        if self.quantized and (self.compact or self.coverage is not None):
-            raise GradshardError(f"update of client {self.client!r}: an int8 update covers the whole model (no "
-                                 "coverage, not compact)")
+        if self.encoding not in ENCODINGS:
+            raise GradshardError(f"update of client {self.client!r}: unknown encoding {self.encoding[:20]!r}; "
+                                 "known: int8, topk")
+        if self.encoding and (self.compact or self.coverage is not None):
+            raise GradshardError(f"update of client {self.client!r}: an {self.encoding} update covers the whole "
+                                 "model (no coverage, not compact)")
         if self.compact and self.coverage is None:
             raise GradshardError(f"compact update of client {self.client!r} needs a coverage (the elements it "
                                  "holds)")
@@ -272,8 +273,8 @@ class UpdateMeta:
             md[COVERAGE_KEY] = encode_coverage(self.coverage)
         if self.compact:
             md[COMPACT_KEY] = "1"
-        if self.quantized:
-            md[QUANTIZED_KEY] = self.quantized
+        if self.encoding:
+            md[ENCODING_KEY] = self.encoding
         if self.signer:
             md[SIGNER_KEY] = self.signer
         if self.signature:
@@ -318,10 +319,10 @@ class UpdateMeta:
         if compact is not None and (compact != "1" or coverage is None):
             raise UpdateError(client, f"metadata field '{COMPACT_KEY}' must be \"1\" and come with "
                                       f"'{COVERAGE_KEY}' (the elements a compact update holds), got {compact[:8]!r}")
-        quantized = md.get(QUANTIZED_KEY, "")
-        if quantized not in ("", "int8") or (quantized and coverage is not None):
-            raise UpdateError(client, f"metadata field '{QUANTIZED_KEY}' must be \"int8\" on an update of the whole "
-                                      f"model (no coverage), got {quantized[:8]!r}")
+        encoding = md.get(ENCODING_KEY, "")
+        if encoding not in ENCODINGS or (encoding and coverage is not None):
+            raise UpdateError(client, f"metadata field '{ENCODING_KEY}' must be \"int8\" or \"topk\" on an update of "
+                                      f"the whole model (no coverage), got {encoding[:8]!r}")
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
         kind = need("kind")
         signer, signature = _parse_signature(client, md)
@@ -332,7 +333,7 @@ class UpdateMeta:
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
                    checksums=need("checksums"), base_model=need("base_model"), kind=kind, extra=extra,
                    digest=digests.algorithm(algorithm).name, coverage=coverage, signer=signer,
-                   signature=signature, compact=compact is not None, quantized=quantized)
+                   signature=signature, compact=compact is not None, encoding=encoding)
 
     @property
     def signed(self) -> bool:
@@ -722,8 +723,8 @@ def open_update(store: Store, key: str, client: str, layout: ModelLayout,
         header = read_header(reader, key, client, trusted_sha256,
                              trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
-        if meta.compact or meta.quantized:
-            what = "a compact update (only its covered elements)" if meta.compact else "an int8 update"
+        if meta.compact or meta.encoding:
+            what = "a compact update (only its covered elements)" if meta.compact else f"an {meta.encoding} update"
             raise UpdateError(client, f"object {key!r} is {what}; read it with "
                                       "gradshard.format.compact.open_client_update")
         if fast is not None:
