@@ -18,6 +18,7 @@ import numpy.typing as npt
 from gradshard.core.checksum import ChunkGrid
 from gradshard.errors import RoundError, UpdateError
 from gradshard.format.quantized import QuantizedReader
+from gradshard.format.sparse import SparseReader
 from gradshard.format.update import UpdateReader
 
 ALIGN = 8  # float64 per padded row unit (64 bytes)
@@ -30,7 +31,8 @@ def padded_width(chunk_elems: int) -> int:
 class ChunkRows:
     """One float64 row per reader (zero-padded to :func:`padded_width`), refilled chunk by chunk."""
 
-    def __init__(self, readers: Sequence[UpdateReader | QuantizedReader], grid: ChunkGrid, dtype: npt.DTypeLike,
+    def __init__(self, readers: Sequence[UpdateReader | QuantizedReader | SparseReader], grid: ChunkGrid,
+                 dtype: npt.DTypeLike,
                  names: Sequence[str] | None = None) -> None:
         self.readers, self.grid = readers, grid
         self.names = list(names) if names is not None else [r.client for r in readers]

@@ -34,6 +34,7 @@ from gradshard.format.compact import ClientReader, CompactReader, open_client_up
 from gradshard.format.keys import round_of_key
 from gradshard.format.quantized import QuantizedReader
 from gradshard.format.round import RoundManifest, load_manifest
+from gradshard.format.sparse import SparseReader
 from gradshard.format.update import UpdateReader, open_update
 from gradshard.format.writer import RangeWriter
 from gradshard.privacy.noise import ChunkNoise
@@ -44,9 +45,10 @@ from gradshard.topology.common import window_elems
 Reader = TypeVar("Reader", UpdateReader, ClientReader)
 
 
-def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout) -> list[UpdateReader | QuantizedReader]:
-    """Every client's reader of the whole model, float or int8 (a compact update is refused here: read it through
-    :func:`open_inputs`)."""
+def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout
+                 ) -> list[UpdateReader | QuantizedReader | SparseReader]:
+    """Every client's reader of the whole model, float, int8 or top-k (a compact update is refused here: read it
+    through :func:`open_inputs`)."""
     readers = _open_all(store, manifest, layout, open_client_update)
     partial = next((r for r in readers if isinstance(r, CompactReader)), None)
     if partial is not None:

@@ -22,11 +22,10 @@ import numpy.typing as npt
 
 from gradshard.core.coverage import CoverageMap
 from gradshard.format.compact import ClientReader, CompactReader, scatter
-from gradshard.format.quantized import QuantizedReader
-from gradshard.format.update import UpdateReader, VerifiedStream
+from gradshard.format.update import EncodedReader, UpdateReader, VerifiedStream
 
 
-def read_window_again(reader: ClientReader, a: int, b: int, out: npt.NDArray[Any]) -> None:
+def read_window_again(reader: ClientReader | EncodedReader, a: int, b: int, out: npt.NDArray[Any]) -> None:
     """Re-read window ``[a, b)`` of ``reader`` on its own (whole chunks, verified), apart from any stream: to find
     which client put a NaN in a window."""
     lo, hi = reader.grid.extent(a, b)
@@ -149,18 +148,16 @@ class CompactInput:
         self.reader.close()
 
 
-class QuantizedInput:
-    """Reads of one int8 update over ``[start, stop)`` (chunk-aligned), window by window, in order: each chunk is
-    read once (its int8 values and scale, one contiguous byte range), verified and dequantized into a chunk buffer
-    that serves the windows it overlaps. Same interface as :class:`ClientInput`. Memory: one chunk of float32 and
-    one of packed bytes (``chunk·5 + 4``)."""
+class ChunkedInput:
+    """Reads of one encoded update (int8 or top-k) over ``[start, stop)`` (chunk-aligned), window by window, in
+    order: each chunk is read once (its encoded bytes only), verified and decoded into a chunk buffer that serves the
+    windows it overlaps. Same interface as :class:`ClientInput`. Memory: one chunk of float32, plus the reader's
+    one chunk of encoded bytes."""
 
-    def __init__(self, reader: QuantizedReader, start: int, stop: int) -> None:
+    def __init__(self, reader: EncodedReader, start: int, stop: int) -> None:
         self.reader, self.coverage = reader, None
         self.client = reader.client
-        chunk = reader.grid.chunk_elems
-        self._values = np.empty(chunk, dtype=np.float32)
-        self._packed = np.empty(chunk + 4, dtype=np.uint8)
+        self._values = np.empty(reader.grid.chunk_elems, dtype=np.float32)
         self._loaded = -1
         reader.expect(start, stop)
 
@@ -169,13 +166,13 @@ class QuantizedInput:
         return self.reader.bytes_read
 
     def read(self, a: int, b: int, out: npt.NDArray[Any]) -> None:
-        """Fill ``out`` with the dequantized elements ``[a, b)``; windows must follow each other from ``start``."""
+        """Fill ``out`` with the decoded elements ``[a, b)``; windows must follow each other from ``start``."""
         grid, pos = self.reader.grid, a
         while pos < b:
             index = pos // grid.chunk_elems
             lo, hi = grid.bounds(index)
             if index != self._loaded:
-                self.reader.read_chunk(index, self._packed, self._values[: hi - lo])
+                self.reader.read_chunk(index, self._values[: hi - lo])
                 self._loaded = index
             take = min(b, hi) - pos
             out[pos - a : pos - a + take] = self._values[pos - lo : pos - lo + take]
@@ -191,17 +188,17 @@ class QuantizedInput:
         self.reader.close()
 
 
-UpdateInput = ClientInput | CompactInput | QuantizedInput
+UpdateInput = ClientInput | CompactInput | ChunkedInput
 
 
 def client_input(reader: ClientReader, start: int, stop: int, coverage: CoverageMap | None,
                  window: int) -> UpdateInput:
-    """The input that reads ``reader`` over ``[start, stop)``: compact, int8 or full-size (with its coverage, if
-    any)."""
+    """The input that reads ``reader`` over ``[start, stop)``: compact, int8, top-k or full-size (with its coverage,
+    if any)."""
     if isinstance(reader, CompactReader):
         return CompactInput(reader, start, stop, window)
-    if isinstance(reader, QuantizedReader):
-        return QuantizedInput(reader, start, stop)
+    if isinstance(reader, EncodedReader):
+        return ChunkedInput(reader, start, stop)
     return ClientInput(reader, start, stop, coverage, window)
 
 

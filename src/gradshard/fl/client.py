@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,7 @@ from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import root_update_key, update_key
 from gradshard.format.quantized import write_quantized_update
+from gradshard.format.sparse import k_of, parse_compression, write_topk_update
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.privacy.accountant import Release
@@ -71,8 +72,8 @@ class ClientTask(BaseModel):
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
     output_key: str = Field(default="", description="where the update goes; empty: the client's update key (the "
                                                     "server's FLTrust root update goes to its own key)")
-    compression: Literal["none", "int8"] = Field(default="none", description="upload as float ('none') or "
-                                                                         "block-wise int8 ('int8')")
+    compression: str = Field(default="none", description="upload as float ('none'), block-wise int8 ('int8') or "
+                                                         "the largest entries ('topk:<fraction>')")
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
                                                 "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
@@ -191,6 +192,9 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
                              signer=signer)
     elif task.compression == "int8":
         write_quantized_update(store, key, averaged, delta, meta, signer=signer)
+    elif task.compression != "none":
+        fraction = parse_compression(task.compression)[1]
+        write_topk_update(store, key, averaged, delta, meta, k=k_of(fraction, averaged.numel), signer=signer)
     else:
         write_update(store, key, averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,

@@ -11,6 +11,7 @@ from gradshard.blockwise.config import BlockwiseConfig
 from gradshard.errors import GradshardError
 from gradshard.fl.attacks import parse_attack
 from gradshard.fl.server import ServerOptimizer
+from gradshard.format.sparse import parse_compression
 from gradshard.privacy.config import PrivacyConfig
 from gradshard.supernet.config import SupernetConfig
 
@@ -61,9 +62,10 @@ class TrainConfig(BaseModel):
     stop_when_all_fail: bool = Field(default=True, description="a round whose every client failed stops the run")
     faults: dict[str, str] = Field(default_factory=dict,
                                    description="testing: '<client>' or '<round>/<client>' -> crash | nan | sleep:<s>")
-    compression: Literal["none", "int8"] = Field(
-        default="none", description="how clients upload their updates: float32 ('none') or block-wise int8 with a "
-                                    "scale per chunk ('int8', gradshard.format.quantized: a quarter of the bytes)")
+    compression: str = Field(
+        default="none", description="how clients upload their updates: float32 ('none'), block-wise int8 with a "
+                                    "scale per chunk ('int8', gradshard.format.quantized: a quarter of the bytes) or "
+                                    "the largest entries ('topk:<fraction>', gradshard.format.sparse)")
     root_examples: int = Field(default=100, ge=1, description="aggregation.reducer 'fltrust': examples of the server's "
                                                              "root data set, sampled from the training data")
     attacks: dict[str, str] = Field(default_factory=dict,
@@ -79,6 +81,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        try:
+            parse_compression(self.compression)
+        except GradshardError as exc:
+            raise ValueError(str(exc)) from None
         known = {f"client-{i:04d}" for i in range(self.clients)}
         for client, attack in self.attacks.items():
             if client not in known:

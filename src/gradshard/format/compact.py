@@ -28,6 +28,7 @@ from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
 from gradshard.format.quantized import INT8, QuantizedReader
+from gradshard.format.sparse import SparseReader
 from gradshard.format.update import (
     MAX_HEADER_BYTES,
     SIGNATURE_HEX,
@@ -334,8 +335,8 @@ def scatter(coverage: CoverageMap, a: int, b: int, out: npt.NDArray[Any], k: int
 
 
 # --- opening any client update -------------------------------------------------------------------------------------
-#: What a client's update opens as: full-size, compact (its covered elements) or block-wise int8.
-ClientReader = UpdateReader | CompactReader | QuantizedReader
+#: What a client's update opens as: full-size, compact (its covered elements), block-wise int8 or top-k.
+ClientReader = UpdateReader | CompactReader | QuantizedReader | SparseReader
 
 
 def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
@@ -354,10 +355,11 @@ def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
         header = read_header(reader, key, client, trusted_sha256,
                              trusted_size=fast.size if fast is not None else None, layout=layout)
         meta = UpdateMeta.from_metadata(client, header.metadata)
-        if meta.encoding == INT8:
+        if meta.encoding:
             if fast is not None:  # the manifest recorded a float update: these bytes cannot be it
-                raise UpdateError(client, "object changed since the round was validated (now an int8 update)")
-            return QuantizedReader(reader, header, layout, meta)
+                raise UpdateError(client, f"object changed since the round was validated (now an {meta.encoding} "
+                                          "update)")
+            return (QuantizedReader if meta.encoding == INT8 else SparseReader)(reader, header, layout, meta)
         if meta.compact:
             if fast is not None:  # the manifest recorded a full-size update: these bytes cannot be it
                 raise UpdateError(client, "object changed since the round was validated (now a compact update)")

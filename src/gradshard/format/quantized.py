@@ -24,8 +24,8 @@ import numpy.typing as npt
 from gradshard.core import checksum, digests
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, UpdateError
-from gradshard.format.update import MAX_HEADER_BYTES, SIGNATURE_HEX, UpdateHeader, UpdateMeta, VerifiedObject
-from gradshard.format.writer import encode_header, publish_header, signing_meta
+from gradshard.format.update import EncodedReader, UpdateHeader, UpdateMeta
+from gradshard.format.writer import check_encodable, publish_encoded, signing_meta
 from gradshard.store import ObjectReader, Store
 from gradshard.store.base import as_bytes
 
@@ -111,12 +111,7 @@ def write_quantized_update(store: Store, key: str, layout: ModelLayout, flat: np
                            signer: PrivateKey | None = None) -> UpdateMeta:
     """Write ``flat`` (the round's float32 layout) as an int8 update atomically; returns ``meta`` with the chunk
     digests (over the packed chunks) and the quantized marker."""
-    if layout.flat_dtype != "float32":
-        raise GradshardError(f"int8 updates quantize float32 rounds, this layout is {layout.flat_dtype}")
-    if flat.shape != (layout.numel,):
-        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
-    if meta.layout_digest != layout.digest():
-        raise GradshardError(f"quantized update {key!r}: its metadata's layout digest is not the round layout's")
+    check_encodable(key, layout, flat, meta, "int8")
     meta = signing_meta(key, dataclasses.replace(meta, encoding=INT8, checksums=""), signer)
     grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
     packed = pack(np.asarray(flat, dtype=np.float32), meta.chunk_elems)
@@ -126,24 +121,11 @@ def write_quantized_update(store: Store, key: str, layout: ModelLayout, flat: np
         a, b = grid.bounds(index)
         at = chunk_offset(grid, index)
         hexes.append(algorithm.hexdigest(packed[at : at + b - a + _SCALE_BYTES]))
-    file = file_layout(layout, meta.chunk_elems)
-    placeholder = meta.with_checksums(["0" * meta.hex_width] * grid.count)
-    header_len = len(encode_header(file, placeholder.to_metadata(),
-                                   (lambda _: "0" * SIGNATURE_HEX) if meta.signer else None))
-    if header_len - 8 > MAX_HEADER_BYTES:
-        raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
-                             f"{MAX_HEADER_BYTES:,} readers accept; use larger chunks")
-    upload_id = store.begin_upload(key, header_len + file.nbytes)
-    try:
-        store.write_at(key, upload_id, header_len, packed)
-        return publish_header(store, key, upload_id, file, meta.with_checksums(hexes), header_len, signer)
-    except BaseException:
-        store.abort_upload(key, upload_id)
-        raise
+    return publish_encoded(store, key, file_layout(layout, meta.chunk_elems), meta, hexes, [packed], signer)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
-class QuantizedReader(VerifiedObject):
+class QuantizedReader(EncodedReader):
     """Verified, dequantized reads of one validated int8 update, in the round's (float32) element coordinates.
 
     Offers what the aggregation reads through (``client``, ``meta``, ``grid``, ``sha256``, ``header_digest``,
@@ -164,8 +146,7 @@ class QuantizedReader(VerifiedObject):
                                       f"{layout.numel} values and {self.grid.count} scales), got {entry.dtype} "
                                       f"{list(entry.shape)}")
         self.data_start = header.data_start + entry.begin
-        self._algorithm = digests.algorithm(meta.digest)
-        self.bytes_read = 0
+        self._packed = np.empty(self.grid.chunk_elems + _SCALE_BYTES, dtype=np.uint8)  # one chunk's bytes
 
     def expect(self, start: int, stop: int) -> None:
         """Announce a chunk-aligned range read front to back (one streamed GET on S3)."""
@@ -174,26 +155,17 @@ class QuantizedReader(VerifiedObject):
             end = chunk_offset(self.grid, last) + self.grid.bounds(last)[1] - self.grid.bounds(last)[0] + _SCALE_BYTES
             self.reader.expect(self.data_start + chunk_offset(self.grid, first), self.data_start + end)
 
-    def read_chunk(self, index: int, packed: npt.NDArray[np.uint8], out: npt.NDArray[np.float32]) -> None:
-        """Read, verify and dequantize chunk ``index`` into ``out`` (its length); ``packed`` is scratch."""
+    def read_chunk(self, index: int, out: npt.NDArray[np.float32]) -> None:
+        """Read, verify and dequantize chunk ``index`` into ``out`` (its length)."""
         a, b = self.grid.bounds(index)
         n = b - a
-        raw = packed[: n + _SCALE_BYTES]
+        raw = self._packed[: n + _SCALE_BYTES]
         self.reader.read_into(self.data_start + chunk_offset(self.grid, index), as_bytes(raw))
         self.bytes_read += n + _SCALE_BYTES
-        if self._algorithm.hexdigest(raw) != self.checksum_of(index):
+        if self.algorithm.hexdigest(raw) != self.checksum_of(index):
             raise UpdateError(self.client, f"checksum mismatch in chunk {index} (elements [{a}, {b})): the object "
                                            "is corrupted")
         try:
             unpack_chunk(raw, n, out[:n])
         except GradshardError as exc:
             raise UpdateError(self.client, f"chunk {index}: {exc}") from None
-
-    def read_verified(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
-        """Fill ``out`` with the dequantized elements of chunk-aligned ``[start, stop)``, every chunk verified."""
-        if not self.grid.is_aligned(start, stop):
-            raise GradshardError(f"verified reads must be chunk-aligned, got [{start}, {stop})")
-        packed = np.empty(self.grid.chunk_elems + _SCALE_BYTES, dtype=np.uint8)
-        for index in self.grid.covering(start, stop):
-            a, b = self.grid.bounds(index)
-            self.read_chunk(index, packed, out[a - start : b - start])

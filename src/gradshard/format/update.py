@@ -59,6 +59,7 @@ COVERAGE_KEY = f"{_P}coverage"
 COMPACT_KEY = f"{_P}compact"  # "1": the data is only the covered elements (gradshard.format.compact)
 ENCODING_KEY = f"{_P}encoding"  # how the values are stored: "int8" (format.quantized), "topk" (format.sparse)
 ENCODINGS = ("", "int8", "topk")  # "": the layout's dtype, every element
+TOPK_COUNTS_KEY = f"{_P}topk_counts"  # a topk update's pointer table (gradshard.format.sparse)
 SIGNER_KEY = f"{_P}signer"  # the signing key's fingerprint: 64 hex digits (gradshard.security.keys.fingerprint)
 SIGNATURE_KEY = f"{_P}signature"  # the Ed25519 signature: 128 hex digits (gradshard.security.signing)
 SIGNER_HEX, SIGNATURE_HEX = 64, 128
@@ -236,12 +237,16 @@ class UpdateMeta:
     signature: str = ""  # hex of the Ed25519 signature, set at commit
     compact: bool = False  # the data holds only the covered elements (gradshard.format.compact)
     encoding: str = ""  # "int8" (gradshard.format.quantized), "topk" (gradshard.format.sparse); "": plain
+    topk_counts: str = ""  # "topk": the pointer table, base64 of one little-endian uint32 per chunk
 
     def __post_init__(self) -> None:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
         if self.encoding not in ENCODINGS:
             raise GradshardError(f"update of client {self.client!r}: unknown encoding {self.encoding[:20]!r}; "
                                  "known: int8, topk")
+        if (self.encoding == "topk") != bool(self.topk_counts):
+            raise GradshardError(f"update of client {self.client!r}: a topk update carries its pointer table "
+                                 "(topk_counts), and only a topk update does")
         if self.encoding and (self.compact or self.coverage is not None):
             raise GradshardError(f"update of client {self.client!r}: an {self.encoding} update covers the whole "
                                  "model (no coverage, not compact)")
@@ -275,6 +280,8 @@ class UpdateMeta:
             md[COMPACT_KEY] = "1"
         if self.encoding:
             md[ENCODING_KEY] = self.encoding
+        if self.topk_counts:
+            md[TOPK_COUNTS_KEY] = self.topk_counts
         if self.signer:
             md[SIGNER_KEY] = self.signer
         if self.signature:
@@ -319,7 +326,10 @@ class UpdateMeta:
         if compact is not None and (compact != "1" or coverage is None):
             raise UpdateError(client, f"metadata field '{COMPACT_KEY}' must be \"1\" and come with "
                                       f"'{COVERAGE_KEY}' (the elements a compact update holds), got {compact[:8]!r}")
-        encoding = md.get(ENCODING_KEY, "")
+        encoding, topk_counts = md.get(ENCODING_KEY, ""), md.get(TOPK_COUNTS_KEY, "")
+        if (encoding == "topk") != bool(topk_counts):
+            raise UpdateError(client, f"metadata field '{TOPK_COUNTS_KEY}' (the pointer table) goes with encoding "
+                                      "\"topk\", and only with it")
         if encoding not in ENCODINGS or (encoding and coverage is not None):
             raise UpdateError(client, f"metadata field '{ENCODING_KEY}' must be \"int8\" or \"topk\" on an update of "
                                       f"the whole model (no coverage), got {encoding[:8]!r}")
@@ -333,7 +343,8 @@ class UpdateMeta:
                    layout_digest=need("layout"), chunk_elems=positive_int("chunk_elems", 1),
                    checksums=need("checksums"), base_model=need("base_model"), kind=kind, extra=extra,
                    digest=digests.algorithm(algorithm).name, coverage=coverage, signer=signer,
-                   signature=signature, compact=compact is not None, encoding=encoding)
+                   signature=signature, compact=compact is not None, encoding=encoding,
+                   topk_counts=topk_counts)
 
     @property
     def signed(self) -> bool:
@@ -613,6 +624,31 @@ class VerifiedObject:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EncodedReader(VerifiedObject):
+    """A reader of an encoded update (block-wise int8, top-k): decodes one verified chunk at a time into the round's
+    dtype (:meth:`read_chunk`); counts the encoded bytes it read."""
+
+    def __init__(self, reader: ObjectReader, header: UpdateHeader, layout: ModelLayout, meta: UpdateMeta) -> None:
+        super().__init__(reader, header, layout, meta)
+        self.algorithm = digests.algorithm(meta.digest)
+        self.bytes_read = 0
+
+    def read_chunk(self, index: int, out: npt.NDArray[Any]) -> None:
+        """Read, verify and decode chunk ``index`` into ``out`` (the chunk's length)."""
+        raise NotImplementedError
+
+    def expect(self, start: int, stop: int) -> None:
+        """Announce a chunk-aligned range read front to back (one streamed GET per byte range on S3)."""
+
+    def read_verified(self, start: int, stop: int, out: npt.NDArray[Any]) -> None:
+        """Fill ``out`` with the decoded elements of chunk-aligned ``[start, stop)``, every chunk verified."""
+        if not self.grid.is_aligned(start, stop):
+            raise GradshardError(f"verified reads must be chunk-aligned, got [{start}, {stop})")
+        for index in self.grid.covering(start, stop):
+            a, b = self.grid.bounds(index)
+            self.read_chunk(index, out[a - start : b - start])
 
 
 class UpdateReader(VerifiedObject):

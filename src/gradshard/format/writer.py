@@ -296,6 +296,39 @@ def merge_digests(parts: Iterable[Mapping[int, str]]) -> dict[int, str]:
 
 
 # --- one process, front to back ---------------------------------------------------------------------------------
+def check_encodable(key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta, what: str) -> None:
+    """Refuse to encode (``what``: int8, top-k) anything but a float32 round's whole flat vector with its digest."""
+    if layout.flat_dtype != "float32":
+        raise GradshardError(f"{what} updates encode float32 rounds, this layout is {layout.flat_dtype}")
+    if flat.shape != (layout.numel,):
+        raise GradshardError(f"flat vector has shape {flat.shape}, layout needs ({layout.numel},)")
+    if meta.layout_digest != layout.digest():
+        raise GradshardError(f"{what} update {key!r}: its metadata's layout digest is not the round layout's")
+
+
+def publish_encoded(store: Store, key: str, file: ModelLayout, meta: UpdateMeta, chunk_digests: list[str],
+                    pieces: Iterable[npt.NDArray[Any]], signer: PrivateKey | None = None) -> UpdateMeta:
+    """Write an encoded update atomically: the file's tensors (``file``) are ``pieces`` one after another; its
+    digests are the round's chunks' (one per chunk of the round's grid, not of ``file``). Returns ``meta`` with
+    them (and its signature)."""
+    placeholder = meta.with_checksums(["0" * meta.hex_width] * len(chunk_digests))
+    header_len = len(encode_header(file, placeholder.to_metadata(),
+                                   _placeholder_signature if meta.signer else None))
+    if header_len - 8 > MAX_HEADER_BYTES:
+        raise GradshardError(f"the header of {key!r} would be {header_len - 8:,} bytes, over the "
+                             f"{MAX_HEADER_BYTES:,} readers accept; use larger chunks")
+    upload_id = store.begin_upload(key, header_len + file.nbytes)
+    try:
+        offset = header_len
+        for piece in pieces:
+            store.write_at(key, upload_id, offset, piece)
+            offset += piece.nbytes
+        return publish_header(store, key, upload_id, file, meta.with_checksums(chunk_digests), header_len, signer)
+    except BaseException:
+        store.abort_upload(key, upload_id)
+        raise
+
+
 def signing_meta(key: str, meta: UpdateMeta, signer: PrivateKey | None) -> UpdateMeta:
     """``meta`` naming ``signer``'s fingerprint (refused for an xxh3 digest), or ``meta`` when unsigned."""
     if signer is None:
