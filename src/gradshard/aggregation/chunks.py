@@ -17,9 +17,7 @@ import numpy.typing as npt
 
 from gradshard.core.checksum import ChunkGrid
 from gradshard.errors import RoundError, UpdateError
-from gradshard.format.quantized import QuantizedReader
-from gradshard.format.sparse import SparseReader
-from gradshard.format.update import UpdateReader
+from gradshard.format.update import EncodedReader, UpdateReader
 
 ALIGN = 8  # float64 per padded row unit (64 bytes)
 
@@ -31,7 +29,7 @@ def padded_width(chunk_elems: int) -> int:
 class ChunkRows:
     """One float64 row per reader (zero-padded to :func:`padded_width`), refilled chunk by chunk."""
 
-    def __init__(self, readers: Sequence[UpdateReader | QuantizedReader | SparseReader], grid: ChunkGrid,
+    def __init__(self, readers: Sequence[UpdateReader | EncodedReader], grid: ChunkGrid,
                  dtype: npt.DTypeLike,
                  names: Sequence[str] | None = None) -> None:
         self.readers, self.grid = readers, grid

@@ -19,7 +19,13 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gradshard.aggregation import functions, selection, tree_functions, trust  # noqa: F401 - register functions, phases
+from gradshard.aggregation import (  # noqa: F401 - register functions, phases
+    functions,
+    secure,
+    selection,
+    tree_functions,
+    trust,
+)
 from gradshard.aggregation.contracts import NoiseSpec, ReduceResult, TreeReduceResult
 from gradshard.aggregation.phases import PhaseContext, phase_function, phase_of, reject_bad_updates
 from gradshard.core import digests
@@ -125,6 +131,15 @@ def check_reducer(config: AggregateConfig, manifest: RoundManifest) -> None:
     if spec.name != "mean" and config.topology not in ("sharded", "flat"):
         raise PlanError(f"topology {config.topology!r} sums weighted partials, which only the mean reducer can do; "
                         f"run reducer {spec.text!r} with topology 'sharded' (or 'flat')")
+    masked = [c.client for c in manifest.clients if c.encoding == "secagg"] if spec.name != "secagg" else []
+    if masked and config.policy == "fail":
+        raise PlanError(f"clients {masked[:5]} uploaded masked updates (secure aggregation), which only reducer "
+                        "'secagg:<bits>' can sum")
+    for client in masked:
+        manifest.reject(client, f"a masked update (secure aggregation), which reducer {spec.text!r} cannot read; "
+                                "aggregate with 'secagg:<bits>'")
+    if masked:
+        check_enough(manifest)
     partial = [c.client for c in manifest.clients if c.partial]
     if partial and not REDUCERS[spec.name].uses_coverage:
         if config.policy == "fail":

@@ -32,6 +32,7 @@ from gradshard.core.reducers import NonFiniteInput, Reducer, make_reducer, parse
 from gradshard.errors import BadUpdatesError, GradshardError, RoundError, UpdateError
 from gradshard.format.compact import ClientReader, CompactReader, open_client_update
 from gradshard.format.keys import round_of_key
+from gradshard.format.masked import MaskedReader
 from gradshard.format.quantized import QuantizedReader
 from gradshard.format.round import RoundManifest, load_manifest
 from gradshard.format.sparse import SparseReader
@@ -46,7 +47,7 @@ Reader = TypeVar("Reader", UpdateReader, ClientReader)
 
 
 def open_clients(store: Store, manifest: RoundManifest, layout: ModelLayout
-                 ) -> list[UpdateReader | QuantizedReader | SparseReader]:
+                 ) -> list[UpdateReader | QuantizedReader | SparseReader | MaskedReader]:
     """Every client's reader of the whole model, float, int8 or top-k (a compact update is refused here: read it
     through :func:`open_inputs`)."""
     readers = _open_all(store, manifest, layout, open_client_update)
@@ -117,9 +118,12 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
     in_dtype = np.dtype(layout.flat_dtype)
     window = min(window_elems(settings.window_bytes, in_dtype.itemsize), stop - start)
     scales = manifest.scales()
-    reducer = make_reducer(parse_reducer(settings.reducer), weights=[c.weight for c in manifest.clients],
-                           capacity=window, in_dtype=in_dtype, accumulate=settings.accumulate,
-                           parallel_reads=settings.parallel_reads, **({} if scales is None else {"scales": scales}))
+    spec = parse_reducer(settings.reducer)
+    extras: dict[str, Any] = {} if scales is None else {"scales": scales}
+    if spec.name == "secagg":  # the masks phase 1 reconstructed, to remove window by window
+        extras.update(masks=[tuple(t) for t in manifest.masks or []], mask_round=manifest.round)
+    reducer = make_reducer(spec, weights=[c.weight for c in manifest.clients], capacity=window, in_dtype=in_dtype,
+                           accumulate=settings.accumulate, parallel_reads=settings.parallel_reads, **extras)
     noise = None if settings.noise is None else ChunkNoise(settings.noise.key, checksum.ChunkGrid(
         layout.numel, manifest.spec.chunk_elems))
     batch = min(settings.parallel_reads, len(manifest.clients))  # clients read at once, each into its own buffer
@@ -163,7 +167,7 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
 def _reduce_window(reducer: Reducer, pool: ThreadPoolExecutor | None, inputs: list[UpdateInput], batch: int,
                    a: int, b: int, previous: Callable[[int, int, npt.NDArray[Any]], None] | None) -> npt.NDArray[Any]:
     """Feed window ``[a, b)`` of every client to the reducer, ``batch`` clients read at a time, folded in order."""
-    reducer.start(b - a)
+    reducer.start(b - a, offset=a)
     for lo in range(0, len(inputs), batch):
         jobs = [(i, inputs[i]) for i in range(lo, min(lo + batch, len(inputs)))]
         for (i, _), covered in zip(jobs, _read_batch(pool, jobs, a, b, reducer), strict=True):

@@ -40,11 +40,12 @@ class PhaseContext:
 
 #: A phase: changes ``manifest`` for phase 2 and returns the reports of the invocations it ran.
 Phase = Callable[[RoundManifest, ReducerSpec, PhaseContext], "list[InvocationReport]"]
-_PHASES: dict[str, tuple[Phase, str]] = {}
+_PHASES: dict[str, tuple[Phase, str | None]] = {}
 
 
-def register_phase(reducer: str, phase: Phase, function: str) -> None:
-    """``phase`` runs before reducer ``reducer``'s reduction; it invokes ``function`` (started ahead by the driver)."""
+def register_phase(reducer: str, phase: Phase, function: str | None) -> None:
+    """``phase`` runs before reducer ``reducer``'s reduction; it invokes ``function`` (started ahead by the driver;
+    None: it runs in the driver only)."""
     _PHASES[reducer] = (phase, function)
 
 

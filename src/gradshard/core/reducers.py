@@ -24,6 +24,8 @@ reducer            weights                 per element
                                            clients Bulyan's iterated Krum selected (phase 1)
 ``fltrust``        trust scores (phase 1)  ``Σ TSᵢ·(‖g₀‖/‖gᵢ‖)·gᵢ / Σ TSᵢ``, ``TSᵢ = max(0, cos(gᵢ, g₀))`` against
                                            the server's own update g₀
+``secagg:s``       none (the mean)         masked uint32 words summed modulo 2³², the masks removed (phase 1
+                                           reconstructs them), read as int32, divided by ``2^s·N``
 =================  ======================  =================================================================
 
 The selecting reducers run a phase before the reduction: exact pairwise distances
@@ -43,12 +45,14 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from gradshard.core.layout import UPDATE_DTYPES
+from gradshard.core.masks import remove_masks
 from gradshard.core.reduce import ACCUMULATE_DTYPES, WeightedSum
 from gradshard.errors import GradshardError
 
-ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "fltrust"]
+ReducerName = Literal["mean", "coverage-mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "fltrust",
+                      "secagg"]
 KNOWN_REDUCERS: tuple[str, ...] = ("mean", "coverage-mean", "median", "trimmed-mean:<beta>", "krum:<f>",
-                                   "multi-krum:<f>,<k>", "bulyan:<f>", "fltrust")
+                                   "multi-krum:<f>,<k>", "bulyan:<f>", "fltrust", "secagg:<bits>")
 SELECTING: tuple[str, ...] = ("krum", "multi-krum", "bulyan")  # reducers with a selection phase
 LoadPrevious = Callable[[npt.NDArray[Any]], None]
 
@@ -72,6 +76,7 @@ class ReducerSpec(BaseModel):
     beta: float = 0.0
     f: int = 0  # selecting reducers: the Byzantine clients tolerated
     k: int = 0  # multi-krum: the clients kept
+    bits: int = 0  # secagg: the fixed-point fraction bits of the clients' quantized values
 
     @model_validator(mode="after")
     def _check_params(self) -> ReducerSpec:
@@ -85,6 +90,11 @@ class ReducerSpec(BaseModel):
                 raise ValueError(f"{self.name} needs f >= 0 (the Byzantine clients it tolerates), got {self.f}")
         elif self.f != 0:
             raise ValueError(f"reducer {self.name!r} takes no f, got {self.f}")
+        if self.name == "secagg":
+            if not 1 <= self.bits <= 30:
+                raise ValueError(f"secagg needs 1 <= bits <= 30 (fixed-point fraction bits), got {self.bits}")
+        elif self.bits != 0:
+            raise ValueError(f"reducer {self.name!r} takes no bits, got {self.bits}")
         if self.name == "multi-krum":
             if self.k < 1:
                 raise ValueError(f"multi-krum needs k >= 1 (the clients it keeps), got {self.k}")
@@ -104,6 +114,8 @@ class ReducerSpec(BaseModel):
             return f"{self.name}:{self.beta!r}"
         if self.name == "multi-krum":
             return f"{self.name}:{self.f},{self.k}"
+        if self.name == "secagg":
+            return f"{self.name}:{self.bits}"
         if self.name in SELECTING:
             return f"{self.name}:{self.f}"
         return self.name
@@ -135,6 +147,10 @@ def parse_reducer(text: str) -> ReducerSpec:
                                  f"{example!r}")
         values = _integers(text, arg, 2 if name == "multi-krum" else 1, example)
         params = {"f": values[0], **({"k": values[1]} if name == "multi-krum" else {})}
+    elif name == "secagg":
+        if not sep:
+            raise GradshardError(f"reducer {text!r} needs the clients' fixed-point fraction bits, e.g. 'secagg:16'")
+        params = {"bits": _integers(text, arg, 1, "secagg:16")[0]}
     elif name == "trimmed-mean":
         if not sep:
             raise GradshardError(f"reducer {text!r} needs the fraction cut at each end, e.g. 'trimmed-mean:0.1'")
@@ -253,11 +269,12 @@ class Reducer(ABC):
         """Elements in the current window."""
         return self._n
 
-    def start(self, n: int) -> None:
-        """Begin a window of ``n`` elements (``1 <= n <= capacity``)."""
+    def start(self, n: int, offset: int = 0) -> None:
+        """Begin a window of ``n`` elements (``1 <= n <= capacity``) that starts at element ``offset`` of the flat
+        vector (only kernels whose result depends on the position read it: secagg's masks)."""
         if not 1 <= n <= self.capacity:
             raise GradshardError(f"{self.name}: a window of {n} elements does not fit the buffers of {self.capacity}")
-        self._n, self._next, self._open = n, 0, True
+        self._n, self._next, self._open, self._offset = n, 0, True, offset
         self._start(n)
 
     @abstractmethod
@@ -643,9 +660,62 @@ class BulyanReducer(_StackReducer):
         return out
 
 
+class SecAggReducer(Reducer):
+    """Phase 2 of ``secagg:s``: the clients' masked uint32 words (read bit for bit into the float32 buffers) summed
+    modulo 2³², each window's masks removed (``masks``: the ``(key, sign)`` terms phase 1 reconstructed; each
+    regenerates exactly the window's elements, :func:`gradshard.security.secagg.mask_slice`), the result read as
+    int32 and divided by ``2^s·N`` in float64, rounded once to the accumulation dtype. Integer sums are associative:
+    the same words for every M, window and order. Unweighted (the mean of the survivors).
+
+    Memory: the read buffers, one uint32 sum, one output window, and one mask slice at a time (its keystream bytes,
+    about three windows of uint32 while it is made).
+    """
+
+    name: ClassVar[str] = "secagg"
+    holds_all_clients: ClassVar[bool] = False
+    uses_coverage: ClassVar[bool] = False
+
+    @classmethod
+    def memory_bytes(cls, spec: ReducerSpec, *, clients: int, window_elems: int, itemsize: int, accumulate: str,
+                     parallel_reads: int = 1) -> int:
+        acc = np.dtype(accumulate).itemsize
+        return window_elems * (_read_buffers(clients, parallel_reads) * itemsize + 4 + acc + 3 * 4)  # + mask bytes
+
+    def __init__(self, spec: ReducerSpec, *, weights: Sequence[float], capacity: int, in_dtype: npt.DTypeLike,
+                 accumulate: str, parallel_reads: int = 1, masks: Sequence[tuple[str, int]] = (),
+                 mask_round: int = 0) -> None:
+        super().__init__(spec, weights=weights, capacity=capacity, in_dtype=in_dtype, accumulate=accumulate,
+                         parallel_reads=parallel_reads)
+        if self.in_dtype.itemsize != 4:
+            raise GradshardError(f"secagg reads 32-bit words; the round's dtype is {self.in_dtype.name}")
+        self.masks, self.mask_round = list(masks), mask_round
+        self._bufs = np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
+        self._sum = np.empty(capacity, dtype=np.uint32)
+        self._out = np.empty(capacity, dtype=self.dtype)
+
+    def buffer(self, i: int) -> npt.NDArray[Any]:
+        self._check_index(i)
+        return self._bufs[i % len(self._bufs), : self._n]
+
+    def _add(self, i: int, covered: npt.NDArray[np.bool_] | None) -> None:
+        words = self._bufs[i % len(self._bufs), : self._n].view(np.uint32)
+        total = self._sum[: self._n]
+        if self._next == 0:
+            np.copyto(total, words)
+        else:
+            np.add(total, words, out=total)  # wraps modulo 2^32
+
+    def _finish(self, load_previous: LoadPrevious | None) -> npt.NDArray[Any]:
+        total, out = self._sum[: self._n], self._out[: self._n]
+        remove_masks(total, self._offset, self.masks, self.mask_round)
+        np.divide(total.view(np.int32), float(2**self.spec.bits) * self.clients, out=out, dtype=np.float64,
+                  casting="unsafe")
+        return out
+
+
 REDUCERS: dict[str, type[Reducer]] = {
     cls.name: cls for cls in (MeanReducer, CoverageMeanReducer, MedianReducer, TrimmedMeanReducer, KrumReducer,
-                              MultiKrumReducer, BulyanReducer, FLTrustReducer)
+                              MultiKrumReducer, BulyanReducer, FLTrustReducer, SecAggReducer)
 }
 
 

@@ -27,8 +27,9 @@ from gradshard.core import checksum, digests
 from gradshard.core.coverage import CoverageMap
 from gradshard.core.layout import ModelLayout, TensorSpec
 from gradshard.errors import GradshardError, InvocationError, UnsafeObjectError, UpdateError
+from gradshard.format.masked import SECAGG, MaskedReader
 from gradshard.format.quantized import INT8, QuantizedReader
-from gradshard.format.sparse import SparseReader
+from gradshard.format.sparse import TOPK, SparseReader
 from gradshard.format.update import (
     MAX_HEADER_BYTES,
     SIGNATURE_HEX,
@@ -336,7 +337,7 @@ def scatter(coverage: CoverageMap, a: int, b: int, out: npt.NDArray[Any], k: int
 
 # --- opening any client update -------------------------------------------------------------------------------------
 #: What a client's update opens as: full-size, compact (its covered elements), block-wise int8 or top-k.
-ClientReader = UpdateReader | CompactReader | QuantizedReader | SparseReader
+ClientReader = UpdateReader | CompactReader | QuantizedReader | SparseReader | MaskedReader
 
 
 def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
@@ -359,7 +360,9 @@ def open_client_update(store: Store, key: str, client: str, layout: ModelLayout,
             if fast is not None:  # the manifest recorded a float update: these bytes cannot be it
                 raise UpdateError(client, f"object changed since the round was validated (now an {meta.encoding} "
                                           "update)")
-            return (QuantizedReader if meta.encoding == INT8 else SparseReader)(reader, header, layout, meta)
+            kinds: dict[str, type[QuantizedReader | SparseReader | MaskedReader]] = {
+                INT8: QuantizedReader, TOPK: SparseReader, SECAGG: MaskedReader}
+            return kinds[meta.encoding](reader, header, layout, meta)
         if meta.compact:
             if fast is not None:  # the manifest recorded a full-size update: these bytes cannot be it
                 raise UpdateError(client, "object changed since the round was validated (now a compact update)")

@@ -72,6 +72,11 @@ def trust_key(r: int) -> str:
     return f"{round_prefix(r)}/trust.json"
 
 
+def secagg_prefix(r: int) -> str:
+    """Secure aggregation's records of round ``r``: the key directory, relayed shares, revealed shares."""
+    return f"{round_prefix(r)}/secagg"
+
+
 def selection_key(r: int) -> str:
     """The selection phase's record (Krum, Multi-Krum, Bulyan): the distance matrix, scores, the selected."""
     return f"{round_prefix(r)}/selection.json"

@@ -191,6 +191,8 @@ class RoundManifest(BaseModel):
     privacy: dict[str, float | int | str] | None = None  # central DP: what this round's release cost
     # selecting reducers: {"reducer", "selected", "record" (key of the distances and scores), "record_sha256"}
     selection: dict[str, str | list[str]] | None = None
+    # secagg: the masks to remove from the survivors' sum, (key hex, sign), reconstructed by the phase
+    masks: list[tuple[str, int]] | None = None
 
     def scales(self) -> list[float] | None:
         """Per-client factors on the normalised weights: clip factor × (accepted / denominator); None when every

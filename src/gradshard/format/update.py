@@ -58,7 +58,7 @@ HEADER_DIGEST_KEY = f"{_P}header_digest"
 COVERAGE_KEY = f"{_P}coverage"
 COMPACT_KEY = f"{_P}compact"  # "1": the data is only the covered elements (gradshard.format.compact)
 ENCODING_KEY = f"{_P}encoding"  # how the values are stored: "int8" (format.quantized), "topk" (format.sparse)
-ENCODINGS = ("", "int8", "topk")  # "": the layout's dtype, every element
+ENCODINGS = ("", "int8", "topk", "secagg")  # "": the layout's dtype, every element
 TOPK_COUNTS_KEY = f"{_P}topk_counts"  # a topk update's pointer table (gradshard.format.sparse)
 SIGNER_KEY = f"{_P}signer"  # the signing key's fingerprint: 64 hex digits (gradshard.security.keys.fingerprint)
 SIGNATURE_KEY = f"{_P}signature"  # the Ed25519 signature: 128 hex digits (gradshard.security.signing)
@@ -243,7 +243,7 @@ class UpdateMeta:
         digests.algorithm(self.digest)  # refuse unknown algorithms before anything is written
         if self.encoding not in ENCODINGS:
             raise GradshardError(f"update of client {self.client!r}: unknown encoding {self.encoding[:20]!r}; "
-                                 "known: int8, topk")
+                                 "known: int8, topk, secagg")
         if (self.encoding == "topk") != bool(self.topk_counts):
             raise GradshardError(f"update of client {self.client!r}: a topk update carries its pointer table "
                                  "(topk_counts), and only a topk update does")
@@ -331,8 +331,8 @@ class UpdateMeta:
             raise UpdateError(client, f"metadata field '{TOPK_COUNTS_KEY}' (the pointer table) goes with encoding "
                                       "\"topk\", and only with it")
         if encoding not in ENCODINGS or (encoding and coverage is not None):
-            raise UpdateError(client, f"metadata field '{ENCODING_KEY}' must be \"int8\" or \"topk\" on an update of "
-                                      f"the whole model (no coverage), got {encoding[:8]!r}")
+            raise UpdateError(client, f"metadata field '{ENCODING_KEY}' must be one of {ENCODINGS[1:]} on an update "
+                                      f"of the whole model (no coverage), got {encoding[:8]!r}")
         extra = {k.removeprefix(_P + "x."): v for k, v in md.items() if k.startswith(_P + "x.")}
         kind = need("kind")
         signer, signature = _parse_signature(client, md)

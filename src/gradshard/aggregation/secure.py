@@ -1,0 +1,113 @@
+"""Secure aggregation's phase 1 (reducer ``secagg:<bits>``): reconstruct the masks to remove, from the shares the
+surviving clients revealed; the shard functions then sum the masked words and remove them (:mod:`gradshard.security
+.secagg`, :class:`gradshard.core.reducers.SecAggReducer`).
+
+The protocol's records live beside the round, under ``rounds/<r>/secagg/``: ``directory.json`` (every masking
+client's public keys and the threshold), ``shares/<from>/<to>`` (encrypted shares relayed between clients: the
+server cannot read them) and ``reveal/<client>.json`` (what a survivor reveals once it knows who survived). The
+survivors are the clients whose masked update the round accepted; the other clients of the directory dropped after
+masking. A round mixing masked and plain updates is refused (the plain ones would leak; the masked ones would not
+unmask): under policy ``skip`` the plain ones are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from gradshard.aggregation.phases import PhaseContext, register_phase
+from gradshard.core.reducers import ReducerSpec
+from gradshard.errors import RoundError, SecurityError
+from gradshard.format.keys import secagg_prefix
+from gradshard.format.masked import SECAGG
+from gradshard.format.round import RoundManifest, check_enough
+from gradshard.security.secagg import Advertised, unmasking_terms
+from gradshard.store import Store
+
+if TYPE_CHECKING:
+    from gradshard.runtime.report import InvocationReport
+
+log = logging.getLogger(__name__)
+_MAX_RECORD = 4 << 20  # a directory or reveal record larger than this is not one
+
+
+def directory_key(r: int) -> str:
+    return f"{secagg_prefix(r)}/directory.json"
+
+
+def share_key(r: int, sender: str, receiver: str) -> str:
+    return f"{secagg_prefix(r)}/shares/{sender}/{receiver}"
+
+
+def reveal_key(r: int, client: str) -> str:
+    return f"{secagg_prefix(r)}/reveal/{client}.json"
+
+
+def write_directory(store: Store, r: int, advertised: Sequence[Advertised], threshold: int) -> None:
+    store.put(directory_key(r), json.dumps({"threshold": threshold, "clients": {
+        a.client: {"mask_key": a.mask_key, "share_key": a.share_key} for a in advertised}}).encode())
+
+
+def read_directory(store: Store, r: int) -> tuple[dict[str, Advertised], int]:
+    """The round's key directory and threshold (errors name what is wrong)."""
+    key = directory_key(r)
+    if not store.exists(key):
+        raise RoundError(f"reducer secagg needs the round's key directory {key}")
+    try:
+        if store.size(key) > _MAX_RECORD:
+            raise ValueError("too large")
+        raw = json.loads(store.get(key))
+        threshold = int(raw["threshold"])
+        directory = {str(c): Advertised(str(c), str(v["mask_key"]), str(v["share_key"]))
+                     for c, v in raw["clients"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RoundError(f"{key} is not a secure-aggregation key directory: {exc}") from None
+    if not 1 < threshold <= len(directory):
+        raise RoundError(f"{key}: threshold {threshold} must be in (1, {len(directory)}]")
+    return directory, threshold
+
+
+def write_reveal(store: Store, r: int, client: str, revealed: Mapping[str, Mapping[str, str]]) -> None:
+    store.put(reveal_key(r, client), json.dumps(revealed).encode())
+
+
+def _reveals(store: Store, r: int, survivors: Sequence[str]) -> dict[str, dict[str, dict[str, str]]]:
+    out = {}
+    for client in survivors:
+        key = reveal_key(r, client)
+        if store.exists(key) and store.size(key) <= _MAX_RECORD:
+            try:
+                out[client] = {str(p): {str(k): str(v) for k, v in e.items()}
+                               for p, e in json.loads(store.get(key)).items()}
+            except (ValueError, AttributeError) as exc:
+                log.warning("ignoring %s: %s", key, exc)
+    return out
+
+
+def secure_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) -> list[InvocationReport]:
+    """Phase 1 of ``secagg``: the survivors' reveals -> the masks each shard removes (``manifest.masks``)."""
+    r = manifest.round
+    directory, threshold = read_directory(run.store, r)
+    for entry in list(manifest.clients):
+        if entry.encoding != SECAGG:
+            manifest.reject(entry.client, "a plain update in a secure-aggregation round (it would be summed "
+                                          "unmasked into masked words); upload it masked")
+        elif entry.client not in directory:
+            manifest.reject(entry.client, "not in the round's secure-aggregation key directory")
+    check_enough(manifest)
+    survivors = [c.client for c in manifest.clients]
+    revealed = _reveals(run.store, r, survivors)
+    try:
+        terms = unmasking_terms(r, list(directory), survivors, directory, revealed, threshold)
+    except SecurityError as exc:
+        raise RoundError(f"round {r}: cannot unmask: {exc}") from None
+    manifest.masks = terms
+    dropped = sorted(set(directory) - set(survivors))
+    log.info("round %d: secure aggregation of %d survivors (%d dropped after masking), %d masks to remove", r,
+             len(survivors), len(dropped), len(terms))
+    return []
+
+
+register_phase("secagg", secure_round, None)
