@@ -349,7 +349,21 @@ class _PreallocatedSum(WeightedSum):
             self._tmp = np.empty(capacity, dtype=self.dtype)
 
 
-class MeanReducer(Reducer):
+class _BufferedReducer(Reducer):
+    """A reducer that reads clients into k rotating read buffers: ``buffer(i)`` is buffer ``i % k``, so a batch of
+    k clients is read at once and then added in order."""
+
+    _bufs: npt.NDArray[Any]
+
+    def _read_buffers(self, capacity: int, parallel_reads: int) -> npt.NDArray[Any]:
+        return np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
+
+    def buffer(self, i: int) -> npt.NDArray[Any]:
+        self._check_index(i)
+        return self._bufs[i % len(self._bufs), : self._n]
+
+
+class MeanReducer(_BufferedReducer):
     """FedAvg: ``acc = w_0·x_0; acc += w_i·x_i`` in client order, exactly today's :class:`WeightedSum` bytes.
 
     ``w_i = n_i / Σn`` in float64, rounded once to the accumulation dtype. With ``parallel_reads`` k there are k
@@ -375,15 +389,12 @@ class MeanReducer(Reducer):
                  accumulate: str, parallel_reads: int = 1, scales: Sequence[float] | None = None) -> None:
         super().__init__(spec, weights=weights, capacity=capacity, in_dtype=in_dtype, accumulate=accumulate,
                          parallel_reads=parallel_reads, scales=scales)
-        self._bufs = np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
+        self._bufs = self._read_buffers(capacity, parallel_reads)
         self._sum = _PreallocatedSum(capacity, accumulate, scratch=self.in_dtype != self.dtype and self.clients >= 2)
 
     def _start(self, n: int) -> None:
         self._sum.start(n)
 
-    def buffer(self, i: int) -> npt.NDArray[Any]:
-        self._check_index(i)
-        return self._bufs[i % len(self._bufs), : self._n]
 
     def _add(self, i: int, covered: npt.NDArray[np.bool_] | None) -> None:
         self._sum.add(self._bufs[i % len(self._bufs), : self._n], self.weights[i])
@@ -392,7 +403,7 @@ class MeanReducer(Reducer):
         return self._sum.value
 
 
-class CoverageMeanReducer(Reducer):
+class CoverageMeanReducer(_BufferedReducer):
     """``θ_j = Σ w_i·x_ij / Σ w_i`` over the clients covering element j; the previous value where nobody does.
 
     Weights are normalised as for ``mean`` (``n_i / Σn``, so the sums cannot overflow) and rounded once to the
@@ -423,7 +434,7 @@ class CoverageMeanReducer(Reducer):
         if not all(w > 0 for w in self._w):
             raise GradshardError(f"coverage-mean: client weights {list(weights)[:8]} are too unequal; the smallest "
                                  f"rounds to 0 in {self.dtype.name}; accumulate in float64")
-        self._bufs = np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
+        self._bufs = self._read_buffers(capacity, parallel_reads)
         self._num = np.empty(capacity, dtype=self.dtype)
         self._den = np.empty(capacity, dtype=self.dtype)
         self._mask = np.empty(capacity, dtype=np.bool_)
@@ -434,9 +445,6 @@ class CoverageMeanReducer(Reducer):
         self._num[:n] = 0
         self._den[:n] = 0
 
-    def buffer(self, i: int) -> npt.NDArray[Any]:
-        self._check_index(i)
-        return self._bufs[i % len(self._bufs), : self._n]
 
     def _add(self, i: int, covered: npt.NDArray[np.bool_] | None) -> None:
         n, w = self._n, self._w[i]
@@ -660,7 +668,7 @@ class BulyanReducer(_StackReducer):
         return out
 
 
-class SecAggReducer(Reducer):
+class SecAggReducer(_BufferedReducer):
     """Phase 2 of ``secagg:s``: the clients' masked uint32 words (read bit for bit into the float32 buffers) summed
     modulo 2³², each window's masks removed (``masks``: the ``(key, sign)`` terms phase 1 reconstructed; each
     regenerates exactly the window's elements, :func:`gradshard.security.secagg.mask_slice`), the result read as
@@ -689,13 +697,10 @@ class SecAggReducer(Reducer):
         if self.in_dtype.itemsize != 4:
             raise GradshardError(f"secagg reads 32-bit words; the round's dtype is {self.in_dtype.name}")
         self.masks, self.mask_round = list(masks), mask_round
-        self._bufs = np.empty((_read_buffers(self.clients, parallel_reads), capacity), dtype=self.in_dtype)
+        self._bufs = self._read_buffers(capacity, parallel_reads)
         self._sum = np.empty(capacity, dtype=np.uint32)
         self._out = np.empty(capacity, dtype=self.dtype)
 
-    def buffer(self, i: int) -> npt.NDArray[Any]:
-        self._check_index(i)
-        return self._bufs[i % len(self._bufs), : self._n]
 
     def _add(self, i: int, covered: npt.NDArray[np.bool_] | None) -> None:
         words = self._bufs[i % len(self._bufs), : self._n].view(np.uint32)
