@@ -71,7 +71,7 @@ class AggregateConfig(BaseModel):
     parallel_reads: int = Field(default=1, ge=1, description="clients a shard function reads at once")
     accumulate: Literal["float32", "float64"] = "float32"
     reducer: str = Field(default="mean", description="mean, coverage-mean, median, trimmed-mean:<beta>, krum:<f>, "
-                                                     "multi-krum:<f>,<k> or bulyan:<f>")
+                                                     "multi-krum:<f>,<k>, bulyan:<f>, fltrust or secagg:<bits>")
     weighting: Weighting = "examples"
     weights: dict[str, float] | None = Field(default=None, description="per-client weights (weighting 'server')")
     policy: Policy = "skip"

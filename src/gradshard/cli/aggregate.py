@@ -68,7 +68,8 @@ def _aggregate_options(f: Any) -> Any:
         click.option("--reducer", default="mean", show_default=True,
                      help="mean (weighted FedAvg), coverage-mean (clients that trained part of the model), median, "
                           "trimmed-mean:<beta> (coordinate-wise, unweighted), krum:<f>, multi-krum:<f>,<k> or "
-                          "bulyan:<f> (exact pairwise distances first; sharded or flat topology)."),
+                          "bulyan:<f> (exact pairwise distances first), fltrust (against the round's root update) "
+                          "or secagg:<bits> (masked updates); sharded or flat topology."),
         click.option("--policy", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                      help="On a bad update: continue without it, or fail the round."),
         click.option("--require-signatures", is_flag=True,
