@@ -126,3 +126,24 @@ def test_plain_and_masked_updates_do_not_mix() -> None:
     plain = aggregate_round(store, 0, InlineExecutor(), AggregateConfig())
     assert set(plain.manifest.rejected) == {"c0", "c1", "c2", "c3"}
     assert "masked update (secure aggregation)" in plain.manifest.rejected["c0"]
+
+
+@pytest.mark.parametrize("dropped", [(), ("c1",), ("c2", "c5")], ids=["none dropped", "one dropped", "two dropped"])
+def test_trees_unmask_to_the_same_bytes_as_the_sharded_plan(dropped: tuple[str, ...]) -> None:
+    # Prepare: the sharded aggregate of a secure round, for reference
+    store, layout, total, survivors = _round(7, dropped)
+    cfg = {"reducer": f"secagg:{BITS}", "weighting": "uniform"}
+    aggregate_round(store, 0, InlineExecutor(), AggregateConfig(shards=3, **cfg))
+    sharded = store.get(aggregate_key(0))
+
+    # Execute: λ-FL (leaves of ⌈√N⌉ clients, partials summed modulo 2^32) and LIFL (three levels, shared memory)
+    outputs = {}
+    for topology in ("lambda-fl", "lifl"):
+        store.delete(aggregate_key(0))
+        aggregate_round(store, 0, InlineExecutor(), AggregateConfig(topology=topology, **cfg))
+        outputs[topology] = store.get(aggregate_key(0))
+
+    # Assert: integer sums are associative, so every tree gives the sharded plan's bytes
+    assert outputs == {"lambda-fl": sharded, "lifl": sharded}
+    expected = (total.view(np.int32).astype(np.float64) / (2**BITS * survivors)).astype(np.float32)
+    assert read_flat(store, aggregate_key(0), layout).tobytes() == expected.tobytes()

@@ -128,8 +128,8 @@ def check_reducer(config: AggregateConfig, manifest: RoundManifest) -> None:
     """Refuse a reducer the topology cannot run, or (policy 'fail') a round whose partial clients the reducer would
     misread; under policy 'skip' those clients are rejected instead."""
     spec = parse_reducer(config.reducer)
-    if spec.name != "mean" and config.topology not in ("sharded", "flat"):
-        raise PlanError(f"topology {config.topology!r} sums weighted partials, which only the mean reducer can do; "
+    if spec.name not in ("mean", "secagg") and config.topology not in ("sharded", "flat"):
+        raise PlanError(f"topology {config.topology!r} sums weighted partials, which only reducers mean and secagg do; "
                         f"run reducer {spec.text!r} with topology 'sharded' (or 'flat')")
     masked = [c.client for c in manifest.clients if c.encoding == "secagg"] if spec.name != "secagg" else []
     if masked and config.policy == "fail":

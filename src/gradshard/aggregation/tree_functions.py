@@ -20,10 +20,13 @@ import numpy.typing as npt
 
 from gradshard.aggregation.contracts import TreeReduceArgs, TreeReduceResult
 from gradshard.core.layout import ModelLayout
+from gradshard.core.masks import remove_masks
 from gradshard.core.reduce import WeightedSum, all_finite
+from gradshard.core.reducers import parse_reducer
 from gradshard.errors import GradshardError, RoundError, UpdateError
+from gradshard.format.compact import open_client_update
 from gradshard.format.keys import round_of_key
-from gradshard.format.round import ClientEntry, load_manifest
+from gradshard.format.round import ClientEntry, RoundManifest, load_manifest
 from gradshard.format.update import UpdateMeta, open_update
 from gradshard.format.writer import RangeWriter, write_update
 from gradshard.runtime.registry import register
@@ -94,6 +97,9 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     shm = open_store(args.node_store) if args.node_store is not None else None
     by_id = {c.client: c for c in manifest.clients}
     entries = _wait_for(store, [by_id[c] for c in args.clients], args.wait_s)
+    spec = parse_reducer(settings.reducer)
+    if spec.name == "secagg":
+        return _secure_tree_reduce(args, store, shm, manifest, entries, spec.bits)
     acc = WeightedSum(layout.numel, settings.accumulate)
     acc.start(layout.numel)
     total = 0.0
@@ -127,6 +133,47 @@ def tree_reduce(args: TreeReduceArgs, store: Store) -> TreeReduceResult:
     writer = RangeWriter.to(store, args.target, 0, layout, chunk, layout.numel, settings.accumulate)
     writer.write(mean)
     return done.model_copy(update={"shm": shm.io.as_dict() if shm is not None else {}, "checksums": writer.finish()})
+
+
+def _secure_tree_reduce(args: TreeReduceArgs, store: Store, shm: Store | None, manifest: RoundManifest,
+                        entries: list[ClientEntry], bits: int) -> TreeReduceResult:
+    """``secagg`` in a tree: masked words and partials summed modulo 2³² (associative: the same words as any
+    sharded plan), partials stored bit for bit in the float32 partial layout; the root removes the masks of the
+    whole vector and divides by ``2^bits·N``."""
+    layout = manifest.spec.model_layout()
+    sums = partial_layout(layout, "float32")
+    total = np.zeros(layout.numel, dtype=np.uint32)
+    count = 0
+    with np.errstate(over="ignore"):
+        for entry in entries:
+            with open_client_update(store, entry.key, entry.client, layout, entry.header_sha256) as update:
+                words = np.empty(layout.numel, dtype=np.float32)
+                update.read_verified(0, layout.numel, words)
+            total += words.view(np.uint32)
+            count += 1
+        for ref in args.partials:
+            source = shm if ref.via == "shm" and shm is not None else store
+            values, weight = read_partial(source, ref.key, sums, manifest.round)
+            total += values.view(np.uint32)
+            count += int(weight)
+    done = TreeReduceResult(clients=len(entries), partials=len(args.partials), weight=float(count),
+                            shm=shm.io.as_dict() if shm is not None else {})
+    if args.output is not None:
+        target = shm if args.output.via == "shm" and shm is not None else store
+        meta = UpdateMeta(client=args.output.key.rsplit("/", 1)[-1].removesuffix(".safetensors"),
+                          round=manifest.round, examples=max(1, count), layout_digest=sums.digest(),
+                          chunk_elems=manifest.spec.chunk_elems, extra={"weight": repr(float(count))},
+                          kind="partial", digest=manifest.spec.digest)
+        write_update(target, args.output.key, sums, total.view(np.float32), meta)
+        return done
+    if args.target is None:
+        raise RoundError("a tree root needs the aggregate's upload (target)")
+    remove_masks(total, 0, manifest.masks or [], manifest.round)
+    mean = np.empty(layout.numel, dtype=np.float32)
+    np.divide(total.view(np.int32), float(2**bits) * count, out=mean, dtype=np.float64, casting="unsafe")
+    writer = RangeWriter.to(store, args.target, 0, layout, manifest.spec.chunk_elems, layout.numel, "float32")
+    writer.write(mean)
+    return done.model_copy(update={"checksums": writer.finish()})
 
 
 register("tree_reduce", tree_reduce, args=TreeReduceArgs, result=TreeReduceResult,
