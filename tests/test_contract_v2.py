@@ -303,7 +303,7 @@ def test_partial_clients_are_refused_by_reducers_that_would_misread_them() -> No
 
 def test_robust_reducers_refuse_tree_topologies() -> None:
     store, _, _ = stacked_round(4, seed=1)
-    with pytest.raises(PlanError, match="only the mean reducer"):
+    with pytest.raises(PlanError, match="only reducers mean and secagg do"):
         aggregate(store, reducer="median", topology="lambda-fl")
 
 

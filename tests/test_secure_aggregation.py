@@ -147,3 +147,13 @@ def test_trees_unmask_to_the_same_bytes_as_the_sharded_plan(dropped: tuple[str, 
     assert outputs == {"lambda-fl": sharded, "lifl": sharded}
     expected = (total.view(np.int32).astype(np.float64) / (2**BITS * survivors)).astype(np.float32)
     assert read_flat(store, aggregate_key(0), layout).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("garbage", ['{"c0": {"what": "seed", "x": "1", "share": "zz"}}', '[1, 2]', '{"c0": 5}',
+                                     '{"c0": {"what": "seed", "x": "1", "share": "' + "f" * 200 + '"}}'])
+def test_a_malformed_reveal_fails_the_round_with_a_reason_not_a_traceback(garbage: str) -> None:
+    store, *_ = _round(4, (), threshold=4)
+    store.put(reveal_key(0, "c3"), garbage.encode())
+
+    with pytest.raises(RoundError, match="cannot unmask"):
+        aggregate_round(store, 0, InlineExecutor(), AggregateConfig(reducer=f"secagg:{BITS}", weighting="uniform"))

@@ -101,8 +101,8 @@ def secure_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) 
     revealed = _reveals(run.store, r, survivors)
     try:
         terms = unmasking_terms(r, list(directory), survivors, directory, revealed, threshold)
-    except SecurityError as exc:
-        raise RoundError(f"round {r}: cannot unmask: {exc}") from None
+    except (SecurityError, ValueError, KeyError, TypeError) as exc:  # a malformed share, key or coordinate
+        raise RoundError(f"round {r}: cannot unmask: {type(exc).__name__}: {str(exc)[:200]}") from None
     manifest.masks = terms
     dropped = sorted(set(directory) - set(survivors))
     log.info("round %d: secure aggregation of %d survivors (%d dropped after masking), %d masks to remove", r,

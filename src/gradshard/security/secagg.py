@@ -246,7 +246,10 @@ def unmasking_terms(round_: int, peers: Sequence[str], survivors: Sequence[str],
             entry = by_peer.get(peer)
             if entry is None or entry.get("what") != what:
                 raise SecurityError(f"client {revealer!r} revealed no {what} share of {peer!r}")
-            shares[int(entry["x"])] = int(entry["share"], 16)
+            x, share = int(entry["x"]), int(entry["share"][:140], 16)  # a share is below 2^521: 131 hex digits
+            if not 1 <= x <= len(peers) or not 0 <= share < PRIME or x in shares:
+                raise SecurityError(f"client {revealer!r} revealed a malformed share of {peer!r}")
+            shares[x] = share
         secret = combine(shares, threshold)
         if what == "seed":
             terms.append((secret.hex(), -1))
