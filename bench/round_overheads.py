@@ -11,6 +11,7 @@ warm), every pair interleaved and reported as the median [min–max] of paired r
    ``Executor.prestart`` vs without (patched to do nothing).
 4. ``sync``: warm rounds on a durable store (``fsync=True``) whose functions write their ranges back as they close
    (``sync_ranges=True``) vs one where the commit's fsync writes everything (``sync_ranges=False``).
+5. ``auto``: warm rounds with the default ``shards="auto"`` (one shard per worker: M = 2) vs ``--shards`` (M = 4).
 
     .venv/bin/python bench/round_overheads.py                     # ResNet-18, N = 32, M = 4
     .venv/bin/python bench/round_overheads.py --model vgg16 --clients 3 --pairs sync
@@ -37,7 +38,7 @@ from gradshard.format.update import open_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 
-PAIRS = ("reopen", "runs", "prestart", "sync")
+PAIRS = ("reopen", "runs", "prestart", "sync", "auto")
 
 
 def ratio_line(name: str, with_: list[float], without: list[float], unit: str = "s") -> dict[str, Any]:
@@ -84,8 +85,10 @@ def reopen_pair(store: LocalStore, repeats: int) -> dict[str, Any]:
 
 
 def round_pair(name: str, store_with: LocalStore, store_without: LocalStore, config: AggregateConfig,
-               repeats: int, without_patch: tuple[Any, str, Any] | None = None, cold: bool = False) -> dict[str, Any]:
-    """Paired rounds: one with the mechanism, one without (another store, or a patch), interleaved."""
+               repeats: int, without_patch: tuple[Any, str, Any] | None = None, cold: bool = False,
+               config_without: AggregateConfig | None = None) -> dict[str, Any]:
+    """Paired rounds: one with the mechanism, one without (another store, a patch, or another config),
+    interleaved."""
     executors: dict[bool, LocalExecutor] = {}
 
     def one(with_mechanism: bool) -> float:
@@ -95,7 +98,8 @@ def round_pair(name: str, store_with: LocalStore, store_without: LocalStore, con
             contextlib.nullcontext()
         try:
             with patch:
-                return timed(lambda: aggregate_round(store, 0, executor, config))
+                cfg = config if with_mechanism or config_without is None else config_without
+                return timed(lambda: aggregate_round(store, 0, executor, cfg))
         finally:
             if cold:
                 executor.close()
@@ -153,6 +157,9 @@ def main() -> None:
                                    (LocalExecutor, "prestart", lambda self, functions, store: None), cold=True))
         if "sync" in pairs:
             rows.append(round_pair("sync", durable[True], durable[False], config, args.repeats))
+        if "auto" in pairs:
+            rows.append(round_pair("auto", scratch, scratch, AggregateConfig(), args.repeats,
+                                   config_without=config))
     if args.json is not None:
         args.json.write_text(json.dumps({"model": args.model, "clients": args.clients, "shards": args.shards,
                                          "rows": rows}, indent=1))

@@ -105,9 +105,9 @@ class AggregateConfig(BaseModel):
         most ``most``: the shards the round's chunks allow).
 
         A shard function's memory is its window, not its shard, so shards beyond the executor's concurrency buy
-        nothing: they only add invocations, each opening every client again, and run in a second wave (on the local
-        executor, M = 4 on 2 workers takes 1.1-1.2x the time of M = 2: ``bench/round_overheads.py``). The
-        aggregate is the same bytes for every M."""
+        nothing: they only add invocations, each opening every client again, and run in a second wave (on 2 local
+        workers, rounds with M = 2 took 0.86x (N = 16) and 0.92x (N = 64) the time of M = 4: ``bench/round_overheads.py
+        --pairs auto``). The aggregate is the same bytes for every M."""
         if self.shards != "auto":
             return self
         return self.model_copy(update={"shards": max(1, min(executor.workers, most or executor.workers))})
