@@ -12,6 +12,9 @@ warm), every pair interleaved and reported as the median [min–max] of paired r
 4. ``sync``: warm rounds on a durable store (``fsync=True``) whose functions write their ranges back as they close
    (``sync_ranges=True``) vs one where the commit's fsync writes everything (``sync_ranges=False``).
 5. ``auto``: warm rounds with the default ``shards="auto"`` (one shard per worker: M = 2) vs ``--shards`` (M = 4).
+6. ``validate``: the driver's validation of the round (``prepare_round``, in this process) with the header fast path
+   (a tensor table equal to the layout's read with one comparison; the JSON depth of escape-free headers in one pass)
+   vs without it (both patched back to the entry-by-entry parse and the block scan).
 
     .venv/bin/python bench/round_overheads.py                     # ResNet-18, N = 32, M = 4
     .venv/bin/python bench/round_overheads.py --model vgg16 --clients 3 --pairs sync
@@ -38,7 +41,7 @@ from gradshard.format.update import open_update
 from gradshard.runtime import LocalExecutor
 from gradshard.store import LocalStore
 
-PAIRS = ("reopen", "runs", "prestart", "sync", "auto")
+PAIRS = ("reopen", "runs", "prestart", "sync", "auto", "validate")
 
 
 def ratio_line(name: str, with_: list[float], without: list[float], unit: str = "s") -> dict[str, Any]:
@@ -82,6 +85,25 @@ def reopen_pair(store: LocalStore, repeats: int) -> dict[str, Any]:
         with_.append(timed(lambda: open_all(True)) / len(manifest.clients) * 1000)
         without.append(timed(lambda: open_all(False)) / len(manifest.clients) * 1000)
     return ratio_line("reopen", with_, without, "ms/client")
+
+
+def validate_pair(store: LocalStore, repeats: int) -> dict[str, Any]:
+    from gradshard.format import update
+
+    def slow() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(patched(update, "_tensor_entries",
+                                    lambda client, header, layout: update._parse_tensors(client, header)))
+        stack.enter_context(patched(update, "json_depth", update._json_depth_scan))
+        return stack
+
+    prepare_round(store, 0)
+    with_, without = [], []
+    for _ in range(repeats):
+        with_.append(timed(lambda: prepare_round(store, 0)) * 1000)
+        with slow():
+            without.append(timed(lambda: prepare_round(store, 0)) * 1000)
+    return ratio_line("validate", with_, without, "ms/round")
 
 
 def round_pair(name: str, store_with: LocalStore, store_without: LocalStore, config: AggregateConfig,
@@ -157,6 +179,8 @@ def main() -> None:
                                    (LocalExecutor, "prestart", lambda self, functions, store: None), cold=True))
         if "sync" in pairs:
             rows.append(round_pair("sync", durable[True], durable[False], config, args.repeats))
+        if "validate" in pairs:
+            rows.append(validate_pair(scratch, args.repeats))
         if "auto" in pairs:
             rows.append(round_pair("auto", scratch, scratch, AggregateConfig(), args.repeats,
                                    config_without=config))
