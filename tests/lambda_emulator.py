@@ -4,7 +4,8 @@ It serves the two calls :class:`~gradshard.runtime.aws_lambda.LambdaExecutor` ma
 ``GET /2015-03-31/functions/{name}/configuration`` and ``POST /2015-03-31/functions/{name}/invocations``. Each
 invocation runs the deployed handler in a fresh interpreter (``python -I -S``: no site-packages, no environment)
 whose ``sys.path`` is the unzipped package plus the standard library, so a passing run proves the package is
-self-contained; after the handler returns, the interpreter checks that every module it loaded came from those
+self-contained (an ``image`` function — a container image, which has torch — keeps the interpreter's installed
+libraries as its own); after the handler returns, the interpreter checks that every module it loaded came from those
 two places. Like Lambda, it gives the function only its name, memory, credentials and region as environment.
 A process that dies or outlives the function's timeout is answered as Lambda does, with
 ``X-Amz-Function-Error: Unhandled``. Not emulated: authentication, concurrency limits, throttling, cold-start
@@ -49,8 +50,11 @@ module, _, attr = sys.argv[6].rpartition(".")
 handler = getattr(importlib.import_module(module), attr)
 response = handler(json.loads(sys.stdin.buffer.read()), Context())
 roots = (package, sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib"))
-strays = sorted(m for m, mod in list(sys.modules.items())
-                if getattr(mod, "__file__", None) and not mod.__file__.startswith(roots))
+if not sys.flags.no_site:  # a container-image function: its installed libraries are part of it
+    roots += (sysconfig.get_path("purelib"), sysconfig.get_path("platlib"))
+strays = sorted(m for m, mod in list(sys.modules.items())  # (torch.ops and torch.classes have no real file)
+                if isinstance(getattr(mod, "__file__", None), str) and mod.__file__.startswith("/")
+                and not mod.__file__.startswith(roots))
 if strays:
     sys.stderr.write(f"modules loaded from outside the package: {strays}\n")
     sys.exit(9)
@@ -68,6 +72,9 @@ class Function:
     timeout_s: float = 900.0
     handler: str = HANDLER
     interpreter: str = sys.executable  # the runtime's Python (e.g. a CPython 3.12 for a python3.12 package)
+    # A container-image function: the interpreter's installed libraries are the image's (torch and all); the
+    # package directory is where gradshard itself lives. Modules may then come from site-packages too.
+    image: bool = False
 
 
 @dataclass
@@ -115,7 +122,8 @@ class LambdaEmulator:
         """Run ``function`` on ``event`` in a fresh isolated interpreter: (status, headers, body)."""
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
-        command = [function.interpreter, "-I", "-S", "-B", "-c", BOOTSTRAP, str(function.package_dir), function.name,
+        isolation = ["-I", "-B"] if function.image else ["-I", "-S", "-B"]
+        command = [function.interpreter, *isolation, "-c", BOOTSTRAP, str(function.package_dir), function.name,
                    str(function.memory_mb), str(function.timeout_s), request_id, function.handler]
         headers = {"X-Amz-Executed-Version": "$LATEST", "x-amzn-RequestId": request_id}
         try:

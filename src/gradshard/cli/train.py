@@ -279,10 +279,16 @@ def _train_options(f: Any) -> Any:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for metrics.json, metrics.csv and accuracy.png [default: the store directory; the "
                    "current directory for an S3 store].")
-@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="Run clients, aggregation and server functions as local processes or as Ray "
-                                      "tasks (capped the same way).")
+@click.option("--executor", "executor_kind", type=click.Choice(["local", "ray", "lambda"]), default="local",
+              show_default=True, help="Run clients, aggregation and server functions as local processes, as Ray "
+                                      "tasks (capped the same way) or as AWS Lambda invocations (docs/aws-lambda.md).")
 @click.option("--ray-address", default=None, help="Ray cluster to join [default: a local Ray].")
+@click.option("--lambda-function", default=None,
+              help="--executor lambda: the deployed function (name or ARN) of the aggregation and server functions.")
+@click.option("--lambda-client-function", default=None,
+              help="--executor lambda: the function of the clients (a container image with torch) [default: "
+                   "--lambda-function].")
+@click.option("--region", default=None, help="--executor lambda: the AWS region [default: from the environment].")
 @click.option("--client-memory-mb", type=click.FloatRange(min=1), default=None,
               help="Memory cap of every client function, MiB: a client that needs more fails with a memory error, "
                    "reported [default: none].")
@@ -293,6 +299,7 @@ def _train_options(f: Any) -> Any:
 @click.option("--scoped-tokens/--no-scoped-tokens", default=True, show_default=True, help=SCOPED_TOKENS_HELP)
 @_train_options
 def train(config_path: str | None, store_dir: str, out_dir: str | None, executor_kind: str, ray_address: str | None,
+          lambda_function: str | None, lambda_client_function: str | None, region: str | None,
           client_memory_mb: float | None, memory_mb: float | None, workers: int, scoped_tokens: bool,
           **flags: Any) -> None:
     """Federated training: clients, aggregation and the server step all run as functions on a store.
@@ -327,9 +334,10 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
                   f"{config.server.name}; store {untrusted(where)}; {executor_kind} executor")
     # Clients get no retries: the per-invocation timeout is the deadline, and a retry would restart its clock.
     executor = make_executor(executor_kind, workers, memory_mb, 2, 900.0, ray_address=ray_address,
-                             scoped_tokens=scoped_tokens)
+                             lambda_function=lambda_function, region=region, scoped_tokens=scoped_tokens)
     client_executor = make_executor(executor_kind, workers, client_memory_mb, 0, config.deadline_s,
-                                    ray_address=ray_address, scoped_tokens=scoped_tokens)
+                                    ray_address=ray_address, lambda_function=lambda_client_function or lambda_function,
+                                    region=region, scoped_tokens=scoped_tokens)
     from gradshard.cli.console import printable
     from gradshard.errors import TrainingError
 
