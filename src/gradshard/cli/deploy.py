@@ -66,3 +66,24 @@ def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor:
     else:
         console.print("package.zip holds gradshard only: run build.sh to add its dependencies for Lambda")
     console.print(f"next: follow {untrusted(result.guide)}")
+
+
+@deploy.command(context_settings=HELP_OPTIONS)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the files to.")
+@click.option("--memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
+              help="Memory of the aggregation and server function, MiB.")
+@click.option("--client-memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
+              help="Memory of the client function, MiB.")
+@click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
+              help="Function timeout, seconds.")
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
+def sam(out: str, memory_mb: int, client_memory_mb: int, timeout: int, arch: str) -> None:
+    """Write an AWS SAM application (template.yaml, Dockerfile, events, DEPLOY.md) for training on Lambda."""
+    require_extra("s3", "gradshard deploy sam")  # PyYAML writes the template; the functions' S3 client
+    from gradshard.deploy.sam import write_sam_deployment
+
+    result = write_sam_deployment(out, memory_mb=memory_mb, client_memory_mb=client_memory_mb, timeout_s=timeout,
+                                  architecture=arch)
+    for name in result.files:
+        console.print(f"wrote {untrusted(result.out_dir / name)}")
+    console.print(f"next: follow {untrusted(result.out_dir / 'DEPLOY.md')}")
