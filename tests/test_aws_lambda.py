@@ -381,9 +381,10 @@ IMAGE = "gradshard-image"  # a container-image function: gradshard with torch in
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("aws_env")
-def test_training_through_the_lambda_contract_gives_the_local_model_bytes(tmp_path: Path, package_dir: Path) -> None:
-    # Prepare: the same two-round run, once on local worker processes, once with every function (clients, shards,
-    # server step) invoked through the Invoke API of an image function
+def test_training_through_the_lambda_contract_gives_the_local_model_bytes(tmp_path: Path, s3_store: S3Store) -> None:
+    # Prepare: the same two-round run, once on local worker processes and a local directory, once with every
+    # function (clients, shards, server step) invoked through the Invoke API of an image function, on the local S3
+    # server (as on AWS: the functions reach the store over S3)
     from gradshard.fl.config import DataConfig, TrainConfig
     from gradshard.fl.driver import Trainer
     from gradshard.format.keys import model_key
@@ -392,19 +393,19 @@ def test_training_through_the_lambda_contract_gives_the_local_model_bytes(tmp_pa
                          batch_size=32, lr=0.1, seed=0, aggregation=AggregateConfig(shards=2))
     source = Path(__import__("gradshard").__file__).parents[1]  # where the image has gradshard installed
     functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True)}
-    local_store, lambda_store = (LocalStore(tmp_path / name, fsync=False) for name in ("local", "lambda"))
+    local_store = LocalStore(tmp_path / "local", fsync=False)
 
     # Execute
     with LocalExecutor(workers=2) as local:
         Trainer(local_store, config, local).run()
     with LambdaEmulator(functions) as emulator:
         executor = LambdaExecutor(IMAGE, endpoint_url=emulator.endpoint_url, region="us-east-1",
-                                  allow_local_store=True, workers=2, timeout_s=120.0)
-        Trainer(lambda_store, config, executor).run()
+                                  allow_local_store=True, workers=2, timeout_s=120.0)  # (the S3 server is loopback)
+        Trainer(s3_store, config, executor).run()
 
     # Assert: every round's model is the same bytes; every function ran on the emulated Lambda
     for r in (1, 2):
-        assert lambda_store.get(model_key(r)) == local_store.get(model_key(r))
+        assert s3_store.get(model_key(r)) == local_store.get(model_key(r))
     assert {c.status for c in emulator.calls} == {"ok"}
     assert len(emulator.calls) == 2 * (3 + 2 + 2)  # per round: 3 clients, 2 shards, 2 server-step shards
 

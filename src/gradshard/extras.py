@@ -31,7 +31,7 @@ class Extra:
 #: Every extra in ``[project.optional-dependencies]`` that a feature checks for (``all`` is their union).
 EXTRAS: dict[str, Extra] = {extra.name: extra for extra in (
     Extra("train", ("torch", "sklearn"), "PyTorch and scikit-learn"),
-    Extra("s3", ("boto3", "botocore", "yaml"), "boto3 and PyYAML"),
+    Extra("s3", ("boto3", "botocore"), "boto3"),
     Extra("ray", ("ray",), "Ray"),
     Extra("plots", ("matplotlib",), "matplotlib"),
     Extra("report", ("jinja2", "matplotlib"), "Jinja2 and matplotlib"),

@@ -5,6 +5,7 @@ A thin click command over :func:`gradshard.deploy.aws.write_aws_deployment`; ``g
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import click
@@ -20,7 +21,7 @@ from gradshard.deploy.aws import (
     write_aws_deployment,
 )
 from gradshard.errors import GradshardError
-from gradshard.extras import require_extra
+from gradshard.extras import missing_extra_error, require_extra
 from gradshard.runtime.aws_lambda import LAMBDA_MEMORY_MB
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -79,7 +80,9 @@ def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor:
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
 def sam(out: str, memory_mb: int, client_memory_mb: int, timeout: int, arch: str) -> None:
     """Write an AWS SAM application (template.yaml, Dockerfile, events, DEPLOY.md) for training on Lambda."""
-    require_extra("s3", "gradshard deploy sam")  # PyYAML writes the template; the functions' S3 client
+    require_extra("s3", "gradshard deploy sam")  # the functions' S3 client
+    if importlib.util.find_spec("yaml") is None:  # PyYAML (in the s3 extra) writes the template
+        raise missing_extra_error("s3", "gradshard deploy sam", ["yaml"])
     from gradshard.deploy.sam import write_sam_deployment
 
     result = write_sam_deployment(out, memory_mb=memory_mb, client_memory_mb=client_memory_mb, timeout_s=timeout,
