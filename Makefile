@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench bench-large dist clean
+.PHONY: demo test test-fast lint bench bench-large dist clean sam-validate
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,18 @@ bench: $(VENV)/.dev
 bench-large: $(VENV)/.dev
 	$(BIN)/python bench/aggregate.py --large
 
+# The SAM application of `gradshard deploy sam`, validated by the AWS SAM CLI (pinned, in its own virtualenv: it
+# is large and only this check needs it). Stops before `sam build`, which needs Docker and an AWS account.
+SAM_VENV ?= .sam-venv
+sam-validate: $(VENV)/.runtime
+	test -x $(SAM_VENV)/bin/sam || (python3 -m venv $(SAM_VENV) && $(SAM_VENV)/bin/pip install --quiet aws-sam-cli==1.170.0)
+	rm -rf build/sam && $(BIN)/gradshard deploy sam --out build/sam
+	cd build/sam && SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=us-east-1 ../../$(SAM_VENV)/bin/sam validate --lint
+
 # The wheel, dist/gradshard-<version>-py3-none-any.whl (pip builds it with setuptools in an isolated environment).
 dist: | $(BIN)/activate
 	rm -f dist/gradshard-*.whl
 	$(BIN)/pip wheel --no-deps --quiet -w dist .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis build dist
+	rm -rf $(VENV) $(SAM_VENV) .pytest_cache .mypy_cache .hypothesis build dist
