@@ -137,3 +137,19 @@ def test_the_cli_writes_the_application(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((tmp_path / "template.yaml").read_text())["Parameters"]["ClientMemorySize"][
         "Default"] == 2048
+
+
+def test_the_aggregation_memory_comes_from_the_planner_for_a_model(tmp_path: Path) -> None:
+    from gradshard.core.zoo import get_layout
+    from gradshard.deploy.sam import planned_memory
+
+    result = CliRunner().invoke(main, ["deploy", "sam", "--out", str(tmp_path), "--model", "vgg16", "--clients", "20"])
+
+    assert result.exit_code == 0, result.output
+    plan = planned_memory(get_layout("vgg16").numel, 20)
+    template = yaml.safe_load((tmp_path / "template.yaml").read_text())
+    assert template["Parameters"]["MemorySize"]["Default"] == plan.memory_mb
+    assert 128 <= plan.memory_mb < 3008 and plan.shards > 1  # sharding keeps each function far below the model
+    assert f"M = {plan.shards}" in (tmp_path / "DEPLOY.md").read_text()
+    with pytest.raises(GradshardError, match="no GradsSharding plan fits"):
+        planned_memory(10**15, 20)

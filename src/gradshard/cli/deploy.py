@@ -71,22 +71,34 @@ def aws(out: str, memory_mb: int, timeout: int, arch: str, runtime: str, vendor:
 
 @deploy.command(context_settings=HELP_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the files to.")
-@click.option("--memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
-              help="Memory of the aggregation and server function, MiB.")
+@click.option("--memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=None,
+              help="Memory of the aggregation and server function, MiB [default: the planner's for --model and "
+                   "--clients, else 3008].")
+@click.option("--model", "model_name", default=None,
+              help="A zoo layout (resnet18, vgg16, gpt2-large, synthetic-<N>, ...) to plan the aggregation memory for.")
+@click.option("--clients", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Clients per round, for the plan.")
 @click.option("--client-memory-mb", type=click.IntRange(*LAMBDA_MEMORY_MB), default=3008, show_default=True,
               help="Memory of the client function, MiB.")
 @click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT_S), default=900, show_default=True,
               help="Function timeout, seconds.")
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="x86_64", show_default=True)
-def sam(out: str, memory_mb: int, client_memory_mb: int, timeout: int, arch: str) -> None:
+def sam(out: str, memory_mb: int | None, model_name: str | None, clients: int, client_memory_mb: int, timeout: int,
+        arch: str) -> None:
     """Write an AWS SAM application (template.yaml, Dockerfile, events, DEPLOY.md) for training on Lambda."""
     require_extra("s3", "gradshard deploy sam")  # the functions' S3 client
     if importlib.util.find_spec("yaml") is None:  # PyYAML (in the s3 extra) writes the template
         raise missing_extra_error("s3", "gradshard deploy sam", ["yaml"])
-    from gradshard.deploy.sam import write_sam_deployment
+    from gradshard.core.zoo import get_layout
+    from gradshard.deploy.sam import planned_memory, write_sam_deployment
 
-    result = write_sam_deployment(out, memory_mb=memory_mb, client_memory_mb=client_memory_mb, timeout_s=timeout,
-                                  architecture=arch)
+    plan = None
+    if memory_mb is None and model_name is not None:
+        plan = planned_memory(get_layout(model_name).numel, clients)
+        console.print(f"planned: {plan.memory_mb} MiB per aggregation function (GradsSharding M = {plan.shards}, "
+                      f"${plan.per_1000_rounds:.2f} per 1000 rounds predicted)")
+    result = write_sam_deployment(out, memory_mb=memory_mb or 3008, client_memory_mb=client_memory_mb,
+                                  timeout_s=timeout, architecture=arch, plan=plan)
     for name in result.files:
         console.print(f"wrote {untrusted(result.out_dir / name)}")
     console.print(f"next: follow {untrusted(result.out_dir / 'DEPLOY.md')}")

@@ -21,6 +21,7 @@ Roles, over the store's prefix ``P`` in the data bucket:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -169,6 +170,31 @@ def sam_template(*, memory_mb: int, client_memory_mb: int, timeout_s: int, archi
     }
 
 
+@dataclass(frozen=True)
+class PlannedMemory:
+    """The aggregation function's memory from the cost planner, and the plan behind it."""
+
+    memory_mb: int
+    shards: int
+    per_1000_rounds: float
+    layout: str
+
+
+def planned_memory(params: int, clients: int) -> PlannedMemory:
+    """The memory of the cheapest feasible GradsSharding plan (any M, either object layout) for a model of
+    ``params`` float32 parameters and ``clients`` clients, rounded up to Lambda's grid (1 MiB, at least 128)."""
+    from gradshard.cost.planner import PlanRequest, recommend
+
+    request = PlanRequest(params=params, clients=clients)
+    sharded = [c for c in recommend(request).alternatives
+               if c.cost.shape.arch == "sharded" and c.feasibility.feasible]
+    if not sharded:
+        raise GradshardError(f"no GradsSharding plan fits Lambda for {params:,} parameters and {clients} clients")
+    best = min(sharded, key=lambda c: (c.per_1000_total, c.cost.latency_s))
+    memory = min(LAMBDA_MEMORY_MB[1], max(LAMBDA_MEMORY_MB[0], math.ceil(best.cost.memory_mb)))
+    return PlannedMemory(memory, best.cost.shape.shards, best.per_1000_total, best.cost.options.layout)
+
+
 def to_yaml(template: dict[str, Any]) -> str:
     """The template as YAML (PyYAML, block style, keys in order)."""
     return str(yaml.safe_dump(template, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True))
@@ -212,9 +238,12 @@ def _requirements() -> str:
 
 
 def write_sam_deployment(out_dir: str | os.PathLike[str], *, memory_mb: int = 3008, client_memory_mb: int = 3008,
-                         timeout_s: int = 900, architecture: str = "x86_64") -> SamDeployment:
+                         timeout_s: int = 900, architecture: str = "x86_64", plan: PlannedMemory | None = None
+                         ) -> SamDeployment:
     """Write ``template.yaml``, ``Dockerfile``, ``requirements.txt``, ``gradshard/`` (the package), ``events/`` and
-    ``DEPLOY.md`` into ``out_dir``."""
+    ``DEPLOY.md`` into ``out_dir``; with ``plan``, the aggregation memory is the planner's."""
+    if plan is not None:
+        memory_mb = plan.memory_mb
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     template = sam_template(memory_mb=memory_mb, client_memory_mb=client_memory_mb, timeout_s=timeout_s,
@@ -228,12 +257,16 @@ def write_sam_deployment(out_dir: str | os.PathLike[str], *, memory_mb: int = 30
     (out / "events").mkdir(exist_ok=True)
     for name, event in sample_events().items():
         (out / "events" / name).write_text(json.dumps(event, indent=1) + "\n")
-    (out / "DEPLOY.md").write_text(guide(memory_mb, client_memory_mb, timeout_s))
+    (out / "DEPLOY.md").write_text(guide(memory_mb, client_memory_mb, timeout_s, plan))
     files = ("template.yaml", "Dockerfile", "requirements.txt", "gradshard/", "events/noop.json", "DEPLOY.md")
     return SamDeployment(out, files)
 
 
-def guide(memory_mb: int, client_memory_mb: int, timeout_s: int) -> str:
+def guide(memory_mb: int, client_memory_mb: int, timeout_s: int, plan: PlannedMemory | None = None) -> str:
+    planned = "" if plan is None else (
+        f"\nThe aggregation function's {memory_mb} MiB come from gradshard's cost planner: GradsSharding with "
+        f"M = {plan.shards} ({plan.layout} objects), predicted ${plan.per_1000_rounds:.2f} per 1000 rounds; run "
+        f"`--shards {plan.shards}` to match it.\n")
     return f"""# Deploying gradshard with AWS SAM
 
 Written by `gradshard deploy sam`: one container image (`Dockerfile`: the Lambda Python 3.11 base image,
@@ -242,7 +275,7 @@ Written by `gradshard deploy sam`: one container image (`Dockerfile`: the Lambda
 {timeout_s} s timeout, a data bucket with lifecycle rules, least-privilege roles, log groups with retention, and
 `DriverPolicy` for whoever runs the driver. Nothing here has been run against AWS by gradshard; see
 docs/aws-lambda.md for what was tested locally.
-
+{planned}
 ## 1. Build and deploy
 
 ```sh
