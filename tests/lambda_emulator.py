@@ -75,6 +75,7 @@ class Function:
     # A container-image function: the interpreter's installed libraries are the image's (torch and all); the
     # package directory is where gradshard itself lives. Modules may then come from site-packages too.
     image: bool = False
+    credentials: bool = True  # whether the function's role credentials reach it (False: a role with no permission)
 
 
 @dataclass
@@ -148,7 +149,8 @@ class LambdaEmulator:
 
 def _function_env(function: Function) -> dict[str, str]:
     """The environment Lambda gives a function: its name and memory, and the (role's) credentials and region."""
-    env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
+    env = {name: os.environ[name] for name in _FORWARDED if name in os.environ
+           and (function.credentials or not name.startswith("AWS_") or name.endswith("REGION"))}
     env.update(AWS_LAMBDA_FUNCTION_NAME=function.name, AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(function.memory_mb),
                AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     return env

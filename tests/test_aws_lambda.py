@@ -21,6 +21,7 @@ import cfnlint.api
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import new_s3_store
 from lambda_emulator import Function, LambdaEmulator
 
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
@@ -414,3 +415,39 @@ def test_train_with_the_lambda_executor_needs_the_function(tmp_path: Path) -> No
     result = CliRunner().invoke(main, ["train", "--executor", "lambda", "--rounds", "1", "--store", str(tmp_path)])
     assert result.exit_code == 2
     assert "--lambda-function" in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("aws_env")
+def test_clients_without_credentials_train_through_presigned_urls_only(tmp_path: Path, s3_store: S3Store) -> None:
+    # Prepare: client functions whose role reaches nothing (no credentials at all); the driver presigns, per task, a
+    # GET of each object the client reads and a PUT of its own update
+    from gradshard.errors import TrainingError
+    from gradshard.fl.config import DataConfig, TrainConfig
+    from gradshard.fl.driver import Trainer
+    from gradshard.format.keys import model_key
+
+    config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=3, rounds=1, epochs=1,
+                         batch_size=32, lr=0.1, seed=0, aggregation=AggregateConfig(shards=2))
+    source = Path(__import__("gradshard").__file__).parents[1]
+    functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True),
+                 "clients": Function("clients", source, memory_mb=2048, timeout_s=120.0, image=True,
+                                     credentials=False)}
+    local_store = LocalStore(tmp_path / "local", fsync=False)
+    with LocalExecutor(workers=2) as local:
+        Trainer(local_store, config, local).run()
+
+    with LambdaEmulator(functions) as emulator:
+        def executor(name: str, retries: int = 2) -> LambdaExecutor:
+            return LambdaExecutor(name, endpoint_url=emulator.endpoint_url, region="us-east-1", retries=retries,
+                                  allow_local_store=True, workers=2, timeout_s=120.0)
+
+        # Execute: without URLs the credential-less clients cannot even read the model ...
+        with pytest.raises(TrainingError, match="every client failed"):
+            Trainer(s3_store, config, executor(IMAGE), executor("clients", retries=0)).run()
+        # ... with them, the run is the local run, byte for byte
+        fresh = new_s3_store(s3_store.endpoint_url or "")
+        Trainer(fresh, config, executor(IMAGE), executor("clients"), presigned_clients=True).run()
+
+    assert fresh.get(model_key(1)) == local_store.get(model_key(1))
+

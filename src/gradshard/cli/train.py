@@ -23,7 +23,7 @@ from gradshard.cli.common import (
 )
 from gradshard.cli.console import untrusted
 from gradshard.extras import EXTRAS, has_extra, require_extra
-from gradshard.store import LocalStore
+from gradshard.store import LocalStore, S3Store
 from gradshard.topology.names import TOPOLOGIES
 
 if TYPE_CHECKING:  # the training modules import torch: only the commands that train load them
@@ -289,6 +289,9 @@ def _train_options(f: Any) -> Any:
               help="--executor lambda: the function of the clients (a container image with torch) [default: "
                    "--lambda-function].")
 @click.option("--region", default=None, help="--executor lambda: the AWS region [default: from the environment].")
+@click.option("--presigned-clients/--no-presigned-clients", default=None,
+              help="Clients read and write only through URLs the driver presigns per task (an S3 store; the client "
+                   "functions then need no S3 permission) [default: on with --executor lambda on an S3 store].")
 @click.option("--client-memory-mb", type=click.FloatRange(min=1), default=None,
               help="Memory cap of every client function, MiB: a client that needs more fails with a memory error, "
                    "reported [default: none].")
@@ -300,6 +303,7 @@ def _train_options(f: Any) -> Any:
 @_train_options
 def train(config_path: str | None, store_dir: str, out_dir: str | None, executor_kind: str, ray_address: str | None,
           lambda_function: str | None, lambda_client_function: str | None, region: str | None,
+          presigned_clients: bool | None,
           client_memory_mb: float | None, memory_mb: float | None, workers: int, scoped_tokens: bool,
           **flags: Any) -> None:
     """Federated training: clients, aggregation and the server step all run as functions on a store.
@@ -342,7 +346,9 @@ def train(config_path: str | None, store_dir: str, out_dir: str | None, executor
     from gradshard.errors import TrainingError
 
     try:
-        trainer = Trainer(store, config, executor, client_executor)
+        if presigned_clients is None:
+            presigned_clients = executor_kind == "lambda" and isinstance(store, S3Store)
+        trainer = Trainer(store, config, executor, client_executor, presigned_clients=presigned_clients)
         default_out = store.root if isinstance(store, LocalStore) else Path(".")
         title = config.task or (f"SuperFed supernet on {config.data.name}" if config.supernet is not None
                                  else f"{config.model} on {config.data.name}")

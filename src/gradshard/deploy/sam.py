@@ -6,12 +6,11 @@ allow is checked by evaluating their policy documents (``tests/test_sam_deployme
 
 Roles, over the store's prefix ``P`` in the data bucket:
 
-- **clients** (``ClientFunction``) may read the global models and the client data (``P/models/*``, ``P/data/*``, each
-  round's ``spec.json``) and write updates (``P/rounds/*/updates/*``), and nothing else: no client can read another
-  client's update, write a model or an aggregate, or list the bucket. IAM cannot tell one invocation of a function
-  from another, so it cannot restrict a client to *its own* update key; what stops a client from writing another's
-  is the round's validation (the object's key decides its identity; with ``require_signatures`` an update must be
-  signed by its client's registered key). Presigned PUTs issued per client are not implemented.
+- **clients** (``ClientFunction``) have no access to the data at all: each client task carries URLs the driver
+  presigned for it (``gradshard train --executor lambda`` does so on an S3 store): a GET of each object it reads (its
+  data, the global model) and a PUT of its own update key, valid for the round's deadline. So a client can read
+  nothing else and write nothing but its own update — what IAM alone cannot give, since it cannot tell one
+  invocation of a function from another. (The role may record consumed invocation tokens, ``P/security/jti/*``.)
 - **aggregation and server functions** (``AggregationFunction``) may read the store and write everything under it
   but the clients' updates (an explicit deny on ``P/rounds/*/updates/*``).
 - **the driver** (``DriverPolicy``, a managed policy to attach to whoever runs ``gradshard train``) may invoke the two
@@ -110,12 +109,9 @@ def sam_template(*, memory_mb: int, client_memory_mb: int, timeout_s: int, archi
                     "MemorySize": {"Ref": "ClientMemorySize"},
                     "ReservedConcurrentExecutions": {"Fn::If": ["ReserveClients", {"Ref": "ClientConcurrency"},
                                                                 {"Ref": "AWS::NoValue"}]},
+                    # No access to the data: a client reads and writes through the URLs the driver presigns for
+                    # its task (its data, the model, its own update key). Only scoped tokens' records are written.
                     "Policies": [{"Version": "2012-10-17", "Statement": [
-                        {"Sid": "ReadModelsAndData", "Effect": "Allow", "Action": ["s3:GetObject"],
-                         "Resource": [_arn("models/*"), _arn("data/*"), _arn("rounds/*/spec.json")]},
-                        {"Sid": "WriteUpdates", "Effect": "Allow",
-                         "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-                         "Resource": [updates]},
                         {"Sid": "ConsumeTokens", "Effect": "Allow", "Action": ["s3:PutObject"],
                          "Resource": [_arn("security/jti/*")]}]}],
                 },
@@ -315,8 +311,8 @@ gradshard train --store s3://<DataBucketName>/gradshard --executor lambda \\
 
 ## What the roles allow
 
-Clients may read `models/`, `data/` and round specs and write `rounds/*/updates/*`, nothing else (not another
-client's update, not a model). IAM cannot restrict one invocation to its own update key: the round's validation does
-(an object's key decides its client; with `require_signatures`, its signature). Aggregation and server functions may
-read and write the store but never the clients' updates.
+Clients have no access to the data bucket: each client task carries URLs the driver presigned for it (a GET of each
+object it reads, a PUT of its own update key, valid for the round's deadline), so a client cannot read another's
+update, write a model, or write any update but its own. Aggregation and server functions may read and write the
+store but never the clients' updates. The driver needs `DriverPolicy`.
 """

@@ -40,11 +40,22 @@ from gradshard.privacy.config import ClientDP
 from gradshard.privacy.dpsgd import train_private
 from gradshard.runtime.registry import register, register_runtime
 from gradshard.store import Store
+from gradshard.store.presigned import PresignedStore
 
 try:
     import torch
 except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
     raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
+
+
+class ClientUrls(BaseModel):
+    """What a client may touch, presigned by the driver: a GET of each whole object it reads (URL, size) and a PUT
+    of the one object it writes. With them the client function needs no store credentials at all."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gets: dict[str, tuple[str, int]]
+    puts: dict[str, str]
 
 
 class ClientTask(BaseModel):
@@ -72,6 +83,8 @@ class ClientTask(BaseModel):
     fault: str = Field(default="", description="testing only: crash | nan | sleep:<seconds>")
     output_key: str = Field(default="", description="where the update goes; empty: the client's update key (the "
                                                     "server's FLTrust root update goes to its own key)")
+    urls: ClientUrls | None = Field(default=None, description="presigned URLs to read and write through instead "
+                                                              "of the function's store (gradshard.store.presigned)")
     compression: str = Field(default="none", description="upload as float ('none'), block-wise int8 ('int8') or "
                                                          "the largest entries ('topk:<fraction>')")
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
@@ -144,6 +157,8 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     """Train one client for one round and write ``rounds/<r>/updates/<client>.safetensors`` (the weight delta)."""
     if task.fault == "crash":
         os._exit(7)
+    if task.urls is not None:  # the driver's presigned URLs: this task's objects, and only those
+        store = PresignedStore(task.urls.gets, task.urls.puts)
     started = time.perf_counter()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

@@ -38,7 +38,7 @@ from gradshard.errors import GradshardError, InvocationError, RoundError, Traini
 from gradshard.extras import missing_extra_error
 from gradshard.fl import data as fldata
 from gradshard.fl.builtin import builtin_ref, shape_for
-from gradshard.fl.client import ClientTask, load_arrays
+from gradshard.fl.client import ClientTask, ClientUrls, load_arrays
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.models import load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.plugin import PluginRound, RoundPlugin, plugin_for_config
@@ -72,7 +72,7 @@ from gradshard.privacy.config import CentralDPRound
 from gradshard.runtime.executor import Executor
 from gradshard.runtime.registry import parse_result
 from gradshard.runtime.report import InvocationReport
-from gradshard.store import Store
+from gradshard.store import S3Store, Store
 from gradshard.topology.base import Invocation, Plan
 
 try:
@@ -192,7 +192,11 @@ class Trainer:
 
     def __init__(self, store: Store, config: TrainConfig, executor: Executor, client_executor: Executor | None = None,
                  datasets: tuple[fldata.Dataset, fldata.Dataset] | None = None,
-                 task: Task | TaskRef | str | None = None, plugin: RoundPlugin | None = None) -> None:
+                 task: Task | TaskRef | str | None = None, plugin: RoundPlugin | None = None,
+                 presigned_clients: bool = False) -> None:
+        if presigned_clients and not isinstance(store, S3Store):
+            raise GradshardError("presigned_clients needs an S3 store: the driver presigns each client's URLs")
+        self.presigned_clients = presigned_clients
         self.store, self.config = store, config
         self.executor, self.client_executor = executor, client_executor or executor
         self.plugin = plugin if plugin is not None else plugin_for_config(config)
@@ -400,6 +404,18 @@ class Trainer:
         self.store.put(plugin_key(r), record.model_dump_json(indent=1).encode())
         return record
 
+    def _urls(self, task: ClientTask, output: str) -> ClientUrls:
+        """Presigned URLs for ``task``: a GET of each object it reads, a PUT of ``output``; valid for the round's
+        deadline and five minutes more (at most 7 days)."""
+        assert isinstance(self.store, S3Store)
+        expires = int(min(7 * 86400, self.config.deadline_s + 300))
+        reads = [k for k in (task.model_key, task.kept_key, task.data_key) if k]
+        gets = {}
+        for key in reads:
+            size = self.store.size(key)
+            gets[key] = (self.store.presign_range(key, 0, size, expires) if size else "", size)
+        return ClientUrls(gets=gets, puts={output: self.store.presign_put(output, expires)})
+
     def _client_plan(self, spec: RoundSpec, record: PluginRound | None = None) -> Plan:
         c = self.config
         signing = self.signing_keys()
@@ -421,6 +437,8 @@ class Trainer:
                               dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
+            if self.presigned_clients:
+                task = task.model_copy(update={"urls": self._urls(task, update_key(spec.round, client))})
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
                                           memory_cap_bytes=record.memory.get(client) if record is not None else None))
         if self.uses_root and not self.store.exists(root_update_key(spec.round)):
@@ -430,6 +448,8 @@ class Trainer:
                               batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, seed=c.seed,
                               chunk_elems=spec.chunk_elems, digest=spec.digest,
                               output_key=root_update_key(spec.round))
+            if self.presigned_clients:
+                root = root.model_copy(update={"urls": self._urls(root, root_update_key(spec.round))})
             invocations.append(Invocation(f"server-{ROOT_CLIENT}", "train_client", root, self.averaged.nbytes * 8))
         return Plan("clients", tuple(invocations))
 

@@ -617,6 +617,17 @@ class S3Store(Store):
                              f"{signed_headers(url)}); refusing a URL that would read any range")
         return url
 
+    def presign_put(self, key: str, expires_s: int = 300) -> str:
+        """A presigned PUT of the whole object ``key`` (SigV4 query authentication): whoever holds the URL may write
+        that one key, once or more until it expires, and nothing else. Write through it with
+        :class:`gradshard.store.presigned.PresignedStore`."""
+        if not 1 <= expires_s <= 7 * 86400:
+            raise StoreError(f"a presigned URL expires in 1 s to 7 days, got {expires_s} s")
+        with self._errors(f"presigning a PUT of {key!r}", key):
+            url: str = self._presigner().generate_presigned_url(
+                "put_object", ExpiresIn=expires_s, Params={"Bucket": self.bucket, "Key": self._name(key)})
+        return url
+
     def delete(self, key: str) -> None:
         with self._errors(f"deleting object {key!r}", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
