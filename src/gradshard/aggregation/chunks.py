@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from gradshard.core.checksum import ChunkGrid
 from gradshard.errors import RoundError, UpdateError
-from gradshard.format.update import EncodedReader, UpdateReader
+from gradshard.format.update import EncodedReader, UpdateReader, VerifiedStream
 
 ALIGN = 8  # float64 per padded row unit (64 bytes)
 
@@ -27,22 +27,34 @@ def padded_width(chunk_elems: int) -> int:
 
 
 class ChunkRows:
-    """One float64 row per reader (zero-padded to :func:`padded_width`), refilled chunk by chunk."""
+    """One float64 row per reader (zero-padded to :func:`padded_width`), refilled chunk by chunk, in order, over the
+    chunk-aligned range ``[start, stop)``: each reader is read as one sequential stream of that range (one streamed
+    GET per client on S3), every chunk verified."""
 
-    def __init__(self, readers: Sequence[UpdateReader | EncodedReader], grid: ChunkGrid,
-                 dtype: npt.DTypeLike,
-                 names: Sequence[str] | None = None) -> None:
+    def __init__(self, readers: Sequence[UpdateReader | EncodedReader], grid: ChunkGrid, dtype: npt.DTypeLike,
+                 start: int, stop: int, names: Sequence[str] | None = None) -> None:
         self.readers, self.grid = readers, grid
         self.names = list(names) if names is not None else [r.client for r in readers]
         self.rows = np.zeros((len(readers), padded_width(grid.chunk_elems)), dtype=np.float64)
         self._values = np.empty(grid.chunk_elems, dtype=dtype)
+        self._streams: list[VerifiedStream | None] = []
+        for reader in readers:
+            if isinstance(reader, UpdateReader):
+                self._streams.append(reader.stream(start, stop))
+            else:
+                reader.expect(start, stop)
+                self._streams.append(None)
 
     def load(self, index: int) -> npt.NDArray[np.float64]:
-        """Read chunk ``index`` of every reader (verified; NaN or inf is an error naming it) into the rows."""
+        """Read chunk ``index`` (the next in order) of every reader (verified; NaN or inf is an error naming it)."""
         a, b = self.grid.bounds(index)
         window = self._values[: b - a]
-        for i, reader in enumerate(self.readers):
-            reader.read_verified(a, b, window)
+        for i, (reader, stream) in enumerate(zip(self.readers, self._streams, strict=True)):
+            if stream is not None:
+                stream.read_next(window)
+            else:
+                assert isinstance(reader, EncodedReader)
+                reader.read_chunk(index, window)
             if not np.isfinite(window).all():
                 raise UpdateError(self.names[i], f"non-finite values (NaN or inf) in elements [{a}, {b})")
             self.rows[i, : b - a] = window

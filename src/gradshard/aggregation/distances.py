@@ -73,7 +73,7 @@ def pairwise_distances(args: DistanceArgs, store: Store) -> DistanceResult:
     partials = np.empty((len(indices), pair_count(n)), dtype="<f8")
     readers = open_clients(store, manifest, layout)
     try:
-        rows = ChunkRows(readers, grid, layout.flat_dtype)
+        rows = ChunkRows(readers, grid, layout.flat_dtype, args.start, args.stop)
         for c, index in enumerate(indices):
             chunk_pair_partials(rows.load(index), diff, partials[c])
     finally:

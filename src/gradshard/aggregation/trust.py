@@ -101,7 +101,8 @@ def trust_products(args: TrustArgs, store: Store) -> TrustResult:
     readers = open_clients(store, manifest, layout)
     try:
         readers.append(open_root(store, manifest, args.root_sha256))  # the root is a float update
-        rows = ChunkRows(readers, grid, layout.flat_dtype, [*(r.client for r in readers[:n]), ROOT])
+        rows = ChunkRows(readers, grid, layout.flat_dtype, args.start, args.stop,
+                         [*(r.client for r in readers[:n]), ROOT])
         for c, index in enumerate(indices):
             chunk_products(rows.load(index), products, partials[c])
     finally:

@@ -179,9 +179,13 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
                                                        CostOptions(layout="ranged"))
     except PlanError as exc:  # e.g. the inline executor measures no peak memory
         cloud, no_cost = None, str(exc)
+    earlier = [r for r in result.all_reports if all(r is not final for final in result.reports)]
     if reports:  # before anything is printed: the aggregate is published, its reports must not be lost
         write_json(Path(reports), {"summary": summary, "cloud_cost": cloud.to_dict() if cloud else None,
-                                    "reports": [r.model_dump(mode="json") for r in result.reports]})
+                                    "reports": [r.model_dump(mode="json") for r in result.reports],
+                                    "earlier_reports": [r.model_dump(mode="json") for r in earlier]})
+    if earlier:  # a phase 1 (norms, distances, trust products) or runs that found bad updates
+        console.print(reports_table(earlier, f"round {round_}: phase 1 and earlier runs"))
     console.print(reports_table(result.reports, f"round {round_}: {result.plan.topology}"))
     for entry in result.manifest.clients:
         if entry.signer is not None:
@@ -198,6 +202,9 @@ def aggregate(store_dir: str, round_: int, reports: str | None, **kw: Any) -> No
     if cloud is None:
         console.print(f"no cloud cost: {untrusted(no_cost)}")
         return
+    if earlier:
+        console.print(f"(the cloud cost below prices the final plan only; {len(earlier)} earlier invocations "
+                      "are not in it)")
     console.print(f"on AWS Lambda + S3 ({untrusted(cloud.predicted.options.prices.name)}, ranged layout): predicted "
                   f"${cloud.predicted.per_1000_rounds.total:,.3f} per 1000 rounds "
                   f"({cloud.predicted.latency_s:.1f} s a round); this run's own durations and peak billed at those "
