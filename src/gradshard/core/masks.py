@@ -38,7 +38,6 @@ def mask_slice(key: bytes, start: int, stop: int, round_: int = 0) -> npt.NDArra
     return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
 
 
-
 def remove_masks(total: npt.NDArray[np.uint32], start: int, terms: Sequence[tuple[str, int]], round_: int) -> None:
     """Subtract (or add) each term's mask slice ``[start, start + len(total))`` from ``total`` in place (mod 2³²)."""
     with np.errstate(over="ignore"):
