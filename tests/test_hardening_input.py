@@ -6,6 +6,7 @@ data, and objects that impersonate another client.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import struct
@@ -491,3 +492,31 @@ def test_the_writer_refuses_a_header_no_reader_would_accept(monkeypatch: pytest.
     with pytest.raises(GradshardError, match="over the 4,096 readers accept"):
         write_update(MemoryStore(), "u", layout, np.zeros(200, dtype=np.float32),
                      UpdateMeta(client="c", round=0, examples=1, layout_digest=layout.digest(), chunk_elems=8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(st.text(alphabet="AZaz_09.é\\\"", min_size=1, max_size=6), min_size=1, max_size=6,
+                      unique=True),
+       extra=st.dictionaries(st.text(alphabet="abc_.Z", min_size=1, max_size=5), st.text(max_size=8), max_size=4))
+def test_the_layout_header_digest_is_the_canonical_one(names: list[str], extra: dict[str, str]) -> None:
+    # Prepare: a layout with names that sort before and after "__metadata__", metadata with unsigned fields too
+    from gradshard.format.update import canonical_header, layout_header_digest, tensor_table
+
+    layout = ModelLayout([TensorSpec(n, (i + 1, 2), "float32") for i, n in enumerate(names)])
+    metadata = {**extra, "gradshard.header_digest": "x" * 64, "gradshard.signature": "y" * 128}
+    header = {"__metadata__": metadata, **tensor_table(layout)}
+
+    # Assert: the same sha256 as the canonical encoding of the whole parsed header
+    expected = hashlib.sha256(canonical_header(header)).hexdigest()
+    assert layout_header_digest(metadata, layout) == expected
+
+
+def test_a_table_equal_to_the_layouts_but_encoded_otherwise_takes_the_full_path() -> None:
+    # 1.0 and true equal 1 in Python; the header's own bytes (and so its digest) differ: never the shortcut
+    from gradshard.format.update import _is_layout_table, tensor_table
+
+    layout = _layout()
+    header: dict[str, Any] = {"__metadata__": {}, **tensor_table(layout)}
+    assert _is_layout_table(header, layout)
+    header["a"] = {**header["a"], "shape": [5.0]}
+    assert not _is_layout_table(header, layout)

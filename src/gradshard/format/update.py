@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -460,15 +461,43 @@ def _build_layout_entries(layout: ModelLayout) -> tuple[dict[str, dict[str, Any]
     return table, entries
 
 
-def _tensor_entries(client: str, header: dict[str, Any], layout: ModelLayout | None) -> dict[str, TensorEntry]:
-    """The header's tensor entries: at once when they are exactly ``layout``'s in layout order (one comparison of
-    the parsed JSON), else parsed and checked one by one."""
-    if layout is not None:
-        table, entries = _layout_entries(layout)
-        if len(header) - ("__metadata__" in header) == len(table) and all(
-                header.get(name) == entry for name, entry in table.items()):
-            return dict(entries)
-    return _parse_tensors(client, header)
+def _is_layout_table(header: Mapping[str, Any], layout: ModelLayout | None) -> bool:
+    """Whether the header's tensor table is exactly ``layout``'s in layout order (one comparison of the parsed JSON)."""
+    if layout is None:
+        return False
+    table = _layout_entries(layout)[0]
+    if len(header) - ("__metadata__" in header) != len(table) or not all(
+            header.get(name) == entry for name, entry in table.items()):
+        return False
+    # equal, and encoded alike: JSON's true or 1.0 equals 1 in Python but is not the same header bytes
+    entries = [header[name] for name in table]
+    kinds = set(map(type, itertools.chain.from_iterable(e["shape"] for e in entries)))
+    kinds.update(map(type, itertools.chain.from_iterable(e["data_offsets"] for e in entries)))
+    return kinds <= {int}
+
+
+def _canonical_table(layout: ModelLayout) -> tuple[list[str], list[str]]:
+    """``layout``'s tensor entries as they appear in a canonical header: sorted names and their ``"name":{...}``
+    encodings (built once per layout object)."""
+    def build(layout: ModelLayout) -> tuple[list[str], list[str]]:
+        table = _layout_entries(layout)[0]
+        names = sorted(table)
+        return names, [json.dumps(name) + ":" + json.dumps(table[name], sort_keys=True, separators=(",", ":"))
+                       for name in names]
+
+    return layout.memo("canonical_table", build)
+
+
+def layout_header_digest(metadata: Mapping[str, str], layout: ModelLayout) -> str:
+    """:func:`header_digest` of a header whose tensor table is ``layout``'s, from its metadata alone: the table's
+    canonical encoding is made once per layout, so only the metadata is encoded per header (the same bytes as
+    :func:`canonical_header`, tested)."""
+    names, parts = _canonical_table(layout)
+    signed = {k: v for k, v in metadata.items() if k not in _UNSIGNED}
+    at = bisect.bisect_left(names, "__metadata__")
+    middle = ['"__metadata__":' + json.dumps(signed, sort_keys=True, separators=(",", ":"), allow_nan=False)]
+    body = "{" + ",".join([*parts[:at], *middle, *parts[at:]]) + "}"
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str | None = None, *,
@@ -511,8 +540,11 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UpdateError(client, "header '__metadata__' must map strings to strings")
+    # a table that is exactly the layout's is read, and its digest computed, from the layout's cached forms
+    as_layout = not (trusted and trusted_size is not None) and _is_layout_table(header, layout)
     verified = (metadata.get(HEADER_DIGEST_KEY) is not None if trusted
-                else verify_header_digest(header, metadata, key, client))
+                else verify_header_digest(header, metadata, key, client,
+                                          layout if as_layout and "__metadata__" in header else None))
     if trusted and trusted_size is not None:
         # the validation parsed these bytes' tensor entries and recorded the object's size and byte runs: a
         # function that was handed them skips the per-tensor parse (the bulk of opening a many-tensor update)
@@ -521,7 +553,7 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
                                       f"validated {trusted_size})")
         return UpdateHeader(key, 8 + n, reader.size, {}, metadata, sha256, metadata.get(f"{_P}format", ""),
                             verified)
-    tensors = _tensor_entries(client, header, layout)
+    tensors = dict(_layout_entries(layout)[1]) if as_layout and layout is not None else _parse_tensors(client, header)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
     if reader.size < expected:
@@ -532,8 +564,11 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
                         metadata.get(f"{_P}format", ""), verified)
 
 
-def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str], key: str, client: str) -> bool:
+def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str], key: str, client: str,
+                         layout: ModelLayout | None = None) -> bool:
     """Check ``gradshard.header_digest`` against the parsed header; False for a format-1 object (it has none).
+    ``layout``: the header's tensor table is known to be exactly that layout's (the digest is then computed from the
+    metadata and the layout's cached canonical table).
 
     Any object that carries a digest is checked, whatever its format field says; an object without one is
     accepted only if it says format 1, so removing or renaming the digest field is caught as well."""
@@ -544,7 +579,7 @@ def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str],
             return False  # format 1, or no gradshard metadata at all (UpdateMeta says which field is missing)
         raise UpdateError(client, f"header digest missing: object {key!r} says format {version!r} but has no "
                                   f"'{HEADER_DIGEST_KEY}'; rewrite it with gradshard.format.writer")
-    computed = header_digest(header)
+    computed = header_digest(header) if layout is None else layout_header_digest(metadata, layout)
     if stored != computed:
         raise UpdateError(client, f"header digest mismatch: object {key!r} records {stored[:16]!r}, its header "
                                   f"hashes to {computed[:16]!r}: the header (metadata or tensor table) was altered "
