@@ -12,10 +12,12 @@ warm), every pair interleaved and reported as the median [min–max] of paired r
 4. ``sync``: warm rounds on a durable store (``fsync=True``) whose functions write their ranges back as they close
    (``sync_ranges=True``) vs one where the commit's fsync writes everything (``sync_ranges=False``).
 5. ``auto``: warm rounds with the default ``shards="auto"`` (one shard per worker: M = 2) vs ``--shards`` (M = 4).
-6. ``validate``: the driver's validation of the round (``prepare_round``, in this process) with the header fast path
-   (a tensor table equal to the layout's read with one comparison and its digest from the layout's cached canonical
-   encoding; the JSON depth of escape-free headers in one pass) vs without it (patched back to the entry-by-entry
-   parse, the whole header's canonical encoding and the block scan).
+6. ``validate``: the driver's validation of the round (``prepare_round``, in this process) with the header fast paths
+   (a header whose bytes after the metadata are the layout's table as our writer encodes it: only the metadata is
+   parsed, the table, its checks and byte runs and its digest's canonical encoding come from the layout's cached
+   forms; else a parsed table equal to the layout's read with one comparison; the JSON depth of escape-free headers
+   in one pass) vs without them (patched back to the whole-header parse entry by entry, the whole header's canonical
+   encoding and the block scan).
 
     .venv/bin/python bench/round_overheads.py                     # ResNet-18, N = 32, M = 4
     .venv/bin/python bench/round_overheads.py --model vgg16 --clients 3 --pairs sync
@@ -93,6 +95,7 @@ def validate_pair(store: LocalStore, repeats: int) -> dict[str, Any]:
 
     def slow() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
+        stack.enter_context(patched(update, "_layout_shaped", lambda raw, layout: None))
         stack.enter_context(patched(update, "_is_layout_table", lambda header, layout: False))
         stack.enter_context(patched(update, "json_depth", update._json_depth_scan))
         return stack

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import safetensors.numpy
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradshard.aggregation.driver import AggregateConfig, aggregate_round
@@ -520,3 +520,53 @@ def test_a_table_equal_to_the_layouts_but_encoded_otherwise_takes_the_full_path(
     assert _is_layout_table(header, layout)
     header["a"] = {**header["a"], "shape": [5.0]}
     assert not _is_layout_table(header, layout)
+
+
+def _written_header(layout: ModelLayout) -> bytes:
+    store = MemoryStore()
+    _round(store, layout)
+    _write(store, layout, "c1", 0)
+    blob = store.get(update_key(0, "c1"))
+    (n,) = struct.unpack("<Q", blob[:8])
+    return blob[8 : 8 + n]
+
+
+def test_our_writers_header_is_read_by_parsing_its_metadata_only() -> None:
+    # Prepare: the header gradshard's writer made for the layout
+    from gradshard.format.update import _layout_shaped
+
+    layout = _layout()
+    raw = _written_header(layout)
+
+    # Execute
+    metadata_text = _layout_shaped(raw, layout)
+
+    # Assert: the bytes cut out are the metadata's, alone; another layout's table is not matched
+    assert metadata_text is not None
+    assert json.loads(metadata_text) == json.loads(raw)["__metadata__"]
+    assert _layout_shaped(raw, ModelLayout([TensorSpec("z", (3, 4), "float32"), TensorSpec("a", (6,), "float32")])) \
+        is None
+    assert _layout_shaped(raw.replace(b'"__metadata__"', b'"__metadata__" ', 1), layout) is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_mutated_header_reads_the_same_with_and_without_the_layout(data: st.DataObject) -> None:
+    # Prepare: our writer's header with bytes replaced, inserted or removed anywhere (the data is sized to fit)
+    layout = _layout()
+    raw = bytearray(_written_header(layout))
+    at = data.draw(st.integers(0, len(raw)))
+    cut = data.draw(st.integers(0, 3))
+    new = data.draw(st.binary(max_size=3) | st.sampled_from([b'"', b"}", b",", b'\\"', b'{"x":"1"}', b" "]))
+    raw[at : at + cut] = new
+    blob = _with_header(bytes(raw), bytes(layout.numel * 4))
+
+    def outcome(**kwargs: Any) -> Any:
+        try:
+            header = read_header(_reader(blob), "u", "c1", **kwargs)
+        except UpdateError as exc:
+            return "error", str(exc)
+        return header
+
+    # Assert: the layout's shortcut accepts exactly what the full parse accepts, with the same result or message
+    assert outcome(layout=layout) == outcome()

@@ -403,6 +403,8 @@ class UpdateHeader:
     sha256: str  # of the raw header bytes: identifies the object version
     format: str = FORMAT_VERSION
     header_verified: bool = False  # its header digest was checked (format 2); format 1 has none
+    # the layout whose tensor table this header is, entry for entry and in layout order, if it was read as one
+    shaped_as: ModelLayout | None = field(default=None, compare=False, repr=False)
 
 
 class _Itemsizes(dict[str, int]):
@@ -476,6 +478,33 @@ def _is_layout_table(header: Mapping[str, Any], layout: ModelLayout | None) -> b
     return kinds <= {int}
 
 
+_METADATA_OPEN = b'{"__metadata__":'
+
+
+def _layout_shaped(raw: bytes | bytearray, layout: ModelLayout | None) -> bytes | None:
+    """The bytes of the ``__metadata__`` value when ``raw`` is ``{"__metadata__":<value>`` followed by ``layout``'s
+    tensor table exactly as gradshard's writer encodes it (and the space padding), else None.
+
+    The table is then known without parsing it: the header is valid JSON with that table if and only if the value
+    alone is (a complete JSON value between a key and a comma), and no tensor is named ``__metadata__``. (When the
+    value alone is not valid JSON the caller parses the whole header, for the error it would give.)"""
+    if layout is None or not raw.startswith(_METADATA_OPEN):
+        return None
+    tail = layout.memo("header_tail", _header_tail)
+    end = len(raw.rstrip(b" "))
+    if tail is None or end - len(tail) <= len(_METADATA_OPEN) or not raw.endswith(tail, 0, end):
+        return None
+    return bytes(raw[len(_METADATA_OPEN) : end - len(tail)])
+
+
+def _header_tail(layout: ModelLayout) -> bytes | None:
+    """What follows the metadata in a header of ``layout`` written by gradshard: ``,<tensor table>}``."""
+    table = _layout_entries(layout)[0]
+    if "__metadata__" in table:
+        return None
+    return b"," + json.dumps(table, separators=(",", ":")).encode()[1:]
+
+
 def _canonical_table(layout: ModelLayout) -> tuple[list[str], list[str]]:
     """``layout``'s tensor entries as they appear in a canonical header: sorted names and their ``"name":{...}``
     encodings (built once per layout object)."""
@@ -528,23 +557,33 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
     trusted = trusted_sha256 is not None
     if trusted and sha256 != trusted_sha256:
         raise UpdateError(client, "object changed since the round was validated (header differs)")
+    metadata_text = _layout_shaped(raw, layout)
+    header: Any = None
+    if metadata_text is not None:  # the table is byte for byte the layout's: only the metadata is parsed
+        try:
+            metadata = json.loads(metadata_text) if trusted else _loads(metadata_text)
+        except ValueError:
+            metadata_text = None  # parsed whole below, for its own error
     try:
-        header = json.loads(raw) if trusted else _loads(raw)
+        if metadata_text is None:
+            header = json.loads(raw) if trusted else _loads(raw)
     except _TooDeep as exc:
         raise UpdateError(client, f"object {key!r} has a header {exc} (an update's header nests 3): it is not an "
                                   "update or it is corrupted") from None
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise UpdateError(client, f"object {key!r} has a header that is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise UpdateError(client, f"object {key!r} has a header that is not a JSON object")
-    metadata = header.get("__metadata__", {})
+    if header is not None:
+        if not isinstance(header, dict):
+            raise UpdateError(client, f"object {key!r} has a header that is not a JSON object")
+        metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UpdateError(client, "header '__metadata__' must map strings to strings")
     # a table that is exactly the layout's is read, and its digest computed, from the layout's cached forms
-    as_layout = not (trusted and trusted_size is not None) and _is_layout_table(header, layout)
+    as_layout = metadata_text is not None or (not (trusted and trusted_size is not None)
+                                               and _is_layout_table(header, layout)
+                                               and "__metadata__" in header)
     verified = (metadata.get(HEADER_DIGEST_KEY) is not None if trusted
-                else verify_header_digest(header, metadata, key, client,
-                                          layout if as_layout and "__metadata__" in header else None))
+                else verify_header_digest(header, metadata, key, client, layout if as_layout else None))
     if trusted and trusted_size is not None:
         # the validation parsed these bytes' tensor entries and recorded the object's size and byte runs: a
         # function that was handed them skips the per-tensor parse (the bulk of opening a many-tensor update)
@@ -553,7 +592,8 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
                                       f"validated {trusted_size})")
         return UpdateHeader(key, 8 + n, reader.size, {}, metadata, sha256, metadata.get(f"{_P}format", ""),
                             verified)
-    tensors = dict(_layout_entries(layout)[1]) if as_layout and layout is not None else _parse_tensors(client, header)
+    tensors = dict(_layout_entries(layout)[1]) if as_layout and layout is not None else \
+        _parse_tensors(client, header)
     data_len = max((e.end for e in tensors.values()), default=0)
     expected = 8 + n + data_len
     if reader.size < expected:
@@ -561,7 +601,7 @@ def read_header(reader: ObjectReader, key: str, client: str, trusted_sha256: str
     if reader.size > expected:
         raise UpdateError(client, f"object {key!r} has {reader.size - expected} unexpected trailing bytes")
     return UpdateHeader(key, 8 + n, reader.size, tensors, metadata, sha256,
-                        metadata.get(f"{_P}format", ""), verified)
+                        metadata.get(f"{_P}format", ""), verified, layout if as_layout else None)
 
 
 def verify_header_digest(header: Mapping[str, Any], metadata: Mapping[str, str], key: str, client: str,
@@ -596,6 +636,8 @@ def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None
     """Raise :class:`UpdateError` naming the first tensor that differs from the round's layout.
 
     Integer and bool tensors the layout does not name (kept buffers) are allowed and ignored."""
+    if header.shaped_as is layout:
+        return  # the header's table was found to be exactly the layout's
     missing = [t.name for t in layout if t.name not in header.tensors]
     names = {t.name for t in layout}
     extra = sorted(n for n, e in header.tensors.items() if n not in names and not _is_kept(e.dtype))
@@ -614,10 +656,20 @@ def check_layout(client: str, header: UpdateHeader, layout: ModelLayout) -> None
 def byte_runs(header: UpdateHeader, layout: ModelLayout) -> list[list[int]]:
     """Where each element range of ``layout`` lies in the object: ``[flat start, flat stop, file offset]`` runs,
     merged where the file stores tensors in layout order (one run for a gradshard-written file)."""
+    if header.shaped_as is layout:
+        return [[start, stop, header.data_start + offset] for start, stop, offset in layout.memo("byte_runs", _runs)]
+    return _runs(layout, header.data_start, header.tensors)
+
+
+def _runs(layout: ModelLayout, data_start: int = 0, tensors: Mapping[str, TensorEntry] | None = None) \
+        -> list[list[int]]:
+    """:func:`byte_runs` of tensors at ``tensors``' offsets (default: the layout's own table) after ``data_start``."""
+    if tensors is None:
+        tensors = _layout_entries(layout)[1]
     itemsize = np.dtype(layout.flat_dtype).itemsize
     runs: list[list[int]] = []
     for slot in layout.slots:
-        offset = header.data_start + header.tensors[slot.spec.name].begin
+        offset = data_start + tensors[slot.spec.name].begin
         if runs and runs[-1][1] == slot.start and runs[-1][2] + (slot.start - runs[-1][0]) * itemsize == offset:
             runs[-1][1] = slot.stop
         elif slot.stop > slot.start:
