@@ -231,8 +231,9 @@ def _result_digests(report: InvocationReport) -> dict[int, str]:
 
 def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, executor: Executor,
               on_done: ProgressCallback | None, noise: NoiseSpec | None = None
-              ) -> tuple[Plan, list[InvocationReport], bool]:
-    """Run the plan once; returns (plan, reports, published). Bad updates are moved to ``manifest.rejected``."""
+              ) -> tuple[Plan, list[InvocationReport], bool, str]:
+    """Run the plan once; returns (plan, reports, published, the sha256 of the manifest it ran on). Bad updates are
+    moved to ``manifest.rejected``."""
     sha = write_manifest(store, manifest)
     pending = ObjectUpload.begin(store, aggregate_key(manifest.round), manifest.spec.model_layout(),
                                  output_meta(manifest, config))
@@ -249,7 +250,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             reports = executor.run(plan, store, on_done)
         if reject_bad_updates(manifest, reports, config.policy):
             pending.abort()
-            return plan, reports, False
+            return plan, reports, False, sha
         failed = [r for r in reports if not r.ok]
         if failed or len(reports) != len(plan.invocations):
             raise InvocationError(f"round {manifest.round} ({plan.topology}) failed: {_describe_failures(failed)}")
@@ -258,7 +259,7 @@ def _run_once(store: Store, manifest: RoundManifest, config: AggregateConfig, ex
             chunk_digests.update(zero_chunk_digests(pending.grid, pending.meta.digest, plan.params["covered"],
                                               manifest.spec.model_layout().flat_dtype))
         pending.commit(chunk_digests)
-        return plan, reports, True
+        return plan, reports, True, sha
     except BaseException:
         failed_already = True
         # Best effort: a store that fails (a server killed mid-round) must not hide why the round failed.
@@ -336,7 +337,7 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
                                                     policy=config.policy)
         history.extend(norm_reports)
     for run in range(1, len(manifest.clients) + 2):
-        plan, reports, published = _run_once(store, manifest, config, executor, on_done, noise)
+        plan, reports, published, ran_on = _run_once(store, manifest, config, executor, on_done, noise)
         history.extend(reports)
         log.info("round %d, run %d: %d of %d invocations ok in %.2f s; %s", r, run,
                  sum(rep.ok for rep in reports), len(plan.invocations), time.perf_counter() - started,
@@ -344,7 +345,7 @@ def aggregate_round(store: Store, r: int, executor: Executor, config: AggregateC
         if published:
             result = AggregateResult(r, aggregate_key(r), manifest, plan, reports, run,
                                      time.perf_counter() - started, history)
-            write_manifest(store, manifest)
+            write_manifest(store, manifest, unless=ran_on)
             store.put(reports_key(r), json.dumps(
                 {"summary": result.summary(), "plan": plan.to_dict(),
                  "reports": [rep.model_dump(mode="json") for rep in reports]}, indent=1).encode())

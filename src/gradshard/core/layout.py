@@ -11,6 +11,7 @@ carries them as float32 (a lossless widening, see :mod:`gradshard.core.bfloat16`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -198,6 +199,17 @@ class ModelLayout:
         except (TypeError, ValueError) as exc:
             raise LayoutError(f"malformed layout description: {exc}") from exc
 
+    @classmethod
+    def shared(cls, data: Sequence[Sequence[Any]]) -> ModelLayout:
+        """:meth:`from_json`, the same object for the same description while it is among the last few asked for:
+        what a layout computes once (:meth:`memo`) then serves every round of a run, not only one."""
+        try:
+            key = tuple((n, tuple(s), t) for n, s, t in data)
+            hash(key)
+        except (TypeError, ValueError):
+            return cls.from_json(data)  # malformed: the error names the problem
+        return _shared_layout(key)
+
     def to_json(self) -> list[list[Any]]:
         return [[t.name, list(t.shape), t.dtype] for t in self.tensors]
 
@@ -315,3 +327,8 @@ class ModelLayout:
         if flat.ndim != 1 or flat.shape[0] != self.numel:
             raise LayoutError(f"flat vector has shape {flat.shape}, layout needs ({self.numel},)")
         return {s.spec.name: flat[s.start : s.stop].reshape(s.spec.shape) for s in self.slots}
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_layout(key: tuple[tuple[Any, tuple[Any, ...], Any], ...]) -> ModelLayout:
+    return ModelLayout.from_json(key)

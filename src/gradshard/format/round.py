@@ -78,12 +78,13 @@ class RoundSpec(BaseModel):
                    base_key=base_key)
 
     def model_layout(self) -> ModelLayout:
-        """The layout as a :class:`ModelLayout` (built once per spec: plans and functions ask for it often)."""
+        """The layout as a :class:`ModelLayout` (one object for every spec of the same layout among the last few:
+        plans and functions ask for it often, and what it caches serves every round)."""
         return self.parsed_layout
 
     @cached_property
     def parsed_layout(self) -> ModelLayout:
-        return ModelLayout.from_json(self.layout)
+        return ModelLayout.shared(self.layout)
 
 
 #: Byte runs a client entry records at most (more, as in a file sorted by tensor name: functions parse its header).
@@ -244,11 +245,14 @@ def load_manifest(store: Store, key: str, sha256: str | None = None) -> RoundMan
         raise RoundError(f"{key} is not a valid manifest: {exc}") from None
 
 
-def write_manifest(store: Store, manifest: RoundManifest) -> str:
-    """Store the manifest atomically; returns its sha256 (functions check it)."""
+def write_manifest(store: Store, manifest: RoundManifest, *, unless: str | None = None) -> str:
+    """Store the manifest atomically; returns its sha256 (functions check it). ``unless``: the sha256 of the
+    manifest already stored, when the caller wrote it: the same bytes are not written again."""
     blob = manifest.to_bytes()
-    store.put(manifest_key(manifest.round), blob)
-    return hashlib.sha256(blob).hexdigest()
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != unless:
+        store.put(manifest_key(manifest.round), blob)
+    return sha
 
 
 def check_meta(spec: RoundSpec, layout_digest: str, client: str, meta: UpdateMeta) -> None:
