@@ -570,3 +570,13 @@ def test_a_mutated_header_reads_the_same_with_and_without_the_layout(data: st.Da
 
     # Assert: the layout's shortcut accepts exactly what the full parse accepts, with the same result or message
     assert outcome(layout=layout) == outcome()
+
+
+def test_a_trailing_comma_after_the_metadata_is_invalid_whatever_the_layout() -> None:
+    # an empty layout's table is nothing: '{"__metadata__":{...},}' must not pass as metadata plus that table
+    from gradshard.format.update import _layout_shaped
+
+    raw = b'{"__metadata__":{"a":"b"},}'
+    assert _layout_shaped(raw, ModelLayout([])) is None
+    with pytest.raises(UpdateError, match="not valid JSON"):
+        read_header(_reader(_with_header(raw)), "u", "c1", layout=ModelLayout([]))

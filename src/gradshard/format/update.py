@@ -500,8 +500,8 @@ def _layout_shaped(raw: bytes | bytearray, layout: ModelLayout | None) -> bytes 
 def _header_tail(layout: ModelLayout) -> bytes | None:
     """What follows the metadata in a header of ``layout`` written by gradshard: ``,<tensor table>}``."""
     table = _layout_entries(layout)[0]
-    if "__metadata__" in table:
-        return None
+    if not table or "__metadata__" in table:
+        return None  # no table: "{...}," would end in a comma JSON does not allow
     return b"," + json.dumps(table, separators=(",", ":")).encode()[1:]
 
 
