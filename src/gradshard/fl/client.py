@@ -29,9 +29,9 @@ from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
-from gradshard.format.keys import root_update_key, update_key
+from gradshard.format.keys import residual_key, root_update_key, update_key
 from gradshard.format.quantized import write_quantized_update
-from gradshard.format.sparse import k_of, parse_compression, write_topk_update
+from gradshard.format.sparse import k_of, parse_compression, top_k, write_topk_update
 from gradshard.format.update import UpdateMeta, read_flat
 from gradshard.format.writer import write_update
 from gradshard.privacy.accountant import Release
@@ -50,7 +50,8 @@ except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare
 
 class ClientUrls(BaseModel):
     """What a client may touch, presigned by the driver: a GET of each whole object it reads (URL, size) and a PUT
-    of the one object it writes. With them the client function needs no store credentials at all."""
+    of each object it writes (its update; with error feedback, its residual). With them the client function needs no
+    store credentials at all."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,6 +88,11 @@ class ClientTask(BaseModel):
                                                               "of the function's store (gradshard.store.presigned)")
     compression: str = Field(default="none", description="upload as float ('none'), block-wise int8 ('int8') or "
                                                          "the largest entries ('topk:<fraction>')")
+    residual_from: int | None = Field(default=None, ge=0, description="error feedback: the earlier round whose "
+                                                                      "residual this client adds to its update "
+                                                                      "(residual_key); None: none")
+    residual_out: bool = Field(default=False, description="error feedback: write what this round's top-k update "
+                                                          "leaves out to residual_key(round, client)")
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
                                                 "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
@@ -100,6 +106,12 @@ class ClientTask(BaseModel):
         if self.output_key not in ("", root_update_key(self.round)):
             raise ValueError(f"a client function writes its own update or the round's root update "
                              f"({root_update_key(self.round)}), not {self.output_key[:80]!r}")
+        if self.residual_from is not None and self.residual_from >= self.round:
+            raise ValueError(f"a client carries the residual of an earlier round, not of round {self.residual_from} "
+                             f"into round {self.round}")
+        if (self.residual_out or self.residual_from is not None) and not self.compression.startswith("topk"):
+            raise ValueError(f"error feedback is for top-k updates; this task's compression is "
+                             f"{self.compression[:40]!r}")
         return self
 
 
@@ -184,6 +196,8 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     floating, _ = layout.split_state(model.state_dict())
     delta = averaged.flatten(floating)
     delta -= global_flat
+    if task.residual_from is not None:  # error feedback: what earlier top-k updates left out
+        delta += read_flat(store, residual_key(task.residual_from, task.client), averaged, f"{task.client} residual")
     if attack is not None:
         poison_update(attack, delta, seed)
     if task.fault == "nan":
@@ -208,8 +222,14 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
     elif task.compression == "int8":
         write_quantized_update(store, key, averaged, delta, meta, signer=signer)
     elif task.compression != "none":
-        fraction = parse_compression(task.compression)[1]
-        write_topk_update(store, key, averaged, delta, meta, k=k_of(fraction, averaged.numel), signer=signer)
+        k = k_of(parse_compression(task.compression)[1], averaged.numel)
+        keep = top_k(delta, k)
+        if task.residual_out:  # written first: a residual whose update never arrived is never carried
+            left = delta.copy()
+            left[keep] = 0.0
+            write_update(store, residual_key(task.round, task.client), averaged, left,
+                         dataclasses.replace(meta, kind="residual", coverage=None, extra={}))
+        write_topk_update(store, key, averaged, delta, meta, k=k, keep=keep, signer=signer)
     else:
         write_update(store, key, averaged, delta, meta, signer=signer)
     return ClientResult(examples=len(data), loss=scores.loss, train_accuracy=scores.accuracy,

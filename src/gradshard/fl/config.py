@@ -66,6 +66,10 @@ class TrainConfig(BaseModel):
         default="none", description="how clients upload their updates: float32 ('none'), block-wise int8 with a "
                                     "scale per chunk ('int8', gradshard.format.quantized: a quarter of the bytes) or "
                                     "the largest entries ('topk:<fraction>', gradshard.format.sparse)")
+    error_feedback: bool = Field(
+        default=True, description="with compression 'topk:<f>': each client adds what its earlier top-k updates left "
+                                  "out (its residual, kept in the store per client) before choosing the top k, so "
+                                  "nothing it trained is dropped for good (error feedback); no effect otherwise")
     root_examples: int = Field(default=100, ge=1, description="aggregation.reducer 'fltrust': examples of the server's "
                                                              "root data set, sampled from the training data")
     attacks: dict[str, str] = Field(default_factory=dict,

@@ -57,6 +57,8 @@ from gradshard.format.keys import (
     metrics_key,
     model_key,
     plugin_key,
+    residual_key,
+    residual_prefix,
     root_update_key,
     server_reports_key,
     spec_key,
@@ -214,6 +216,10 @@ class Trainer:
 
             check_private(self.task, self._model, mu=config.mu)
         self.chunk_elems = checksum.default_chunk_elems(self.averaged.numel)
+        # error feedback: top-k clients carry what their uploads left out (not with a plugin's compact uploads)
+        self.error_feedback = (config.error_feedback and config.compression.startswith("topk")
+                               and self.plugin is None)
+        self._aggregated: dict[int, frozenset[str]] = {}  # round -> the clients its aggregate counted (metrics)
         self._signing_keys: dict[str, str] | None = None  # client -> private key path (signed runs)
         self._keys_tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -410,11 +416,34 @@ class Trainer:
         assert isinstance(self.store, S3Store)
         expires = int(min(7 * 86400, self.config.deadline_s + 300))
         reads = [k for k in (task.model_key, task.kept_key, task.data_key) if k]
+        writes = [output]
+        if task.residual_from is not None:
+            reads.append(residual_key(task.residual_from, task.client))
+        if task.residual_out:
+            writes.append(residual_key(task.round, task.client))
         gets = {}
         for key in reads:
             size = self.store.size(key)
             gets[key] = (self.store.presign_range(key, 0, size, expires) if size else "", size)
-        return ClientUrls(gets=gets, puts={output: self.store.presign_put(output, expires)})
+        return ClientUrls(gets=gets, puts={key: self.store.presign_put(key, expires) for key in writes})
+
+    def _residual_round(self, client: str, r: int) -> int | None:
+        """Error feedback: the last round before ``r`` whose aggregate counted ``client``'s update, if its residual
+        of that round is stored (a client whose update was rejected or lost carries the one before)."""
+        for k in range(r - 1, -1, -1):
+            if k not in self._aggregated:
+                record = json.loads(self.store.get(metrics_key(k))) if self.store.exists(metrics_key(k)) else {}
+                self._aggregated[k] = frozenset(record.get("aggregated", []))
+            if client in self._aggregated[k]:
+                return k if self.store.exists(residual_key(k, client)) else None
+        return None
+
+    def _drop_carried_residuals(self, r: int, aggregated: list[str]) -> None:
+        """Error feedback: once round ``r`` counted a client, its residuals of earlier rounds are never read again."""
+        for client in aggregated:
+            for key in self.store.list(residual_prefix(client)):
+                if key < residual_key(r, client):
+                    self.store.delete(key)
 
     def _client_plan(self, spec: RoundSpec, record: PluginRound | None = None) -> Plan:
         c = self.config
@@ -434,6 +463,9 @@ class Trainer:
                               seed=c.seed, chunk_elems=spec.chunk_elems, digest=spec.digest,
                               fault=self.fault(spec.round, client), attack=c.attacks.get(client, ""),
                               compression=c.compression,
+                              residual_from=self._residual_round(client, spec.round) if self.error_feedback
+                              else None,
+                              residual_out=self.error_feedback,
                               dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
@@ -575,6 +607,9 @@ class Trainer:
                                plugin=self.plugin.evaluate(self, r) if self.plugin is not None else None,
                                idle=dict(record.idle) if record is not None else None)
         self.store.put(metrics_key(r), json.dumps(metrics.to_dict(), indent=1).encode())
+        self._aggregated[r] = frozenset(aggregated)
+        if self.error_feedback:
+            self._drop_carried_residuals(r, aggregated)
         if self.config.stop_when_all_fail and metrics.cohort and len(failed) == len(metrics.cohort):
             raise TrainingError(f"round {r}: every client failed ({_reasons(failed)}); the run stops (set "
                                 "stop_when_all_fail = false to keep the model and go on)")

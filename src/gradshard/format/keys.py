@@ -131,6 +131,17 @@ def client_data_key(client: str) -> str:
     return f"data/clients/{client}.safetensors"
 
 
+def residual_prefix(client: str) -> str:
+    """Error feedback: where ``client``'s residuals are kept (one per round it uploaded a top-k update in)."""
+    return f"clients/{check_client_id(client)}/residual/"
+
+
+def residual_key(r: int, client: str) -> str:
+    """Error feedback: what ``client``'s top-k update of round ``r`` left out (its update plus the residual it carried
+    in, less what it sent), carried into the next round it trains in if round ``r`` aggregated its update."""
+    return f"{residual_prefix(client)}{r:06d}.safetensors"
+
+
 _ROUND_KEY = re.compile(r"^rounds/(\d+)/")
 
 

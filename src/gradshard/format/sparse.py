@@ -103,12 +103,17 @@ def densified(flat: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float32]:
 
 # --- writing -------------------------------------------------------------------------------------------------------
 def write_topk_update(store: Store, key: str, layout: ModelLayout, flat: npt.NDArray[Any], meta: UpdateMeta, *,
-                      k: int, signer: PrivateKey | None = None) -> UpdateMeta:
+                      k: int, keep: npt.NDArray[np.int64] | None = None, signer: PrivateKey | None = None
+                      ) -> UpdateMeta:
     """Write the k largest-magnitude elements of ``flat`` (the round's float32 layout) as a top-k update atomically;
-    returns ``meta`` with the pointer table and the chunk digests."""
+    returns ``meta`` with the pointer table and the chunk digests. ``keep``: :func:`top_k` of ``flat`` when the
+    caller computed it already (error feedback needs it too); it must be k ascending indices."""
     check_encodable(key, layout, flat, meta, "top-k")
     flat = np.asarray(flat, dtype=np.float32)
-    keep = top_k(flat, k)
+    if keep is None:
+        keep = top_k(flat, k)
+    elif len(keep) != k or (k and (keep[0] < 0 or keep[-1] >= len(flat) or np.any(np.diff(keep) <= 0))):
+        raise GradshardError(f"keep must be {k} ascending indices below {len(flat)}")
     grid = checksum.ChunkGrid(layout.numel, meta.chunk_elems)
     chunk_of = keep // meta.chunk_elems
     counts = np.bincount(chunk_of, minlength=grid.count).astype(np.uint32)
