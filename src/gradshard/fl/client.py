@@ -27,6 +27,7 @@ from gradshard.extras import missing_extra_error
 from gradshard.fl.attacks import parse_attack, poison_labels, poison_update
 from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything
+from gradshard.fl.secure import SecureUpload, upload_masked
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
 from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import residual_key, root_update_key, update_key
@@ -96,6 +97,8 @@ class ClientTask(BaseModel):
     attack: str = Field(default="", description="a simulated Byzantine client: sign-flip | scale:<s> | noise:<sigma> "
                                                 "| label-flip (gradshard.fl.attacks); empty: honest")
     dp: ClientDP | None = Field(default=None, description="client DP-SGD (Opacus); None: ordinary training")
+    secure: SecureUpload | None = Field(default=None, description="secure aggregation: upload the update "
+                                                                   "quantized and masked (gradshard.fl.secure)")
     signing_key: str = Field(default="", description="path of the client's private key PEM: its update is signed "
                                                      "(rounds that require signatures); empty: unsigned")
     options: dict[str, Any] = Field(default_factory=dict, description="this client's options from the run's round "
@@ -109,6 +112,8 @@ class ClientTask(BaseModel):
         if self.residual_from is not None and self.residual_from >= self.round:
             raise ValueError(f"a client carries the residual of an earlier round, not of round {self.residual_from} "
                              f"into round {self.round}")
+        if self.secure is not None and (self.compression != "none" or self.signing_key):
+            raise ValueError("a masked update is neither compressed nor signed")
         if (self.residual_out or self.residual_from is not None) and not self.compression.startswith("topk"):
             raise ValueError(f"error feedback is for top-k updates; this task's compression is "
                              f"{self.compression[:40]!r}")
@@ -215,7 +220,9 @@ def train_client(task: ClientTask, store: Store) -> ClientResult:
 
         signer = load_private_key(task.signing_key)
     key = task.output_key or update_key(task.round, task.client)
-    if meta.coverage is not None:  # a subnetwork: upload only its elements (a compact update)
+    if task.secure is not None:  # secure aggregation: quantized and masked; the server sees only the survivors' sum
+        upload_masked(store, key, task.secure, averaged, delta, meta)
+    elif meta.coverage is not None:  # a subnetwork: upload only its elements (a compact update)
         compact = compact_of(averaged, meta.coverage, delta)
         write_compact_update(store, key, averaged, meta.coverage, compact, dataclasses.replace(meta, coverage=None),
                              signer=signer)

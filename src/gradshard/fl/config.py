@@ -10,6 +10,7 @@ from gradshard.aggregation.driver import AggregateConfig
 from gradshard.blockwise.config import BlockwiseConfig
 from gradshard.errors import GradshardError
 from gradshard.fl.attacks import parse_attack
+from gradshard.fl.secure import SecureAggregationConfig
 from gradshard.fl.server import ServerOptimizer
 from gradshard.format.sparse import parse_compression
 from gradshard.privacy.config import PrivacyConfig
@@ -82,6 +83,9 @@ class TrainConfig(BaseModel):
         default=None, description="SuperFed: train a supernet whose subnetworks the clients train (docs/superfed.md)")
     blockwise: BlockwiseConfig | None = Field(
         default=None, description="block-wise training for memory-limited clients (docs/blockwise.md)")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        default=None, description="secure aggregation: clients upload masked updates, the server learns only the "
+                                  "survivors' mean (docs/secure-aggregation.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -108,8 +112,23 @@ class TrainConfig(BaseModel):
         if self.privacy.central is not None and self.aggregation.central_dp is not None:
             raise ValueError("set central DP once: [privacy.central] (the trainer fills in the sampling) or "
                              "[aggregation.central_dp], not both")
-        if self.supernet is not None and self.blockwise is not None:
-            raise ValueError("[supernet] and [blockwise] are two training methods; a run uses one")
+        methods = [t for t, v in (("supernet", self.supernet), ("blockwise", self.blockwise),
+                                  ("secure_aggregation", self.secure_aggregation)) if v is not None]
+        if len(methods) > 1:
+            raise ValueError(f"{' and '.join(f'[{t}]' for t in methods)} are round methods of their own; a run uses "
+                             "one")
+        if self.aggregation.reducer.startswith("secagg") and self.secure_aggregation is None:
+            raise ValueError("in training, secure aggregation is the [secure_aggregation] table (it runs the clients' "
+                             "key agreement and masking, and sets the reducer); remove aggregation.reducer")
+        if self.secure_aggregation is not None:
+            problem = ("aggregation.reducer must stay 'mean' (the table sets secagg)"
+                       if self.aggregation.reducer != "mean" else
+                       "compression must be 'none' (a masked update is not compressed)" if self.compression != "none"
+                       else "central DP cannot see the updates it would clip" if (
+                           self.privacy.central is not None or self.aggregation.central_dp) else
+                       "signed updates are not masked ones" if self.aggregation.require_signatures else None)
+            if problem is not None:
+                raise ValueError(f"[secure_aggregation]: {problem}")
         for table, value in (("supernet", self.supernet), ("blockwise", self.blockwise)):
             if value is not None and self.server.name != "fedavg":
                 raise ValueError(f"[{table}] needs server.name = 'fedavg' (it is {self.server.name!r}): an element no "

@@ -349,6 +349,17 @@ class Trainer:
         open_round(self.store, spec)
         return spec
 
+    def keys_directory(self) -> Path:
+        """Where the simulated clients' private keys and secrets are: ``keys_dir`` (made 0700 if missing), or a
+        temporary directory the trainer keeps while it lives."""
+        if self.config.keys_dir:
+            directory = Path(self.config.keys_dir)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return directory
+        if self._keys_tmp is None:
+            self._keys_tmp = tempfile.TemporaryDirectory(prefix="gradshard-keys-")
+        return Path(self._keys_tmp.name)
+
     def signing_keys(self) -> dict[str, str]:
         """With ``aggregation.require_signatures``: one key pair per simulated client, private keys as
         ``<client>.pem`` in ``keys_dir`` (or a temporary directory the trainer keeps while it lives), public keys
@@ -360,12 +371,7 @@ class Trainer:
             from gradshard.security import keys
             from gradshard.security.registry import KeyRegistry
 
-            if self.config.keys_dir:
-                directory = Path(self.config.keys_dir)
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            else:
-                self._keys_tmp = tempfile.TemporaryDirectory(prefix="gradshard-keys-")
-                directory = Path(self._keys_tmp.name)
+            directory = self.keys_directory()
             registry, paths = KeyRegistry(self.store), {}
             for client in client_ids(self.config.clients):
                 path = directory / f"{client}.pem"
@@ -469,6 +475,8 @@ class Trainer:
                               dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
+            if self.plugin is not None:
+                task = self.plugin.client_task(self, task)
             if self.presigned_clients:
                 task = task.model_copy(update={"urls": self._urls(task, update_key(spec.round, client))})
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
@@ -558,8 +566,12 @@ class Trainer:
         # Once the round is aggregated (or its model kept) before a restart, its clients are not run again: a late
         # update would not count any more, and training would only repeat the deadline wait.
         settled = self.store.exists(aggregate_key(r)) or self.store.exists(model_key(r + 1))
+        if not settled and self.plugin is not None:
+            self.plugin.before_clients(self, r, list(spec.cohort or []))
         plan = Plan("clients", ()) if settled else self._client_plan(spec, record)
         client_reports = self.client_executor.run(plan, self.store)
+        if not settled and self.plugin is not None:
+            self.plugin.after_clients(self, r, list(spec.cohort or []))
         if plan.invocations:
             self._record_client_reports(r, client_reports)
         tasks = {inv.id: inv.args for inv in plan.invocations if isinstance(inv.args, ClientTask)}

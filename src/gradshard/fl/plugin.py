@@ -15,8 +15,10 @@ options, the aggregation is the run's, and the metrics have no ``plugin`` entry.
 A plugin may also wrap the run's task (``wrap_task``: block-wise training puts output modules around the user's
 model) and supply one when the user gives none (``task``).
 
-SuperFed (:mod:`gradshard.supernet`) and block-wise training (:mod:`gradshard.blockwise`) are plugins; the trainer
-knows nothing about them beyond :func:`plugin_for_config` mapping their config tables to them.
+SuperFed (:mod:`gradshard.supernet`), block-wise training (:mod:`gradshard.blockwise`) and secure aggregation
+(:mod:`gradshard.fl.secure`: ``before_clients``, ``client_task`` and ``after_clients`` run its key agreement, masking
+and unmasking steps) are plugins; the trainer knows nothing about them beyond :func:`plugin_for_config` mapping their
+config tables to them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.aggregation.driver import AggregateConfig
 
 if TYPE_CHECKING:
+    from gradshard.fl.client import ClientTask
     from gradshard.fl.config import TrainConfig
     from gradshard.fl.data import Dataset
     from gradshard.fl.driver import Trainer
@@ -101,6 +104,19 @@ class RoundPlugin(ABC):
         """Anything else worth recording with the round's decisions (JSON-able)."""
         return {}
 
+    def before_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:  # noqa: B027 - optional hook
+        """Run before round ``r``'s clients train, each time the round's clients are (re)started (e.g. key
+        agreement: invocations of its own on ``trainer.client_executor``). Must be idempotent: a restarted round
+        calls it again."""
+
+    def client_task(self, trainer: Trainer, task: ClientTask) -> ClientTask:
+        """The task a client of the round is given, from the one the trainer made (default: as it is)."""
+        return task
+
+    def after_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:  # noqa: B027 - optional hook
+        """Run after round ``r``'s clients, before its aggregation (e.g. the survivors' unmasking step).
+        Idempotent, like :meth:`before_clients`."""
+
     def summary(self, metrics: Mapping[str, Any]) -> str:
         """One line about a round for people (the command line prints it under the round), from what
         ``evaluate`` returned; empty: nothing to add."""
@@ -112,7 +128,8 @@ class RoundPlugin(ABC):
 
 
 def plugin_for_config(config: TrainConfig) -> RoundPlugin | None:
-    """The plugin a run's config asks for (its ``[supernet]`` or ``[blockwise]`` table), or None."""
+    """The plugin a run's config asks for (its ``[supernet]``, ``[blockwise]`` or ``[secure_aggregation]`` table),
+    or None."""
     if config.supernet is not None:
         from gradshard.supernet.plugin import SupernetPlugin
 
@@ -121,4 +138,8 @@ def plugin_for_config(config: TrainConfig) -> RoundPlugin | None:
         from gradshard.blockwise.plugin import BlockwisePlugin
 
         return BlockwisePlugin(config.blockwise)
+    if config.secure_aggregation is not None:
+        from gradshard.fl.secure import SecureAggregationPlugin
+
+        return SecureAggregationPlugin(config.secure_aggregation)
     return None

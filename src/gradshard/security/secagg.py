@@ -60,6 +60,8 @@ def _hkdf(secret: bytes, info: str) -> bytes:
 # --- fixed point ----------------------------------------------------------------------------------------------------
 def quantize(x: npt.NDArray[np.floating], bits: int, clip: float, key: bytes) -> npt.NDArray[np.uint32]:
     """``⌊clip(x)·2^bits + u⌋`` mod 2³² with ``u`` from the counter stream of ``key`` (stochastic rounding)."""
+    if not np.isfinite(x).all():
+        raise SecurityError("cannot quantize NaN or inf (the masked words would hide them from every check)")
     scaled = np.clip(x.astype(np.float64), -clip, clip) * float(2**bits)
     noise = mask_slice(key, 0, len(x)).astype(np.float64) / 2.0**32  # uniform in [0, 1), one word per element
     return np.floor(scaled + noise).astype(np.int64).astype(np.uint32)
@@ -71,11 +73,17 @@ def dequantize(total: npt.NDArray[np.uint32], bits: int) -> npt.NDArray[np.float
 
 
 # --- Shamir secret sharing ------------------------------------------------------------------------------------------
-def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, int]:
-    """Shares ``{x: f(x)}`` of a ≤ 32-byte ``secret`` for the nonzero ``holders``; any ``threshold`` recover it."""
+def split(secret: bytes, holders: Sequence[int], threshold: int, seed: bytes | None = None) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of a ≤ 32-byte ``secret`` for the nonzero ``holders``; any ``threshold`` recover it.
+
+    The polynomial's other coefficients are random, or with ``seed`` (secret, 32 bytes) drawn from SHAKE-256 of it,
+    so a client that keeps no state between its steps can make the same shares again."""
     if not 1 <= threshold <= len(holders):
         raise SecurityError(f"threshold {threshold} needs 1 <= t <= {len(holders)} holders")
-    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coefficients = [int.from_bytes(secret, "big")] + [
+        secrets.randbelow(PRIME) if seed is None
+        else int.from_bytes(hashlib.shake_256(seed + k.to_bytes(4, "big")).digest(96), "big") % PRIME
+        for k in range(1, threshold)]
     return {x: sum(c * pow(x, k, PRIME) for k, c in enumerate(coefficients)) % PRIME for x in holders}
 
 
@@ -109,9 +117,15 @@ class Advertised:
 
 class SecAggClient:
     """One client's side of the protocol for one round. ``peers``: every client of the round (itself included),
-    whose canonical order fixes the mask signs and the Shamir x-coordinates (position + 1)."""
+    whose canonical order fixes the mask signs and the Shamir x-coordinates (position + 1).
 
-    def __init__(self, client: str, round_: int, peers: Sequence[str], threshold: int) -> None:
+    ``secret``: the client's own long-term secret (32 bytes or more). Its keys, self-mask seed and share polynomials
+    of the round are then derived from it (HKDF-SHA256, SHAKE-256), so a client function that keeps no state can
+    advertise, share, mask and reveal in separate invocations; without it they are random, for one object that lives
+    through the round."""
+
+    def __init__(self, client: str, round_: int, peers: Sequence[str], threshold: int,
+                 secret: bytes | None = None) -> None:
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
         self.client, self.round = client, round_
@@ -121,9 +135,22 @@ class SecAggClient:
         if not 1 < threshold <= len(self.peers):
             raise SecurityError(f"threshold {threshold} must be in (1, {len(self.peers)}]")
         self.threshold = threshold
-        self._mask = X25519PrivateKey.generate()
-        self._share = X25519PrivateKey.generate()
-        self._self_seed = secrets.token_bytes(32)
+        if secret is None:
+            self._mask = X25519PrivateKey.generate()
+            self._share = X25519PrivateKey.generate()
+            self._self_seed = secrets.token_bytes(32)
+            self._polynomials: bytes | None = None
+        else:
+            if len(secret) < 32:
+                raise SecurityError(f"a client's secret has at least 32 bytes, got {len(secret)}")
+
+            def derive(what: str) -> bytes:
+                return _hkdf(secret, f"gradshard secagg {what} {round_} {client}")
+
+            self._mask = X25519PrivateKey.from_private_bytes(derive("mask key"))
+            self._share = X25519PrivateKey.from_private_bytes(derive("share key"))
+            self._self_seed = derive("self mask")
+            self._polynomials = derive("shamir")
         self._revealed: set[tuple[str, str]] = set()
 
     def advertise(self) -> Advertised:
@@ -147,8 +174,9 @@ class SecAggClient:
         raw = self._mask.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                        serialization.NoEncryption())
         holders = [self._x(p) for p in self.peers]
-        key_shares = split(raw, holders, self.threshold)
-        seed_shares = split(self._self_seed, holders, self.threshold)
+        seeds = (None, None) if self._polynomials is None else (self._polynomials + b"key", self._polynomials + b"seed")
+        key_shares = split(raw, holders, self.threshold, seeds[0])
+        seed_shares = split(self._self_seed, holders, self.threshold, seeds[1])
         out = {}
         for peer in self.peers:
             if peer == self.client:

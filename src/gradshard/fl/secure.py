@@ -1,0 +1,302 @@
+"""Secure aggregation in training (``[secure_aggregation]``): the clients of every round run the SecAgg+-style
+protocol of :mod:`gradshard.security.secagg` as client functions, and the round aggregates with reducer
+``secagg:<bits>``, so the server sees only the sum of the surviving clients' updates.
+
+A round plugin (:class:`SecureAggregationPlugin`) drives it around the usual client step:
+
+1. **Keys** (``secagg_advertise``, one invocation per client): each client derives the round's two X25519 key pairs
+   from its own secret and publishes the public keys (``rounds/<r>/secagg/adverts/<client>.json``). The driver
+   writes the directory of the clients that did (``directory.json``, with the threshold ``t``).
+2. **Shares** (``secagg_share``): each client sends every peer its encrypted Shamir shares through the store. A
+   client that does not share completely is left out and the remaining clients agree again (the keys are derived,
+   so nothing else changes); a client left out is not in the directory and fails its training step naming why.
+3. **Masked updates**: the training step (``train_client``) quantizes the client's delta (clip, ``bits`` fraction
+   bits, stochastic rounding) and uploads it masked. A client that fails here has dropped after masking.
+4. **Unmasking** (``secagg_reveal``): the survivors (clients whose masked update is in the store, fixed once in
+   ``survivors.json``) reveal their shares of the survivors' self-mask seeds and of the dropped clients' mask keys;
+   the aggregation reconstructs the masks from ``t`` of them and removes them shard by shard.
+
+Each client function keeps no state between its invocations: what it needs is derived from its secret, a file of
+32 random bytes (``<client>.secagg`` in ``keys_dir``, mode 0600, made if missing; without ``keys_dir`` a temporary
+directory, so a restarted run cannot finish a round its clients began). This is a simulation, and says
+so: the trainer that makes the secrets could read them; in a deployment each client holds its own. For the same
+reason a client cannot remember what it revealed, so "never reveal both secrets of one peer" holds per invocation,
+not against a server that asks again with another list of survivors (the driver asks once per round and records
+the list). The aggregate is unweighted (the survivors' mean), as with reducer ``secagg`` everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.aggregation.secure import (
+    directory_key,
+    read_directory,
+    reveal_key,
+    share_key,
+    write_directory,
+    write_reveal,
+)
+from gradshard.core.layout import ModelLayout
+from gradshard.errors import GradshardError, SecurityError
+from gradshard.fl.plugin import RoundPlugin
+from gradshard.format.keys import check_client_id, secagg_prefix, update_key
+from gradshard.format.masked import write_masked_update
+from gradshard.format.update import UpdateMeta
+from gradshard.runtime.registry import register
+from gradshard.security.secagg import Advertised, SecAggClient
+from gradshard.store import Store
+from gradshard.topology import Plan
+from gradshard.topology.base import Invocation
+
+if TYPE_CHECKING:
+    from gradshard.fl.client import ClientTask
+    from gradshard.fl.driver import Trainer
+
+log = logging.getLogger(__name__)
+_SECRET_BYTES = 32
+_MAX_RECORD = 1 << 16
+
+
+class SecureAggregationConfig(BaseModel):
+    """``[secure_aggregation]``: fixed-point bits and clip of the clients' quantized updates and the unmasking
+    threshold as a fraction of the clients that agreed keys (``t = ⌊fraction·n⌋ + 1``, at least 2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(default=16, ge=1, le=30, description="fixed-point fraction bits (reducer secagg:<bits>)")
+    clip: float = Field(default=8.0, gt=0, allow_inf_nan=False,
+                        description="each element of a client's delta is clipped to [-clip, clip] before quantizing")
+    threshold: float = Field(default=0.5, gt=0, lt=1,
+                             description="the share of key-agreeing clients whose reveals unmask a round")
+
+    def threshold_for(self, n: int) -> int:
+        return min(n, max(2, int(self.threshold * n) + 1))
+
+
+class SecureUpload(BaseModel):
+    """What a training client needs to upload its update masked (``ClientTask.secure``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(ge=1, le=30)
+    clip: float = Field(gt=0, allow_inf_nan=False)
+    secret_path: str = Field(min_length=1, description="the client's secret (32 bytes, only the client reads it)")
+
+
+class SecAggStep(BaseModel):
+    """One client's protocol step of round ``round`` (keys, shares or reveal)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=0)
+    client: str
+    secret_path: str = Field(min_length=1)
+    peers: list[str] = Field(default_factory=list, description="keys: the clients asked to agree keys")
+    survivors: list[str] = Field(default_factory=list, description="reveal: the clients whose masked update arrived")
+
+
+class SecAggStepResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    written: int
+
+
+def advert_key(r: int, client: str) -> str:
+    return f"{secagg_prefix(r)}/adverts/{check_client_id(client)}.json"
+
+
+def survivors_key(r: int) -> str:
+    return f"{secagg_prefix(r)}/survivors.json"
+
+
+# --- the client functions --------------------------------------------------------------------------------------------
+def read_secret(path: str) -> bytes:
+    """A client's secret: a regular file of exactly 32 bytes."""
+    file = Path(path)
+    try:
+        if not file.is_file() or file.is_symlink():
+            raise SecurityError(f"the client secret {path[:200]!r} is not a regular file")
+        secret = file.read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read the client secret {path[:200]!r}: {exc.strerror}") from None
+    if len(secret) != _SECRET_BYTES:
+        raise SecurityError(f"the client secret {path[:200]!r} has {len(secret)} bytes, not {_SECRET_BYTES}")
+    return secret
+
+
+def _agent(store: Store, r: int, client: str, secret_path: str) -> tuple[SecAggClient, dict[str, Advertised]]:
+    """The client's side of round ``r`` against the round's directory (it must be in it)."""
+    directory, threshold = read_directory(store, r)
+    if client not in directory:
+        raise SecurityError(f"client {client!r} is not in round {r}'s secure-aggregation key directory (it did not "
+                            "complete the key agreement)")
+    return SecAggClient(client, r, list(directory), threshold, read_secret(secret_path)), directory
+
+
+def secagg_advertise(step: SecAggStep, store: Store) -> SecAggStepResult:
+    """Publish the client's public keys of the round."""
+    peers = sorted({*step.peers, step.client})
+    if len(peers) < 2:
+        raise SecurityError("secure aggregation needs at least two clients")
+    advert = SecAggClient(step.client, step.round, peers, 2, read_secret(step.secret_path)).advertise()
+    store.put(advert_key(step.round, step.client), json.dumps({"mask_key": advert.mask_key,
+                                                               "share_key": advert.share_key}).encode())
+    return SecAggStepResult(written=1)
+
+
+def secagg_share(step: SecAggStep, store: Store) -> SecAggStepResult:
+    """Send every peer of the directory its encrypted shares of the client's mask key and self-mask seed."""
+    agent, directory = _agent(store, step.round, step.client, step.secret_path)
+    blobs = agent.share(directory)
+    for peer, blob in blobs.items():
+        store.put(share_key(step.round, step.client, peer), blob)
+    return SecAggStepResult(written=len(blobs))
+
+
+def secagg_reveal(step: SecAggStep, store: Store) -> SecAggStepResult:
+    """Reveal what unmasking the survivors' sum needs, from the shares the peers sent this client."""
+    agent, directory = _agent(store, step.round, step.client, step.secret_path)
+    agent.share(directory)  # the client's own shares, derived again (it kept nothing)
+    inbox = {peer: store.get(share_key(step.round, peer, step.client)) for peer in directory if peer != step.client}
+    revealed = agent.reveal(inbox, directory, step.survivors)
+    write_reveal(store, step.round, step.client, revealed)
+    return SecAggStepResult(written=len(revealed))
+
+
+def upload_masked(store: Store, key: str, secure: SecureUpload, layout: ModelLayout,
+                  delta: npt.NDArray[np.float32], meta: UpdateMeta) -> None:
+    """The training client's upload: its delta quantized and masked for the round's directory."""
+    agent, directory = _agent(store, meta.round, meta.client, secure.secret_path)
+    masked = agent.masked(delta, directory, bits=secure.bits, clip=secure.clip)
+    write_masked_update(store, key, layout, masked, meta)
+
+
+for _name, _fn in (("secagg_advertise", secagg_advertise), ("secagg_share", secagg_share),
+                   ("secagg_reveal", secagg_reveal)):
+    register(_name, _fn, args=SecAggStep, result=SecAggStepResult,
+             scope=lambda step: {"round": step.round, "client": step.client})
+
+
+# --- the driver's side ------------------------------------------------------------------------------------------------
+def client_secrets(trainer: Trainer) -> dict[str, str]:
+    """One secret per simulated client (``<client>.secagg`` in the trainer's keys directory; made if missing, kept
+    if present): ``client -> path``."""
+    from gradshard.fl.driver import client_ids
+
+    directory = trainer.keys_directory()
+    paths = {}
+    for client in client_ids(trainer.config.clients):
+        path = directory / f"{client}.secagg"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(_SECRET_BYTES))
+        paths[client] = str(path.resolve())
+    return paths
+
+
+class SecureAggregationPlugin(RoundPlugin):
+    """Runs the protocol's key agreement before a round's clients and the unmasking step after them."""
+
+    def __init__(self, config: SecureAggregationConfig) -> None:
+        self.config = config
+        self._secrets: dict[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return "secure-aggregation"
+
+    def secrets(self, trainer: Trainer) -> dict[str, str]:
+        if self._secrets is None:
+            self._secrets = client_secrets(trainer)
+        return self._secrets
+
+    def prepare(self, trainer: Trainer) -> None:
+        if trainer.presigned_clients:
+            raise GradshardError("[secure_aggregation] does not run with presigned clients yet: its key agreement "
+                                 "reads and writes records the driver does not presign")
+        if not trainer.config.keys_dir:
+            log.warning("secure aggregation: the clients' secrets are in a temporary directory, so a restarted run "
+                        "cannot finish a round its clients began (that round keeps the model); set keys_dir to "
+                        "keep them")
+
+    def aggregation(self, trainer: Trainer, r: int, cohort: list[str], options: Any,
+                    base: AggregateConfig) -> AggregateConfig:
+        return base.model_copy(update={"reducer": f"secagg:{self.config.bits}", "weighting": "uniform"})
+
+    def client_task(self, trainer: Trainer, task: ClientTask) -> ClientTask:
+        secure = SecureUpload(bits=self.config.bits, clip=self.config.clip,
+                              secret_path=self.secrets(trainer)[task.client])
+        return task.model_copy(update={"secure": secure})
+
+    def _run(self, trainer: Trainer, function: str, steps: list[SecAggStep]) -> None:
+        plan = Plan(function, tuple(Invocation(f"{function}-{s.client}", function, s, 64 << 20) for s in steps))
+        for report in trainer.client_executor.run(plan, trainer.store):
+            if not report.ok:
+                log.warning("round %d: %s failed: %s: %s", steps[0].round, report.invocation, report.error_type,
+                            str(report.error)[:300])
+
+    def before_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
+        store, paths = trainer.store, self.secrets(trainer)
+        if store.exists(directory_key(r)):
+            return  # agreed before a restart: the clients may already have masked against it
+        members = sorted(cohort)
+        while len(members) >= 2:
+            self._run(trainer, "secagg_advertise", [
+                SecAggStep(round=r, client=c, secret_path=paths[c], peers=members) for c in members
+                if not store.exists(advert_key(r, c))])
+            adverts = [a for a in (self._advert(store, r, c) for c in members) if a is not None]
+            if len(adverts) < 2:
+                break
+            threshold = self.config.threshold_for(len(adverts))
+            write_directory(store, r, adverts, threshold)
+            agreed = sorted(a.client for a in adverts)
+            self._run(trainer, "secagg_share", [SecAggStep(round=r, client=c, secret_path=paths[c]) for c in agreed])
+            shared = [c for c in agreed if all(store.exists(share_key(r, c, p)) for p in agreed if p != c)]
+            if shared == agreed:
+                log.info("round %d: %d clients agreed keys for secure aggregation (threshold %d)", r, len(agreed),
+                         threshold)
+                return
+            store.delete(directory_key(r))
+            members = shared  # agree again without the clients that did not share
+        log.warning("round %d: fewer than two clients agreed keys; the round cannot aggregate securely", r)
+
+    @staticmethod
+    def _advert(store: Store, r: int, client: str) -> Advertised | None:
+        key = advert_key(r, client)
+        if not store.exists(key) or store.size(key) > _MAX_RECORD:
+            return None
+        try:
+            raw = json.loads(store.get(key))
+            return Advertised(client, str(raw["mask_key"]), str(raw["share_key"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("round %d: ignoring the malformed key advert of %s: %s", r, client, exc)
+            return None
+
+    def after_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
+        store = trainer.store
+        if not store.exists(directory_key(r)):
+            return
+        directory, threshold = read_directory(store, r)
+        if store.exists(survivors_key(r)):  # asked once: a restarted round reveals against the same list
+            survivors = [str(c) for c in json.loads(store.get(survivors_key(r)))]
+        else:
+            survivors = sorted(c for c in directory if store.exists(update_key(r, c)))
+            store.put(survivors_key(r), json.dumps(survivors).encode())
+        if len(survivors) < threshold:  # the aggregation fails naming the count; the model stays as it was
+            log.warning("round %d: %d masked updates arrived, %d are needed to unmask", r, len(survivors), threshold)
+            return
+        paths = self.secrets(trainer)
+        self._run(trainer, "secagg_reveal", [SecAggStep(round=r, client=c, secret_path=paths[c], survivors=survivors)
+                                             for c in survivors if not store.exists(reveal_key(r, c))])

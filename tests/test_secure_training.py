@@ -1,0 +1,118 @@
+"""Secure aggregation in training (``[secure_aggregation]``, gradshard.fl.secure): the clients agree keys, upload
+masked updates and reveal shares as client functions; the server's aggregate is the survivors' quantized mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from gradshard.aggregation.driver import AggregateConfig
+from gradshard.fl.config import DataConfig, TrainConfig
+from gradshard.fl.driver import Trainer
+from gradshard.fl.secure import SecureAggregationConfig, read_secret
+from gradshard.format.keys import aggregate_key, model_key, update_key
+from gradshard.format.update import read_flat, read_header
+from gradshard.runtime import InlineExecutor
+from gradshard.security.secagg import SecAggClient
+from gradshard.store import MemoryStore
+
+CLIENTS = [f"client-{i:04d}" for i in range(4)]
+BITS, CLIP = 16, 8.0
+
+
+def _config(tmp_path: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = dict(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=4,
+                                       rounds=1, epochs=1, batch_size=32, lr=0.1, seed=0, keys_dir=str(tmp_path),
+                                       secure_aggregation=SecureAggregationConfig(bits=BITS, clip=CLIP))
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def _expected_mean(tmp_path: Path, survivors: list[str], agreed: list[str]) -> np.ndarray:
+    """The survivors' quantized mean from their plain deltas (a plain run of the same seeds) and their own
+    rounding streams: Σ qᵢ mod 2³², read as int32, ÷ (2^bits · n), rounded once to float32."""
+    plain = MemoryStore()
+    trainer = Trainer(plain, TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=4,
+                                         rounds=1, epochs=1, batch_size=32, lr=0.1, seed=0,
+                                         aggregation=AggregateConfig(weighting="uniform")), InlineExecutor())
+    trainer.run()
+    total = np.zeros(trainer.averaged.numel, dtype=np.uint32)
+    threshold = SecureAggregationConfig().threshold_for(len(agreed))
+    for client in survivors:
+        delta = read_flat(plain, update_key(0, client), trainer.averaged)
+        agent = SecAggClient(client, 0, agreed, threshold, read_secret(str(tmp_path / f"{client}.secagg")))
+        total += agent.quantized(delta, bits=BITS, clip=CLIP)
+    out = np.empty(len(total), dtype=np.float32)
+    np.divide(total.view(np.int32), float(2**BITS) * len(survivors), out=out, dtype=np.float64, casting="unsafe")
+    return out
+
+
+def test_a_secure_round_aggregates_exactly_the_clients_quantized_mean(tmp_path: Path) -> None:
+    # Execute: one secure round of 4 clients, sharded in 3
+    store = MemoryStore()
+    trainer = Trainer(store, _config(tmp_path, aggregation=AggregateConfig(shards=3)), InlineExecutor())
+    history = trainer.run()
+
+    # Assert: every client counted; no update in the store is plain; the aggregate is the expected bytes
+    assert history[0]["aggregated"] == CLIENTS
+    for client in CLIENTS:
+        with store.open_reader(update_key(0, client)) as reader:
+            assert read_header(reader, "u", client).metadata["gradshard.encoding"] == "secagg"
+    aggregate = read_flat(store, aggregate_key(0), trainer.averaged)
+    assert aggregate.tobytes() == _expected_mean(tmp_path, CLIENTS, CLIENTS).tobytes()
+
+
+def test_a_client_that_fails_after_the_key_agreement_is_unmasked_out(tmp_path: Path) -> None:
+    # Prepare / Execute: client-0002 fails at masking (its update is NaN, which cannot be quantized)
+    store = MemoryStore()
+    trainer = Trainer(store, _config(tmp_path, faults={"0/client-0002": "nan"}), InlineExecutor())
+    history = trainer.run()
+
+    # Assert: the three survivors' exact mean, client-0002's masks removed through the others' reveals
+    survivors = [c for c in CLIENTS if c != "client-0002"]
+    assert history[0]["aggregated"] == survivors and "client-0002" in history[0]["failed"]
+    aggregate = read_flat(store, aggregate_key(0), trainer.averaged)
+    assert aggregate.tobytes() == _expected_mean(tmp_path, survivors, CLIENTS).tobytes()
+
+
+def test_the_same_secure_run_gives_the_same_model_for_every_m(tmp_path: Path) -> None:
+    one, four = MemoryStore(), MemoryStore()
+    Trainer(one, _config(tmp_path, rounds=2, aggregation=AggregateConfig(shards=1)), InlineExecutor()).run()
+    Trainer(four, _config(tmp_path, rounds=2, aggregation=AggregateConfig(shards=4)), InlineExecutor()).run()
+    assert one.get(model_key(2)) == four.get(model_key(2))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"secure_aggregation": None, "aggregation": AggregateConfig(reducer="secagg:16", weighting="uniform")},
+     r"\[secure_aggregation\] table"),
+    ({"compression": "int8"}, "compression must be 'none'"),
+    ({"aggregation": AggregateConfig(reducer="median")}, "reducer must stay 'mean'"),
+    ({"supernet": {}}, r"\[supernet\] and \[secure_aggregation\]"),
+])
+def test_a_secure_run_refuses_what_cannot_be_masked(tmp_path: Path, overrides: dict[str, object],
+                                                     message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        _config(tmp_path, **overrides)
+
+
+def test_a_secure_round_restarted_midway_ends_with_the_same_model(tmp_path: Path) -> None:
+    # Prepare: a finished secure round, then undo part of it as a crash would have left it: one client's masked
+    # update, another's reveal, the aggregate and everything after it
+    from gradshard.aggregation.secure import reveal_key
+    from gradshard.format.keys import manifest_key, metrics_key, reports_key
+
+    store = MemoryStore()
+    Trainer(store, _config(tmp_path), InlineExecutor()).run()
+    finished = store.get(model_key(1))
+    for key in (update_key(0, "client-0001"), reveal_key(0, "client-0002"), aggregate_key(0), manifest_key(0),
+                reports_key(0), model_key(1), metrics_key(0)):
+        store.delete(key)
+
+    # Execute: a new trainer on the same store and keys
+    Trainer(store, _config(tmp_path), InlineExecutor()).run()
+
+    # Assert: the client retrained and masked the same words, the round unmasked to the same model
+    assert store.get(model_key(1)) == finished
