@@ -116,3 +116,31 @@ def test_a_secure_round_restarted_midway_ends_with_the_same_model(tmp_path: Path
 
     # Assert: the client retrained and masked the same words, the round unmasked to the same model
     assert store.get(model_key(1)) == finished
+
+
+def test_a_client_whose_key_advert_is_malformed_is_left_out_and_the_others_agree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a hostile client-0003 advertises keys that are not X25519 keys (its function is replaced to do so)
+    import dataclasses
+    import json
+
+    from gradshard.fl import secure
+    from gradshard.runtime import registry
+    from gradshard.store import Store
+
+    def hostile(step: secure.SecAggStep, store: Store) -> secure.SecAggStepResult:
+        if step.client != "client-0003":
+            return secure.secagg_advertise(step, store)
+        store.put(secure.advert_key(step.round, step.client),
+                  json.dumps({"mask_key": "zz", "share_key": "00" * 31}).encode())
+        return secure.SecAggStepResult(written=1)
+
+    spec = registry.spec_of("secagg_advertise")
+    monkeypatch.setitem(registry._FUNCTIONS, "secagg_advertise", dataclasses.replace(spec, fn=hostile))
+
+    # Execute
+    history = Trainer(MemoryStore(), _config(tmp_path), InlineExecutor()).run()
+
+    # Assert: the three others agreed and aggregated; client-0003's training step names why it could not mask
+    assert history[0]["aggregated"] == CLIENTS[:3]
+    assert "key directory" in history[0]["failed"]["client-0003"]

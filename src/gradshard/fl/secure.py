@@ -279,9 +279,12 @@ class SecureAggregationPlugin(RoundPlugin):
             return None
         try:
             raw = json.loads(store.get(key))
-            return Advertised(client, str(raw["mask_key"]), str(raw["share_key"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("round %d: ignoring the malformed key advert of %s: %s", r, client, exc)
+            keys = [str(raw["mask_key"]), str(raw["share_key"])]
+            if any(len(bytes.fromhex(k)) != 32 for k in keys):
+                raise ValueError("an X25519 public key has 32 bytes (64 hex digits)")
+            return Advertised(client, keys[0], keys[1])
+        except (ValueError, KeyError, TypeError) as exc:  # the client is left out of the round's key agreement
+            log.warning("round %d: ignoring the malformed key advert of %s: %s", r, client, str(exc)[:200])
             return None
 
     def after_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
