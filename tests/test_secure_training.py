@@ -100,15 +100,17 @@ def test_a_secure_run_refuses_what_cannot_be_masked(tmp_path: Path, overrides: d
 
 def test_a_secure_round_restarted_midway_ends_with_the_same_model(tmp_path: Path) -> None:
     # Prepare: a finished secure round, then undo part of it as a crash would have left it: one client's masked
-    # update, another's reveal, the aggregate and everything after it
-    from gradshard.aggregation.secure import reveal_key
+    # update, two reveals and shares they need (fewer reveals than the threshold are left), the aggregate and
+    # everything after it
+    from gradshard.aggregation.secure import reveal_key, share_key
     from gradshard.format.keys import manifest_key, metrics_key, reports_key
 
     store = MemoryStore()
     Trainer(store, _config(tmp_path), InlineExecutor()).run()
     finished = store.get(model_key(1))
-    for key in (update_key(0, "client-0001"), reveal_key(0, "client-0002"), aggregate_key(0), manifest_key(0),
-                reports_key(0), model_key(1), metrics_key(0)):
+    for key in (update_key(0, "client-0001"), reveal_key(0, "client-0002"), reveal_key(0, "client-0003"),
+                share_key(0, "client-0000", "client-0002"), share_key(0, "client-0001", "client-0003"),
+                aggregate_key(0), manifest_key(0), reports_key(0), model_key(1), metrics_key(0)):
         store.delete(key)
 
     # Execute: a new trainer on the same store and keys

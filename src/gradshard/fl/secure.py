@@ -249,8 +249,12 @@ class SecureAggregationPlugin(RoundPlugin):
 
     def before_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
         store, paths = trainer.store, self.secrets(trainer)
-        if store.exists(directory_key(r)):
-            return  # agreed before a restart: the clients may already have masked against it
+        if store.exists(directory_key(r)):  # agreed before a restart: the clients may already have masked against it
+            agreed = sorted(read_directory(store, r)[0])
+            self._run(trainer, "secagg_share", [  # shares a crash interrupted are made again, the same bytes
+                SecAggStep(round=r, client=c, secret_path=paths[c]) for c in agreed
+                if not all(store.exists(share_key(r, c, p)) for p in agreed if p != c)])
+            return
         members = sorted(cohort)
         while len(members) >= 2:
             self._run(trainer, "secagg_advertise", [
