@@ -3,6 +3,8 @@ whose unmasked sum equals the plain quantized sum for every M, with clients drop
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -157,3 +159,46 @@ def test_a_malformed_reveal_fails_the_round_with_a_reason_not_a_traceback(garbag
 
     with pytest.raises(RoundError, match="cannot unmask"):
         aggregate_round(store, 0, InlineExecutor(), AggregateConfig(reducer=f"secagg:{BITS}", weighting="uniform"))
+
+
+@pytest.mark.parametrize("dropped", [(), ("c3",)], ids=["none dropped", "one dropped"])
+def test_weighted_clients_unmask_to_their_weighted_mean_in_every_topology(dropped: tuple[str, ...]) -> None:
+    # Prepare: 5 clients of very different weights (each masks weight · update); one may drop after masking
+    layout = ModelLayout([TensorSpec("w", (2990,), "float32"), TensorSpec("b", (10,), "float32")])
+    rng = np.random.default_rng(3)
+    updates = {f"c{i}": rng.normal(0, 0.5, layout.numel).astype(np.float32) for i in range(5)}
+    weights = {"c0": 1.0, "c1": 0.25, "c2": 0.5, "c3": 0.125, "c4": 0.75}
+    store = MemoryStore()
+    total = simulate_secure_round(store, 0, layout, updates, bits=BITS, clip=4.0, threshold=3, dropped=dropped,
+                                  chunk_elems=128, weights=weights)
+    survivors = [c for c in updates if c not in dropped]
+
+    # Execute: sharded (M = 1 and 4), λ-FL and LIFL
+    outputs = set()
+    for config in (AggregateConfig(shards=1), AggregateConfig(shards=4), AggregateConfig(topology="lambda-fl"),
+                   AggregateConfig(topology="lifl")):
+        if store.exists(aggregate_key(0)):
+            store.delete(aggregate_key(0))
+        aggregate_round(store, 0, InlineExecutor(), config.model_copy(update={"reducer": f"secagg:{BITS}"}))
+        outputs.add(store.get(aggregate_key(0)))
+
+    # Assert: one result, the quantized sum ÷ 2^bits ÷ Σ of the survivors' weights, and within n·2^-bits ÷ Σ wᵢ (each
+    # client's rounding is under one step) of the float64 weighted mean computed from the updates themselves
+    assert len(outputs) == 1
+    aggregate = read_flat(store, aggregate_key(0), layout)
+    denominator = math.fsum(weights[c] for c in survivors)
+    expected = (total.view(np.int32).astype(np.float64) / (2**BITS * denominator)).astype(np.float32)
+    assert aggregate.tobytes() == expected.tobytes()
+    reference = sum(weights[c] * updates[c].astype(np.float64) for c in survivors) / denominator
+    assert np.abs(aggregate - reference).max() <= len(survivors) * 2.0**-BITS / denominator + 1e-7
+    assert np.abs(aggregate - np.mean([updates[c] for c in survivors], axis=0)).max() > 0.01  # not the plain mean
+
+
+def test_a_directory_refuses_weights_outside_zero_to_one() -> None:
+    from gradshard.aggregation.secure import write_directory
+    from gradshard.security.secagg import Advertised
+
+    adverts = [Advertised("a", "00" * 32, "00" * 32), Advertised("b", "00" * 32, "00" * 32)]
+    for bad in ({"a": 1.0, "b": 0.0}, {"a": 1.5, "b": 1.0}, {"a": 1.0}, {"a": 1.0, "b": float("nan")}):
+        with pytest.raises(SecurityError, match=r"weights: one float in \(0, 1\]"):
+            write_directory(MemoryStore(), 0, adverts, 2, bad)

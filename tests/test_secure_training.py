@@ -3,6 +3,7 @@ masked updates and reveal shares as client functions; the server's aggregate is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from gradshard.aggregation.driver import AggregateConfig
+from gradshard.fl.client import load_arrays
 from gradshard.fl.config import DataConfig, TrainConfig
 from gradshard.fl.driver import Trainer
 from gradshard.fl.secure import SecureAggregationConfig, read_secret
-from gradshard.format.keys import aggregate_key, model_key, update_key
+from gradshard.format.keys import aggregate_key, client_data_key, model_key, update_key
 from gradshard.format.update import read_flat, read_header
 from gradshard.runtime import InlineExecutor
 from gradshard.security.secagg import SecAggClient
@@ -31,29 +33,35 @@ def _config(tmp_path: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**settings)  # type: ignore[arg-type]
 
 
-def _expected_mean(tmp_path: Path, survivors: list[str], agreed: list[str]) -> np.ndarray:
+def _expected_mean(tmp_path: Path, survivors: list[str], agreed: list[str], weighted: bool = True) -> np.ndarray:
     """The survivors' quantized mean from their plain deltas (a plain run of the same seeds) and their own
-    rounding streams: Σ qᵢ mod 2³², read as int32, ÷ (2^bits · n), rounded once to float32."""
+    rounding streams: Σ qᵢ mod 2³², read as int32, ÷ (2^bits · Σ wᵢ), rounded once to float32, where wᵢ is the
+    client's example count ÷ the largest of the agreeing clients' (weighted) or 1."""
     plain = MemoryStore()
     trainer = Trainer(plain, TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=4,
                                          rounds=1, epochs=1, batch_size=32, lr=0.1, seed=0,
                                          aggregation=AggregateConfig(weighting="uniform")), InlineExecutor())
     trainer.run()
+    counts = {c: len(load_arrays(plain, client_data_key(c))["y"]) for c in agreed}
+    weights = {c: counts[c] / max(counts.values()) if weighted else 1.0 for c in agreed}
     total = np.zeros(trainer.averaged.numel, dtype=np.uint32)
     threshold = SecureAggregationConfig().threshold_for(len(agreed))
     for client in survivors:
         delta = read_flat(plain, update_key(0, client), trainer.averaged)
         agent = SecAggClient(client, 0, agreed, threshold, read_secret(str(tmp_path / f"{client}.secagg")))
-        total += agent.quantized(delta, bits=BITS, clip=CLIP)
+        total += agent.quantized(delta, bits=BITS, clip=CLIP, weight=weights[client])
     out = np.empty(len(total), dtype=np.float32)
-    np.divide(total.view(np.int32), float(2**BITS) * len(survivors), out=out, dtype=np.float64, casting="unsafe")
+    denominator = math.fsum(weights[c] for c in survivors) if weighted else len(survivors)
+    np.divide(total.view(np.int32), float(2**BITS) * denominator, out=out, dtype=np.float64, casting="unsafe")
     return out
 
 
-def test_a_secure_round_aggregates_exactly_the_clients_quantized_mean(tmp_path: Path) -> None:
-    # Execute: one secure round of 4 clients, sharded in 3
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_a_secure_round_aggregates_exactly_the_clients_quantized_mean(tmp_path: Path, weighting: str) -> None:
+    # Execute: one secure round of 4 clients, sharded in 3, weighted by example counts or not
     store = MemoryStore()
-    trainer = Trainer(store, _config(tmp_path, aggregation=AggregateConfig(shards=3)), InlineExecutor())
+    trainer = Trainer(store, _config(tmp_path, aggregation=AggregateConfig(shards=3, weighting=weighting)),
+                      InlineExecutor())
     history = trainer.run()
 
     # Assert: every client counted; no update in the store is plain; the aggregate is the expected bytes
@@ -62,7 +70,7 @@ def test_a_secure_round_aggregates_exactly_the_clients_quantized_mean(tmp_path: 
         with store.open_reader(update_key(0, client)) as reader:
             assert read_header(reader, "u", client).metadata["gradshard.encoding"] == "secagg"
     aggregate = read_flat(store, aggregate_key(0), trainer.averaged)
-    assert aggregate.tobytes() == _expected_mean(tmp_path, CLIENTS, CLIENTS).tobytes()
+    assert aggregate.tobytes() == _expected_mean(tmp_path, CLIENTS, CLIENTS, weighting == "examples").tobytes()
 
 
 def test_a_client_that_fails_after_the_key_agreement_is_unmasked_out(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def reduce_range(store: Store, manifest: RoundManifest, settings: ReduceSettings
     spec = parse_reducer(settings.reducer)
     extras: dict[str, Any] = {} if scales is None else {"scales": scales}
     if spec.name == "secagg":  # the masks phase 1 reconstructed, to remove window by window
-        extras.update(masks=manifest.masks or [], mask_round=manifest.round)
+        extras.update(masks=manifest.masks or [], mask_round=manifest.round, total_weight=manifest.secagg_weight)
     reducer = make_reducer(spec, weights=[c.weight for c in manifest.clients], capacity=window, in_dtype=in_dtype,
                            accumulate=settings.accumulate, parallel_reads=settings.parallel_reads, **extras)
     noise = None if settings.noise is None else ChunkNoise(settings.noise.key, checksum.ChunkGrid(

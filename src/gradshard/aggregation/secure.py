@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -45,9 +46,18 @@ def reveal_key(r: int, client: str) -> str:
     return f"{secagg_prefix(r)}/reveal/{client}.json"
 
 
-def write_directory(store: Store, r: int, advertised: Sequence[Advertised], threshold: int) -> None:
-    store.put(directory_key(r), json.dumps({"threshold": threshold, "clients": {
-        a.client: {"mask_key": a.mask_key, "share_key": a.share_key} for a in advertised}}).encode())
+def write_directory(store: Store, r: int, advertised: Sequence[Advertised], threshold: int,
+                    weights: Mapping[str, float] | None = None) -> None:
+    """The round's key directory: every masking client's public keys, the threshold, and with ``weights`` each
+    client's weight in (0, 1] (it masks ``weight · update``; the aggregate is the survivors' weighted mean)."""
+    record: dict[str, object] = {"threshold": threshold, "clients": {
+        a.client: {"mask_key": a.mask_key, "share_key": a.share_key} for a in advertised}}
+    if weights is not None:
+        if set(weights) != {a.client for a in advertised} or not all(
+                isinstance(w, int | float) and not isinstance(w, bool) and 0 < w <= 1 for w in weights.values()):
+            raise SecurityError("weights: one float in (0, 1] for every client of the directory")
+        record["weights"] = {c: float(w) for c, w in weights.items()}
+    store.put(directory_key(r), json.dumps(record).encode())
 
 
 def read_directory(store: Store, r: int) -> tuple[dict[str, Advertised], int]:
@@ -67,6 +77,21 @@ def read_directory(store: Store, r: int) -> tuple[dict[str, Advertised], int]:
     if not 1 < threshold <= len(directory):
         raise RoundError(f"{key}: threshold {threshold} must be in (1, {len(directory)}]")
     return directory, threshold
+
+
+def directory_weights(store: Store, r: int) -> dict[str, float] | None:
+    """The clients' weights the directory gives (None: unweighted), each in (0, 1]."""
+    key = directory_key(r)
+    try:
+        raw = json.loads(store.get(key)).get("weights")
+        if raw is None:
+            return None
+        weights = {str(c): float(w) for c, w in raw.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RoundError(f"{key} has malformed weights: {exc}") from None
+    if not all(0 < w <= 1 for w in weights.values()):  # NaN fails too
+        raise RoundError(f"{key}: every weight must be in (0, 1]")
+    return weights
 
 
 def write_reveal(store: Store, r: int, client: str, revealed: Mapping[str, Mapping[str, str]]) -> None:
@@ -104,6 +129,12 @@ def secure_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) 
     except (SecurityError, ValueError, KeyError, TypeError) as exc:  # a malformed share, key or coordinate
         raise RoundError(f"round {r}: cannot unmask: {type(exc).__name__}: {str(exc)[:200]}") from None
     manifest.masks = terms
+    weights = directory_weights(run.store, r)
+    if weights is not None:  # the clients masked weight · update: divide by the survivors' total weight
+        missing = [c for c in survivors if c not in weights]
+        if missing:
+            raise RoundError(f"round {r}: the key directory gives no weight for {missing[:5]}")
+        manifest.secagg_weight = math.fsum(weights[c] for c in survivors)
     dropped = sorted(set(directory) - set(survivors))
     log.info("round %d: secure aggregation of %d survivors (%d dropped after masking), %d masks to remove", r,
              len(survivors), len(dropped), len(terms))

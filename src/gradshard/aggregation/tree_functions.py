@@ -139,7 +139,7 @@ def _secure_tree_reduce(args: TreeReduceArgs, store: Store, shm: Store | None, m
                         entries: list[ClientEntry], bits: int) -> TreeReduceResult:
     """``secagg`` in a tree: masked words and partials summed modulo 2³² (associative: the same words as any
     sharded plan), partials stored bit for bit in the float32 partial layout; the root removes the masks of the
-    whole vector and divides by ``2^bits·N``."""
+    whole vector and divides by ``2^bits·N`` (``2^bits·Σwᵢ`` when the clients masked weighted updates)."""
     layout = manifest.spec.model_layout()
     sums = partial_layout(layout, "float32")
     total = np.zeros(layout.numel, dtype=np.uint32)
@@ -170,7 +170,8 @@ def _secure_tree_reduce(args: TreeReduceArgs, store: Store, shm: Store | None, m
         raise RoundError("a tree root needs the aggregate's upload (target)")
     remove_masks(total, 0, manifest.masks or [], manifest.round)
     mean = np.empty(layout.numel, dtype=np.float32)
-    np.divide(total.view(np.int32), float(2**bits) * count, out=mean, dtype=np.float64, casting="unsafe")
+    denominator = count if manifest.secagg_weight is None else manifest.secagg_weight  # weighted: Σ wᵢ
+    np.divide(total.view(np.int32), float(2**bits) * denominator, out=mean, dtype=np.float64, casting="unsafe")
     writer = RangeWriter.to(store, args.target, 0, layout, manifest.spec.chunk_elems, layout.numel, "float32")
     writer.write(mean)
     return done.model_copy(update={"checksums": writer.finish()})

@@ -24,8 +24,8 @@ reducer            weights                 per element
                                            clients Bulyan's iterated Krum selected (phase 1)
 ``fltrust``        trust scores (phase 1)  ``Σ TSᵢ·(‖g₀‖/‖gᵢ‖)·gᵢ / Σ TSᵢ``, ``TSᵢ = max(0, cos(gᵢ, g₀))`` against
                                            the server's own update g₀
-``secagg:s``       none (the mean)         masked uint32 words summed modulo 2³², the masks removed (phase 1
-                                           reconstructs them), read as int32, divided by ``2^s·N``
+``secagg:s``       the directory's wᵢ,     masked uint32 words summed modulo 2³², the masks removed (phase 1
+                   applied by the clients  reconstructs them), read as int32, divided by ``2^s·N`` (``2^s·Σwᵢ``)
 =================  ======================  =================================================================
 
 The selecting reducers run a phase before the reduction: exact pairwise distances
@@ -672,8 +672,9 @@ class SecAggReducer(_BufferedReducer):
     """Phase 2 of ``secagg:s``: the clients' masked uint32 words (read bit for bit into the float32 buffers) summed
     modulo 2³², each window's masks removed (``masks``: the ``(key, sign)`` terms phase 1 reconstructed; each
     regenerates exactly the window's elements, :func:`gradshard.security.secagg.mask_slice`), the result read as
-    int32 and divided by ``2^s·N`` in float64, rounded once to the accumulation dtype. Integer sums are associative:
-    the same words for every M, window and order. Unweighted (the mean of the survivors).
+    int32 and divided by ``2^s·N`` in float64 (``2^s·Σwᵢ`` when the clients masked weighted updates,
+    ``total_weight``), rounded once to the accumulation dtype. Integer sums are associative: the same words for every
+    M, window and order.
 
     Memory: the read buffers, one uint32 sum, one output window, and one mask slice at a time (its keystream bytes,
     about three windows of uint32 while it is made).
@@ -691,16 +692,16 @@ class SecAggReducer(_BufferedReducer):
 
     def __init__(self, spec: ReducerSpec, *, weights: Sequence[float], capacity: int, in_dtype: npt.DTypeLike,
                  accumulate: str, parallel_reads: int = 1, masks: Sequence[tuple[str, int]] = (),
-                 mask_round: int = 0) -> None:
+                 mask_round: int = 0, total_weight: float | None = None) -> None:
         super().__init__(spec, weights=weights, capacity=capacity, in_dtype=in_dtype, accumulate=accumulate,
                          parallel_reads=parallel_reads)
         if self.in_dtype.itemsize != 4:
             raise GradshardError(f"secagg reads 32-bit words; the round's dtype is {self.in_dtype.name}")
         self.masks, self.mask_round = list(masks), mask_round
+        self.total_weight = total_weight  # the clients masked weighted updates: the sum is divided by this
         self._bufs = self._read_buffers(capacity, parallel_reads)
         self._sum = np.empty(capacity, dtype=np.uint32)
         self._out = np.empty(capacity, dtype=self.dtype)
-
 
     def _add(self, i: int, covered: npt.NDArray[np.bool_] | None) -> None:
         words = self._bufs[i % len(self._bufs), : self._n].view(np.uint32)
@@ -713,7 +714,8 @@ class SecAggReducer(_BufferedReducer):
     def _finish(self, load_previous: LoadPrevious | None) -> npt.NDArray[Any]:
         total, out = self._sum[: self._n], self._out[: self._n]
         remove_masks(total, self._offset, self.masks, self.mask_round)
-        np.divide(total.view(np.int32), float(2**self.spec.bits) * self.clients, out=out, dtype=np.float64,
+        denominator = self.clients if self.total_weight is None else self.total_weight
+        np.divide(total.view(np.int32), float(2**self.spec.bits) * denominator, out=out, dtype=np.float64,
                   casting="unsafe")
         return out
 

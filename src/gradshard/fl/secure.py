@@ -22,7 +22,9 @@ directory, so a restarted run cannot finish a round its clients began). This is 
 so: the trainer that makes the secrets could read them; in a deployment each client holds its own. For the same
 reason a client cannot remember what it revealed, so "never reveal both secrets of one peer" holds per invocation,
 not against a server that asks again with another list of survivors (the driver asks once per round and records
-the list). The aggregate is unweighted (the survivors' mean), as with reducer ``secagg`` everywhere.
+the list). With ``aggregation.weighting = "examples"`` (the default) each client masks its delta times its weight
+(its example count ÷ the largest, written in the directory) and the aggregate is the survivors' weighted mean;
+with ``"uniform"``, their mean.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.aggregation.secure import (
     directory_key,
+    directory_weights,
     read_directory,
     reveal_key,
     share_key,
@@ -50,9 +53,9 @@ from gradshard.aggregation.secure import (
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError, SecurityError
 from gradshard.fl.plugin import RoundPlugin
-from gradshard.format.keys import check_client_id, secagg_prefix, update_key
+from gradshard.format.keys import check_client_id, client_data_key, secagg_prefix, update_key
 from gradshard.format.masked import write_masked_update
-from gradshard.format.update import UpdateMeta
+from gradshard.format.update import UpdateMeta, read_header
 from gradshard.runtime.registry import register
 from gradshard.security.secagg import Advertised, SecAggClient
 from gradshard.store import Store
@@ -176,9 +179,12 @@ def secagg_reveal(step: SecAggStep, store: Store) -> SecAggStepResult:
 
 def upload_masked(store: Store, key: str, secure: SecureUpload, layout: ModelLayout,
                   delta: npt.NDArray[np.float32], meta: UpdateMeta) -> None:
-    """The training client's upload: its delta quantized and masked for the round's directory."""
+    """The training client's upload: its delta quantized (× its weight in the directory, if any) and masked for the
+    round's directory."""
     agent, directory = _agent(store, meta.round, meta.client, secure.secret_path)
-    masked = agent.masked(delta, directory, bits=secure.bits, clip=secure.clip)
+    weights = directory_weights(store, meta.round)
+    masked = agent.masked(delta, directory, bits=secure.bits, clip=secure.clip,
+                          weight=1.0 if weights is None else weights[meta.client])
     write_masked_update(store, key, layout, masked, meta)
 
 
@@ -223,6 +229,10 @@ class SecureAggregationPlugin(RoundPlugin):
         return self._secrets
 
     def prepare(self, trainer: Trainer) -> None:
+        if trainer.config.aggregation.weighting != "uniform" and not trainer.data_in_store:
+            raise GradshardError("[secure_aggregation] weights each client by its example count, which the driver "
+                                 "knows only for data it split itself; this task loads each client's own data: set "
+                                 "aggregation.weighting = 'uniform'")
         if trainer.presigned_clients:
             raise GradshardError("[secure_aggregation] does not run with presigned clients yet: its key agreement "
                                  "reads and writes records the driver does not presign")
@@ -233,7 +243,20 @@ class SecureAggregationPlugin(RoundPlugin):
 
     def aggregation(self, trainer: Trainer, r: int, cohort: list[str], options: Any,
                     base: AggregateConfig) -> AggregateConfig:
-        return base.model_copy(update={"reducer": f"secagg:{self.config.bits}", "weighting": "uniform"})
+        return base.model_copy(update={"reducer": f"secagg:{self.config.bits}"})
+
+    def _weights(self, trainer: Trainer, clients: list[str]) -> dict[str, float] | None:
+        """With weighting 'examples': each client's example count ÷ the largest (from the client data sets in the
+        store), the weight it masks its update with; None: uniform."""
+        if trainer.config.aggregation.weighting == "uniform":
+            return None
+        counts = {}
+        for client in clients:
+            key = client_data_key(client)
+            with trainer.store.open_reader(key) as reader:
+                counts[client] = max(1, read_header(reader, key, client).tensors["y"].shape[0])
+        largest = max(counts.values())
+        return {c: n / largest for c, n in counts.items()}
 
     def client_task(self, trainer: Trainer, task: ClientTask) -> ClientTask:
         secure = SecureUpload(bits=self.config.bits, clip=self.config.clip,
@@ -264,8 +287,8 @@ class SecureAggregationPlugin(RoundPlugin):
             if len(adverts) < 2:
                 break
             threshold = self.config.threshold_for(len(adverts))
-            write_directory(store, r, adverts, threshold)
             agreed = sorted(a.client for a in adverts)
+            write_directory(store, r, adverts, threshold, self._weights(trainer, agreed))
             self._run(trainer, "secagg_share", [SecAggStep(round=r, client=c, secret_path=paths[c]) for c in agreed])
             shared = [c for c in agreed if all(store.exists(share_key(r, c, p)) for p in agreed if p != c)]
             if shared == agreed:

@@ -194,6 +194,8 @@ class RoundManifest(BaseModel):
     selection: dict[str, str | list[str]] | None = None
     # secagg: the masks to remove from the survivors' sum, (key hex, sign), reconstructed by the phase
     masks: list[tuple[str, int]] | None = None
+    # secagg: the survivors' total weight when the clients masked weighted updates (None: divide by their count)
+    secagg_weight: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     def scales(self) -> list[float] | None:
         """Per-client factors on the normalised weights: clip factor × (accepted / denominator); None when every

@@ -58,11 +58,15 @@ def _hkdf(secret: bytes, info: str) -> bytes:
 
 
 # --- fixed point ----------------------------------------------------------------------------------------------------
-def quantize(x: npt.NDArray[np.floating], bits: int, clip: float, key: bytes) -> npt.NDArray[np.uint32]:
-    """``⌊clip(x)·2^bits + u⌋`` mod 2³² with ``u`` from the counter stream of ``key`` (stochastic rounding)."""
+def quantize(x: npt.NDArray[np.floating], bits: int, clip: float, key: bytes, weight: float = 1.0
+             ) -> npt.NDArray[np.uint32]:
+    """``⌊w·clip(x)·2^bits + u⌋`` mod 2³² with ``u`` from the counter stream of ``key`` (stochastic rounding) and
+    the client's weight ``w`` in (0, 1] (1: unweighted)."""
     if not np.isfinite(x).all():
         raise SecurityError("cannot quantize NaN or inf (the masked words would hide them from every check)")
-    scaled = np.clip(x.astype(np.float64), -clip, clip) * float(2**bits)
+    if not 0 < weight <= 1:
+        raise SecurityError(f"a client's weight is in (0, 1], got {weight!r}")
+    scaled = np.clip(x.astype(np.float64), -clip, clip) * (weight * float(2**bits))
     noise = mask_slice(key, 0, len(x)).astype(np.float64) / 2.0**32  # uniform in [0, 1), one word per element
     return np.floor(scaled + noise).astype(np.int64).astype(np.uint32)
 
@@ -196,15 +200,19 @@ class SecAggClient:
         low, high = sorted((self.client, peer.client))
         return pair_key(shared, self.round, low, high)
 
-    def quantized(self, update: npt.NDArray[np.floating], *, bits: int, clip: float) -> npt.NDArray[np.uint32]:
-        """This client's quantized update (what :meth:`masked` masks): a reference for tests and simulations."""
-        return quantize(update, bits, clip, _hkdf(self._self_seed, f"gradshard secagg rounding {self.round}"))
+    def quantized(self, update: npt.NDArray[np.floating], *, bits: int, clip: float, weight: float = 1.0
+                  ) -> npt.NDArray[np.uint32]:
+        """This client's quantized (and weighted) update, what :meth:`masked` masks: a reference for tests and
+        simulations."""
+        return quantize(update, bits, clip, _hkdf(self._self_seed, f"gradshard secagg rounding {self.round}"),
+                        weight)
 
     def masked(self, update: npt.NDArray[np.floating], directory: Mapping[str, Advertised], *, bits: int,
-               clip: float) -> npt.NDArray[np.uint32]:
-        """This client's upload: its quantized update plus its self mask and every pairwise mask (mod 2³²)."""
+               clip: float, weight: float = 1.0) -> npt.NDArray[np.uint32]:
+        """This client's upload: its quantized update (× ``weight``, the directory's weight of this client; 1:
+        unweighted) plus its self mask and every pairwise mask (mod 2³²)."""
         n = len(update)
-        y = self.quantized(update, bits=bits, clip=clip)
+        y = self.quantized(update, bits=bits, clip=clip, weight=weight)
         with np.errstate(over="ignore"):
             y += mask_slice(self._self_seed, 0, n, self.round)
             for peer in self.peers:
