@@ -451,3 +451,38 @@ def test_clients_without_credentials_train_through_presigned_urls_only(tmp_path:
 
     assert fresh.get(model_key(1)) == local_store.get(model_key(1))
 
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("aws_env")
+def test_secure_aggregation_runs_with_credential_less_lambda_clients(tmp_path: Path, s3_store: S3Store) -> None:
+    # Prepare: client functions with no credentials; every protocol step and the training step reach only the URLs
+    # the driver presigned for them
+    from gradshard.fl.config import DataConfig, TrainConfig
+    from gradshard.fl.driver import Trainer
+    from gradshard.fl.secure import SecureAggregationConfig
+    from gradshard.format.keys import model_key
+
+    config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=3, rounds=1, epochs=1,
+                         batch_size=32, lr=0.1, seed=0, aggregation=AggregateConfig(shards=2),
+                         keys_dir=str(tmp_path / "keys"), secure_aggregation=SecureAggregationConfig())
+    source = Path(__import__("gradshard").__file__).parents[1]
+    functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True),
+                 "clients": Function("clients", source, memory_mb=2048, timeout_s=120.0, image=True,
+                                     credentials=False)}
+    local_store = LocalStore(tmp_path / "local", fsync=False)
+    with LocalExecutor(workers=2) as local:
+        Trainer(local_store, config, local).run()
+
+    # Execute
+    with LambdaEmulator(functions) as emulator:
+        def executor(name: str) -> LambdaExecutor:
+            return LambdaExecutor(name, endpoint_url=emulator.endpoint_url, region="us-east-1", allow_local_store=True,
+                                  workers=2, timeout_s=120.0)
+
+        Trainer(s3_store, config, executor(IMAGE), executor("clients"), presigned_clients=True).run()
+
+    # Assert: the local run's model, byte for byte; the protocol's steps ran on the client function
+    assert s3_store.get(model_key(1)) == local_store.get(model_key(1))
+    steps = [c.function for c in emulator.calls if c.function == "clients"]
+    assert len(steps) == 3 * 4  # per client: advertise, share, train, reveal

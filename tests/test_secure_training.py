@@ -19,7 +19,7 @@ from gradshard.format.keys import aggregate_key, client_data_key, model_key, upd
 from gradshard.format.update import read_flat, read_header
 from gradshard.runtime import InlineExecutor
 from gradshard.security.secagg import SecAggClient
-from gradshard.store import MemoryStore
+from gradshard.store import MemoryStore, S3Store
 
 CLIENTS = [f"client-{i:04d}" for i in range(4)]
 BITS, CLIP = 16, 8.0
@@ -154,3 +154,16 @@ def test_a_client_whose_key_advert_is_malformed_is_left_out_and_the_others_agree
     # Assert: the three others agreed and aggregated; client-0003's training step names why it could not mask
     assert history[0]["aggregated"] == CLIENTS[:3]
     assert "key directory" in history[0]["failed"]["client-0003"]
+
+
+def test_presigned_clients_run_the_protocol_through_their_urls_only(tmp_path: Path, s3_store: S3Store) -> None:
+    # Execute: clients (and their protocol steps) that reach only what the driver presigned, and the same run on a
+    # memory store with the same secrets
+    config = _config(tmp_path, rounds=2)
+    Trainer(s3_store, config, InlineExecutor(), presigned_clients=True).run()
+    local = MemoryStore()
+    Trainer(local, config, InlineExecutor()).run()
+
+    # Assert: the same model bytes; the protocol's records went through the URLs into the bucket
+    assert s3_store.get(model_key(2)) == local.get(model_key(2))
+    assert len(s3_store.list("rounds/000001/secagg/reveal/")) == 4

@@ -29,6 +29,7 @@ from gradshard.fl.data import Dataset
 from gradshard.fl.models import build_model, load_numpy_state, seed_everything
 from gradshard.fl.secure import SecureUpload, upload_masked
 from gradshard.fl.task import Task, TaskError, TaskRef, TrainContext, load_task
+from gradshard.fl.urls import ClientUrls
 from gradshard.format.compact import compact_of, write_compact_update
 from gradshard.format.keys import residual_key, root_update_key, update_key
 from gradshard.format.quantized import write_quantized_update
@@ -47,17 +48,6 @@ try:
     import torch
 except ModuleNotFoundError as exc:  # the train extra: name it instead of a bare "No module named 'torch'"
     raise missing_extra_error("train", "gradshard.fl (federated training)") from exc
-
-
-class ClientUrls(BaseModel):
-    """What a client may touch, presigned by the driver: a GET of each whole object it reads (URL, size) and a PUT
-    of each object it writes (its update; with error feedback, its residual). With them the client function needs no
-    store credentials at all."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gets: dict[str, tuple[str, int]]
-    puts: dict[str, str]
 
 
 class ClientTask(BaseModel):

@@ -38,12 +38,13 @@ from gradshard.errors import GradshardError, InvocationError, RoundError, Traini
 from gradshard.extras import missing_extra_error
 from gradshard.fl import data as fldata
 from gradshard.fl.builtin import builtin_ref, shape_for
-from gradshard.fl.client import ClientTask, ClientUrls, load_arrays
+from gradshard.fl.client import ClientTask, load_arrays
 from gradshard.fl.config import TrainConfig
 from gradshard.fl.models import load_numpy_state, seed_everything, state_to_numpy
 from gradshard.fl.plugin import PluginRound, RoundPlugin, plugin_for_config
 from gradshard.fl.server import ServerStepArgs, ServerStepResult
 from gradshard.fl.task import Task, TaskError, TaskRef, load_task, parse_task, ref_of
+from gradshard.fl.urls import ClientUrls
 from gradshard.format.compact import open_client_update
 from gradshard.format.keys import (
     CONFIG_KEY,
@@ -416,22 +417,26 @@ class Trainer:
         self.store.put(plugin_key(r), record.model_dump_json(indent=1).encode())
         return record
 
-    def _urls(self, task: ClientTask, output: str) -> ClientUrls:
-        """Presigned URLs for ``task``: a GET of each object it reads, a PUT of ``output``; valid for the round's
-        deadline and five minutes more (at most 7 days)."""
+    def presign(self, reads: list[str], writes: list[str]) -> ClientUrls:
+        """Presigned URLs (``presigned_clients``): a GET of each whole object in ``reads`` (with its size) and a PUT
+        of each key in ``writes``; valid for the round's deadline and five minutes more (at most 7 days)."""
         assert isinstance(self.store, S3Store)
         expires = int(min(7 * 86400, self.config.deadline_s + 300))
+        gets = {}
+        for key in reads:
+            size = self.store.size(key)
+            gets[key] = (self.store.presign_range(key, 0, size, expires) if size else "", size)
+        return ClientUrls(gets=gets, puts={key: self.store.presign_put(key, expires) for key in writes})
+
+    def _urls(self, task: ClientTask, output: str) -> ClientUrls:
+        """Presigned URLs for ``task``: a GET of each object it reads, a PUT of ``output`` (and its residual)."""
         reads = [k for k in (task.model_key, task.kept_key, task.data_key) if k]
         writes = [output]
         if task.residual_from is not None:
             reads.append(residual_key(task.residual_from, task.client))
         if task.residual_out:
             writes.append(residual_key(task.round, task.client))
-        gets = {}
-        for key in reads:
-            size = self.store.size(key)
-            gets[key] = (self.store.presign_range(key, 0, size, expires) if size else "", size)
-        return ClientUrls(gets=gets, puts={key: self.store.presign_put(key, expires) for key in writes})
+        return self.presign(reads, writes)
 
     def _residual_round(self, client: str, r: int) -> int | None:
         """Error feedback: the last round before ``r`` whose aggregate counted ``client``'s update, if its residual
@@ -475,10 +480,10 @@ class Trainer:
                               dp=c.privacy.client,
                               signing_key=signing.get(client, ""),
                               options=record.client_options.get(client, {}) if record is not None else {})
-            if self.plugin is not None:
-                task = self.plugin.client_task(self, task)
             if self.presigned_clients:
                 task = task.model_copy(update={"urls": self._urls(task, update_key(spec.round, client))})
+            if self.plugin is not None:  # (after the URLs: a plugin adds those of what it has the client read)
+                task = self.plugin.client_task(self, task)
             invocations.append(Invocation(f"client-{client}", "train_client", task, self.averaged.nbytes * 8,
                                           memory_cap_bytes=record.memory.get(client) if record is not None else None))
         if self.uses_root and not self.store.exists(root_update_key(spec.round)):

@@ -110,7 +110,9 @@ class RoundPlugin(ABC):
         calls it again."""
 
     def client_task(self, trainer: Trainer, task: ClientTask) -> ClientTask:
-        """The task a client of the round is given, from the one the trainer made (default: as it is)."""
+        """The task a client of the round is given, from the one the trainer made, presigned URLs included when the
+        clients have them (default: as it is; a plugin that has the client read more adds their URLs,
+        :meth:`Trainer.presign`)."""
         return task
 
     def after_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:  # noqa: B027 - optional hook

@@ -16,15 +16,19 @@ A round plugin (:class:`SecureAggregationPlugin`) drives it around the usual cli
    ``survivors.json``) reveal their shares of the survivors' self-mask seeds and of the dropped clients' mask keys;
    the aggregation reconstructs the masks from ``t`` of them and removes them shard by shard.
 
-Each client function keeps no state between its invocations: what it needs is derived from its secret, a file of
-32 random bytes (``<client>.secagg`` in ``keys_dir``, mode 0600, made if missing; without ``keys_dir`` a temporary
-directory, so a restarted run cannot finish a round its clients began). This is a simulation, and says
-so: the trainer that makes the secrets could read them; in a deployment each client holds its own. For the same
-reason a client cannot remember what it revealed, so "never reveal both secrets of one peer" holds per invocation,
-not against a server that asks again with another list of survivors (the driver asks once per round and records
-the list). With ``aggregation.weighting = "examples"`` (the default) each client masks its delta times its weight
-(its example count ÷ the largest, written in the directory) and the aggregate is the survivors' weighted mean;
-with ``"uniform"``, their mean.
+Each client function keeps no state between its invocations: what it needs is derived from its secret (32 random
+bytes: ``<client>.secagg`` in ``keys_dir``, mode 0600, made if missing; without ``keys_dir`` a temporary directory,
+so a restarted run cannot finish a round its clients began), which each of its steps is handed in its arguments.
+This is a simulation, and says so: the trainer that makes the secrets and hands them over could read them; in a
+deployment each client holds its own. For the same reason a client cannot remember what it revealed, so "never
+reveal both secrets of one peer" holds per invocation, not against a server that asks again with another list of
+survivors (the driver asks once per round and records the list). With presigned clients every step gets URLs of
+exactly the records it reads and writes (the training step also a GET of the directory), so client functions need
+no store credentials.
+
+With ``aggregation.weighting = "examples"`` (the default) each client masks its delta times its weight (its example
+count ÷ the largest, written in the directory) and the aggregate is the survivors' weighted mean; with
+``"uniform"``, their mean.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from gradshard.aggregation.secure import (
 from gradshard.core.layout import ModelLayout
 from gradshard.errors import GradshardError, SecurityError
 from gradshard.fl.plugin import RoundPlugin
+from gradshard.fl.urls import ClientUrls
 from gradshard.format.keys import check_client_id, client_data_key, secagg_prefix, update_key
 from gradshard.format.masked import write_masked_update
 from gradshard.format.update import UpdateMeta, read_header
@@ -94,7 +99,7 @@ class SecureUpload(BaseModel):
 
     bits: int = Field(ge=1, le=30)
     clip: float = Field(gt=0, allow_inf_nan=False)
-    secret_path: str = Field(min_length=1, description="the client's secret (32 bytes, only the client reads it)")
+    secret: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False, description="the client's secret (32 bytes, hex)")
 
 
 class SecAggStep(BaseModel):
@@ -104,9 +109,11 @@ class SecAggStep(BaseModel):
 
     round: int = Field(ge=0)
     client: str
-    secret_path: str = Field(min_length=1)
+    secret: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False, description="the client's secret (32 bytes, hex)")
     peers: list[str] = Field(default_factory=list, description="keys: the clients asked to agree keys")
     survivors: list[str] = Field(default_factory=list, description="reveal: the clients whose masked update arrived")
+    urls: ClientUrls | None = Field(default=None, description="presigned URLs of exactly what the step reads and "
+                                                              "writes, instead of the function's store")
 
 
 class SecAggStepResult(BaseModel):
@@ -138,21 +145,31 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
-def _agent(store: Store, r: int, client: str, secret_path: str) -> tuple[SecAggClient, dict[str, Advertised]]:
+def _agent(store: Store, r: int, client: str, secret: str) -> tuple[SecAggClient, dict[str, Advertised]]:
     """The client's side of round ``r`` against the round's directory (it must be in it)."""
     directory, threshold = read_directory(store, r)
     if client not in directory:
         raise SecurityError(f"client {client!r} is not in round {r}'s secure-aggregation key directory (it did not "
                             "complete the key agreement)")
-    return SecAggClient(client, r, list(directory), threshold, read_secret(secret_path)), directory
+    return SecAggClient(client, r, list(directory), threshold, bytes.fromhex(secret)), directory
+
+
+def _store_of(step: SecAggStep, store: Store) -> Store:
+    """The step's presigned view when the driver gave it URLs, else the function's store."""
+    if step.urls is None:
+        return store
+    from gradshard.store.presigned import PresignedStore
+
+    return PresignedStore(step.urls.gets, step.urls.puts)
 
 
 def secagg_advertise(step: SecAggStep, store: Store) -> SecAggStepResult:
     """Publish the client's public keys of the round."""
+    store = _store_of(step, store)
     peers = sorted({*step.peers, step.client})
     if len(peers) < 2:
         raise SecurityError("secure aggregation needs at least two clients")
-    advert = SecAggClient(step.client, step.round, peers, 2, read_secret(step.secret_path)).advertise()
+    advert = SecAggClient(step.client, step.round, peers, 2, bytes.fromhex(step.secret)).advertise()
     store.put(advert_key(step.round, step.client), json.dumps({"mask_key": advert.mask_key,
                                                                "share_key": advert.share_key}).encode())
     return SecAggStepResult(written=1)
@@ -160,7 +177,8 @@ def secagg_advertise(step: SecAggStep, store: Store) -> SecAggStepResult:
 
 def secagg_share(step: SecAggStep, store: Store) -> SecAggStepResult:
     """Send every peer of the directory its encrypted shares of the client's mask key and self-mask seed."""
-    agent, directory = _agent(store, step.round, step.client, step.secret_path)
+    store = _store_of(step, store)
+    agent, directory = _agent(store, step.round, step.client, step.secret)
     blobs = agent.share(directory)
     for peer, blob in blobs.items():
         store.put(share_key(step.round, step.client, peer), blob)
@@ -169,7 +187,8 @@ def secagg_share(step: SecAggStep, store: Store) -> SecAggStepResult:
 
 def secagg_reveal(step: SecAggStep, store: Store) -> SecAggStepResult:
     """Reveal what unmasking the survivors' sum needs, from the shares the peers sent this client."""
-    agent, directory = _agent(store, step.round, step.client, step.secret_path)
+    store = _store_of(step, store)
+    agent, directory = _agent(store, step.round, step.client, step.secret)
     agent.share(directory)  # the client's own shares, derived again (it kept nothing)
     inbox = {peer: store.get(share_key(step.round, peer, step.client)) for peer in directory if peer != step.client}
     revealed = agent.reveal(inbox, directory, step.survivors)
@@ -181,7 +200,7 @@ def upload_masked(store: Store, key: str, secure: SecureUpload, layout: ModelLay
                   delta: npt.NDArray[np.float32], meta: UpdateMeta) -> None:
     """The training client's upload: its delta quantized (× its weight in the directory, if any) and masked for the
     round's directory."""
-    agent, directory = _agent(store, meta.round, meta.client, secure.secret_path)
+    agent, directory = _agent(store, meta.round, meta.client, secure.secret)
     weights = directory_weights(store, meta.round)
     masked = agent.masked(delta, directory, bits=secure.bits, clip=secure.clip,
                           weight=1.0 if weights is None else weights[meta.client])
@@ -197,19 +216,19 @@ for _name, _fn in (("secagg_advertise", secagg_advertise), ("secagg_share", seca
 # --- the driver's side ------------------------------------------------------------------------------------------------
 def client_secrets(trainer: Trainer) -> dict[str, str]:
     """One secret per simulated client (``<client>.secagg`` in the trainer's keys directory; made if missing, kept
-    if present): ``client -> path``."""
+    if present): ``client -> secret`` (hex), what each of the client's steps is handed."""
     from gradshard.fl.driver import client_ids
 
     directory = trainer.keys_directory()
-    paths = {}
+    out = {}
     for client in client_ids(trainer.config.clients):
         path = directory / f"{client}.secagg"
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(_SECRET_BYTES))
-        paths[client] = str(path.resolve())
-    return paths
+        out[client] = read_secret(str(path)).hex()
+    return out
 
 
 class SecureAggregationPlugin(RoundPlugin):
@@ -233,9 +252,6 @@ class SecureAggregationPlugin(RoundPlugin):
             raise GradshardError("[secure_aggregation] weights each client by its example count, which the driver "
                                  "knows only for data it split itself; this task loads each client's own data: set "
                                  "aggregation.weighting = 'uniform'")
-        if trainer.presigned_clients:
-            raise GradshardError("[secure_aggregation] does not run with presigned clients yet: its key agreement "
-                                 "reads and writes records the driver does not presign")
         if not trainer.config.keys_dir:
             log.warning("secure aggregation: the clients' secrets are in a temporary directory, so a restarted run "
                         "cannot finish a round its clients began (that round keeps the model); set keys_dir to "
@@ -259,9 +275,23 @@ class SecureAggregationPlugin(RoundPlugin):
         return {c: n / largest for c, n in counts.items()}
 
     def client_task(self, trainer: Trainer, task: ClientTask) -> ClientTask:
-        secure = SecureUpload(bits=self.config.bits, clip=self.config.clip,
-                              secret_path=self.secrets(trainer)[task.client])
-        return task.model_copy(update={"secure": secure})
+        secure = SecureUpload(bits=self.config.bits, clip=self.config.clip, secret=self.secrets(trainer)[task.client])
+        update: dict[str, Any] = {"secure": secure}
+        if task.urls is not None and trainer.store.exists(directory_key(task.round)):  # it reads the directory too
+            extra = trainer.presign([directory_key(task.round)], [])
+            update["urls"] = ClientUrls(gets={**task.urls.gets, **extra.gets}, puts=task.urls.puts)
+        return task.model_copy(update=update)
+
+    def _step(self, trainer: Trainer, r: int, client: str, reads: list[str], writes: list[str],
+              **fields: Any) -> SecAggStep:
+        """A client's protocol step, with presigned URLs of exactly ``reads`` and ``writes`` when clients have no
+        store credentials."""
+        urls = trainer.presign(reads, writes) if trainer.presigned_clients else None
+        return SecAggStep(round=r, client=client, secret=self.secrets(trainer)[client], urls=urls, **fields)
+
+    def _share_step(self, trainer: Trainer, r: int, client: str, agreed: list[str]) -> SecAggStep:
+        return self._step(trainer, r, client, [directory_key(r)],
+                          [share_key(r, client, p) for p in agreed if p != client])
 
     def _run(self, trainer: Trainer, function: str, steps: list[SecAggStep]) -> None:
         plan = Plan(function, tuple(Invocation(f"{function}-{s.client}", function, s, 64 << 20) for s in steps))
@@ -271,17 +301,17 @@ class SecureAggregationPlugin(RoundPlugin):
                             str(report.error)[:300])
 
     def before_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
-        store, paths = trainer.store, self.secrets(trainer)
+        store = trainer.store
         if store.exists(directory_key(r)):  # agreed before a restart: the clients may already have masked against it
             agreed = sorted(read_directory(store, r)[0])
             self._run(trainer, "secagg_share", [  # shares a crash interrupted are made again, the same bytes
-                SecAggStep(round=r, client=c, secret_path=paths[c]) for c in agreed
+                self._share_step(trainer, r, c, agreed) for c in agreed
                 if not all(store.exists(share_key(r, c, p)) for p in agreed if p != c)])
             return
         members = sorted(cohort)
         while len(members) >= 2:
             self._run(trainer, "secagg_advertise", [
-                SecAggStep(round=r, client=c, secret_path=paths[c], peers=members) for c in members
+                self._step(trainer, r, c, [], [advert_key(r, c)], peers=members) for c in members
                 if not store.exists(advert_key(r, c))])
             adverts = [a for a in (self._advert(store, r, c) for c in members) if a is not None]
             if len(adverts) < 2:
@@ -289,7 +319,7 @@ class SecureAggregationPlugin(RoundPlugin):
             threshold = self.config.threshold_for(len(adverts))
             agreed = sorted(a.client for a in adverts)
             write_directory(store, r, adverts, threshold, self._weights(trainer, agreed))
-            self._run(trainer, "secagg_share", [SecAggStep(round=r, client=c, secret_path=paths[c]) for c in agreed])
+            self._run(trainer, "secagg_share", [self._share_step(trainer, r, c, agreed) for c in agreed])
             shared = [c for c in agreed if all(store.exists(share_key(r, c, p)) for p in agreed if p != c)]
             if shared == agreed:
                 log.info("round %d: %d clients agreed keys for secure aggregation (threshold %d)", r, len(agreed),
@@ -327,6 +357,8 @@ class SecureAggregationPlugin(RoundPlugin):
         if len(survivors) < threshold:  # the aggregation fails naming the count; the model stays as it was
             log.warning("round %d: %d masked updates arrived, %d are needed to unmask", r, len(survivors), threshold)
             return
-        paths = self.secrets(trainer)
-        self._run(trainer, "secagg_reveal", [SecAggStep(round=r, client=c, secret_path=paths[c], survivors=survivors)
-                                             for c in survivors if not store.exists(reveal_key(r, c))])
+        self._run(trainer, "secagg_reveal", [
+            self._step(trainer, r, c, [directory_key(r), *(share_key(r, p, c) for p in directory
+                                                            if p != c and store.exists(share_key(r, p, c)))],
+                       [reveal_key(r, c)], survivors=survivors)
+            for c in survivors if not store.exists(reveal_key(r, c))])
