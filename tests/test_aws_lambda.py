@@ -417,6 +417,20 @@ def test_train_with_the_lambda_executor_needs_the_function(tmp_path: Path) -> No
     assert "--lambda-function" in result.stderr
 
 
+def _credential_less_clients_and_a_local_run(tmp_path: Path, config: Any) -> tuple[dict[str, Function], LocalStore]:
+    """The image function and a client function with no credentials at all; and the same run done locally."""
+    from gradshard.fl.driver import Trainer
+
+    source = Path(__import__("gradshard").__file__).parents[1]
+    functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True),
+                 "clients": Function("clients", source, memory_mb=2048, timeout_s=120.0, image=True,
+                                     credentials=False)}
+    local_store = LocalStore(tmp_path / "local", fsync=False)
+    with LocalExecutor(workers=2) as local:
+        Trainer(local_store, config, local).run()
+    return functions, local_store
+
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("aws_env")
 def test_clients_without_credentials_train_through_presigned_urls_only(tmp_path: Path, s3_store: S3Store) -> None:
@@ -429,13 +443,7 @@ def test_clients_without_credentials_train_through_presigned_urls_only(tmp_path:
 
     config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=3, rounds=1, epochs=1,
                          batch_size=32, lr=0.1, seed=0, aggregation=AggregateConfig(shards=2))
-    source = Path(__import__("gradshard").__file__).parents[1]
-    functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True),
-                 "clients": Function("clients", source, memory_mb=2048, timeout_s=120.0, image=True,
-                                     credentials=False)}
-    local_store = LocalStore(tmp_path / "local", fsync=False)
-    with LocalExecutor(workers=2) as local:
-        Trainer(local_store, config, local).run()
+    functions, local_store = _credential_less_clients_and_a_local_run(tmp_path, config)
 
     with LambdaEmulator(functions) as emulator:
         def executor(name: str, retries: int = 2) -> LambdaExecutor:
@@ -466,13 +474,7 @@ def test_secure_aggregation_runs_with_credential_less_lambda_clients(tmp_path: P
     config = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=3, rounds=1, epochs=1,
                          batch_size=32, lr=0.1, seed=0, aggregation=AggregateConfig(shards=2),
                          keys_dir=str(tmp_path / "keys"), secure_aggregation=SecureAggregationConfig())
-    source = Path(__import__("gradshard").__file__).parents[1]
-    functions = {IMAGE: Function(IMAGE, source, memory_mb=2048, timeout_s=120.0, image=True),
-                 "clients": Function("clients", source, memory_mb=2048, timeout_s=120.0, image=True,
-                                     credentials=False)}
-    local_store = LocalStore(tmp_path / "local", fsync=False)
-    with LocalExecutor(workers=2) as local:
-        Trainer(local_store, config, local).run()
+    functions, local_store = _credential_less_clients_and_a_local_run(tmp_path, config)
 
     # Execute
     with LambdaEmulator(functions) as emulator:
