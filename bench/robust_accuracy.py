@@ -39,7 +39,7 @@ ATTACKS = ("none", "sign-flip", "scale:100", "noise:1", "label-flip")
 REDUCERS = ("mean", "median", "trimmed-mean:0.2", "krum:3", "multi-krum:3,9", "bulyan:3", "fltrust")
 
 
-def run_one(attack: str, reducer: str, rounds: int, seed: int) -> dict[str, Any]:
+def run_one(attack: str, reducer: str, rounds: int, seed: int, partition: str = "iid") -> dict[str, Any]:
     from gradshard.aggregation.driver import AggregateConfig
     from gradshard.fl.config import DataConfig, TrainConfig
     from gradshard.fl.driver import Trainer
@@ -47,7 +47,9 @@ def run_one(attack: str, reducer: str, rounds: int, seed: int) -> dict[str, Any]
     from gradshard.store import LocalStore
 
     attacks = {} if attack == "none" else dict.fromkeys(ATTACKERS, attack)
-    cfg = TrainConfig(model="mlp", data=DataConfig(name="digits", partition="iid"), clients=CLIENTS, rounds=rounds,
+    data = DataConfig(name="digits", partition=partition, alpha=0.5) if partition == "dirichlet" else \
+        DataConfig(name="digits", partition="iid")
+    cfg = TrainConfig(model="mlp", data=data, clients=CLIENTS, rounds=rounds,
                       epochs=1, batch_size=32, lr=0.1, momentum=0.9, seed=seed, attacks=attacks,
                       aggregation=AggregateConfig(reducer=reducer, weighting="uniform"))
     started = time.perf_counter()
@@ -55,7 +57,7 @@ def run_one(attack: str, reducer: str, rounds: int, seed: int) -> dict[str, Any]
         history = Trainer(LocalStore(tmp, fsync=False), cfg, InlineExecutor()).run()
     accuracy = [float(m["test_accuracy"]) for m in history]
     kept_out = [sorted(set(m["rejected"]) & set(ATTACKERS)) for m in history]
-    return {"attack": attack, "reducer": reducer, "seed": seed, "test_accuracy": accuracy,
+    return {"attack": attack, "reducer": reducer, "seed": seed, "partition": partition, "test_accuracy": accuracy,
             "attackers_kept_out": [len(k) for k in kept_out],
             "honest_kept_out": [len(set(m["rejected"]) - set(ATTACKERS)) for m in history],
             "wall_s": time.perf_counter() - started}
@@ -93,6 +95,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--reducers", default=" ".join(REDUCERS), help="space-separated (multi-krum's own comma)")
+    ap.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
+                    help="the clients' data: IID, or non-IID Dirichlet with alpha 0.5")
     ap.add_argument("--quick", action="store_true", help="2 rounds, mean and krum:3 only")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     ap.add_argument("--json", type=Path, default=None)
@@ -102,11 +106,12 @@ def main() -> None:
     attacks = args.attacks.split(",")
     reducers = ["mean", "krum:3"] if args.quick else args.reducers.split()
     rounds = 2 if args.quick else args.rounds
-    jobs = [(a, r, rounds, s) for s in range(args.seeds) for a in attacks for r in reducers]
+    jobs = [(a, r, rounds, s, args.partition) for s in range(args.seeds) for a in attacks for r in reducers]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, *zip(*jobs, strict=True)))
-    print(f"\nfinal test accuracy after {rounds} rounds ({args.seeds} seed(s), mean), digits, {CLIENTS} clients, "
+    print(f"\nfinal test accuracy after {rounds} rounds ({args.seeds} seed(s), mean), digits ({args.partition}), "
+          f"{CLIENTS} clients, "
           f"attackers {', '.join(ATTACKERS)}; in brackets: attackers kept out of the last round / honest clients "
           "kept out")
     print(f"{'attack':<12}" + "".join(f"{r:>18}" for r in reducers))
