@@ -202,3 +202,17 @@ def test_a_directory_refuses_weights_outside_zero_to_one() -> None:
     for bad in ({"a": 1.0, "b": 0.0}, {"a": 1.5, "b": 1.0}, {"a": 1.0}, {"a": 1.0, "b": float("nan")}):
         with pytest.raises(SecurityError, match=r"weights: one float in \(0, 1\]"):
             write_directory(MemoryStore(), 0, adverts, 2, bad)
+
+
+@pytest.mark.parametrize("weights", [{"a": 2.0, "b": 1.0}, {"a": 1.0}, {"a": 1.0, "b": "x"}, [1, 2]])
+def test_a_key_directory_with_altered_weights_is_refused_naming_it(weights: object) -> None:
+    import json
+
+    from gradshard.aggregation.secure import directory_key, read_directory
+
+    store = MemoryStore()
+    keys = {"mask_key": "00" * 32, "share_key": "00" * 32}
+    store.put(directory_key(0), json.dumps({"threshold": 2, "clients": {"a": keys, "b": keys},
+                                            "weights": weights}).encode())
+    with pytest.raises(RoundError, match=r"rounds/000000/secagg/directory\.json"):
+        read_directory(store, 0)

@@ -167,3 +167,20 @@ def test_presigned_clients_run_the_protocol_through_their_urls_only(tmp_path: Pa
     # Assert: the same model bytes; the protocol's records went through the URLs into the bucket
     assert s3_store.get(model_key(2)) == local.get(model_key(2))
     assert len(s3_store.list("rounds/000001/secagg/reveal/")) == 4
+
+
+def test_an_altered_record_of_survivors_stops_the_restarted_round_naming_it(tmp_path: Path) -> None:
+    # Prepare: a round that recorded its survivors, then a restart after someone rewrote the record
+    from gradshard.errors import GradshardError
+    from gradshard.fl.secure import survivors_key
+    from gradshard.format.keys import metrics_key
+
+    store = MemoryStore()
+    Trainer(store, _config(tmp_path), InlineExecutor()).run()
+    for key in (aggregate_key(0), model_key(1), metrics_key(0)):
+        store.delete(key)
+    store.put(survivors_key(0), b'["client-0000", "someone-else"]')
+
+    # Execute / Assert
+    with pytest.raises(GradshardError, match=r"survivors\.json is not the round's record of survivors"):
+        Trainer(store, _config(tmp_path), InlineExecutor()).run()

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from gradshard.aggregation.phases import PhaseContext, register_phase
 from gradshard.core.reducers import ReducerSpec
@@ -60,8 +60,17 @@ def write_directory(store: Store, r: int, advertised: Sequence[Advertised], thre
     store.put(directory_key(r), json.dumps(record).encode())
 
 
-def read_directory(store: Store, r: int) -> tuple[dict[str, Advertised], int]:
-    """The round's key directory and threshold (errors name what is wrong)."""
+class KeyDirectory(NamedTuple):
+    """A round's key directory as read and checked once: the clients' public keys, the threshold, and the clients'
+    weights (None: unweighted)."""
+
+    clients: dict[str, Advertised]
+    threshold: int
+    weights: dict[str, float] | None
+
+
+def read_directory(store: Store, r: int) -> KeyDirectory:
+    """The round's key directory (bounded, parsed and checked; errors name what is wrong)."""
     key = directory_key(r)
     if not store.exists(key):
         raise RoundError(f"reducer secagg needs the round's key directory {key}")
@@ -70,28 +79,16 @@ def read_directory(store: Store, r: int) -> tuple[dict[str, Advertised], int]:
             raise ValueError("too large")
         raw = json.loads(store.get(key))
         threshold = int(raw["threshold"])
-        directory = {str(c): Advertised(str(c), str(v["mask_key"]), str(v["share_key"]))
-                     for c, v in raw["clients"].items()}
+        clients = {str(c): Advertised(str(c), str(v["mask_key"]), str(v["share_key"]))
+                   for c, v in raw["clients"].items()}
+        weights = None if raw.get("weights") is None else {str(c): float(w) for c, w in raw["weights"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RoundError(f"{key} is not a secure-aggregation key directory: {exc}") from None
-    if not 1 < threshold <= len(directory):
-        raise RoundError(f"{key}: threshold {threshold} must be in (1, {len(directory)}]")
-    return directory, threshold
-
-
-def directory_weights(store: Store, r: int) -> dict[str, float] | None:
-    """The clients' weights the directory gives (None: unweighted), each in (0, 1]."""
-    key = directory_key(r)
-    try:
-        raw = json.loads(store.get(key)).get("weights")
-        if raw is None:
-            return None
-        weights = {str(c): float(w) for c, w in raw.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise RoundError(f"{key} has malformed weights: {exc}") from None
-    if not all(0 < w <= 1 for w in weights.values()):  # NaN fails too
-        raise RoundError(f"{key}: every weight must be in (0, 1]")
-    return weights
+    if not 1 < threshold <= len(clients):
+        raise RoundError(f"{key}: threshold {threshold} must be in (1, {len(clients)}]")
+    if weights is not None and (set(weights) != set(clients) or not all(0 < w <= 1 for w in weights.values())):
+        raise RoundError(f"{key}: the weights must give every client of the directory one in (0, 1]")  # NaN too
+    return KeyDirectory(clients, threshold, weights)
 
 
 def write_reveal(store: Store, r: int, client: str, revealed: Mapping[str, Mapping[str, str]]) -> None:
@@ -114,7 +111,7 @@ def _reveals(store: Store, r: int, survivors: Sequence[str]) -> dict[str, dict[s
 def secure_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) -> list[InvocationReport]:
     """Phase 1 of ``secagg``: the survivors' reveals -> the masks each shard removes (``manifest.masks``)."""
     r = manifest.round
-    directory, threshold = read_directory(run.store, r)
+    directory, threshold, weights = read_directory(run.store, r)
     for entry in list(manifest.clients):
         if entry.encoding != SECAGG:
             manifest.reject(entry.client, "a plain update in a secure-aggregation round (it would be summed "
@@ -129,12 +126,8 @@ def secure_round(manifest: RoundManifest, spec: ReducerSpec, run: PhaseContext) 
     except (SecurityError, ValueError, KeyError, TypeError) as exc:  # a malformed share, key or coordinate
         raise RoundError(f"round {r}: cannot unmask: {type(exc).__name__}: {str(exc)[:200]}") from None
     manifest.masks = terms
-    weights = directory_weights(run.store, r)
     if weights is not None:  # the clients masked weight · update: divide by the survivors' total weight
-        missing = [c for c in survivors if c not in weights]
-        if missing:
-            raise RoundError(f"round {r}: the key directory gives no weight for {missing[:5]}")
-        manifest.secagg_weight = math.fsum(weights[c] for c in survivors)
+        manifest.secagg_weight = math.fsum(weights[c] for c in survivors)  # survivors are in the directory
     dropped = sorted(set(directory) - set(survivors))
     log.info("round %d: secure aggregation of %d survivors (%d dropped after masking), %d masks to remove", r,
              len(survivors), len(dropped), len(terms))

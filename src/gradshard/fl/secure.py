@@ -46,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradshard.aggregation.driver import AggregateConfig
 from gradshard.aggregation.secure import (
+    KeyDirectory,
     directory_key,
-    directory_weights,
     read_directory,
     reveal_key,
     share_key,
@@ -145,13 +145,14 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
-def _agent(store: Store, r: int, client: str, secret: str) -> tuple[SecAggClient, dict[str, Advertised]]:
+def _agent(store: Store, r: int, client: str, secret: str) -> tuple[SecAggClient, KeyDirectory]:
     """The client's side of round ``r`` against the round's directory (it must be in it)."""
-    directory, threshold = read_directory(store, r)
-    if client not in directory:
+    directory = read_directory(store, r)
+    if client not in directory.clients:
         raise SecurityError(f"client {client!r} is not in round {r}'s secure-aggregation key directory (it did not "
                             "complete the key agreement)")
-    return SecAggClient(client, r, list(directory), threshold, bytes.fromhex(secret)), directory
+    agent = SecAggClient(client, r, list(directory.clients), directory.threshold, bytes.fromhex(secret))
+    return agent, directory
 
 
 def _store_of(step: SecAggStep, store: Store) -> Store:
@@ -179,7 +180,7 @@ def secagg_share(step: SecAggStep, store: Store) -> SecAggStepResult:
     """Send every peer of the directory its encrypted shares of the client's mask key and self-mask seed."""
     store = _store_of(step, store)
     agent, directory = _agent(store, step.round, step.client, step.secret)
-    blobs = agent.share(directory)
+    blobs = agent.share(directory.clients)
     for peer, blob in blobs.items():
         store.put(share_key(step.round, step.client, peer), blob)
     return SecAggStepResult(written=len(blobs))
@@ -189,9 +190,10 @@ def secagg_reveal(step: SecAggStep, store: Store) -> SecAggStepResult:
     """Reveal what unmasking the survivors' sum needs, from the shares the peers sent this client."""
     store = _store_of(step, store)
     agent, directory = _agent(store, step.round, step.client, step.secret)
-    agent.share(directory)  # the client's own shares, derived again (it kept nothing)
-    inbox = {peer: store.get(share_key(step.round, peer, step.client)) for peer in directory if peer != step.client}
-    revealed = agent.reveal(inbox, directory, step.survivors)
+    agent.share(directory.clients)  # the client's own shares, derived again (it kept nothing)
+    inbox = {peer: store.get(share_key(step.round, peer, step.client)) for peer in directory.clients
+             if peer != step.client}
+    revealed = agent.reveal(inbox, directory.clients, step.survivors)
     write_reveal(store, step.round, step.client, revealed)
     return SecAggStepResult(written=len(revealed))
 
@@ -201,9 +203,8 @@ def upload_masked(store: Store, key: str, secure: SecureUpload, layout: ModelLay
     """The training client's upload: its delta quantized (× its weight in the directory, if any) and masked for the
     round's directory."""
     agent, directory = _agent(store, meta.round, meta.client, secure.secret)
-    weights = directory_weights(store, meta.round)
-    masked = agent.masked(delta, directory, bits=secure.bits, clip=secure.clip,
-                          weight=1.0 if weights is None else weights[meta.client])
+    masked = agent.masked(delta, directory.clients, bits=secure.bits, clip=secure.clip,
+                          weight=1.0 if directory.weights is None else directory.weights[meta.client])
     write_masked_update(store, key, layout, masked, meta)
 
 
@@ -237,6 +238,7 @@ class SecureAggregationPlugin(RoundPlugin):
     def __init__(self, config: SecureAggregationConfig) -> None:
         self.config = config
         self._secrets: dict[str, str] | None = None
+        self._examples: dict[str, int] = {}  # client -> its data set's example count (weighting 'examples')
 
     @property
     def name(self) -> str:
@@ -266,11 +268,12 @@ class SecureAggregationPlugin(RoundPlugin):
         store), the weight it masks its update with; None: uniform."""
         if trainer.config.aggregation.weighting == "uniform":
             return None
-        counts = {}
-        for client in clients:
-            key = client_data_key(client)
-            with trainer.store.open_reader(key) as reader:
-                counts[client] = max(1, read_header(reader, key, client).tensors["y"].shape[0])
+        for client in clients:  # a client's data set never changes during a run: its header is read once
+            if client not in self._examples:
+                key = client_data_key(client)
+                with trainer.store.open_reader(key) as reader:
+                    self._examples[client] = max(1, read_header(reader, key, client).tensors["y"].shape[0])
+        counts = {c: self._examples[c] for c in clients}
         largest = max(counts.values())
         return {c: n / largest for c, n in counts.items()}
 
@@ -303,7 +306,7 @@ class SecureAggregationPlugin(RoundPlugin):
     def before_clients(self, trainer: Trainer, r: int, cohort: list[str]) -> None:
         store = trainer.store
         if store.exists(directory_key(r)):  # agreed before a restart: the clients may already have masked against it
-            agreed = sorted(read_directory(store, r)[0])
+            agreed = sorted(read_directory(store, r).clients)
             self._run(trainer, "secagg_share", [  # shares a crash interrupted are made again, the same bytes
                 self._share_step(trainer, r, c, agreed) for c in agreed
                 if not all(store.exists(share_key(r, c, p)) for p in agreed if p != c)])
@@ -330,6 +333,21 @@ class SecureAggregationPlugin(RoundPlugin):
         log.warning("round %d: fewer than two clients agreed keys; the round cannot aggregate securely", r)
 
     @staticmethod
+    def _survivors(store: Store, r: int, directory: dict[str, Advertised]) -> list[str]:
+        """The survivors recorded before a restart: a bounded JSON list of clients of the directory."""
+        key = survivors_key(r)
+        try:
+            if store.size(key) > _MAX_RECORD:
+                raise ValueError("too large")
+            survivors = json.loads(store.get(key))
+            if not isinstance(survivors, list) or not all(isinstance(c, str) and c in directory for c in survivors):
+                raise ValueError("not a list of clients of the round's key directory")
+        except ValueError as exc:
+            raise GradshardError(f"{key} is not the round's record of survivors ({exc}); the store was altered: "
+                                 "use a new store") from None
+        return survivors
+
+    @staticmethod
     def _advert(store: Store, r: int, client: str) -> Advertised | None:
         key = advert_key(r, client)
         if not store.exists(key) or store.size(key) > _MAX_RECORD:
@@ -348,9 +366,9 @@ class SecureAggregationPlugin(RoundPlugin):
         store = trainer.store
         if not store.exists(directory_key(r)):
             return
-        directory, threshold = read_directory(store, r)
+        directory, threshold, _ = read_directory(store, r)
         if store.exists(survivors_key(r)):  # asked once: a restarted round reveals against the same list
-            survivors = [str(c) for c in json.loads(store.get(survivors_key(r)))]
+            survivors = self._survivors(store, r, directory)
         else:
             survivors = sorted(c for c in directory if store.exists(update_key(r, c)))
             store.put(survivors_key(r), json.dumps(survivors).encode())
